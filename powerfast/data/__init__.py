@@ -1,0 +1,1 @@
+"""Evaluation data shipped with powerfast (see the README in this folder)."""

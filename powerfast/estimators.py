@@ -1,0 +1,240 @@
+"""The Monte Carlo power-sampling estimators, in log space, in plain torch.
+
+This module is the reference for every kernel and the CPU path of the runtime
+(DESIGN.md section 2). Notation, for one decision with K candidates and M rollouts
+per candidate:
+
+    w[k, r]          = (alpha - 1) * l[k, r]          l: rollout log-likelihoods
+    log zeta[k]      = logsumexp_r w[k, r] - log M
+    log u[k]         = alpha * log p(k | h) + log zeta[k]
+    p_hat            = softmax_k(log u)
+    log zeta^(-s)[k] = logsumexp_{r != s} w[k, r] - log(M - 1)
+    p_hat^(-s)       = softmax_k(alpha * log p(k | h) + log zeta^(-s)[k])
+    p_jk             = M * p_hat - (M - 1) / M * sum_s p_hat^(-s)
+
+``p_jk`` is clamped at 0 and renormalised; if every entry clamps to 0 the plain
+estimate ``p_hat`` is returned instead.
+
+The public functions validate their input (and so synchronise with the device to look
+for NaNs); :func:`power_estimates` is the unchecked core that ``powerfast.ops`` and the
+sampler call on the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "PowerEstimate",
+    "log_scaling_factors",
+    "leave_one_out_log_scaling_factors",
+    "power_distribution",
+    "power_estimates",
+]
+
+
+class PowerEstimate(NamedTuple):
+    """Everything one estimate produces. Shapes for candidates ``(..., K)``."""
+
+    probs: torch.Tensor
+    """(..., K) the returned distribution: jackknife (clamped, renormalised) or plain."""
+    p_hat: torch.Tensor
+    """(..., K) the plain Monte Carlo estimate softmax(log u)."""
+    log_zeta: torch.Tensor
+    """(..., K) log of the estimated scaling factors."""
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _check_alpha(alpha: float) -> float:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}") from None
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    return value
+
+
+def _check_float_tensor(name: str, tensor: torch.Tensor, min_dim: int) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+    if tensor.dim() < min_dim:
+        raise ValueError(
+            f"{name} must have at least {min_dim} dimensions, got shape {tuple(tensor.shape)}"
+        )
+    if torch.isnan(tensor).any():
+        where = torch.nonzero(torch.isnan(tensor))[0].tolist()
+        raise ValueError(f"{name} contains NaN (first at index {where})")
+
+
+def _check_rollouts(rollout_logliks: torch.Tensor) -> None:
+    _check_float_tensor("rollout_logliks", rollout_logliks, 2)
+    if rollout_logliks.shape[-1] < 1 or rollout_logliks.shape[-2] < 1:
+        raise ValueError(
+            "rollout_logliks must have at least one candidate and one rollout, "
+            f"got shape {tuple(rollout_logliks.shape)}"
+        )
+    if torch.isposinf(rollout_logliks).any():
+        raise ValueError("rollout_logliks contains +inf: a log-likelihood cannot be +inf")
+
+
+# ------------------------------------------------------------------------------ core
+
+
+def _rollout_log_weights(rollout_logliks: torch.Tensor, alpha: float) -> torch.Tensor:
+    """w = (alpha - 1) * l, with w = -inf where l = -inf (an impossible rollout weighs 0
+    for every alpha, including alpha = 1 where the plain product would be NaN)."""
+    weights = rollout_logliks * (alpha - 1.0)
+    return torch.where(torch.isneginf(rollout_logliks), rollout_logliks, weights)
+
+
+def _unchecked_log_scaling_factors(rollout_logliks: torch.Tensor, alpha: float) -> torch.Tensor:
+    num_rollouts = rollout_logliks.shape[-1]
+    weights = _rollout_log_weights(rollout_logliks, alpha)
+    return torch.logsumexp(weights, dim=-1) - math.log(num_rollouts)
+
+
+def _unchecked_loo_log_scaling_factors(rollout_logliks: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Leave-one-out log-sum-exp by merging a prefix and a suffix scan: entry s combines
+    logsumexp(w[:s]) and logsumexp(w[s+1:]), so no term is ever subtracted and a
+    dominating rollout cannot cancel the others away."""
+    num_rollouts = rollout_logliks.shape[-1]
+    weights = _rollout_log_weights(rollout_logliks, alpha)
+    neg_inf = torch.full_like(weights[..., :1], -math.inf)
+    prefix = torch.logcumsumexp(weights, dim=-1)  # prefix[s] = lse(w[..s])
+    suffix = torch.logcumsumexp(weights.flip(-1), dim=-1).flip(-1)  # suffix[s] = lse(w[s..])
+    before = torch.cat([neg_inf, prefix[..., :-1]], dim=-1)  # lse(w[:s])
+    after = torch.cat([suffix[..., 1:], neg_inf], dim=-1)  # lse(w[s+1:])
+    return torch.logaddexp(before, after) - math.log(max(num_rollouts - 1, 1))
+
+
+def _safe_softmax(log_weights: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax along ``dim`` and a mask of the slices that had no finite entry (those
+    slices come back as zeros instead of NaN)."""
+    row_max = log_weights.amax(dim=dim, keepdim=True)
+    empty = torch.isneginf(row_max)
+    shifted = log_weights - torch.where(empty, torch.zeros_like(row_max), row_max)
+    unnormalised = torch.exp(shifted)
+    total = unnormalised.sum(dim=dim, keepdim=True)
+    probs = unnormalised / torch.where(empty, torch.ones_like(total), total)
+    return probs, empty
+
+
+def power_estimates(
+    candidate_logprobs: torch.Tensor,
+    rollout_logliks: torch.Tensor,
+    alpha: float,
+    jackknife: bool = True,
+) -> PowerEstimate:
+    """Unchecked core of :func:`power_distribution` (no host sync, no validation).
+
+    candidate_logprobs: (..., K)    base log-probability of each candidate
+    rollout_logliks:    (..., K, M) base log-likelihood of each rollout
+    returns PowerEstimate(probs (..., K), p_hat (..., K), log_zeta (..., K))
+
+    A row whose log u is -inf everywhere comes back as all zeros (the checked API
+    refuses such rows). A leave-one-out replicate in which every candidate loses its
+    last finite rollout carries no information; it is replaced by p_hat.
+    """
+    num_rollouts = rollout_logliks.shape[-1]
+    log_zeta = _unchecked_log_scaling_factors(rollout_logliks, alpha)
+    scaled_logprobs = candidate_logprobs * alpha
+    p_hat, _ = _safe_softmax(scaled_logprobs + log_zeta, dim=-1)
+    if not jackknife:
+        return PowerEstimate(p_hat, p_hat, log_zeta)
+
+    loo_log_zeta = _unchecked_loo_log_scaling_factors(rollout_logliks, alpha)  # (..., K, M)
+    loo_probs, loo_empty = _safe_softmax(scaled_logprobs.unsqueeze(-1) + loo_log_zeta, dim=-2)
+    loo_probs = torch.where(loo_empty, p_hat.unsqueeze(-1), loo_probs)
+    loo_sum = loo_probs.sum(dim=-1)
+    p_jk = (num_rollouts * p_hat - (num_rollouts - 1) / num_rollouts * loo_sum).clamp_min(0.0)
+    total = p_jk.sum(dim=-1, keepdim=True)
+    all_clamped = total <= 0
+    probs = torch.where(all_clamped, p_hat, p_jk / torch.where(all_clamped, torch.ones_like(total), total))
+    return PowerEstimate(probs, p_hat, log_zeta)
+
+
+# ------------------------------------------------------------------------ public API
+
+
+def log_scaling_factors(rollout_logliks: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Monte Carlo estimate of log zeta for each candidate.
+
+    rollout_logliks: (..., K, M) base log-likelihood of each rollout (float32 / float64)
+    returns:         (..., K)    logsumexp_m((alpha - 1) * l) - log M
+    """
+    alpha = _check_alpha(alpha)
+    _check_rollouts(rollout_logliks)
+    return _unchecked_log_scaling_factors(rollout_logliks, alpha)
+
+
+def leave_one_out_log_scaling_factors(rollout_logliks: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Leave-one-out estimates of log zeta.
+
+    rollout_logliks: (..., K, M)
+    returns:         (..., K, M) entry [..., k, s] is log zeta of candidate k computed
+                     from the M - 1 rollouts other than s. Exact when one rollout
+                     dominates by any margin (computed from the other terms, never by
+                     subtracting from a total). Needs M >= 2.
+    """
+    alpha = _check_alpha(alpha)
+    _check_rollouts(rollout_logliks)
+    if rollout_logliks.shape[-1] < 2:
+        raise ValueError(
+            f"leave-one-out needs at least 2 rollouts per candidate, got M = {rollout_logliks.shape[-1]}"
+        )
+    return _unchecked_loo_log_scaling_factors(rollout_logliks, alpha)
+
+
+def power_distribution(
+    candidate_logprobs: torch.Tensor,
+    rollout_logliks: torch.Tensor,
+    alpha: float,
+    jackknife: bool = True,
+) -> torch.Tensor:
+    """Estimated power distribution over the candidates of each row.
+
+    candidate_logprobs: (..., K)    base log p(candidate | prefix); -inf allowed (that
+                                    candidate gets probability 0)
+    rollout_logliks:    (..., K, M) base log-likelihood of each candidate's rollouts
+    alpha:              the exponent, > 0
+    jackknife:          the bias-corrected estimator (needs M >= 2), else the plain one
+    returns:            (..., K) probabilities: finite, >= 0, rows sum to 1
+
+    Raises ValueError (naming the offending value) for a bad alpha, mismatched shapes,
+    NaN input, M < 2 with jackknife, or a row in which every candidate is impossible.
+    """
+    alpha = _check_alpha(alpha)
+    _check_float_tensor("candidate_logprobs", candidate_logprobs, 1)
+    _check_rollouts(rollout_logliks)
+    if tuple(candidate_logprobs.shape) != tuple(rollout_logliks.shape[:-1]):
+        raise ValueError(
+            "candidate_logprobs must have shape rollout_logliks.shape[:-1]: got "
+            f"{tuple(candidate_logprobs.shape)} and {tuple(rollout_logliks.shape)}"
+        )
+    if jackknife and rollout_logliks.shape[-1] < 2:
+        raise ValueError(
+            f"the jackknife needs at least 2 rollouts per candidate, got M = {rollout_logliks.shape[-1]}"
+        )
+    if torch.isposinf(candidate_logprobs).any():
+        raise ValueError("candidate_logprobs contains +inf")
+    dead_rows = torch.isneginf(candidate_logprobs).all(dim=-1)
+    if dead_rows.any():
+        where = torch.nonzero(dead_rows)[0].tolist()
+        raise ValueError(f"every candidate log-prob is -inf in row {where}: nothing to choose from")
+    estimate = power_estimates(candidate_logprobs, rollout_logliks, alpha, jackknife)
+    dead = torch.isneginf((candidate_logprobs * alpha + estimate.log_zeta).amax(dim=-1))
+    if dead.any():
+        where = torch.nonzero(dead)[0].tolist()
+        raise ValueError(
+            f"row {where} has no candidate with both a finite log-prob and a finite rollout: "
+            "every candidate has probability 0"
+        )
+    return estimate.probs

@@ -1,0 +1,128 @@
+"""The minimal language-model interface the exact oracle and the toy need.
+
+``LanguageModel`` is a protocol: anything with ``vocab_size``, ``eos_token_id`` and
+``next_token_logprobs(sequences)`` is one. Two implementations ship here:
+
+- :class:`TableLM` — a toy model defined by a Python function ``prefix -> {token: prob}``;
+- :class:`HFLanguageModel` — any Hugging Face causal LM, scored through the paged
+  runtime (:class:`powerfast.runner.ModelRunner`) when it can be, densely otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["LanguageModel", "TableLM", "HFLanguageModel"]
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """What the exact oracle needs of a model."""
+
+    vocab_size: int
+    eos_token_id: int | None
+
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(N, V) log-probabilities of the next token after each of the N sequences."""
+        ...
+
+
+class TableLM:
+    """A language model given by a function ``prefix tuple -> {token: probability}``.
+
+    next_token:   called with the token-id tuple generated so far (after the prompt
+                  tokens it was given); returns a mapping of token id to probability.
+                  Missing tokens have probability 0; the values must sum to 1.
+    vocab_size:   number of token ids, all in [0, vocab_size)
+    eos_token_id: the end-of-sequence id, or None
+    token_names:  optional names for printing, indexed by token id
+    """
+
+    def __init__(
+        self,
+        next_token: Callable[[tuple[int, ...]], Mapping[int, float]],
+        vocab_size: int,
+        eos_token_id: int | None = None,
+        token_names: Sequence[str] | None = None,
+    ) -> None:
+        if not isinstance(vocab_size, int) or vocab_size < 1:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        if eos_token_id is not None and not 0 <= eos_token_id < vocab_size:
+            raise ValueError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, {vocab_size})")
+        if token_names is not None and len(token_names) != vocab_size:
+            raise ValueError(f"token_names has {len(token_names)} names for a vocabulary of {vocab_size}")
+        self._next_token = next_token
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.token_names = list(token_names) if token_names is not None else None
+
+    def name(self, token_id: int) -> str:
+        return self.token_names[token_id] if self.token_names else str(token_id)
+
+    def next_token_probs(self, prefix: Sequence[int]) -> torch.Tensor:
+        """(V,) float64 probabilities of the next token after ``prefix``."""
+        table = self._next_token(tuple(int(t) for t in prefix))
+        probs = torch.zeros(self.vocab_size, dtype=torch.float64)
+        for token, prob in table.items():
+            if not 0 <= token < self.vocab_size:
+                raise ValueError(f"next_token({tuple(prefix)}) gave token {token} outside [0, {self.vocab_size})")
+            if not (prob >= 0.0 and math.isfinite(prob)):
+                raise ValueError(f"next_token({tuple(prefix)}) gave probability {prob!r} to token {token}")
+            probs[token] = prob
+        total = float(probs.sum())
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"next_token({tuple(prefix)}) probabilities sum to {total}, not 1")
+        return probs
+
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """(N, V) float64 log-probabilities of the next token after each sequence."""
+        if len(sequences) == 0:
+            return torch.zeros(0, self.vocab_size, dtype=torch.float64)
+        return torch.stack([self.next_token_probs(seq) for seq in sequences]).log()
+
+
+class HFLanguageModel:
+    """Adapter from a Hugging Face causal LM to :class:`LanguageModel`.
+
+    model:        a ``transformers`` causal LM (``model(input_ids).logits``)
+    eos_token_id: defaults to ``model.generation_config.eos_token_id`` (the first one if a list)
+    batch_size:   sequences per forward pass
+
+    Sequences are scored by a dense forward pass per group of equal length, in the
+    model's dtype; log-probabilities come back as float32 on the CPU.
+    """
+
+    def __init__(self, model, eos_token_id: int | None = None, batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.vocab_size = int(model.config.vocab_size)
+        if eos_token_id is None:
+            generation_config = getattr(model, "generation_config", None)
+            eos = getattr(generation_config, "eos_token_id", None)
+            if eos is None:
+                eos = getattr(model.config, "eos_token_id", None)
+            eos_token_id = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def next_token_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        out = torch.empty(len(sequences), self.vocab_size, dtype=torch.float32)
+        by_length: dict[int, list[int]] = {}
+        for index, seq in enumerate(sequences):
+            if len(seq) == 0:
+                raise ValueError(f"sequence {index} is empty: a causal LM needs at least one token")
+            by_length.setdefault(len(seq), []).append(index)
+        device = next(self.model.parameters()).device
+        for indices in by_length.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                input_ids = torch.tensor([list(sequences[i]) for i in chunk], device=device)
+                logits = self.model(input_ids=input_ids, logits_to_keep=1).logits[:, -1, :]
+                out[chunk] = torch.log_softmax(logits.float(), dim=-1).cpu()
+        return out
