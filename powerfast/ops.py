@@ -1,0 +1,465 @@
+"""Device ops of the runtime: Triton kernels on CUDA, torch references elsewhere.
+
+Every op here has two implementations with one contract:
+
+- the Triton kernel in ``powerfast.kernels`` (one module per op), used for CUDA tensors,
+  and for CPU tensors when ``TRITON_INTERPRET=1`` is set (that is how CI runs the kernels:
+  under the interpreter, on CPU);
+- a plain torch reference (``_torch_*`` below, and ``powerfast.estimators`` for the
+  power-distribution estimate), used for CPU tensors otherwise.
+
+The dispatch is decided per call by :func:`_use_triton`. No op synchronises with the
+device: arguments are checked only as far as their shapes, dtypes and Python values
+allow (values inside tensors, e.g. NaNs or out-of-range token ids, are not inspected).
+
+Sampling is counter-based: the noise of row ``i`` is a pure function of ``seed``,
+``offsets[i]`` and the vocabulary index, so a call is reproducible for a given seed and
+offsets. The caller must change ``seed`` or ``offsets`` between decoding steps to get
+fresh draws. The Triton kernel and the torch reference use different generators (Philox
+in the kernel, ``torch.Generator`` in the reference): the same seed gives the same tokens
+on the same path, not across paths.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+
+from powerfast import estimators
+from powerfast.estimators import PowerEstimate
+
+__all__ = [
+    "PowerEstimate",
+    "SampleOutput",
+    "copy_blocks",
+    "greedy_tokens",
+    "power_distribution",
+    "power_estimates",
+    "sample_tokens",
+    "score_tokens",
+    "token_logprobs",
+    "topk_logprobs",
+    "write_kv",
+]
+
+
+class SampleOutput(NamedTuple):
+    """What :func:`sample_tokens` / :func:`score_tokens` return, for ``N`` rows."""
+
+    tokens: torch.Tensor
+    """(N,) int64 the sampled (or given) tokens; inactive rows: eos_token_id, else 0."""
+    base_logprobs: torch.Tensor
+    """(N,) float32 log-prob of the token under softmax(logits) (temperature 1); 0 for inactive rows."""
+    tempered_logprobs: Optional[torch.Tensor]
+    """(N,) float32 log-prob under softmax(logits / T); None when T == 1; 0 for inactive rows."""
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    """Triton for CUDA tensors, and for any tensor when TRITON_INTERPRET=1 (read per call)."""
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------ checks
+
+
+def _check_logits(logits: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (N, V), got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"logits must be float32, float16, bfloat16 or float64, got dtype {logits.dtype}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
+
+
+def _check_temperature(temperature: float) -> float:
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}") from None
+    if not math.isfinite(value) or value <= 0.0:
+        raise ValueError(
+            f"temperature must be a positive finite number, got {temperature!r} "
+            "(for greedy decoding use greedy_tokens)"
+        )
+    return value
+
+
+def _check_row_vector(name: str, tensor: Optional[torch.Tensor], num_rows: int, dtypes, device) -> None:
+    if tensor is None:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tuple(tensor.shape) != (num_rows,):
+        raise ValueError(f"{name} must have shape ({num_rows},), got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, logits on {device}")
+
+
+_INT_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_sampling_args(logits, offsets, active, logliks, eos_token_id, tokens=None) -> None:
+    num_rows = logits.shape[0]
+    _check_row_vector("offsets", offsets, num_rows, _INT_DTYPES, logits.device)
+    _check_row_vector("active", active, num_rows, (torch.bool,), logits.device)
+    _check_row_vector("logliks", logliks, num_rows, (torch.float32,), logits.device)
+    _check_row_vector("tokens", tokens, num_rows, _INT_DTYPES, logits.device)
+    if logliks is not None and not logliks.is_contiguous():
+        raise ValueError(f"logliks must be contiguous (updated in place), got strides {logliks.stride()}")
+    if active is not None and not active.is_contiguous():
+        raise ValueError(f"active must be contiguous (updated in place), got strides {active.stride()}")
+    if eos_token_id is not None:
+        if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int):
+            raise ValueError(f"eos_token_id must be an int or None, got {eos_token_id!r}")
+        if not 0 <= eos_token_id < logits.shape[1]:
+            raise ValueError(f"eos_token_id must be in [0, {logits.shape[1]}), got {eos_token_id}")
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+# ------------------------------------------------------------- torch references: sampling
+
+
+def _torch_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _torch_finish_rows(
+    tokens: torch.Tensor,
+    base: torch.Tensor,
+    tempered: Optional[torch.Tensor],
+    active: Optional[torch.Tensor],
+    eos_token_id: Optional[int],
+    logliks: Optional[torch.Tensor],
+) -> SampleOutput:
+    """Inactive rows: token eos (or 0), log-probs 0, logliks untouched; EOS deactivates."""
+    if active is not None:
+        idle_token = torch.full_like(tokens, eos_token_id if eos_token_id is not None else 0)
+        tokens = torch.where(active, tokens, idle_token)
+        base = torch.where(active, base, torch.zeros_like(base))
+        if tempered is not None:
+            tempered = torch.where(active, tempered, torch.zeros_like(tempered))
+    if logliks is not None:
+        logliks.add_(base)  # inactive rows add 0
+    if active is not None and eos_token_id is not None:
+        active.logical_and_(tokens != eos_token_id)
+    return SampleOutput(tokens, base, tempered)
+
+
+def _torch_sample_tokens(logits, temperature, seed, offsets, active, eos_token_id, logliks) -> SampleOutput:
+    num_rows, vocab = logits.shape
+    base_logprobs = _torch_log_softmax(logits)
+    tempered_logprobs = base_logprobs if temperature == 1.0 else torch.log_softmax(logits.float() / temperature, dim=-1)
+    # Exponential race (Gumbel-max): argmax_v p_T(v) / E_v with E_v ~ Exp(1), one stream per row.
+    row_offsets = offsets.tolist() if offsets is not None else list(range(num_rows))
+    noise = torch.empty(num_rows, vocab, dtype=torch.float32)
+    generator = torch.Generator(device="cpu")
+    for row, row_offset in enumerate(row_offsets):
+        generator.manual_seed((seed * 0x9E3779B97F4A7C15 + int(row_offset)) % (2**63))
+        noise[row].exponential_(generator=generator)
+    noise = noise.to(logits.device)
+    tokens = torch.argmax(tempered_logprobs - noise.log(), dim=-1)
+    base = base_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    tempered = None if temperature == 1.0 else tempered_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    return _torch_finish_rows(tokens, base, tempered, active, eos_token_id, logliks)
+
+
+def _torch_score_tokens(logits, tokens, temperature, active, eos_token_id, logliks) -> SampleOutput:
+    vocab = logits.shape[1]
+    tokens = tokens.long()
+    in_range = (tokens >= 0) & (tokens < vocab)
+    safe = tokens.clamp(0, vocab - 1)[:, None]
+    nan = torch.full(tokens.shape, math.nan, dtype=torch.float32, device=logits.device)
+    base = torch.where(in_range, _torch_log_softmax(logits).gather(1, safe).squeeze(1), nan)
+    tempered = None
+    if temperature != 1.0:
+        tempered_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+        tempered = torch.where(in_range, tempered_all.gather(1, safe).squeeze(1), nan)
+    return _torch_finish_rows(tokens, base, tempered, active, eos_token_id, logliks)
+
+
+def _torch_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, token_ids = torch.topk(logits.float(), k, dim=-1)
+    return token_ids, values - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
+
+
+# ------------------------------------------------------------------ torch references: KV
+
+
+def _torch_write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
+    num_blocks, block_size = key_cache.shape[:2]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
+    value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
+
+
+def _torch_copy_blocks(key_cache, value_cache, src_blocks, dst_blocks) -> None:
+    src = src_blocks.long()
+    dst = dst_blocks.long()
+    key_cache[dst] = key_cache[src]
+    value_cache[dst] = value_cache[src]
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    seed: int,
+    offsets: Optional[torch.Tensor] = None,
+    active: Optional[torch.Tensor] = None,
+    eos_token_id: Optional[int] = None,
+    logliks: Optional[torch.Tensor] = None,
+) -> SampleOutput:
+    """Sample one token per row from softmax(logits / temperature) and score it.
+
+    logits:       (N, V) float32 / bfloat16 / float16 (float64 accepted); read once
+    temperature:  > 0 (ValueError otherwise; greedy decoding is :func:`greedy_tokens`)
+    seed:         int in [0, 2**63); with ``offsets`` it fixes the draw
+    offsets:      (N,) int64 / int32 per-row counter, None for arange(N); change seed or
+                  offsets between steps
+    active:       (N,) bool, None for all rows active; updated in place: a row that
+                  samples ``eos_token_id`` becomes inactive. Inactive rows are not sampled:
+                  their token is ``eos_token_id`` (0 when it is None), their log-probs 0
+    eos_token_id: int in [0, V) or None
+    logliks:      (N,) float32 running base log-likelihoods; the base log-prob of the
+                  sampled token is added in place for active rows
+
+    returns SampleOutput(tokens (N,) int64, base_logprobs (N,) float32 under softmax(logits),
+    tempered_logprobs (N,) float32 under softmax(logits / T), or None when T == 1).
+    """
+    _check_logits(logits)
+    temperature = _check_temperature(temperature)
+    seed = _check_seed(seed)
+    _check_sampling_args(logits, offsets, active, logliks, eos_token_id)
+    if _use_triton(logits):
+        from powerfast.kernels.sampling import sample_logprob
+
+        return SampleOutput(
+            *sample_logprob(
+                logits, temperature, seed=seed, offsets=offsets, active=active,
+                eos_token_id=eos_token_id, logliks=logliks,
+            )
+        )
+    return _torch_sample_tokens(logits, temperature, seed, offsets, active, eos_token_id, logliks)
+
+
+def score_tokens(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    active: Optional[torch.Tensor] = None,
+    eos_token_id: Optional[int] = None,
+    logliks: Optional[torch.Tensor] = None,
+) -> SampleOutput:
+    """Teacher forcing: :func:`sample_tokens` with the tokens given instead of sampled.
+
+    logits: (N, V); tokens: (N,) int64 / int32 in [0, V) (a token out of range gives NaN
+    log-probs; not checked, that would need a host sync). ``active``, ``eos_token_id`` and
+    ``logliks`` behave as in :func:`sample_tokens`.
+    returns SampleOutput(tokens (N,) int64, base_logprobs (N,), tempered_logprobs (N,) or None).
+    """
+    _check_logits(logits)
+    temperature = _check_temperature(temperature)
+    _check_sampling_args(logits, None, active, logliks, eos_token_id, tokens=tokens)
+    if tokens is None:
+        raise ValueError("tokens must be a (N,) integer tensor, got None")
+    if _use_triton(logits):
+        from powerfast.kernels.sampling import score_logprob
+
+        return SampleOutput(
+            *score_logprob(
+                logits, tokens, temperature, active=active, eos_token_id=eos_token_id, logliks=logliks
+            )
+        )
+    return _torch_score_tokens(logits, tokens, temperature, active, eos_token_id, logliks)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Base log-prob of given tokens.
+
+    logits: (N, V) float32 / bfloat16 / float16; tokens: (N,) int64 / int32 in [0, V)
+    returns (N,) float32 log softmax(logits)[i, tokens[i]] (NaN for a token out of range).
+    """
+    return score_tokens(logits, tokens).base_logprobs
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding (temperature 0): logits (N, V) -> (N,) int64 argmax (first on ties)."""
+    _check_logits(logits)
+    return torch.argmax(logits, dim=-1)
+
+
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k tokens of each row and their base log-probs, without a full log-softmax.
+
+    logits: (N, V) float32 / bfloat16 / float16; k: int in [1, V]
+    returns (token_ids (N, k) int64, logprobs (N, k) float32), sorted by descending logprob.
+    Ties between equal logits are broken towards the smaller token id.
+    """
+    _check_logits(logits)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[1]:
+        raise ValueError(f"k must be an int in [1, {logits.shape[1]}], got {k!r}")
+    if _use_triton(logits):
+        from powerfast.kernels.topk import topk_logprobs as _triton_topk
+
+        return _triton_topk(logits, k)
+    return _torch_topk_logprobs(logits, k)
+
+
+def _check_power_args(candidate_logprobs, rollout_logliks, alpha, jackknife) -> float:
+    alpha = estimators._check_alpha(alpha)
+    for name, tensor, min_dim in (("candidate_logprobs", candidate_logprobs, 1), ("rollout_logliks", rollout_logliks, 2)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+        if tensor.dim() < min_dim:
+            raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(tensor.shape)}")
+    if rollout_logliks.shape[-1] < 1 or rollout_logliks.shape[-2] < 1:
+        raise ValueError(
+            "rollout_logliks must have at least one candidate and one rollout, "
+            f"got shape {tuple(rollout_logliks.shape)}"
+        )
+    if tuple(candidate_logprobs.shape) != tuple(rollout_logliks.shape[:-1]):
+        raise ValueError(
+            "candidate_logprobs must have shape rollout_logliks.shape[:-1]: got "
+            f"{tuple(candidate_logprobs.shape)} and {tuple(rollout_logliks.shape)}"
+        )
+    if jackknife and rollout_logliks.shape[-1] < 2:
+        raise ValueError(
+            f"the jackknife needs at least 2 rollouts per candidate, got M = {rollout_logliks.shape[-1]}"
+        )
+    if candidate_logprobs.device != rollout_logliks.device:
+        raise ValueError(
+            f"candidate_logprobs is on {candidate_logprobs.device}, rollout_logliks on {rollout_logliks.device}"
+        )
+    return alpha
+
+
+def power_estimates(
+    candidate_logprobs: torch.Tensor,
+    rollout_logliks: torch.Tensor,
+    alpha: float,
+    jackknife: bool = True,
+) -> PowerEstimate:
+    """The estimate of :func:`powerfast.estimators.power_estimates`, in one kernel launch.
+
+    candidate_logprobs: (..., K)    base log p(candidate | prefix); -inf allowed
+    rollout_logliks:    (..., K, M) base log-likelihood of each rollout
+    alpha:              > 0;  jackknife: bias-corrected estimate (needs M >= 2)
+    returns PowerEstimate(probs (..., K), p_hat (..., K), log_zeta (..., K)), in the
+    promoted dtype of the inputs (the kernel computes in float64 when an input is
+    float64, float32 otherwise). Rows with no possible candidate come back as zeros
+    (the checked :func:`powerfast.estimators.power_distribution` refuses them).
+    """
+    alpha = _check_power_args(candidate_logprobs, rollout_logliks, alpha, jackknife)
+    if _use_triton(rollout_logliks):
+        from powerfast.kernels.jackknife import power_estimates as _triton_power_estimates
+
+        return PowerEstimate(*_triton_power_estimates(candidate_logprobs, rollout_logliks, alpha, jackknife))
+    return estimators.power_estimates(candidate_logprobs, rollout_logliks, alpha, jackknife)
+
+
+def power_distribution(
+    candidate_logprobs: torch.Tensor,
+    rollout_logliks: torch.Tensor,
+    alpha: float,
+    jackknife: bool = True,
+) -> torch.Tensor:
+    """:func:`powerfast.estimators.power_distribution` without host sync.
+
+    candidate_logprobs: (..., K); rollout_logliks: (..., K, M); returns probs (..., K).
+    Checks alpha, shapes, dtypes and M >= 2 (jackknife); checks that need the values (NaN,
+    +inf, rows where every candidate is impossible) are left to the estimator API. Such
+    rows come back as zeros here.
+    """
+    return power_estimates(candidate_logprobs, rollout_logliks, alpha, jackknife).probs
+
+
+def _check_kv_args(key_cache, value_cache, key, value, slot_mapping) -> None:
+    for name, tensor in (("key_cache", key_cache), ("value_cache", value_cache)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} must have shape (num_blocks, block_size, kv_heads, head_dim), got {shape}")
+    if key_cache.shape != value_cache.shape:
+        raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
+    if key is None:
+        return
+    expected = (slot_mapping.shape[0], *key_cache.shape[2:]) if slot_mapping.dim() == 1 else None
+    for name, tensor in (("key", key), ("value", value)):
+        if tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape (num_tokens, kv_heads, head_dim) = {expected}, got {tuple(tensor.shape)}"
+            )
+    if slot_mapping.dim() != 1 or slot_mapping.dtype not in _INT_DTYPES:
+        raise ValueError(
+            f"slot_mapping must be a (num_tokens,) int64 / int32 tensor, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+        )
+
+
+def write_kv(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write new tokens' keys and values into their cache slots, in place.
+
+    key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim)
+    key, value:             (num_tokens, kv_heads, head_dim) (cast to the cache dtype)
+    slot_mapping:           (num_tokens,) int64 / int32, slot = block_id * block_size +
+                            offset_in_block; -1 skips the token
+    """
+    _check_kv_args(key_cache, value_cache, key, value, slot_mapping)
+    if _use_triton(key_cache):
+        from powerfast.kernels.kv_cache import write_kv as _triton_write_kv
+
+        _triton_write_kv(key_cache, value_cache, key, value, slot_mapping)
+        return
+    _torch_write_kv(key_cache, value_cache, key, value, slot_mapping)
+
+
+def copy_blocks(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    src_blocks: torch.Tensor,
+    dst_blocks: torch.Tensor,
+) -> None:
+    """Copy whole blocks ``src_blocks[i] -> dst_blocks[i]`` in both caches, in place.
+
+    key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim)
+    src_blocks, dst_blocks: (n,) int64 / int32 block ids; a dst must not also be a src
+    """
+    _check_kv_args(key_cache, value_cache, None, None, None)
+    for name, tensor in (("src_blocks", src_blocks), ("dst_blocks", dst_blocks)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1 or tensor.dtype not in _INT_DTYPES:
+            raise ValueError(f"{name} must be a (n,) int64 / int32 tensor, got {tensor!r}")
+    if src_blocks.shape != dst_blocks.shape:
+        raise ValueError(f"src_blocks {tuple(src_blocks.shape)} and dst_blocks {tuple(dst_blocks.shape)} differ")
+    if src_blocks.numel() == 0:
+        return
+    if _use_triton(key_cache):
+        from powerfast.kernels.kv_cache import copy_blocks as _triton_copy_blocks
+
+        _triton_copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
+        return
+    _torch_copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
