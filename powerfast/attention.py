@@ -1,0 +1,290 @@
+"""The paged attention function registered with transformers, and its backends.
+
+:func:`register` adds :func:`paged_attention_forward` to transformers'
+``AttentionInterface`` under :data:`ATTENTION_NAME` (once). A model set to that
+implementation calls it in every attention layer with the new tokens' q/k/v after RoPE;
+the per-forward paged metadata (:class:`PagedAttentionContext`) arrives through the
+forward's keyword arguments under :data:`CONTEXT_KWARG`, and ``module.layer_idx`` picks
+the layer's pool. The function writes the new keys and values into their slots, attends
+causally over each sequence's cached positions and returns ``(out (B, S, H, D), None)``.
+
+Backends (all give the dense model's logits):
+
+- ``"torch"``: gather the blocks, then ``scaled_dot_product_attention``; any device;
+- ``"triton"``: the paged kernel of ``powerfast.kernels.paged_attention``; CUDA (or the
+  interpreter);
+- ``"flash"``: ``flash_attn_with_kvcache`` / ``flash_attn_varlen_func`` with
+  ``block_table``; CUDA, fp16/bf16, block size a multiple of 256, flash-attn importable.
+
+``"auto"`` picks flash, then triton on CUDA, and torch elsewhere (:func:`resolve_backend`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from powerfast import ops
+
+__all__ = [
+    "ATTENTION_NAME",
+    "BACKENDS",
+    "CONTEXT_KWARG",
+    "PagedAttentionContext",
+    "paged_attention_forward",
+    "register",
+    "resolve_backend",
+    "torch_paged_attention",
+]
+
+ATTENTION_NAME = "powerfast_paged"
+CONTEXT_KWARG = "paged_attention_context"
+BACKENDS = ("auto", "torch", "triton", "flash")
+FLASH_BLOCK_MULTIPLE = 256
+
+
+@dataclass(slots=True)
+class PagedAttentionContext:
+    """Paged metadata of one forward, shared by all layers. Tensors on the model's device.
+
+    The forward's new tokens are flattened sequence after sequence (``num_tokens`` of
+    them): the model is called with ``input_ids`` of shape ``(num_seqs, 1)`` for decode or
+    ``(1, num_tokens)`` for a packed prefill / extend; both flatten to that order.
+
+    key_caches, value_caches: per layer, (num_blocks, block_size, kv_heads, head_dim)
+    slot_mapping:     (num_tokens,) int64, the slot each new token's k/v is written to
+    block_tables:     (num_seqs, max_blocks) int32, padded with 0
+    seq_lens:         (num_seqs,) int32, lengths including the new tokens
+    cu_seqlens_k:     (num_seqs + 1,) int32, cumulative seq_lens
+    query_start_loc:  (num_seqs + 1,) int32, cumulative new-token counts
+    query_seq_index:  (num_tokens,) int64, the sequence of each new token
+    query_positions:  (num_tokens,) int64, absolute position of each new token
+    max_query_len, max_seq_len: host ints
+    backend:          "torch", "triton" or "flash" (resolved, not "auto")
+    """
+
+    key_caches: list[torch.Tensor]
+    value_caches: list[torch.Tensor]
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    query_start_loc: torch.Tensor
+    query_seq_index: torch.Tensor
+    query_positions: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    backend: str
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS[1:]:
+            raise ValueError(f"backend must be one of {BACKENDS[1:]} (resolved), got {self.backend!r}")
+        num_tokens = self.slot_mapping.shape[0]
+        for name in ("query_seq_index", "query_positions"):
+            if getattr(self, name).shape != (num_tokens,):
+                raise ValueError(f"{name} must have shape ({num_tokens},), got {tuple(getattr(self, name).shape)}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, block_size: int) -> str:
+    """The concrete backend for a setting: "auto" -> flash, triton (CUDA) or torch (CPU).
+
+    An explicit choice that cannot run on this device / dtype / block size raises.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    flash_ok = (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and block_size % FLASH_BLOCK_MULTIPLE == 0
+        and flash_attn_available()
+    )
+    if backend == "auto":
+        if flash_ok:
+            return "flash"
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "flash" and not flash_ok:
+        raise ValueError(
+            f"the flash backend needs CUDA, fp16/bf16, a block size multiple of {FLASH_BLOCK_MULTIPLE} and flash-attn "
+            f"installed; got device {device}, dtype {dtype}, block_size {block_size}, "
+            f"flash-attn {'found' if flash_attn_available() else 'not found'}"
+        )
+    if backend == "triton" and device.type != "cuda":
+        import os
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"the triton backend needs CUDA (or TRITON_INTERPRET=1), got device {device}")
+    return backend
+
+
+# ---------------------------------------------------------------------------- backends
+
+
+def torch_paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    ctx: PagedAttentionContext,
+    scale: float,
+) -> torch.Tensor:
+    """Reference backend: gather each sequence's blocks, then masked SDPA.
+
+    query: (num_tokens, num_heads, head_dim); caches: (num_blocks, block_size, kv_heads, head_dim)
+    Returns (num_tokens, num_heads, head_dim).
+    """
+    num_tokens, num_heads, head_dim = query.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_seqs = ctx.block_tables.shape[0]
+    used_blocks = -(-ctx.max_seq_len // block_size)
+    tables = ctx.block_tables[:, :used_blocks]
+    kv_len = used_blocks * block_size
+    # (num_seqs, kv_heads, kv_len, head_dim)
+    keys = key_cache[tables].reshape(num_seqs, kv_len, kv_heads, head_dim).transpose(1, 2)
+    values = value_cache[tables].reshape(num_seqs, kv_len, kv_heads, head_dim).transpose(1, 2)
+    key_positions = torch.arange(kv_len, device=query.device)
+    if ctx.max_query_len == 1:  # decode: token i is sequence i
+        queries = query.unsqueeze(2)  # (num_seqs, num_heads, 1, head_dim)
+        mask = key_positions[None, :] <= ctx.query_positions[:, None]  # (num_seqs, kv_len)
+        mask = mask[:, None, None, :]
+    else:  # pad the new tokens to (num_seqs, max_query_len)
+        index_in_seq = torch.arange(num_tokens, device=query.device) - ctx.query_start_loc[ctx.query_seq_index]
+        queries = query.new_zeros(num_seqs, ctx.max_query_len, num_heads, head_dim)
+        queries[ctx.query_seq_index, index_in_seq] = query
+        queries = queries.transpose(1, 2)
+        # padding rows see position 0 only (never all -inf, so no NaN); they are dropped below
+        positions = torch.zeros(num_seqs, ctx.max_query_len, dtype=torch.long, device=query.device)
+        positions[ctx.query_seq_index, index_in_seq] = ctx.query_positions
+        mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (num_seqs, 1, max_q, kv_len)
+    out = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=kv_heads != num_heads
+    )  # (num_seqs, num_heads, q_len, head_dim)
+    out = out.transpose(1, 2)
+    if ctx.max_query_len == 1:
+        return out.reshape(num_tokens, num_heads, head_dim)
+    return out[ctx.query_seq_index, index_in_seq]
+
+
+def _triton_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionContext, scale: float) -> torch.Tensor:
+    from powerfast.kernels.paged_attention import paged_attention
+
+    return paged_attention(
+        query,
+        key_cache,
+        value_cache,
+        ctx.block_tables,
+        ctx.query_seq_index,
+        ctx.query_positions,
+        scale,
+        max_seq_len=ctx.max_seq_len,
+    )
+
+
+def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionContext, scale: float) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+    if ctx.max_query_len == 1:
+        out = flash_attn_with_kvcache(
+            query.unsqueeze(1),
+            key_cache,
+            value_cache,
+            cache_seqlens=ctx.seq_lens,
+            block_table=ctx.block_tables,
+            softmax_scale=scale,
+            causal=True,
+        )
+        return out.squeeze(1)
+    return flash_attn_varlen_func(
+        query,
+        key_cache,
+        value_cache,
+        cu_seqlens_q=ctx.query_start_loc,
+        cu_seqlens_k=ctx.cu_seqlens_k,
+        max_seqlen_q=ctx.max_query_len,
+        max_seqlen_k=ctx.max_seq_len,
+        softmax_scale=scale,
+        causal=True,
+        block_table=ctx.block_tables,
+    )
+
+
+_BACKEND_FUNCTIONS = {"torch": torch_paged_attention, "triton": _triton_paged_attention, "flash": _flash_paged_attention}
+
+
+# ---------------------------------------------------------------------------- the registered function
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention over the paged cache, called by transformers' attention layers.
+
+    query: (B, num_heads, S, head_dim); key, value: (B, kv_heads, S, head_dim), after RoPE,
+    with B * S new tokens in the context's order. Returns (out (B, S, num_heads, head_dim), None).
+    ``attention_mask`` is ignored: causality comes from the context's positions.
+    """
+    ctx = kwargs.get(CONTEXT_KWARG)
+    if not isinstance(ctx, PagedAttentionContext):
+        raise RuntimeError(
+            f"attention implementation {ATTENTION_NAME!r} needs a {CONTEXT_KWARG}=PagedAttentionContext keyword "
+            f"argument: drive the model through powerfast.runner.ModelRunner, or call runner.restore_attention() "
+            f"to use the model on its own"
+        )
+    if dropout:
+        raise ValueError(f"paged attention is for inference: dropout must be 0, got {dropout} (call model.eval())")
+    sliding_window = kwargs.get("sliding_window")
+    if sliding_window is not None and ctx.max_seq_len > sliding_window:
+        raise NotImplementedError(
+            f"layer {module.layer_idx} uses a sliding window of {sliding_window} tokens and a sequence has "
+            f"{ctx.max_seq_len}: sliding-window attention is not supported by the paged runtime"
+        )
+    if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
+        raise NotImplementedError("attention logit soft-capping and attention sinks are not supported")
+    if getattr(module, "is_causal", True) is False:
+        raise NotImplementedError(f"{type(module).__name__} is not causal: the paged runtime needs causal attention")
+
+    batch, num_heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    num_tokens = batch * q_len
+    if num_tokens != ctx.num_tokens:
+        raise ValueError(f"the forward has {num_tokens} new tokens but the paged context {ctx.num_tokens}")
+    if scaling is None:
+        scaling = head_dim**-0.5
+    layer = module.layer_idx
+    key_cache, value_cache = ctx.key_caches[layer], ctx.value_caches[layer]
+
+    # (B, h, S, D) -> (B * S, h, D): token order is batch-major, matching the context
+    queries = query.transpose(1, 2).reshape(num_tokens, num_heads, head_dim)
+    keys = key.transpose(1, 2).reshape(num_tokens, kv_heads, head_dim)
+    values = value.transpose(1, 2).reshape(num_tokens, kv_heads, head_dim)
+    ops.write_kv(key_cache, value_cache, keys, values, ctx.slot_mapping)
+    if queries.dtype != key_cache.dtype:
+        queries = queries.to(key_cache.dtype)
+    out = _BACKEND_FUNCTIONS[ctx.backend](queries, key_cache, value_cache, ctx, scaling)
+    return out.to(query.dtype).reshape(batch, q_len, num_heads, head_dim), None
+
+
+def register() -> str:
+    """Register :func:`paged_attention_forward` with transformers (idempotent). Returns its name."""
+    from transformers import AttentionInterface
+
+    if AttentionInterface._global_mapping.get(ATTENTION_NAME) is not paged_attention_forward:
+        AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+    return ATTENTION_NAME

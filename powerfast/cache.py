@@ -1,0 +1,334 @@
+"""Paged KV cache: a block allocator (free list + refcounts) and one KV pool per layer.
+
+A sequence is a block table (list of block ids) and a length. Block ``b`` holds the keys
+and values of ``block_size`` consecutive positions in every layer's pool; position ``p``
+of a sequence lives in slot ``block_table[p // block_size] * block_size + p % block_size``.
+
+Forking shares blocks instead of copying them: the children get a copy of the parent's
+block table and every block's refcount goes up by the number of children. The only
+block ever written after a fork is a partly filled last block, and it is copied on the
+first write by whoever writes it while others still hold it (copy-on-write): a fork of
+one 1,000-token prefix (block size 16) into 64 children costs at most 64 new blocks,
+one per child, instead of 64 x 63. Freeing decrements refcounts; a block returns to
+the free list at refcount 0, so parents and children can be freed in any order.
+
+Only Python lists are touched here; tensors are the pools and the block copies, which
+go through :func:`powerfast.ops.copy_blocks`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable, Sequence as SequenceABC
+from dataclasses import dataclass, field
+
+import torch
+
+from powerfast import ops
+
+__all__ = ["BlockAllocator", "CacheConfig", "OutOfBlocksError", "PagedKVCache", "Sequence"]
+
+_DEFAULT_GPU_MEMORY_FRACTION = 0.5  # of the free device memory, when no size is given on CUDA
+_DEFAULT_CPU_MEMORY_BYTES = 256 * 2**20  # when no size is given on the CPU
+
+
+class OutOfBlocksError(RuntimeError):
+    """The KV pool has fewer free blocks than an operation needs. Nothing was changed."""
+
+    def __init__(self, needed: int, available: int, num_blocks: int, what: str = "") -> None:
+        self.needed = needed
+        self.available = available
+        self.num_blocks = num_blocks
+        where = f" to {what}" if what else ""
+        super().__init__(
+            f"KV cache out of blocks{where}: {needed} blocks needed, {available} free of {num_blocks}. "
+            f"Free finished sequences or size the cache larger (num_blocks / max_memory)."
+        )
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """Shape and size of the paged KV cache.
+
+    num_layers, num_kv_heads, head_dim: the model's attention geometry
+    dtype, device:        of the pools (the model's)
+    block_size:           positions per block
+    num_blocks:           pool size in blocks; or give instead
+    max_memory:           a budget in bytes for all layers' keys and values, or
+    gpu_memory_fraction:  a fraction in (0, 1] of the device memory free now (CUDA only).
+    With none of the three, CUDA takes 0.5 of the free memory and the CPU 256 MiB.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype = torch.float32
+    device: torch.device | str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_memory: int | None = None
+    gpu_memory_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch.dtype, got {self.dtype!r}")
+        self.device = torch.device(self.device)
+        given = [n for n in ("num_blocks", "max_memory", "gpu_memory_fraction") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of num_blocks, max_memory, gpu_memory_fraction; got {given}")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
+            raise ValueError(f"num_blocks must be a positive int, got {self.num_blocks!r}")
+        if self.max_memory is not None and (not isinstance(self.max_memory, int) or self.max_memory < self.bytes_per_block):
+            raise ValueError(
+                f"max_memory must be an int number of bytes >= one block ({self.bytes_per_block} bytes), "
+                f"got {self.max_memory!r}"
+            )
+        if self.gpu_memory_fraction is not None:
+            if not 0.0 < self.gpu_memory_fraction <= 1.0:
+                raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}")
+            if self.device.type != "cuda":
+                raise ValueError(f"gpu_memory_fraction needs a CUDA device, got device {self.device}")
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block across all layers, keys and values."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+    def resolve_num_blocks(self) -> int:
+        """The pool size in blocks this config asks for (reads free device memory if needed)."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        budget = self.max_memory
+        if budget is None:
+            if self.device.type == "cuda":
+                fraction = self.gpu_memory_fraction or _DEFAULT_GPU_MEMORY_FRACTION
+                free_bytes, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free_bytes * fraction)
+            else:
+                budget = _DEFAULT_CPU_MEMORY_BYTES
+        num_blocks = budget // self.bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"a budget of {budget} bytes holds no block of {self.bytes_per_block} bytes")
+        return num_blocks
+
+
+class BlockAllocator:
+    """Free list and refcounts of ``num_blocks`` blocks. Pure Python, no tensors."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.refcounts = [0] * num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_in_use(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def allocate(self, n: int, what: str = "") -> list[int]:
+        """n fresh blocks at refcount 1; raises :class:`OutOfBlocksError` (allocating none) if short."""
+        if n > len(self._free):
+            raise OutOfBlocksError(n, len(self._free), self.num_blocks, what)
+        blocks = [self._free.popleft() for _ in range(n)]
+        for block in blocks:
+            self.refcounts[block] = 1
+        return blocks
+
+    def share(self, blocks: Iterable[int], times: int = 1) -> None:
+        """Add ``times`` references to each (already allocated) block."""
+        for block in blocks:
+            if self.refcounts[block] < 1:
+                raise RuntimeError(f"block {block} is free: it cannot be shared")
+            self.refcounts[block] += times
+
+    def release(self, blocks: Iterable[int]) -> None:
+        """Drop one reference to each block; blocks reaching 0 go back to the free list."""
+        for block in blocks:
+            count = self.refcounts[block]
+            if count < 1:
+                raise RuntimeError(f"block {block} released while free (double free)")
+            self.refcounts[block] = count - 1
+            if count == 1:
+                self._free.append(block)
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """A handle on cached positions: ``length`` positions in the blocks of ``block_table``.
+
+    Made by :meth:`PagedKVCache.new_sequence` / :meth:`PagedKVCache.fork`; treat as read-only.
+    """
+
+    seq_id: int
+    block_table: list[int] = field(default_factory=list)
+    length: int = 0
+    freed: bool = False
+
+    def __repr__(self) -> str:
+        state = ", freed" if self.freed else ""
+        return f"Sequence(id={self.seq_id}, length={self.length}, blocks={len(self.block_table)}{state})"
+
+
+class PagedKVCache:
+    """The KV pools of all layers and the sequences living in them.
+
+    key_caches[layer], value_caches[layer]: (num_blocks, block_size, kv_heads, head_dim)
+    """
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.num_blocks = config.resolve_num_blocks()
+        self.allocator = BlockAllocator(self.num_blocks)
+        shape = (self.num_blocks, config.block_size, config.num_kv_heads, config.head_dim)
+        # zeros, not empty: never-written slots are read (and masked) by some backends,
+        # and 0 * NaN garbage would still be NaN
+        self.key_caches = [torch.zeros(shape, dtype=config.dtype, device=config.device) for _ in range(config.num_layers)]
+        self.value_caches = [
+            torch.zeros(shape, dtype=config.dtype, device=config.device) for _ in range(config.num_layers)
+        ]
+        self._seq_ids = itertools.count()
+
+    # ------------------------------------------------------------------ accounting
+
+    @property
+    def blocks_in_use(self) -> int:
+        return self.allocator.num_in_use
+
+    @property
+    def blocks_free(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one block over all layers, keys and values."""
+        return self.config.bytes_per_block
+
+    @property
+    def bytes_total(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+    @property
+    def bytes_in_use(self) -> int:
+        return self.blocks_in_use * self.bytes_per_block
+
+    def __repr__(self) -> str:
+        return (
+            f"PagedKVCache(blocks {self.blocks_in_use}/{self.num_blocks} in use, block_size={self.block_size}, "
+            f"{self.bytes_in_use / 2**20:.1f}/{self.bytes_total / 2**20:.1f} MiB)"
+        )
+
+    # ------------------------------------------------------------------ sequences
+
+    def new_sequence(self) -> Sequence:
+        """An empty sequence (no blocks until something is appended)."""
+        return Sequence(seq_id=next(self._seq_ids))
+
+    def fork(self, seq: Sequence, n: int, length: int | None = None) -> list[Sequence]:
+        """n children sharing ``seq``'s first ``length`` positions (default: all of them).
+
+        No KV is copied and no block is allocated: the shared blocks' refcounts go up by n.
+        A shared, partly filled last block is copied later by whoever appends to it first.
+        """
+        self._check_live(seq)
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        length = seq.length if length is None else length
+        if not 0 <= length <= seq.length:
+            raise ValueError(f"fork length must be in [0, {seq.length}] for {seq}, got {length}")
+        table = seq.block_table[: -(-length // self.block_size)]
+        self.allocator.share(table, times=n)
+        return [Sequence(seq_id=next(self._seq_ids), block_table=list(table), length=length) for _ in range(n)]
+
+    def free(self, seqs: Iterable[Sequence]) -> None:
+        """Release the blocks of each sequence. A sequence can be freed once."""
+        seqs = list(seqs)
+        seen: set[int] = set()
+        for seq in seqs:
+            self._check_live(seq)
+            if seq.seq_id in seen:
+                raise ValueError(f"{seq} appears twice in one free()")
+            seen.add(seq.seq_id)
+        for seq in seqs:
+            self.allocator.release(seq.block_table)
+            seq.block_table = []
+            seq.freed = True
+
+    def append_slots(self, seqs: SequenceABC[Sequence], num_new_tokens: SequenceABC[int]) -> list[int]:
+        """Make room for ``num_new_tokens[i]`` more positions of ``seqs[i]`` and advance the lengths.
+
+        Allocates the blocks needed and copies shared, partly filled last blocks before
+        they are written (in every layer). All or nothing: if the pool is short, raises
+        :class:`OutOfBlocksError` before changing anything.
+
+        Returns the flat slot ids of the new positions, sequence after sequence.
+        """
+        if len(seqs) != len(num_new_tokens):
+            raise ValueError(f"{len(seqs)} sequences but {len(num_new_tokens)} token counts")
+        bs = self.block_size
+        refcounts = self.allocator.refcounts
+        # pass 1: count the blocks needed, simulating the copy-on-write refcount drops
+        pending_drops: dict[int, int] = {}
+        needed = 0
+        for seq, count in zip(seqs, num_new_tokens):
+            self._check_live(seq)
+            if count < 0:
+                raise ValueError(f"cannot append {count} tokens to {seq}")
+            if count and seq.length % bs:
+                last = seq.block_table[-1]
+                if refcounts[last] - pending_drops.get(last, 0) > 1:
+                    pending_drops[last] = pending_drops.get(last, 0) + 1
+                    needed += 1
+            needed += -(-(seq.length + count) // bs) - len(seq.block_table)
+        if needed > self.allocator.num_free:
+            raise OutOfBlocksError(needed, self.allocator.num_free, self.num_blocks, f"append to {len(seqs)} sequences")
+        # pass 2: allocate, copy on write, compute slots
+        copy_src: list[int] = []
+        copy_dst: list[int] = []
+        slots: list[int] = []
+        for seq, count in zip(seqs, num_new_tokens):
+            if count == 0:
+                continue
+            table = seq.block_table
+            if seq.length % bs and refcounts[table[-1]] > 1:
+                (fresh,) = self.allocator.allocate(1)
+                copy_src.append(table[-1])
+                copy_dst.append(fresh)
+                self.allocator.release([table[-1]])
+                table[-1] = fresh
+            missing = -(-(seq.length + count) // bs) - len(table)
+            if missing > 0:
+                table.extend(self.allocator.allocate(missing))
+            start = seq.length
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + count))
+            seq.length = start + count
+        if copy_src:
+            self._copy_blocks(copy_src, copy_dst)
+        return slots
+
+    # ------------------------------------------------------------------ internals
+
+    def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        device = self.config.device
+        src_blocks = torch.tensor(src, dtype=torch.int64, device=device)
+        dst_blocks = torch.tensor(dst, dtype=torch.int64, device=device)
+        for key_cache, value_cache in zip(self.key_caches, self.value_caches):
+            ops.copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
+
+    @staticmethod
+    def _check_live(seq: Sequence) -> None:
+        if not isinstance(seq, Sequence):
+            raise TypeError(f"expected a powerfast.cache.Sequence, got {type(seq).__name__}")
+        if seq.freed:
+            raise ValueError(f"{seq} was freed")
