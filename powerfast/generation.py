@@ -1,0 +1,345 @@
+"""What every sampler shares: prompt handling, seeds, the batched decode loop, results.
+
+The power sampler (``powerfast.sampler``) and the baselines (``powerfast.baselines``)
+are written on top of these pieces and of :class:`powerfast.runner.ModelRunner`; none of
+them touches KV tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from powerfast import ops
+
+__all__ = [
+    "BlockRecord",
+    "GenerationResult",
+    "GenerationStats",
+    "SeedStream",
+    "Continuations",
+    "sample_continuations",
+    "encode_prompts",
+    "phase",
+]
+
+
+# ------------------------------------------------------------------------- results
+
+
+@dataclass(slots=True)
+class BlockRecord:
+    """One power-sampling decision (one block, or one token at block_size 1).
+
+    candidates:         the distinct candidate blocks scored (token ids)
+    candidate_logprobs: base log p(block | prefix) of each
+    p_hat:              plain Monte Carlo estimate over the candidates
+    probs:              the distribution sampled from (jackknife or plain)
+    log_zeta:           estimated log scaling factor of each candidate
+    choice:             index into ``candidates`` of the block appended
+    """
+
+    candidates: list[list[int]]
+    candidate_logprobs: list[float]
+    p_hat: list[float]
+    probs: list[float]
+    log_zeta: list[float]
+    choice: int
+
+
+@dataclass(slots=True)
+class GenerationStats:
+    """Counts and timings of one prompt's generation.
+
+    tokens_by_phase: tokens decoded by the model per phase ("prefill", "candidates",
+                     "rollouts", "sample", "proposals", ...); ``tokens_total`` adds them
+                     up except the prompt's prefill
+    """
+
+    method: str
+    tokens_by_phase: dict[str, int] = field(default_factory=dict)
+    num_blocks: int = 0
+    wall_seconds: float = 0.0
+    blocks: list[BlockRecord] = field(default_factory=list)
+    acceptance_rate: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_total(self) -> int:
+        return sum(v for k, v in self.tokens_by_phase.items() if k != "prefill")
+
+    def add(self, phase_name: str, count: int) -> None:
+        self.tokens_by_phase[phase_name] = self.tokens_by_phase.get(phase_name, 0) + int(count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "tokens_total": self.tokens_total,
+            "tokens_by_phase": dict(self.tokens_by_phase),
+            "num_blocks": self.num_blocks,
+            "wall_seconds": self.wall_seconds,
+            "acceptance_rate": self.acceptance_rate,
+            "blocks": [vars(b) if not hasattr(b, "__slots__") else {s: getattr(b, s) for s in b.__slots__} for b in self.blocks],
+            **self.extra,
+        }
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """One prompt's completion: the generated token ids (prompt excluded; an EOS that
+    ended the generation is included), their text when a tokenizer was given, and stats."""
+
+    token_ids: list[int]
+    text: str | None
+    stats: GenerationStats
+    log_likelihood: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+# -------------------------------------------------------------------------- prompts
+
+
+def encode_prompts(prompts, tokenizer=None, chat_template: bool = True, context_length: int | None = None,
+                   max_new_tokens: int | None = None) -> list[list[int]]:
+    """Prompts (a string, a list of strings, or token-id lists) -> token-id lists.
+
+    Strings need a tokenizer; with ``chat_template`` and a tokenizer that has one, each
+    string becomes a one-turn user conversation with the generation prompt appended.
+    Raises ValueError for an empty prompt, ids that are not ints, or a prompt that does
+    not leave room for ``max_new_tokens`` in ``context_length``.
+    """
+    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of strings or token-id lists, got {prompts!r}")
+    encoded = []
+    for index, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError(f"prompt {index} is a string but no tokenizer was given")
+            if not prompt:
+                raise ValueError(f"prompt {index} is empty")
+            if chat_template and getattr(tokenizer, "chat_template", None):
+                ids = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+                )
+                if hasattr(ids, "keys") and "input_ids" in ids:  # BatchEncoding in newer versions
+                    ids = ids["input_ids"]
+            else:
+                ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            ids = [int(t) for t in ids]
+        else:
+            ids = list(prompt)
+            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
+                raise ValueError(f"prompt {index} must hold int token ids, got {ids[:8]!r}...")
+        if len(ids) == 0:
+            raise ValueError(f"prompt {index} is empty")
+        if context_length is not None:
+            need = len(ids) + (max_new_tokens or 0)
+            if need > context_length:
+                raise ValueError(
+                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is {need}, "
+                    f"more than the model's context of {context_length} positions"
+                )
+        encoded.append(ids)
+    return encoded
+
+
+def check_max_new_tokens(max_new_tokens) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be an int > 0, got {max_new_tokens!r}")
+    return max_new_tokens
+
+
+# ---------------------------------------------------------------------------- seeds
+
+
+class SeedStream:
+    """A reproducible stream of 63-bit seeds for the counter-based sampling kernels."""
+
+    def __init__(self, seed: int | None) -> None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._generator = torch.Generator().manual_seed(int(seed) % (2**63))
+
+    def next(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
+
+    def uniform(self) -> float:
+        return float(torch.rand((), generator=self._generator, dtype=torch.float64))
+
+    def integers(self, high: int) -> int:
+        return int(torch.randint(0, high, (1,), generator=self._generator).item())
+
+    def categorical(self, probs: torch.Tensor) -> int:
+        """Index drawn from a (K,) probability vector (on any device; one host copy)."""
+        probs = probs.detach().double().cpu()
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=self._generator).item())
+
+
+# ------------------------------------------------------------------------ profiling
+
+
+@contextmanager
+def phase(name: str):
+    """An NVTX range named after a sampler phase on CUDA; nothing elsewhere."""
+    if torch.cuda.is_available():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+# ---------------------------------------------------------------------- decode loop
+
+
+class Continuations(NamedTuple):
+    """What :func:`sample_continuations` returns for N sequences and S steps.
+
+    tokens:           (N, S) int64 sampled tokens (after a row's EOS: the EOS id again)
+    lengths:          (N,) int64 tokens generated per row, an ending EOS included
+    base_logliks:     (N,) float32 sum of base log-probs of those tokens
+    tempered_logliks: (N,) float32 the same under the tempered distribution, or None at T = 1
+    last_logits:      (N, V) logits after the last token, or None if not asked for
+    token_logprobs:   (N, S) float32 base log-prob of each token (0 after the end), or None
+    token_tempered:   (N, S) float32 tempered log-prob of each token, or None
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    base_logliks: torch.Tensor
+    tempered_logliks: torch.Tensor | None
+    last_logits: torch.Tensor | None
+    token_logprobs: torch.Tensor | None = None
+    token_tempered: torch.Tensor | None = None
+
+
+def sample_continuations(
+    runner,
+    seqs: list,
+    first_logits: torch.Tensor,
+    num_steps: int,
+    seeds: SeedStream,
+    *,
+    temperature: float = 1.0,
+    eos_token_id: int | None = None,
+    want_last_logits: bool = False,
+    per_token: bool = False,
+    stop_check_every: int = 32,
+) -> Continuations:
+    """Sample ``num_steps`` tokens for every sequence in one batched decode loop.
+
+    first_logits: (N, V) logits of the next token of each sequence. Every step samples
+    all rows (a row that sampled EOS keeps being fed EOS, its statistics frozen), then
+    decodes the batch through ``runner`` so the sequences hold the new tokens' KV. No
+    host sync per token: whether every row has finished is looked at every
+    ``stop_check_every`` steps. Temperature 0 is greedy decoding.
+    """
+    num_rows = first_logits.shape[0]
+    device = first_logits.device
+    tokens = torch.zeros(num_rows, max(num_steps, 0), dtype=torch.long, device=device)
+    lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
+    base = torch.zeros(num_rows, dtype=torch.float32, device=device)
+    tempered = torch.zeros(num_rows, dtype=torch.float32, device=device) if temperature not in (0, 1.0) else None
+    active = torch.ones(num_rows, dtype=torch.bool, device=device)
+    token_base = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
+    token_tempered = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
+    logits = first_logits
+    steps_done = 0
+    for step in range(num_steps):
+        was_active = active.clone()
+        if temperature == 0:
+            chosen = ops.greedy_tokens(logits)
+            if eos_token_id is not None:
+                chosen = torch.where(was_active, chosen, torch.full_like(chosen, eos_token_id))
+            out = ops.score_tokens(logits, chosen, active=active, eos_token_id=eos_token_id, logliks=base)
+        else:
+            out = ops.sample_tokens(
+                logits, temperature, seed=seeds.next(), active=active, eos_token_id=eos_token_id, logliks=base
+            )
+            chosen = out.tokens
+            if tempered is not None:
+                tempered += torch.where(was_active, out.tempered_logprobs, torch.zeros_like(out.tempered_logprobs))
+        tokens[:, step] = chosen
+        lengths += was_active
+        if per_token:
+            zero = torch.zeros_like(out.base_logprobs)
+            token_base[:, step] = torch.where(was_active, out.base_logprobs, zero)
+            step_tempered = out.base_logprobs if out.tempered_logprobs is None else out.tempered_logprobs
+            token_tempered[:, step] = torch.where(was_active, step_tempered, zero)
+        steps_done = step + 1
+        last_step = step == num_steps - 1
+        if eos_token_id is not None and not last_step and steps_done % stop_check_every == 0 and not bool(active.any()):
+            tokens = tokens[:, :steps_done]
+            if per_token:
+                token_base, token_tempered = token_base[:, :steps_done], token_tempered[:, :steps_done]
+            break
+        if not last_step or want_last_logits:
+            logits = runner.decode(seqs, chosen)
+    return Continuations(tokens, lengths, base, tempered, logits if want_last_logits else None,
+                         token_base, token_tempered)
+
+
+def finish_stats(stats: GenerationStats, started: float) -> GenerationStats:
+    stats.wall_seconds = time.perf_counter() - started
+    return stats
+
+
+# ------------------------------------------------------------------- sampler base
+
+
+class RunnerSampler:
+    """What every sampler holds: a runner around the model, a tokenizer, a seed stream.
+
+    model:         a Hugging Face causal LM, or a :class:`powerfast.runner.ModelRunner`
+    tokenizer:     optional; needed for string prompts and for ``text`` in the results
+    seed:          makes ``generate`` reproducible (None: fresh randomness)
+    runner_kwargs: passed to the ModelRunner built around ``model``
+    """
+
+    method = "base"
+
+    def __init__(self, model, tokenizer=None, seed: int | None = None, **runner_kwargs) -> None:
+        from powerfast.runner import ModelRunner
+
+        if isinstance(model, ModelRunner):
+            if runner_kwargs:
+                raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready ModelRunner")
+            self.runner = model
+        else:
+            self.runner = ModelRunner(model, **runner_kwargs)
+        self.tokenizer = tokenizer
+        self.seeds = SeedStream(seed)
+        model_config = self.runner.model.config
+        self.vocab_size = int(model_config.vocab_size)
+        self.context_length = getattr(model_config, "max_position_embeddings", None)
+
+    def eos_token_id(self, ignore_eos: bool) -> int | None:
+        """The id that ends a completion (the model's first EOS id), or None with ignore_eos."""
+        if ignore_eos:
+            return None
+        eos = getattr(getattr(self.runner.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.runner.model.config, "eos_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        return None if eos is None else int(eos)
+
+    def encode(self, prompts, max_new_tokens: int, chat_template: bool = True) -> list[list[int]]:
+        check_max_new_tokens(max_new_tokens)
+        return encode_prompts(prompts, self.tokenizer, chat_template, self.context_length, max_new_tokens)
+
+    def result(self, token_ids: list[int], stats: GenerationStats, loglik: float) -> GenerationResult:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else None
+        return GenerationResult(token_ids, text, stats, loglik)

@@ -1,0 +1,286 @@
+"""Power sampling by Monte Carlo lookahead and jackknife (DESIGN.md section 2).
+
+Per block of B tokens, for every prompt of the batch at once:
+
+1. candidates: fork the sequence into L children and sample B tokens each from p
+   (B decode steps at batch L x prompts); token level (B = 1): the Top-K next tokens;
+2. merge duplicate candidate blocks, keep the Top-K by base log-likelihood;
+3. rollouts: fork each kept candidate into M children and sample H tokens each from p
+   (H decode steps at batch K x M x prompts);
+4. estimate: ``ops.power_estimates`` turns candidate log-probs and rollout
+   log-likelihoods into p_hat / jackknife probabilities over the candidates;
+5. select: draw one candidate, which already holds the block's KV: it becomes the
+   sequence; everything else is freed.
+
+The last block (where no budget is left for rollouts) is chosen by p^alpha alone.
+The sampler never touches KV tensors: forks, decodes and frees go through the runner.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from powerfast import ops
+from powerfast.config import PowerConfig
+from powerfast.generation import (
+    BlockRecord,
+    GenerationResult,
+    GenerationStats,
+    RunnerSampler,
+    phase,
+    sample_continuations,
+)
+
+__all__ = ["PowerSampler", "Decision"]
+
+
+@dataclass(slots=True)
+class Decision:
+    """The scored candidates of one prompt at one block (internal, then recorded)."""
+
+    candidates: list[list[int]]
+    candidate_seqs: list
+    candidate_logprobs: torch.Tensor  # (K,) float32
+    ends_with_eos: list[bool]
+    last_logits: torch.Tensor  # (K, V) logits after each candidate block
+
+
+def _check_logits_finite(logits: torch.Tensor, where: str) -> None:
+    if bool(torch.isnan(logits).any()):
+        raise FloatingPointError(f"the model returned NaN logits during {where}")
+
+
+class PowerSampler(RunnerSampler):
+    """Samples from p(x)^alpha with the Monte Carlo lookahead of the paper.
+
+    model:     a Hugging Face causal LM, or a :class:`powerfast.runner.ModelRunner`
+    tokenizer: optional; needed for string prompts and for ``text`` in the results
+    config:    :class:`PowerConfig`
+    seed:      makes ``generate`` reproducible (None: fresh randomness)
+    runner_kwargs: passed to the ModelRunner built around ``model`` (block_size, num_blocks, ...)
+    """
+
+    method = "power"
+
+    def __init__(self, model, tokenizer=None, config: PowerConfig | None = None, seed: int | None = None,
+                 **runner_kwargs) -> None:
+        self.config = config if config is not None else PowerConfig()
+        if not isinstance(self.config, PowerConfig):
+            raise ValueError(f"config must be a PowerConfig, got {type(self.config).__name__}")
+        super().__init__(model, tokenizer, seed, **runner_kwargs)
+        if self.config.token_level and self.config.top_k > self.vocab_size:
+            raise ValueError(f"top_k ({self.config.top_k}) exceeds the vocabulary size ({self.vocab_size})")
+
+    # ------------------------------------------------------------------ public API
+
+    def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
+                 chat_template: bool = True, progress=None) -> list[GenerationResult]:
+        """Power-sample a completion for each prompt (strings or token-id lists); the
+        prompts of the batch share decode batches. Returns one result per prompt.
+
+        progress: optional callable ``(tokens_done, max_new_tokens)`` called after each block.
+        """
+        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
+        eos = self.eos_token_id(ignore_eos)
+        started = time.perf_counter()
+        stats = [GenerationStats(self.method) for _ in prompt_ids]
+        generated: list[list[int]] = [[] for _ in prompt_ids]
+        logliks = [0.0 for _ in prompt_ids]
+        live: list = []  # every sequence this call holds, freed at the end whatever happens
+        try:
+            with phase("prefill"):
+                seqs, logits = self.runner.prefill(prompt_ids)
+            live.extend(seqs)
+            _check_logits_finite(logits, "prefill")
+            for i, ids in enumerate(prompt_ids):
+                stats[i].add("prefill", len(ids))
+            open_prompts = list(range(len(prompt_ids)))
+            heads = {i: (seqs[i], logits[i]) for i in open_prompts}
+            while open_prompts:
+                budget = max_new_tokens - len(generated[open_prompts[0]])
+                decisions = self._decide(open_prompts, heads, budget, eos, stats, live)
+                still_open = []
+                for i in open_prompts:
+                    chosen, record, seq, last_logits = decisions[i]
+                    generated[i].extend(chosen)
+                    logliks[i] += record.candidate_logprobs[record.choice]
+                    stats[i].blocks.append(record)
+                    stats[i].num_blocks += 1
+                    heads[i] = (seq, last_logits)
+                    if not (eos is not None and chosen and chosen[-1] == eos) and len(generated[i]) < max_new_tokens:
+                        still_open.append(i)
+                keep = {id(heads[i][0]) for i in heads}
+                self.runner.free([s for s in live if id(s) not in keep])
+                live = [heads[i][0] for i in heads]
+                open_prompts = still_open
+                if progress is not None:
+                    progress(max(len(generated[i]) for i in range(len(prompt_ids))), max_new_tokens)
+        finally:
+            self.runner.free(live)
+        elapsed = time.perf_counter() - started
+        for s in stats:
+            s.wall_seconds = elapsed
+        return [self.result(generated[i], stats[i], logliks[i]) for i in range(len(prompt_ids))]
+
+    def token_distribution(self, prompt_ids: Sequence[int], max_new_tokens: int, *, ignore_eos: bool = False):
+        """The estimated power conditional of the next token (block_size 1) or block.
+
+        returns (candidate_ids, probs): at block_size 1 a (K,) int64 tensor of token ids,
+        otherwise a list of K token-id lists; probs (K,) float64 on the CPU (jackknife or
+        plain, as configured).
+        """
+        [ids] = self.encode([list(prompt_ids)], max_new_tokens, chat_template=False)
+        eos = self.eos_token_id(ignore_eos)
+        live: list = []
+        try:
+            seqs, logits = self.runner.prefill([ids])
+            live.extend(seqs)
+            _check_logits_finite(logits, "prefill")
+            stats = [GenerationStats(self.method)]
+            decisions = self._decide([0], {0: (seqs[0], logits[0])}, max_new_tokens, eos, stats, live, select=False)
+            record = decisions[0][1]
+        finally:
+            self.runner.free(live)
+        probs = torch.tensor(record.probs, dtype=torch.float64)
+        if self.config.token_level:
+            return torch.tensor([c[0] for c in record.candidates], dtype=torch.long), probs
+        return record.candidates, probs
+
+    # --------------------------------------------------------------- one decision
+
+    def _decide(self, prompts: list[int], heads: dict, budget: int, eos, stats, live: list, select: bool = True):
+        """Candidates, rollouts, estimate and choice for every open prompt at once.
+
+        heads[i] = (sequence, next-token logits (V,)). Returns, per prompt, (chosen
+        tokens, BlockRecord, the chosen candidate's sequence, its next-token logits).
+        """
+        cfg = self.config
+        block = min(cfg.block_size, budget)
+        horizon = min(cfg.horizon, budget - block)
+        with phase("candidates"):
+            if cfg.token_level:
+                decisions = self._token_candidates(prompts, heads, eos, stats, live)
+            else:
+                decisions = self._block_candidates(prompts, heads, block, eos, stats, live)
+
+        # rollouts from every candidate that has a future (not ended, budget left)
+        needs_rollouts = [(i, k) for i in prompts for k in range(len(decisions[i].candidates))
+                          if horizon > 0 and not decisions[i].ends_with_eos[k]]
+        rollout_logliks = {i: torch.zeros(len(decisions[i].candidates), cfg.num_rollouts) for i in prompts}
+        if needs_rollouts:
+            with phase("fork"):
+                rollout_seqs, first_logits = [], []
+                for i, k in needs_rollouts:
+                    children = self.runner.fork(decisions[i].candidate_seqs[k], cfg.num_rollouts)
+                    live.extend(children)
+                    rollout_seqs.extend(children)
+                    first_logits.append(decisions[i].last_logits[k].expand(cfg.num_rollouts, -1))
+            with phase("rollouts"):
+                rollouts = sample_continuations(
+                    self.runner, rollout_seqs, torch.cat(first_logits), horizon, self.seeds, eos_token_id=eos
+                )
+            self.runner.free(rollout_seqs)
+            drop = {id(s) for s in rollout_seqs}
+            live[:] = [s for s in live if id(s) not in drop]
+            _check_logits_finite(rollouts.base_logliks, "rollouts")
+            per_candidate = rollouts.base_logliks.view(len(needs_rollouts), cfg.num_rollouts).cpu()
+            lengths = rollouts.lengths.view(len(needs_rollouts), cfg.num_rollouts).sum(-1).cpu()
+            for row, (i, k) in enumerate(needs_rollouts):
+                rollout_logliks[i][k] = per_candidate[row]
+                stats[i].add("rollouts", int(lengths[row]))
+
+        with phase("score"):
+            k_max = max(len(decisions[i].candidates) for i in prompts)
+            cand = torch.full((len(prompts), k_max), -math.inf, dtype=torch.float32)
+            rolls = torch.zeros(len(prompts), k_max, cfg.num_rollouts, dtype=torch.float32)
+            for row, i in enumerate(prompts):
+                k_i = len(decisions[i].candidates)
+                cand[row, :k_i] = decisions[i].candidate_logprobs.float().cpu()
+                rolls[row, :k_i] = rollout_logliks[i]
+            device = decisions[prompts[0]].last_logits.device
+            estimate = ops.power_estimates(cand.to(device), rolls.to(device), cfg.alpha, cfg.jackknife and cfg.num_rollouts >= 2)
+            probs, p_hat, log_zeta = (t.double().cpu() for t in estimate)
+
+        out = {}
+        with phase("select"):
+            for row, i in enumerate(prompts):
+                d = decisions[i]
+                k_i = len(d.candidates)
+                choice = self.seeds.categorical(probs[row, :k_i]) if select else int(torch.argmax(probs[row, :k_i]))
+                record = BlockRecord(
+                    candidates=d.candidates,
+                    candidate_logprobs=d.candidate_logprobs.double().cpu().tolist(),
+                    p_hat=p_hat[row, :k_i].tolist(),
+                    probs=probs[row, :k_i].tolist(),
+                    log_zeta=log_zeta[row, :k_i].tolist(),
+                    choice=choice,
+                )
+                out[i] = (d.candidates[choice], record, d.candidate_seqs[choice], d.last_logits[choice])
+        return out
+
+    def _token_candidates(self, prompts, heads, eos, stats, live) -> dict[int, Decision]:
+        """Token level: the Top-K next tokens (those with probability > 0) of each prompt."""
+        k = min(self.config.top_k, self.vocab_size)
+        logits = torch.stack([heads[i][1] for i in prompts])
+        token_ids, logprobs = ops.topk_logprobs(logits, k)
+        token_ids, logprobs = token_ids.cpu(), logprobs.cpu()
+        all_seqs, all_tokens, owners = [], [], []
+        decisions = {}
+        for row, i in enumerate(prompts):
+            keep = torch.isfinite(logprobs[row])
+            ids = token_ids[row][keep].tolist()
+            children = self.runner.fork(heads[i][0], len(ids))
+            live.extend(children)
+            all_seqs.extend(children)
+            all_tokens.extend(ids)
+            decisions[i] = Decision([[t] for t in ids], children, logprobs[row][keep],
+                                    [eos is not None and t == eos for t in ids], None)
+            stats[i].add("candidates", len(ids))
+        last_logits = self.runner.decode(all_seqs, torch.tensor(all_tokens, device=logits.device))
+        _check_logits_finite(last_logits, "candidates")
+        start = 0
+        for i in prompts:
+            n = len(decisions[i].candidates)
+            decisions[i].last_logits = last_logits[start : start + n]
+            start += n
+        return decisions
+
+    def _block_candidates(self, prompts, heads, block, eos, stats, live) -> dict[int, Decision]:
+        """Block level: L sampled blocks per prompt, duplicates merged, Top-K kept."""
+        num = self.config.num_candidates
+        seqs, first_logits = [], []
+        for i in prompts:
+            children = self.runner.fork(heads[i][0], num)
+            live.extend(children)
+            seqs.extend(children)
+            first_logits.append(heads[i][1].expand(num, -1))
+        sampled = sample_continuations(
+            self.runner, seqs, torch.cat(first_logits), block, self.seeds, eos_token_id=eos, want_last_logits=True
+        )
+        _check_logits_finite(sampled.base_logliks, "candidates")
+        tokens = sampled.tokens.cpu()
+        lengths = sampled.lengths.cpu().tolist()
+        logliks = sampled.base_logliks.cpu()
+        decisions = {}
+        for row, i in enumerate(prompts):
+            seen: dict[tuple[int, ...], int] = {}
+            for j in range(row * num, (row + 1) * num):
+                key = tuple(tokens[j, : lengths[j]].tolist())
+                if key not in seen:
+                    seen[key] = j
+            unique = sorted(seen.values(), key=lambda j: -float(logliks[j]))[: self.config.top_k]
+            candidates = [tokens[j, : lengths[j]].tolist() for j in unique]
+            decisions[i] = Decision(
+                candidates,
+                [seqs[j] for j in unique],
+                logliks[unique],
+                [eos is not None and len(c) > 0 and c[-1] == eos for c in candidates],
+                sampled.last_logits[torch.tensor(unique, device=sampled.last_logits.device)],
+            )
+            stats[i].add("candidates", sum(lengths[row * num : (row + 1) * num]))
+        return decisions
