@@ -1,22 +1,78 @@
-"""The ``powerfast`` command."""
+"""The ``powerfast`` command: sample, eval, profile, toy."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from collections.abc import Sequence
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "build_sampler"]
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None,
+                       help="a local Hugging Face folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="model dtype (default float32)")
+    group.add_argument("--kv-memory", type=int, default=None, metavar="MIB",
+                       help="KV cache budget in MiB (default: 256 MiB on the CPU, half the free memory on CUDA)")
+
+
+def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--alpha", type=float, default=4.0, help="exponent of p^alpha (default 4)")
+    group.add_argument("--block-size", type=int, default=192, help="B: tokens per decision, 1 = token level (default 192)")
+    group.add_argument("--candidates", type=int, default=32, help="L: candidate blocks sampled per decision (default 32)")
+    group.add_argument("--top-k", type=int, default=8, help="K: candidates scored (default 8)")
+    group.add_argument("--rollouts", type=int, default=8, help="M: rollouts per candidate (default 8)")
+    group.add_argument("--horizon", type=int, default=192, help="H: rollout length (default 192)")
+    group.add_argument("--no-jackknife", action="store_true", help="use the plain Monte Carlo estimate")
+    group.add_argument("--mcmc-steps", type=int, default=10, help="N_MCMC: MH steps per block for --method mcmc (default 10)")
+    group.add_argument("--temperature", type=float, default=1.0, help="temperature of plain / best-of-n (default 1)")
+    group.add_argument("--num-samples", type=int, default=8, help="N of best-of-n (default 8)")
+    group.add_argument("--max-new-tokens", type=int, default=3072, help="generation budget (default 3072)")
+    group.add_argument("--ignore-eos", action="store_true", help="always generate the whole budget (benchmarks)")
+    group.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from powerfast import toy
+    from powerfast.baselines import METHODS
+
     parser = argparse.ArgumentParser(
-        prog="powerfast",
-        description="Sample from the power distribution p(x)^alpha of a language model.",
+        prog="powerfast", description="Sample from the power distribution p(x)^alpha of a language model."
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from powerfast import toy
+    sample = commands.add_parser("sample", help="sample a completion of a prompt")
+    sample.add_argument("prompt", help="the prompt text")
+    sample.add_argument("--method", default="power", choices=METHODS, help="sampling method (default power)")
+    sample.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    sample.add_argument("--json", action="store_true", help="print the result as JSON (tokens, text, stats)")
+    _add_model_arguments(sample)
+    _add_method_arguments(sample)
+    sample.set_defaults(handler=_run_sample)
+
+    evaluate = commands.add_parser("eval", help="evaluate methods on HumanEval, MATH500 or a JSON/JSONL file")
+    evaluate.add_argument("--task", required=True, help="humaneval, math500, or a path to a .json/.jsonl file")
+    evaluate.add_argument("--methods", default="power,plain", help="comma-separated methods (default power,plain)")
+    evaluate.add_argument("--limit", type=int, default=None, help="first N problems only")
+    evaluate.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    evaluate.add_argument("--out", default="powerfast-eval", help="output folder (default ./powerfast-eval); rerun to resume")
+    _add_model_arguments(evaluate)
+    _add_method_arguments(evaluate)
+    evaluate.set_defaults(handler=_run_eval)
+
+    profile = commands.add_parser("profile", help="write a torch profiler trace (chrome JSON) of one power-sampling run")
+    profile.add_argument("prompt", help="the prompt text")
+    profile.add_argument("--trace", default="powerfast-trace.json", help="output file (default powerfast-trace.json)")
+    profile.add_argument("--seed", type=int, default=0)
+    _add_model_arguments(profile)
+    _add_method_arguments(profile)
+    profile.set_defaults(handler=_run_profile)
 
     toy_parser = commands.add_parser("toy", help="the paper's PLAN/GUESS toy: exact values and Monte Carlo estimates")
     toy.add_arguments(toy_parser)
@@ -24,11 +80,140 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_sampler(method: str, model, tokenizer, args: argparse.Namespace, seed: int | None):
+    """A sampler from parsed command-line settings."""
+    from powerfast.baselines import make_sampler
+    from powerfast.config import MCMCConfig, PowerConfig
+
+    runner_kwargs = {}
+    if args.kv_memory is not None:
+        if args.kv_memory < 1:
+            raise ValueError(f"--kv-memory must be >= 1 MiB, got {args.kv_memory}")
+        runner_kwargs["max_memory"] = args.kv_memory << 20
+    power = mcmc = None
+    if method == "power":
+        power = PowerConfig(args.alpha, args.block_size, args.candidates, args.top_k, args.rollouts, args.horizon,
+                            not args.no_jackknife)
+    elif method == "mcmc":
+        mcmc = MCMCConfig(args.alpha, args.block_size, args.mcmc_steps)
+    return make_sampler(method, model, tokenizer, alpha=args.alpha, seed=seed, temperature=args.temperature,
+                        num_samples=args.num_samples, power_config=power, mcmc_config=mcmc, **runner_kwargs)
+
+
+def _load(args):
+    import torch
+
+    from powerfast.models import load_model
+
+    return load_model(args.model, dtype=getattr(torch, args.dtype))
+
+
+class _Progress:
+    """A tqdm bar over generated tokens, on stderr, only when stderr is a terminal or forced."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="tok", file=sys.stderr, leave=False, dynamic_ncols=True)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _run_sample(args) -> int:
+    model, tokenizer = _load(args)
+    sampler = build_sampler(args.method, model, tokenizer, args, args.seed)
+    progress = _Progress(args.max_new_tokens, enabled=not args.json)
+    try:
+        [result] = sampler.generate([args.prompt], args.max_new_tokens, ignore_eos=args.ignore_eos,
+                                    chat_template=not args.no_chat_template, progress=progress)
+    finally:
+        progress.close()
+    stats = result.stats
+    if args.json:
+        print(json.dumps({"token_ids": result.token_ids, "text": result.text, "log_likelihood": result.log_likelihood,
+                          "stats": stats.to_dict()}, indent=1))
+        return 0
+    print(result.text)
+    extra = f", acceptance {stats.acceptance_rate:.2f}" if stats.acceptance_rate is not None else ""
+    print(
+        f"[{stats.method}] {result.num_tokens} tokens in {stats.wall_seconds:.1f} s "
+        f"({result.num_tokens / max(stats.wall_seconds, 1e-9):.1f} tokens/s); "
+        f"{stats.tokens_total} tokens decoded in all {dict((k, v) for k, v in stats.tokens_by_phase.items() if k != 'prefill')}"
+        f"{extra}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _parse_list(text: str, kind, what: str) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} must be a comma-separated list, got {text!r}") from None
+    if not values:
+        raise ValueError(f"--{what} is empty")
+    return values
+
+
+def _run_eval(args) -> int:
+    from powerfast.evaluation import Generation, load_task, run_evaluation
+    from powerfast.generation import SeedStream
+
+    methods = _parse_list(args.methods, str, "methods")
+    seeds = _parse_list(args.seeds, int, "seeds")
+    task = load_task(args.task)
+    model, tokenizer = _load(args)
+    chat = not args.no_chat_template and task.kind != "code"
+
+    def method_fn(name):
+        sampler = build_sampler(name, model, tokenizer, args, None)
+
+        def generate(prompts: list[str], seed: int) -> list:
+            sampler.seeds = SeedStream(seed)
+            started = time.perf_counter()
+            results = sampler.generate(prompts, args.max_new_tokens, ignore_eos=args.ignore_eos, chat_template=chat)
+            seconds = (time.perf_counter() - started) / len(prompts)
+            return [Generation(r.text or "", r.num_tokens, seconds) for r in results]
+
+        return generate
+
+    summary = run_evaluation(task, {name: method_fn(name) for name in methods}, args.out, limit=args.limit,
+                             seeds=seeds, progress=True)
+    print(summary)
+    return 0
+
+
+def _run_profile(args) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    model, tokenizer = _load(args)
+    sampler = build_sampler("power", model, tokenizer, args, args.seed)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        sampler.generate([args.prompt], args.max_new_tokens, ignore_eos=args.ignore_eos,
+                         chat_template=not args.no_chat_template)
+    prof.export_chrome_trace(args.trace)
+    print(f"trace written to {args.trace}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        print(f"powerfast {args.command}: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
