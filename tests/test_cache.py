@@ -1,0 +1,301 @@
+"""Block allocator and paged KV store: refcounts, copy-on-write fork, accounting, sizing.
+
+The randomized state machine keeps a dense reference of every live sequence's content
+(one marker value per position, written into its slot) and checks after every step that
+reading the sequence's slots gives exactly that content, that no block leaks and that
+refcounts equal the number of tables holding each block.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
+
+from powerfast.cache import BlockAllocator, CacheConfig, OutOfBlocksError, PagedKVCache
+
+
+def make_cache(num_blocks=32, block_size=4, num_layers=2, kv_heads=1, head_dim=2) -> PagedKVCache:
+    return PagedKVCache(
+        CacheConfig(num_layers=num_layers, num_kv_heads=kv_heads, head_dim=head_dim, block_size=block_size, num_blocks=num_blocks)
+    )
+
+
+def write_markers(cache: PagedKVCache, slots: list[int], markers: list[float]) -> None:
+    """Store marker m at slot s in every layer (keys m, values -m)."""
+    flat = torch.tensor(slots)
+    values = torch.tensor(markers, dtype=cache.config.dtype)[:, None, None]
+    for key_cache, value_cache in zip(cache.key_caches, cache.value_caches):
+        key_cache.view(-1, *key_cache.shape[2:])[flat] = values
+        value_cache.view(-1, *value_cache.shape[2:])[flat] = -values
+
+
+def read_markers(cache: PagedKVCache, seq) -> list[list[float]]:
+    """Per layer, the markers stored at the sequence's positions (checks keys == -values)."""
+    bs = cache.block_size
+    slots = torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in range(seq.length)], dtype=torch.long)
+    out = []
+    for key_cache, value_cache in zip(cache.key_caches, cache.value_caches):
+        keys = key_cache.view(-1, *key_cache.shape[2:])[slots]
+        values = value_cache.view(-1, *value_cache.shape[2:])[slots]
+        assert torch.equal(keys, -values)
+        assert torch.equal(keys, keys[:, :1, :1].expand_as(keys))
+        out.append(keys[:, 0, 0].tolist())
+    return out
+
+
+# ------------------------------------------------------------------ allocator
+
+
+def test_allocator_refcounts_and_free_list():
+    allocator = BlockAllocator(4)
+    blocks = allocator.allocate(3)
+    assert len(set(blocks)) == 3 and allocator.num_in_use == 3 and allocator.num_free == 1
+    allocator.share(blocks[:2], times=2)
+    assert [allocator.refcounts[b] for b in blocks] == [3, 3, 1]
+    allocator.release(blocks)
+    assert allocator.num_in_use == 2  # blocks[2] went back
+    allocator.release(blocks[:2])
+    allocator.release(blocks[:2])
+    assert allocator.num_in_use == 0 and allocator.num_free == 4
+    with pytest.raises(RuntimeError, match="double free"):
+        allocator.release(blocks[:1])
+    with pytest.raises(RuntimeError, match="is free"):
+        allocator.share(blocks[:1])
+
+
+def test_allocator_out_of_blocks_says_needed_and_available():
+    allocator = BlockAllocator(5)
+    allocator.allocate(3)
+    with pytest.raises(OutOfBlocksError, match=r"3 blocks needed, 2 free of 5") as info:
+        allocator.allocate(3)
+    assert (info.value.needed, info.value.available) == (3, 2)
+    assert allocator.num_free == 2  # nothing taken
+
+
+# ------------------------------------------------------------------ store
+
+
+def test_append_slots_follow_the_block_table():
+    cache = make_cache(num_blocks=8, block_size=4)
+    seq = cache.new_sequence()
+    slots = cache.append_slots([seq], [6])
+    assert seq.length == 6 and len(seq.block_table) == 2
+    table = seq.block_table
+    assert slots == [table[0] * 4 + i for i in range(4)] + [table[1] * 4 + i for i in range(2)]
+    assert cache.append_slots([seq], [3]) == [table[1] * 4 + 2, table[1] * 4 + 3, seq.block_table[2] * 4]
+    assert cache.blocks_in_use == 3
+
+
+def test_fork_shares_blocks_and_copies_the_partial_block_on_first_write():
+    cache = make_cache(num_blocks=16, block_size=4)
+    parent = cache.new_sequence()
+    write_markers(cache, cache.append_slots([parent], [10]), [float(i) for i in range(10)])
+    assert cache.blocks_in_use == 3
+    children = cache.fork(parent, 3)
+    assert cache.blocks_in_use == 3  # fork allocates nothing
+    assert all(child.block_table == parent.block_table for child in children)
+    assert all(cache.allocator.refcounts[b] == 4 for b in parent.block_table)
+
+    # each child appends a different marker: its partial block is copied first
+    for k, child in enumerate(children):
+        write_markers(cache, cache.append_slots([child], [1]), [100.0 + k])
+    assert cache.blocks_in_use == 3 + 3
+    for k, child in enumerate(children):
+        assert child.block_table[:2] == parent.block_table[:2]
+        assert child.block_table[2] != parent.block_table[2]
+        assert read_markers(cache, child) == [list(map(float, range(10))) + [100.0 + k]] * 2
+    assert read_markers(cache, parent) == [list(map(float, range(10)))] * 2
+
+    # the parent, last holder of its partial block, writes in place
+    write_markers(cache, cache.append_slots([parent], [1]), [50.0])
+    assert cache.blocks_in_use == 6
+    cache.free([parent])
+    assert cache.blocks_in_use == 5  # the shared full blocks stay
+    cache.free(children)
+    assert cache.blocks_in_use == 0
+
+
+def test_fork_at_a_block_boundary_copies_nothing_and_prefix_fork_truncates():
+    cache = make_cache(num_blocks=16, block_size=4)
+    parent = cache.new_sequence()
+    write_markers(cache, cache.append_slots([parent], [8]), [float(i) for i in range(8)])
+    (child,) = cache.fork(parent, 1)
+    cache.append_slots([child], [1])
+    assert cache.blocks_in_use == 3  # one new block, no copy
+    (prefix,) = cache.fork(parent, 1, length=6)
+    assert prefix.length == 6 and prefix.block_table == parent.block_table[:2]
+    write_markers(cache, cache.append_slots([prefix], [1]), [-7.0])  # copy-on-write of block 1
+    assert read_markers(cache, prefix) == [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, -7.0]] * 2
+    assert read_markers(cache, parent) == [list(map(float, range(8)))] * 2
+    with pytest.raises(ValueError, match="fork length"):
+        cache.fork(parent, 1, length=9)
+    cache.free([child, prefix, parent])
+    assert cache.blocks_in_use == 0
+
+
+def test_siblings_sharing_a_partial_block_copy_only_while_shared():
+    cache = make_cache(num_blocks=8, block_size=4)
+    parent = cache.new_sequence()
+    cache.append_slots([parent], [2])
+    a, b = cache.fork(parent, 2)
+    cache.free([parent])  # refcount 2: a and b
+    cache.append_slots([a, b], [1, 1])  # a copies, then b is the last holder and writes in place
+    assert cache.blocks_in_use == 2
+    assert a.block_table != b.block_table
+
+
+def test_out_of_blocks_changes_nothing():
+    cache = make_cache(num_blocks=4, block_size=4)
+    seq = cache.new_sequence()
+    cache.append_slots([seq], [6])
+    children = cache.fork(seq, 3)
+    before = (cache.blocks_in_use, [list(c.block_table) for c in children], [c.length for c in children])
+    # each child needs a copy of its partial block: 3 needed, 2 free
+    with pytest.raises(OutOfBlocksError, match="3 blocks needed, 2 free of 4"):
+        cache.append_slots(children, [1, 1, 1])
+    assert before == (cache.blocks_in_use, [list(c.block_table) for c in children], [c.length for c in children])
+    cache.free(children + [seq])
+    assert cache.blocks_in_use == 0
+
+
+def test_freed_sequences_are_refused():
+    cache = make_cache()
+    seq = cache.new_sequence()
+    cache.append_slots([seq], [3])
+    cache.free([seq])
+    with pytest.raises(ValueError, match="was freed"):
+        cache.free([seq])
+    with pytest.raises(ValueError, match="was freed"):
+        cache.fork(seq, 2)
+    with pytest.raises(ValueError, match="was freed"):
+        cache.append_slots([seq], [1])
+    other = cache.new_sequence()
+    with pytest.raises(ValueError, match="twice"):
+        cache.free([other, other])
+
+
+def test_sizing_from_a_budget_and_accounting():
+    config = CacheConfig(num_layers=3, num_kv_heads=2, head_dim=8, block_size=16, max_memory=100_000)
+    assert config.bytes_per_block == 2 * 3 * 16 * 2 * 8 * 4
+    cache = PagedKVCache(config)
+    assert cache.num_blocks == 100_000 // config.bytes_per_block
+    assert cache.key_caches[0].shape == (cache.num_blocks, 16, 2, 8)
+    assert len(cache.key_caches) == len(cache.value_caches) == 3
+    assert cache.bytes_total == cache.num_blocks * config.bytes_per_block
+    seq = cache.new_sequence()
+    cache.append_slots([seq], [17])
+    assert cache.bytes_in_use == 2 * config.bytes_per_block
+    bf16 = CacheConfig(num_layers=3, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16, num_blocks=4)
+    assert bf16.bytes_per_block == config.bytes_per_block // 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_blocks=4, max_memory=10**6), "at most one"),
+        (dict(num_blocks=0), "num_blocks"),
+        (dict(max_memory=10), "max_memory"),
+        (dict(gpu_memory_fraction=0.5), "CUDA"),
+        (dict(block_size=0), "block_size"),
+        (dict(dtype=torch.int32), "dtype"),
+    ],
+)
+def test_config_errors_name_the_offending_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CacheConfig(num_layers=2, num_kv_heads=1, head_dim=4, **kwargs)
+
+
+# ------------------------------------------------------------------ randomized
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Random prefill / fork / append / free against a dense per-sequence reference."""
+
+    seqs = Bundle("seqs")
+
+    def __init__(self):
+        super().__init__()
+        self.cache = make_cache(num_blocks=24, block_size=4, num_layers=2)
+        self.content: dict[int, list[float]] = {}  # seq_id -> markers
+        self.live: dict[int, object] = {}
+        self.next_marker = 1.0
+
+    def _markers(self, n: int) -> list[float]:
+        markers = [self.next_marker + i for i in range(n)]
+        self.next_marker += n
+        return markers
+
+    @rule(target=seqs, length=st.integers(1, 14))
+    def prefill(self, length):
+        seq = self.cache.new_sequence()
+        self.live[seq.seq_id] = seq
+        try:
+            slots = self.cache.append_slots([seq], [length])
+        except OutOfBlocksError:
+            return seq  # still a valid, empty sequence
+        markers = self._markers(length)
+        write_markers(self.cache, slots, markers)
+        self.content[seq.seq_id] = markers
+        return seq
+
+    @rule(target=seqs, parent=seqs, n=st.integers(1, 3), cut=st.floats(0.0, 1.0))
+    def fork(self, parent, n, cut):
+        if parent.freed:
+            return parent
+        length = int(round(parent.length * cut))
+        children = self.cache.fork(parent, n, length=length)
+        for child in children:
+            self.content[child.seq_id] = self.content.get(parent.seq_id, [])[:length]
+            self.live[child.seq_id] = child
+        return children[0]
+
+    @rule(data=st.data())
+    def append(self, data):
+        live = list(self.live.values())
+        if not live:
+            return
+        chosen = data.draw(st.lists(st.sampled_from(live), min_size=1, max_size=4, unique_by=lambda s: s.seq_id))
+        counts = data.draw(st.lists(st.integers(1, 6), min_size=len(chosen), max_size=len(chosen)))
+        in_use = self.cache.blocks_in_use
+        try:
+            slots = self.cache.append_slots(chosen, counts)
+        except OutOfBlocksError:
+            assert self.cache.blocks_in_use == in_use
+            return
+        markers = self._markers(sum(counts))
+        write_markers(self.cache, slots, markers)
+        start = 0
+        for seq, count in zip(chosen, counts):
+            self.content[seq.seq_id] = self.content.get(seq.seq_id, []) + markers[start : start + count]
+            start += count
+
+    @rule(seq=consumes(seqs))
+    def free(self, seq):
+        if seq.freed:
+            return
+        self.cache.free([seq])
+        del self.live[seq.seq_id]
+        self.content.pop(seq.seq_id, None)
+
+    @invariant()
+    def contents_match_and_refcounts_balance(self):
+        holders = [0] * self.cache.num_blocks
+        for seq in self.live.values():
+            assert len(seq.block_table) == -(-seq.length // self.cache.block_size)
+            for block in seq.block_table:
+                holders[block] += 1
+            expected = self.content.get(seq.seq_id, [])
+            assert read_markers(self.cache, seq) == [expected] * 2
+        assert holders == self.cache.allocator.refcounts
+        assert self.cache.blocks_in_use == sum(1 for h in holders if h)
+
+    def teardown(self):
+        self.cache.free(list(self.live.values()))
+        assert self.cache.blocks_in_use == 0
+
+
+TestCacheMachine = CacheMachine.TestCase
+TestCacheMachine.settings = settings(max_examples=40, stateful_step_count=20, deadline=None)

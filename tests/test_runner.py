@@ -1,0 +1,317 @@
+"""ModelRunner against the model's own dense forward.
+
+Reference: ``model(input_ids)`` on the whole sequence with the model's default attention
+(sdpa), float32, after ``runner.restore_attention()``; row j of its logits is what the
+runner must give after the sequence's token j. Tolerance: 1e-4 absolute + 1e-4 relative
+on logits of order 1 (observed differences are ~1e-6; a wrong key, position or mask
+moves logits by > 1e-2).
+
+Tiny random models (hidden 48-96, 2 layers, vocab 256-512) with grouped-query attention
+and an odd number of KV heads: Llama, Qwen2 (q/k/v biases), Qwen3 (q/k norms), Mistral.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from powerfast.cache import OutOfBlocksError
+from powerfast.runner import ModelRunner
+
+ATOL = RTOL = 1e-4
+VOCAB = 384
+
+
+def tiny_model(family: str, seed: int = 0, vocab: int = VOCAB):
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,  # GQA, odd number of KV heads
+        max_position_embeddings=2048,
+    )
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, head_dim=16))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1e6, tie_word_embeddings=True))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
+    else:
+        raise ValueError(family)
+    return model.eval()
+
+
+def dense_logits(runner: ModelRunner, tokens: list[int]) -> torch.Tensor:
+    """(len(tokens), V) logits of the model's own dense forward."""
+    runner.restore_attention()
+    with torch.no_grad():
+        return runner.model(input_ids=torch.tensor([tokens])).logits[0].float()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual.float(), expected, atol=ATOL, rtol=RTOL)
+
+
+def random_tokens(rng: random.Random, n: int, vocab: int = VOCAB) -> list[int]:
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def runner(request):
+    return ModelRunner(tiny_model(request.param, seed=random.randrange(2**31)), block_size=16, num_blocks=256)
+
+
+# ------------------------------------------------------------------ prefill / decode / extend
+
+
+def test_prefill_of_ragged_prompts_matches_dense(runner):
+    rng = random.Random()
+    prompts = [random_tokens(rng, n) for n in (1, 7, 16, 33, 50)]
+    seqs, logits = runner.prefill(prompts)
+    assert logits.shape == (len(prompts), VOCAB)
+    assert [seq.length for seq in seqs] == [len(p) for p in prompts]
+    for prompt, row in zip(prompts, logits):
+        assert_close(row, dense_logits(runner, prompt)[-1])
+    runner.free(seqs)
+    assert runner.cache.blocks_in_use == 0
+
+
+def test_fifty_decode_steps_match_dense(runner):
+    rng = random.Random()
+    prompts = [random_tokens(rng, n) for n in (3, 16, 21)]
+    seqs, logits = runner.prefill(prompts)
+    steps = [logits]
+    tokens = [list(p) for p in prompts]
+    for _ in range(50):
+        next_tokens = random_tokens(rng, len(seqs))
+        for seq_tokens, token in zip(tokens, next_tokens):
+            seq_tokens.append(token)
+        steps.append(runner.decode(seqs, next_tokens))
+    for i, (prompt, seq_tokens) in enumerate(zip(prompts, tokens)):
+        reference = dense_logits(runner, seq_tokens)[len(prompt) - 1 :]
+        assert_close(torch.stack([step[i] for step in steps]), reference)
+    runner.free(seqs)
+    assert runner.cache.blocks_in_use == 0
+
+
+def test_decode_takes_device_tensors_of_tokens(runner):
+    rng = random.Random()
+    prompt = random_tokens(rng, 9)
+    seqs, logits = runner.prefill([prompt, prompt])
+    next_tokens = logits.argmax(dim=-1)  # stays a tensor
+    logits = runner.decode(seqs, next_tokens)
+    for token, row in zip(next_tokens.tolist(), logits):
+        assert_close(row, dense_logits(runner, prompt + [token])[-1])
+
+
+def test_extend_scores_every_new_position(runner):
+    rng = random.Random()
+    prompts = [random_tokens(rng, n) for n in (5, 18)]
+    seqs, _ = runner.prefill(prompts)
+    blocks = [random_tokens(rng, n) for n in (12, 3)]
+    per_position = runner.extend(seqs, blocks)
+    assert [p.shape for p in per_position] == [(12, VOCAB), (3, VOCAB)]
+    for prompt, block, logits in zip(prompts, blocks, per_position):
+        assert_close(logits, dense_logits(runner, prompt + block)[len(prompt) :])
+    # a decode after an extend continues from the extended length
+    next_tokens = random_tokens(rng, 2)
+    logits = runner.decode(seqs, next_tokens)
+    for i, (prompt, block) in enumerate(zip(prompts, blocks)):
+        assert_close(logits[i], dense_logits(runner, prompt + block + [next_tokens[i]])[-1])
+
+
+# ------------------------------------------------------------------ fork
+
+
+@pytest.mark.parametrize("prefix_length", [32, 37], ids=["block-boundary", "mid-block"])
+def test_forked_children_diverge_and_survive_their_parent(runner, prefix_length):
+    rng = random.Random()
+    prefix = random_tokens(rng, prefix_length)
+    (parent,), _ = runner.prefill([prefix])
+    children = runner.fork(parent, 4)
+    parent_blocks = runner.cache.blocks_in_use
+    assert parent_blocks == -(-prefix_length // 16)  # the fork itself allocates nothing
+
+    tokens = [list(prefix) for _ in children]
+    steps = []
+    for step in range(20):  # crosses a block boundary either way
+        next_tokens = random_tokens(rng, len(children))
+        for seq_tokens, token in zip(tokens, next_tokens):
+            seq_tokens.append(token)
+        steps.append(runner.decode(children, next_tokens))
+        if step == 2:
+            runner.free(parent)  # children keep the shared blocks alive
+    assert len({tuple(t) for t in tokens}) == len(children)
+    for i, seq_tokens in enumerate(tokens):
+        reference = dense_logits(runner, seq_tokens)[prefix_length:]
+        assert_close(torch.stack([step[i] for step in steps]), reference)
+    runner.free(children)
+    assert runner.cache.blocks_in_use == 0
+
+
+def test_parent_keeps_decoding_after_fork_and_prefix_fork(runner):
+    rng = random.Random()
+    prefix = random_tokens(rng, 21)
+    (parent,), _ = runner.prefill([prefix])
+    (child,) = runner.fork(parent, 1)
+    (resample,) = runner.fork(parent, 1, length=13)  # MCMC-style: restart from position 13
+    parent_token, child_token, resample_tokens = random_tokens(rng, 1), random_tokens(rng, 1), random_tokens(rng, 4)
+    parent_logits = runner.decode([parent], parent_token)
+    child_logits = runner.decode([child], child_token)
+    resample_logits = runner.extend([resample], [resample_tokens])[0]
+    assert_close(parent_logits[0], dense_logits(runner, prefix + parent_token)[-1])
+    assert_close(child_logits[0], dense_logits(runner, prefix + child_token)[-1])
+    assert_close(resample_logits, dense_logits(runner, prefix[:13] + resample_tokens)[13:])
+    runner.free([parent, child, resample])
+    assert runner.cache.blocks_in_use == 0
+
+
+def test_fork_of_a_long_prefix_into_64_shares_its_blocks():
+    model = tiny_model("llama")
+    runner = ModelRunner(model, block_size=16, num_blocks=63 + 64 + 8)
+    rng = random.Random()
+    prefix = random_tokens(rng, 1000)
+    (parent,), _ = runner.prefill([prefix])
+    assert runner.cache.blocks_in_use == 63
+    children = runner.fork(parent, 64)
+    next_tokens = random_tokens(rng, 64)
+    logits = runner.decode(children, next_tokens)
+    new_blocks = runner.cache.blocks_in_use - 63
+    assert new_blocks <= 64, f"{new_blocks} new blocks for 64 children (copying would take {64 * 63})"
+    for i in (0, 63):
+        assert_close(logits[i], dense_logits(runner, prefix + [next_tokens[i]])[-1])
+    runner.free([parent, *children])
+    assert runner.cache.blocks_in_use == 0
+
+
+# ------------------------------------------------------------------ families, errors
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_other_families_match_dense(family):
+    runner = ModelRunner(tiny_model(family, seed=random.randrange(2**31)), num_blocks=64)
+    rng = random.Random()
+    prompts = [random_tokens(rng, n) for n in (4, 19)]
+    seqs, logits = runner.prefill(prompts)
+    next_tokens = random_tokens(rng, 2)
+    decoded = runner.decode(seqs, next_tokens)
+    for i, prompt in enumerate(prompts):
+        reference = dense_logits(runner, prompt + [next_tokens[i]])
+        assert_close(logits[i], reference[-2])
+        assert_close(decoded[i], reference[-1])
+
+
+def test_sliding_window_beyond_its_width_is_refused():
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, sliding_window=8,
+    )
+    runner = ModelRunner(MistralForCausalLM(config).eval(), num_blocks=8)
+    runner.prefill([[1, 2, 3]])  # within the window: plain causal attention
+    with pytest.raises(NotImplementedError, match="sliding window of 8"):
+        runner.prefill([list(range(12))])
+
+
+def test_out_of_blocks_is_a_clear_error_and_changes_nothing():
+    runner = ModelRunner(tiny_model("llama"), block_size=16, num_blocks=4)
+    rng = random.Random()
+    (seq,), _ = runner.prefill([random_tokens(rng, 40)])
+    with pytest.raises(OutOfBlocksError, match="2 blocks needed, 1 free of 4"):
+        runner.extend([seq], [random_tokens(rng, 30)])
+    assert runner.cache.blocks_in_use == 3 and seq.length == 40
+
+
+def test_bad_inputs_are_refused(runner):
+    (seq,), _ = runner.prefill([[1, 2, 3]])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        runner.decode([seq], [VOCAB])
+    with pytest.raises(ValueError, match="twice"):
+        runner.decode([seq, seq], [1, 2])
+    with pytest.raises(ValueError, match="2 next tokens for 1"):
+        runner.decode([seq], [1, 2])
+    with pytest.raises(ValueError, match="empty"):
+        runner.extend([seq], [[]])
+    runner.free(seq)
+    with pytest.raises(ValueError, match="was freed"):
+        runner.decode([seq], [1])
+    with pytest.raises(ValueError, match="backend"):
+        ModelRunner(runner.model, backend="cuda-magic")
+
+
+def test_model_outside_the_runner_needs_restore():
+    model = tiny_model("llama")
+    runner = ModelRunner(model, num_blocks=8)
+    with pytest.raises(RuntimeError, match="restore_attention"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    runner.restore_attention()
+    assert model.config._attn_implementation == "sdpa"
+    runner.prefill([[1, 2, 3]])  # switches back by itself
+    assert model.config._attn_implementation == "powerfast_paged"
+
+
+# ------------------------------------------------------------------ randomized against dense
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_fork_extend_free_never_leaks_and_matches_dense(seed):
+    rng = random.Random(seed)
+    runner = ModelRunner(tiny_model("qwen2", seed=seed), block_size=8, num_blocks=40)
+    live: dict[int, tuple[object, list[int]]] = {}
+    for step in range(30):
+        action = rng.choice(["prefill", "fork", "extend", "extend", "decode", "free"])
+        try:
+            if action == "prefill" or not live:
+                prompts = [random_tokens(rng, rng.randint(1, 20)) for _ in range(rng.randint(1, 2))]
+                seqs, logits = runner.prefill(prompts)
+                for seq, prompt, row in zip(seqs, prompts, logits):
+                    assert_close(row, dense_logits(runner, prompt)[-1])
+                    live[seq.seq_id] = (seq, prompt)
+            elif action == "fork":
+                seq, tokens = live[rng.choice(list(live))]
+                length = rng.randint(0, seq.length)
+                for child in runner.fork(seq, rng.randint(1, 3), length=length):
+                    live[child.seq_id] = (child, tokens[:length])
+            elif action in ("extend", "decode"):
+                chosen = rng.sample(list(live), k=rng.randint(1, min(3, len(live))))
+                chosen = [c for c in chosen if live[c][0].length > 0] or chosen
+                counts = [1 if action == "decode" else rng.randint(1, 9) for _ in chosen]
+                new = [random_tokens(rng, n) for n in counts]
+                per_position = runner.extend([live[c][0] for c in chosen], new)
+                for c, block, logits in zip(chosen, new, per_position):
+                    seq, tokens = live[c]
+                    tokens = tokens + block
+                    live[c] = (seq, tokens)
+                    if len(tokens) > len(block):  # a forked empty sequence has no logits to check before
+                        assert_close(logits, dense_logits(runner, tokens)[len(tokens) - len(block) :])
+            else:
+                victim = rng.choice(list(live))
+                runner.free(live.pop(victim)[0])
+        except OutOfBlocksError:
+            in_use = runner.cache.blocks_in_use
+            assert in_use > 0
+        holders = [0] * runner.cache.num_blocks
+        for seq, tokens in live.values():
+            assert seq.length == len(tokens)
+            for block in seq.block_table:
+                holders[block] += 1
+        assert holders == runner.cache.allocator.refcounts
+    runner.free([seq for seq, _ in live.values()])
+    assert runner.cache.blocks_in_use == 0
