@@ -302,7 +302,8 @@ def finish_stats(stats: GenerationStats, started: float) -> GenerationStats:
 class RunnerSampler:
     """What every sampler holds: a runner around the model, a tokenizer, a seed stream.
 
-    model:         a Hugging Face causal LM, or a :class:`powerfast.runner.ModelRunner`
+    model:         a Hugging Face causal LM, a :class:`powerfast.runner.ModelRunner`, or
+                   a :class:`powerfast.lm_runner.LMRunner` (any LanguageModel, e.g. the toy)
     tokenizer:     optional; needed for string prompts and for ``text`` in the results
     seed:          makes ``generate`` reproducible (None: fresh randomness)
     runner_kwargs: passed to the ModelRunner built around ``model``
@@ -311,30 +312,35 @@ class RunnerSampler:
     method = "base"
 
     def __init__(self, model, tokenizer=None, seed: int | None = None, **runner_kwargs) -> None:
+        from powerfast.lm_runner import LMRunner
         from powerfast.runner import ModelRunner
 
-        if isinstance(model, ModelRunner):
+        if isinstance(model, (ModelRunner, LMRunner)):
             if runner_kwargs:
-                raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready ModelRunner")
+                raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready runner")
             self.runner = model
         else:
             self.runner = ModelRunner(model, **runner_kwargs)
         self.tokenizer = tokenizer
         self.seeds = SeedStream(seed)
-        model_config = self.runner.model.config
-        self.vocab_size = int(model_config.vocab_size)
-        self.context_length = getattr(model_config, "max_position_embeddings", None)
+        if isinstance(self.runner, LMRunner):
+            self.vocab_size = self.runner.vocab_size
+            self.context_length = self.runner.context_length
+            self._eos = self.runner.eos_token_id
+        else:
+            model = self.runner.model
+            self.vocab_size = int(self.runner.vocab_size)
+            self.context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            if eos is None:
+                eos = getattr(model.config, "eos_token_id", None)
+            if isinstance(eos, (list, tuple)):
+                eos = eos[0] if eos else None
+            self._eos = None if eos is None else int(eos)
 
     def eos_token_id(self, ignore_eos: bool) -> int | None:
         """The id that ends a completion (the model's first EOS id), or None with ignore_eos."""
-        if ignore_eos:
-            return None
-        eos = getattr(getattr(self.runner.model, "generation_config", None), "eos_token_id", None)
-        if eos is None:
-            eos = getattr(self.runner.model.config, "eos_token_id", None)
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0] if eos else None
-        return None if eos is None else int(eos)
+        return None if ignore_eos else self._eos
 
     def encode(self, prompts, max_new_tokens: int, chat_template: bool = True) -> list[list[int]]:
         check_max_new_tokens(max_new_tokens)

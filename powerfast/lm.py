@@ -34,9 +34,10 @@ class LanguageModel(Protocol):
 class TableLM:
     """A language model given by a function ``prefix tuple -> {token: probability}``.
 
-    next_token:   called with the token-id tuple generated so far (after the prompt
-                  tokens it was given); returns a mapping of token id to probability.
-                  Missing tokens have probability 0; the values must sum to 1.
+    next_token:   called with the whole token-id tuple so far (prompt included); returns
+                  a mapping of token id to probability. Missing tokens have probability
+                  0; the values must sum to 1. It must be deterministic: its tables are
+                  memoised per prefix.
     vocab_size:   number of token ids, all in [0, vocab_size)
     eos_token_id: the end-of-sequence id, or None
     token_names:  optional names for printing, indexed by token id
@@ -59,6 +60,9 @@ class TableLM:
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
         self.token_names = list(token_names) if token_names is not None else None
+        self._row_of_prefix: dict[tuple[int, ...], int] = {}
+        self._rows: list[torch.Tensor] = []
+        self._log_table = torch.zeros(0, vocab_size, dtype=torch.float64)
 
     def name(self, token_id: int) -> str:
         return self.token_names[token_id] if self.token_names else str(token_id)
@@ -80,9 +84,17 @@ class TableLM:
 
     def next_token_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """(N, V) float64 log-probabilities of the next token after each sequence."""
-        if len(sequences) == 0:
-            return torch.zeros(0, self.vocab_size, dtype=torch.float64)
-        return torch.stack([self.next_token_probs(seq) for seq in sequences]).log()
+        index = []
+        for seq in sequences:
+            key = tuple(int(t) for t in seq)
+            row = self._row_of_prefix.get(key)
+            if row is None:
+                row = self._row_of_prefix[key] = len(self._rows)
+                self._rows.append(self.next_token_probs(key).log())
+            index.append(row)
+        if len(self._rows) > self._log_table.shape[0]:
+            self._log_table = torch.stack(self._rows)
+        return self._log_table[torch.tensor(index, dtype=torch.long)]
 
 
 class HFLanguageModel:

@@ -134,22 +134,30 @@ class PowerSampler(RunnerSampler):
         otherwise a list of K token-id lists; probs (K,) float64 on the CPU (jackknife or
         plain, as configured).
         """
-        [ids] = self.encode([list(prompt_ids)], max_new_tokens, chat_template=False)
-        eos = self.eos_token_id(ignore_eos)
-        live: list = []
-        try:
-            seqs, logits = self.runner.prefill([ids])
-            live.extend(seqs)
-            _check_logits_finite(logits, "prefill")
-            stats = [GenerationStats(self.method)]
-            decisions = self._decide([0], {0: (seqs[0], logits[0])}, max_new_tokens, eos, stats, live, select=False)
-            record = decisions[0][1]
-        finally:
-            self.runner.free(live)
+        [record] = self.decisions([list(prompt_ids)], max_new_tokens, ignore_eos=ignore_eos)
         probs = torch.tensor(record.probs, dtype=torch.float64)
         if self.config.token_level:
             return torch.tensor([c[0] for c in record.candidates], dtype=torch.long), probs
         return record.candidates, probs
+
+    def decisions(self, prompts, max_new_tokens: int, *, ignore_eos: bool = False,
+                  chat_template: bool = True) -> list[BlockRecord]:
+        """The first decision for each prompt, estimated independently (own candidates and
+        rollouts) and not taken: candidates with their log-probs, p_hat, the configured
+        probabilities and log zeta. Prompts may repeat: each copy is a fresh estimate."""
+        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
+        eos = self.eos_token_id(ignore_eos)
+        live: list = []
+        try:
+            seqs, logits = self.runner.prefill(prompt_ids)
+            live.extend(seqs)
+            _check_logits_finite(logits, "prefill")
+            stats = [GenerationStats(self.method) for _ in prompt_ids]
+            heads = {i: (seqs[i], logits[i]) for i in range(len(prompt_ids))}
+            decided = self._decide(list(heads), heads, max_new_tokens, eos, stats, live, select=False)
+        finally:
+            self.runner.free(live)
+        return [decided[i][1] for i in range(len(prompt_ids))]
 
     # --------------------------------------------------------------- one decision
 

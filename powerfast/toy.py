@@ -28,17 +28,22 @@ from powerfast.estimators import power_estimates
 from powerfast.lm import TableLM
 
 __all__ = [
-    "PLAN", "GUESS", "CALC", "A4", "A5", "EOS", "TOKEN_NAMES",
+    "PLAN", "GUESS", "CALC", "A4", "A5", "EOS", "BOS", "TOKEN_NAMES", "TOY_PROMPT",
     "DecisionCase", "toy_model", "toy_case", "synthetic_cases",
     "simulate", "bias_table", "main",
 ]
 
-PLAN, GUESS, CALC, A4, A5, EOS = range(6)
-TOKEN_NAMES = ("PLAN", "GUESS", "CALC", "A4", "A5", "EOS")
+PLAN, GUESS, CALC, A4, A5, EOS, BOS = range(7)
+TOKEN_NAMES = ("PLAN", "GUESS", "CALC", "A4", "A5", "EOS", "BOS")
 TOY_LENGTH = 4
+"""Longest toy sequence (PLAN CALC A4 EOS)."""
+TOY_PROMPT = (BOS,)
+"""The prompt to give samplers (which refuse empty prompts); the table ignores a leading BOS."""
 
 
 def _toy_next_token(prefix: tuple[int, ...]) -> dict[int, float]:
+    if prefix[:1] == (BOS,):
+        prefix = prefix[1:]
     if prefix == ():
         return {PLAN: 0.4, GUESS: 0.6}
     if prefix == (PLAN,):
@@ -51,7 +56,7 @@ def _toy_next_token(prefix: tuple[int, ...]) -> dict[int, float]:
 
 
 def toy_model() -> TableLM:
-    """The PLAN/GUESS model as a :class:`~powerfast.TableLM` (empty prompt)."""
+    """The PLAN/GUESS model as a :class:`~powerfast.TableLM` (prompt: empty or ``TOY_PROMPT``)."""
     return TableLM(_toy_next_token, vocab_size=len(TOKEN_NAMES), eos_token_id=EOS, token_names=TOKEN_NAMES)
 
 
