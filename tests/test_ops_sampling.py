@@ -1,0 +1,232 @@
+"""ops.sample_tokens / score_tokens / token_logprobs against float64 torch references.
+
+On a CPU-only machine the "cpu" cases run the Triton kernel under TRITON_INTERPRET=1 (set
+by conftest); the "cuda" twins run it on a GPU. Tolerances on log-probs (absolute, vs the
+float64 log-softmax of the same input values): fp32 / fp16 / bf16 inputs 2e-5 + 2e-6 * |lp|
+(the kernel upcasts to fp32 right after loading, so the input dtype does not matter).
+
+Sizes: the interpreter runs one program per row sequentially, so N = 64 is tested at
+V <= 5003, and the large vocabularies (32000, 151936) with N in {1, 3}.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from scipy import stats
+
+from powerfast import ops
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (N, V): 5003 is not a multiple of the 4096-wide chunk
+SHAPES = [(1, 1), (3, 7), (64, 1000), (64, 5003), (3, 32000), (1, 151936), (3, 151936)]
+SIGNIFICANCE = 1e-3
+
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty / empty_like return NaN (floats), -777 (ints), True (bools): an output
+    the kernel does not write shows up."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(tensor):
+        if tensor.is_floating_point():
+            tensor.fill_(math.nan)
+        elif tensor.dtype == torch.bool:
+            tensor.fill_(True)
+        else:
+            tensor.fill_(-777)
+        return tensor
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+def _logits(num_rows, vocab, dtype, device, scale=3.0):
+    return (torch.randn(num_rows, vocab, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def _ref_logprobs(logits, tokens, temperature=1.0):
+    lp = torch.log_softmax(logits.double().cpu() / temperature, dim=-1)
+    return lp.gather(1, tokens.cpu().long()[:, None]).squeeze(1)
+
+
+def _assert_close(actual, expected):
+    actual = actual.double().cpu()
+    tol = 2e-5 + 2e-6 * expected.abs()
+    bad = ~((actual - expected).abs() <= tol)
+    assert not bad.any(), f"max error {(actual - expected).abs().max().item()} at {bad.nonzero()[:5].tolist()}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-V{s[1]}")
+def test_sample_logprobs_match_reference(device, dtype, shape, poisoned_empty):
+    num_rows, vocab = shape
+    logits = _logits(num_rows, vocab, dtype, device)
+    logliks = torch.randn(num_rows, device=device, dtype=torch.float32) * 10
+    start = logliks.clone()
+    out = ops.sample_tokens(logits, 0.7, seed=int(torch.randint(0, 2**62, ())), logliks=logliks)
+    assert out.tokens.dtype == torch.int64 and out.tokens.shape == (num_rows,)
+    assert ((out.tokens >= 0) & (out.tokens < vocab)).all()
+    _assert_close(out.base_logprobs, _ref_logprobs(logits, out.tokens))
+    _assert_close(out.tempered_logprobs, _ref_logprobs(logits, out.tokens, 0.7))
+    _assert_close(logliks - start, _ref_logprobs(logits, out.tokens))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 7), (64, 1000), (3, 5003), (3, 151936)], ids=lambda s: f"N{s[0]}-V{s[1]}")
+def test_token_logprobs_and_score_match_reference(device, dtype, shape, poisoned_empty):
+    num_rows, vocab = shape
+    logits = _logits(num_rows, vocab, dtype, device)
+    tokens = torch.randint(0, vocab, (num_rows,), device=device)
+    tokens[0] = vocab - 1  # the last entry of the vocabulary
+    got = ops.token_logprobs(logits, tokens)
+    assert got.dtype == torch.float32 and got.shape == (num_rows,)
+    _assert_close(got, _ref_logprobs(logits, tokens))
+    scored = ops.score_tokens(logits, tokens.int(), 1.7)
+    assert torch.equal(scored.tokens.cpu(), tokens.cpu())
+    _assert_close(scored.base_logprobs, _ref_logprobs(logits, tokens))
+    _assert_close(scored.tempered_logprobs, _ref_logprobs(logits, tokens, 1.7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_temperature_one_has_no_tempered_output(device):
+    logits = _logits(3, 100, torch.float32, device)
+    out = ops.sample_tokens(logits, 1.0, seed=5)
+    assert out.tempered_logprobs is None
+    _assert_close(out.base_logprobs, _ref_logprobs(logits, out.tokens))
+
+
+def _draw_counts(logits_row, temperature, num_draws, block_v=None):
+    """Token counts over num_draws rows that share one logits row (distinct offsets)."""
+    logits = logits_row[None, :].expand(num_draws, -1)
+    seed = int(torch.randint(0, 2**62, ()))
+    offsets = torch.arange(num_draws, device=logits.device)
+    if ops._use_triton(logits):
+        from powerfast.kernels.sampling import sample_logprob
+
+        tokens = sample_logprob(logits, temperature, seed=seed, offsets=offsets, block_v=block_v)[0]
+    else:
+        tokens = ops.sample_tokens(logits, temperature, seed=seed, offsets=offsets).tokens
+    return torch.bincount(tokens.cpu(), minlength=logits.shape[1]).double()
+
+
+def _chi_square_pvalue(counts, probs):
+    expected = probs * counts.sum()
+    return stats.chisquare(counts.numpy(), expected.numpy()).pvalue
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_frequencies_match_tempered_softmax(device, backend, monkeypatch):
+    """Chi-square goodness of fit at SIGNIFICANCE. The draw count is checked to be large
+    enough: the same counts must reject a wrong temperature (1.0) and a vocabulary shifted
+    by one, so a kernel with either mistake would fail."""
+    if backend == "torch":
+        if device != "cpu":
+            pytest.skip("the torch reference path is the CPU path")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    vocab, temperature = 10, 0.6
+    num_draws = 600 if device == "cpu" else 200_000
+    logits = torch.randn(vocab, dtype=torch.float64) * 1.5
+    probs = torch.softmax(logits / temperature, dim=0)
+    # block_v = 4: three chunks, the last one partial, so the reservoir merge is exercised
+    counts = _draw_counts(logits.float().to(device), temperature, num_draws, block_v=4)
+    assert counts.sum() == num_draws
+    assert _chi_square_pvalue(counts, probs) > SIGNIFICANCE, (counts, probs * num_draws)
+    wrong_temperature = torch.softmax(logits, dim=0)
+    shifted = torch.roll(probs, 1)
+    assert _chi_square_pvalue(counts, wrong_temperature) < SIGNIFICANCE
+    assert _chi_square_pvalue(counts, shifted) < SIGNIFICANCE
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_frequencies_large_vocab_chunk_boundary(device):
+    """Mass concentrated on a few tokens straddling chunk boundaries of a 5003-token vocab."""
+    vocab = 5003
+    num_draws = 300 if device == "cpu" else 100_000
+    logits = torch.full((vocab,), -30.0, dtype=torch.float64)
+    hot = torch.tensor([0, 4095, 4096, 5002])
+    logits[hot] = torch.randn(4, dtype=torch.float64)
+    counts = _draw_counts(logits.float().to(device), 1.0, num_draws)
+    assert counts[hot].sum() == num_draws
+    probs = torch.softmax(logits[hot], dim=0)
+    assert _chi_square_pvalue(counts[hot], probs) > SIGNIFICANCE
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_seed_same_tokens(device):
+    logits = _logits(16, 3000, torch.bfloat16, device, scale=0.5)
+    first = ops.sample_tokens(logits, 0.9, seed=1234)
+    again = ops.sample_tokens(logits, 0.9, seed=1234)
+    other = ops.sample_tokens(logits, 0.9, seed=1235)
+    shifted = ops.sample_tokens(logits, 0.9, seed=1234, offsets=torch.arange(16, device=device) + 16)
+    assert torch.equal(first.tokens, again.tokens)
+    assert torch.equal(first.base_logprobs, again.base_logprobs)
+    assert not torch.equal(first.tokens, other.tokens)
+    assert not torch.equal(first.tokens, shifted.tokens)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inactive_rows_untouched_and_eos_deactivates(device):
+    num_rows, vocab, eos = 6, 50, 7
+    logits = _logits(num_rows, vocab, torch.float32, device)
+    logits[1, eos] = 100.0  # row 1 samples EOS
+    logits[4, eos] = 100.0  # so would row 4, but it is inactive
+    active = torch.tensor([True, True, False, True, False, True], device=device)
+    logliks = torch.randn(num_rows, device=device)
+    start = logliks.clone()
+    out = ops.sample_tokens(logits, 1.3, seed=9, active=active, eos_token_id=eos, logliks=logliks)
+    inactive = torch.tensor([2, 4])
+    assert (out.tokens[inactive] == eos).all()
+    assert (out.base_logprobs[inactive] == 0).all() and (out.tempered_logprobs[inactive] == 0).all()
+    assert torch.equal(logliks[inactive], start[inactive])
+    assert out.tokens[1] == eos
+    assert active.tolist() == [True, False, False, True, False, True] or (
+        # another active row may also have drawn EOS by chance
+        not active[1] and not active[2] and not active[4]
+    )
+    live = torch.tensor([0, 1, 3, 5])
+    _assert_close(out.base_logprobs[live], _ref_logprobs(logits[live], out.tokens[live]))
+    _assert_close((logliks - start)[live], _ref_logprobs(logits[live], out.tokens[live]))
+    # without eos_token_id inactive rows return token 0
+    again = ops.sample_tokens(logits, 1.0, seed=9, active=torch.zeros(num_rows, dtype=torch.bool, device=device))
+    assert (again.tokens == 0).all() and (again.base_logprobs == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": math.inf}, "temperature"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
+        ({"eos_token_id": 10}, "eos_token_id"),
+        ({"active": torch.ones(3, dtype=torch.int64)}, "active"),
+        ({"logliks": torch.zeros(2)}, "logliks"),
+        ({"offsets": torch.zeros(3)}, "offsets"),
+    ],
+)
+def test_sample_tokens_rejects_bad_arguments(kwargs, message):
+    args = {"temperature": 1.0, "seed": 0, **kwargs}
+    temperature = args.pop("temperature")
+    with pytest.raises(ValueError, match=message):
+        ops.sample_tokens(torch.randn(3, 10), temperature, **args)
+
+
+def test_dispatch_reads_environment(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops._use_triton(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not ops._use_triton(cpu)
+    assert os.environ["TRITON_INTERPRET"] == "0"
