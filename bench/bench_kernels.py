@@ -62,8 +62,6 @@ def _logits(shape):
     return torch.randn(shape, device=DEVICE).mul_(3).to(dtype)
 
 
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", VOCAB_SHAPES, ids=lambda s: f"N{s[0]}-V{s[1]}")
 def test_sample_tokens(benchmark, backend, shape):
