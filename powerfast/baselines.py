@@ -107,63 +107,61 @@ class MCMCSampler(RunnerSampler):
 
     def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
                  chat_template: bool = True, progress=None) -> list[GenerationResult]:
+        """MH power sampling of a completion per prompt. Blocks and MH rounds run batched
+        over the open prompts; ``stats.acceptance_rate`` reports accepted / proposed."""
         prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
         eos = self.eos_token_id(ignore_eos)
-        temperature = 1.0 / self.config.alpha
         started = time.perf_counter()
+        chains = [_Chain(ids) for ids in prompt_ids]
         stats = [GenerationStats(self.method) for _ in prompt_ids]
-        tokens: list[list[int]] = [[] for _ in prompt_ids]
-        logp: list[list[float]] = [[] for _ in prompt_ids]  # base log-prob of each generated token
-        logq: list[list[float]] = [[] for _ in prompt_ids]  # proposal log-prob of each generated token
-        accepted = [0 for _ in prompt_ids]
-        proposed = [0 for _ in prompt_ids]
         live: list = []
         try:
             with phase("prefill"):
                 seqs, logits = self.runner.prefill(prompt_ids)
-            live = list(seqs)
-            heads = [logits[i] for i in range(len(prompt_ids))]
-            for i, ids in enumerate(prompt_ids):
-                stats[i].add("prefill", len(ids))
-            open_prompts = list(range(len(prompt_ids)))
-            while open_prompts:
-                block = min(self.config.block_size, max_new_tokens - len(tokens[open_prompts[0]]))
+            live.extend(seqs)
+            for chain, seq, stat in zip(chains, seqs, stats):
+                chain.seq = seq
+                stat.add("prefill", len(chain.prompt))
+            open_chains = list(range(len(chains)))
+            block_end = 0  # generated tokens up to the end of the current block
+            while open_chains:
+                if logits is None:  # the chains' next-token logits after the last MH round
+                    with phase("fork"):
+                        logits = self._next_token_logits([chains[i] for i in open_chains], live)
+                    for i in open_chains:
+                        stats[i].add("refresh", 1)
+                block = min(self.config.block_size, max_new_tokens - block_end)  # open chains reach block_end
                 with phase("candidates"):
                     out = sample_continuations(
-                        self.runner, [seqs[i] for i in open_prompts], torch.stack([heads[i] for i in open_prompts]),
-                        block, self.seeds, temperature=temperature, eos_token_id=eos,
-                        want_last_logits=True, per_token=True,
+                        self.runner, [chains[i].seq for i in open_chains], logits, block, self.seeds,
+                        temperature=1.0 / self.config.alpha, eos_token_id=eos, per_token=True,
                     )
                 self._check(out.base_logliks)
                 lengths = out.lengths.cpu().tolist()
-                for row, i in enumerate(open_prompts):
+                tokens, logp, logq = out.tokens.cpu(), out.token_logprobs.cpu(), out.token_tempered.cpu()
+                for row, i in enumerate(open_chains):
                     n = lengths[row]
-                    tokens[i] += out.tokens[row, :n].cpu().tolist()
-                    logp[i] += out.token_logprobs[row, :n].cpu().tolist()
-                    logq[i] += out.token_tempered[row, :n].cpu().tolist()
-                    heads[i] = out.last_logits[row]
+                    chains[i].extend(tokens[row, :n].tolist(), logp[row, :n].tolist(), logq[row, :n].tolist())
                     stats[i].add("sample", n)
                     stats[i].num_blocks += 1
-                for i in open_prompts:
-                    for _ in range(self.config.mcmc_steps):
-                        with phase("mcmc-step"):
-                            ok = self._mh_step(i, prompt_ids[i], seqs, heads, tokens, logp, logq, eos, stats[i], live)
-                        accepted[i] += ok
-                        proposed[i] += 1
-                open_prompts = [
-                    i for i in open_prompts
-                    if not (eos is not None and tokens[i] and tokens[i][-1] == eos) and len(tokens[i]) < max_new_tokens
-                ]
+                block_end += block
+                for _ in range(self.config.mcmc_steps):
+                    with phase("mcmc-step"):
+                        self._mh_round([chains[i] for i in open_chains], [stats[i] for i in open_chains],
+                                       block_end, eos, live)
+                logits = None
+                open_chains = [i for i in open_chains
+                               if not chains[i].ended(eos) and len(chains[i].tokens) < max_new_tokens]
                 if progress is not None:
-                    progress(max(len(t) for t in tokens), max_new_tokens)
+                    progress(max(len(c.tokens) for c in chains), max_new_tokens)
         finally:
             self.runner.free(live)
         elapsed = time.perf_counter() - started
         results = []
-        for i in range(len(prompt_ids)):
-            stats[i].wall_seconds = elapsed
-            stats[i].acceptance_rate = accepted[i] / proposed[i] if proposed[i] else None
-            results.append(self.result(tokens[i], stats[i], float(sum(logp[i]))))
+        for chain, stat in zip(chains, stats):
+            stat.wall_seconds = elapsed
+            stat.acceptance_rate = chain.accepted / chain.proposed if chain.proposed else None
+            results.append(self.result(chain.tokens, stat, float(sum(chain.logp))))
         return results
 
     @staticmethod
@@ -171,45 +169,107 @@ class MCMCSampler(RunnerSampler):
         if bool(torch.isnan(logliks).any()):
             raise FloatingPointError("the model returned NaN logits during MCMC")
 
-    def _mh_step(self, i, prompt, seqs, heads, tokens, logp, logq, eos, stats, live) -> bool:
-        """One Metropolis-Hastings step for prompt i; returns whether it was accepted."""
+    def _next_token_logits(self, chains: list[_Chain], live: list) -> torch.Tensor:
+        """(N, V) next-token logits of each chain's sequence: fork it one token short and
+        decode its last token again (the runner returns logits only for new tokens)."""
+        children = []
+        for chain in chains:
+            [child] = self.runner.fork(chain.seq, 1, length=chain.length - 1)
+            live.append(child)
+            children.append(child)
+        last = torch.tensor([chain.token_at(chain.length - 1) for chain in chains], device=self.runner_device)
+        logits = self.runner.decode(children, last)
+        for chain, child in zip(chains, children):
+            self._replace(chain, child, live)
+        return logits
+
+    def _mh_round(self, chains: list[_Chain], stats: list[GenerationStats], block_end: int, eos, live: list) -> None:
+        """One MH step for every chain, the proposals decoded as one batch.
+
+        A proposal resamples from m up to the end of the current block (``block_end``
+        generated tokens) or to EOS, whatever the current sequence's length: a chain
+        that ended early can grow back, so moves between lengths are reversible.
+        """
         alpha = self.config.alpha
-        generated = len(tokens[i])
-        m = self.seeds.integers(generated)
-        full = prompt + tokens[i]
-        # fork just before position m and feed token m-1 to get the logits of position m
-        [child] = self.runner.fork(seqs[i], 1, length=len(prompt) + m - 1)
-        live.append(child)
-        logits_m = self.runner.decode([child], torch.tensor([full[len(prompt) + m - 1]], device=heads[i].device))
-        proposal = sample_continuations(
-            self.runner, [child], logits_m, generated - m, self.seeds, temperature=1.0 / alpha,
-            eos_token_id=eos, want_last_logits=True, per_token=True,
-        )
+        starts = [self.seeds.integers(len(chain.tokens)) for chain in chains]  # m, in generated positions
+        children = []
+        for chain, m in zip(chains, starts):
+            [child] = self.runner.fork(chain.seq, 1, length=len(chain.prompt) + m - 1)
+            live.append(child)
+            children.append(child)
+        fed = torch.tensor([chain.token_at(len(chain.prompt) + m - 1) for chain, m in zip(chains, starts)],
+                           device=self.runner_device)
+        logits = self.runner.decode(children, fed)
+        wanted = [block_end - m for m in starts]
+        proposal = sample_continuations(self.runner, children, logits, max(wanted), self.seeds,
+                                        temperature=1.0 / alpha, eos_token_id=eos, per_token=True)
         self._check(proposal.base_logliks)
-        n = int(proposal.lengths[0])
-        stats.add("proposals", n + 1)
-        new_logp = proposal.token_logprobs[0, :n].cpu().tolist()
-        new_logq = proposal.token_tempered[0, :n].cpu().tolist()
-        log_accept = alpha * (sum(new_logp) - sum(logp[i][m:])) + sum(logq[i][m:]) - sum(new_logq)
-        if math.log(max(self.seeds.uniform(), 1e-300)) < log_accept:
-            if n < generated - m:  # ended at EOS early: keep only the tokens up to it
-                [trimmed] = self.runner.fork(child, 1, length=len(prompt) + m + n)
-                live.append(trimmed)
+        lengths = proposal.lengths.cpu().tolist()
+        tokens, logp, logq = proposal.tokens.cpu(), proposal.token_logprobs.cpu(), proposal.token_tempered.cpu()
+        for row, (chain, m, child, stat) in enumerate(zip(chains, starts, children, stats)):
+            n = min(lengths[row], wanted[row])  # the resampled suffix: to the block's end, or to EOS
+            stat.add("proposals", n + 1)
+            new_logp, new_logq = logp[row, :n].tolist(), logq[row, :n].tolist()
+            log_accept = alpha * (sum(new_logp) - sum(chain.logp[m:])) + sum(chain.logq[m:]) - sum(new_logq)
+            chain.proposed += 1
+            if math.log(max(self.seeds.uniform(), 1e-300)) < log_accept:
+                chain.accepted += 1
+                chain.truncate(m)
+                chain.extend(tokens[row, :n].tolist(), new_logp, new_logq)
+                # the child decoded up to max(wanted) tokens: keep the KV of the accepted ones
+                [kept] = self.runner.fork(child, 1, length=chain.length - 1)
+                live.append(kept)
                 self._drop(child, live)
-                child = trimmed
-            self._drop(seqs[i], live)
-            seqs[i] = child
-            tokens[i] = tokens[i][:m] + proposal.tokens[0, :n].cpu().tolist()
-            logp[i] = logp[i][:m] + new_logp
-            logq[i] = logq[i][:m] + new_logq
-            heads[i] = proposal.last_logits[0]
-            return True
-        self._drop(child, live)
-        return False
+                self._replace(chain, kept, live)
+            else:
+                self._drop(child, live)
+
+    @property
+    def runner_device(self):
+        return getattr(self.runner, "device", "cpu")
+
+    def _replace(self, chain: _Chain, seq, live: list) -> None:
+        self._drop(chain.seq, live)
+        chain.seq = seq
 
     def _drop(self, seq, live: list) -> None:
         self.runner.free([seq])
         live.remove(seq)
+
+
+class _Chain:
+    """One prompt's MCMC state: the generated tokens with their base and proposal
+    log-probs, and the runner sequence. Between rounds the sequence holds the KV of at
+    least the first ``length - 1`` positions (the last token may be pending), so every
+    fork cuts at ``length - 1`` or earlier; before a block is appended it holds exactly
+    ``length`` (see ``_next_token_logits``)."""
+
+    def __init__(self, prompt: list[int]) -> None:
+        self.prompt = prompt
+        self.tokens: list[int] = []
+        self.logp: list[float] = []
+        self.logq: list[float] = []
+        self.seq = None
+        self.accepted = 0
+        self.proposed = 0
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.tokens)
+
+    def token_at(self, position: int) -> int:
+        return self.prompt[position] if position < len(self.prompt) else self.tokens[position - len(self.prompt)]
+
+    def extend(self, tokens: list[int], logp: list[float], logq: list[float]) -> None:
+        self.tokens += tokens
+        self.logp += logp
+        self.logq += logq
+
+    def truncate(self, generated: int) -> None:
+        del self.tokens[generated:], self.logp[generated:], self.logq[generated:]
+
+    def ended(self, eos) -> bool:
+        return eos is not None and bool(self.tokens) and self.tokens[-1] == eos
 
 
 def make_sampler(method: str, model, tokenizer=None, *, alpha: float = 4.0, seed: int | None = None,
