@@ -15,6 +15,7 @@ extend (several new tokens per sequence) with the same kernel.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -175,11 +176,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def _default_num_splits(num_tokens: int, kv_heads: int, max_seq_len: int, device: torch.device) -> int:
     """Enough programs to fill the GPU twice over, but at least 256 keys per split."""
     if device.type != "cuda":
         return 1
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    num_sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
     programs = num_tokens * kv_heads
     wanted = triton.cdiv(2 * num_sms, programs)
     return max(1, min(wanted, triton.cdiv(max_seq_len, 256), 32))

@@ -275,7 +275,13 @@ def paged_attention_forward(
     queries = query.transpose(1, 2).reshape(num_tokens, num_heads, head_dim)
     keys = key.transpose(1, 2).reshape(num_tokens, kv_heads, head_dim)
     values = value.transpose(1, 2).reshape(num_tokens, kv_heads, head_dim)
-    ops.write_kv(key_cache, value_cache, keys, values, ctx.slot_mapping)
+    if ctx.backend == "torch" and not key_cache.is_cuda:
+        # the pure-torch CPU path; ops.write_kv would run its Triton kernel under
+        # TRITON_INTERPRET=1, in every layer of every forward
+        key_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, keys.to(key_cache.dtype))
+        value_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, values.to(value_cache.dtype))
+    else:
+        ops.write_kv(key_cache, value_cache, keys, values, ctx.slot_mapping)
     if queries.dtype != key_cache.dtype:
         queries = queries.to(key_cache.dtype)
     out = _BACKEND_FUNCTIONS[ctx.backend](queries, key_cache, value_cache, ctx, scaling)

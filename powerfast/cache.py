@@ -13,7 +13,7 @@ one per child, instead of 64 x 63. Freeing decrements refcounts; a block returns
 the free list at refcount 0, so parents and children can be freed in any order.
 
 Only Python lists are touched here; tensors are the pools and the block copies, which
-go through :func:`powerfast.ops.copy_blocks`.
+go through :func:`powerfast.ops.copy_blocks` on CUDA and plain torch on the CPU.
 """
 
 from __future__ import annotations
@@ -324,7 +324,11 @@ class PagedKVCache:
         src_blocks = torch.tensor(src, dtype=torch.int64, device=device)
         dst_blocks = torch.tensor(dst, dtype=torch.int64, device=device)
         for key_cache, value_cache in zip(self.key_caches, self.value_caches):
-            ops.copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
+            if key_cache.is_cuda:
+                ops.copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
+            else:  # plain torch on the CPU (ops would interpret its Triton kernel under TRITON_INTERPRET=1)
+                key_cache.index_copy_(0, dst_blocks, key_cache.index_select(0, src_blocks))
+                value_cache.index_copy_(0, dst_blocks, value_cache.index_select(0, src_blocks))
 
     @staticmethod
     def _check_live(seq: Sequence) -> None:

@@ -100,15 +100,28 @@ class TableLM:
 class HFLanguageModel:
     """Adapter from a Hugging Face causal LM to :class:`LanguageModel`.
 
-    model:        a ``transformers`` causal LM (``model(input_ids).logits``)
-    eos_token_id: defaults to ``model.generation_config.eos_token_id`` (the first one if a list)
-    batch_size:   sequences per forward pass
+    model:         a ``transformers`` causal LM (``model(input_ids).logits``)
+    eos_token_id:  defaults to ``model.generation_config.eos_token_id`` (the first one if a list)
+    batch_size:    sequences per forward pass
+    use_runner:    score through a paged :class:`powerfast.runner.ModelRunner` (a ragged
+                   prefill of up to ``batch_size`` sequences per forward, then free);
+                   None (default) uses it when the model's attention goes through
+                   transformers' AttentionInterface, False always uses dense forwards
+    runner_kwargs: passed to the ModelRunner (block_size, backend, num_blocks, ...). Without a
+                   size the KV pool is sized to the sequences scored, growing when needed.
 
-    Sequences are scored by a dense forward pass per group of equal length, in the
-    model's dtype; log-probabilities come back as float32 on the CPU.
+    Log-probabilities come back as float32 on the CPU, computed in the model's dtype. The
+    model keeps its own attention implementation between calls.
     """
 
-    def __init__(self, model, eos_token_id: int | None = None, batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        model,
+        eos_token_id: int | None = None,
+        batch_size: int = 64,
+        use_runner: bool | None = None,
+        **runner_kwargs,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -121,14 +134,31 @@ class HFLanguageModel:
             eos_token_id = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
         self.batch_size = batch_size
+        if use_runner is None:
+            use_runner = bool(getattr(model, "_supports_attention_backend", False)) and hasattr(
+                model, "set_attn_implementation"
+            )
+        if runner_kwargs and not use_runner:
+            raise ValueError(f"runner settings {sorted(runner_kwargs)} given with use_runner=False")
+        self.use_runner = use_runner
+        self.runner_kwargs = runner_kwargs
+        self._runner = None
 
     @torch.inference_mode()
     def next_token_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
-        out = torch.empty(len(sequences), self.vocab_size, dtype=torch.float32)
-        by_length: dict[int, list[int]] = {}
+        """(N, V) float32 log-probabilities of the next token after each sequence."""
         for index, seq in enumerate(sequences):
             if len(seq) == 0:
                 raise ValueError(f"sequence {index} is empty: a causal LM needs at least one token")
+        if self.use_runner:
+            return self._runner_logprobs(sequences)
+        return self._dense_logprobs(sequences)
+
+    def _dense_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """A dense forward per group of equal length."""
+        out = torch.empty(len(sequences), self.vocab_size, dtype=torch.float32)
+        by_length: dict[int, list[int]] = {}
+        for index, seq in enumerate(sequences):
             by_length.setdefault(len(seq), []).append(index)
         device = next(self.model.parameters()).device
         for indices in by_length.values():
@@ -137,4 +167,42 @@ class HFLanguageModel:
                 input_ids = torch.tensor([list(sequences[i]) for i in chunk], device=device)
                 logits = self.model(input_ids=input_ids, logits_to_keep=1).logits[:, -1, :]
                 out[chunk] = torch.log_softmax(logits.float(), dim=-1).cpu()
+        return out
+
+    def _runner_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Ragged prefills of up to ``batch_size`` sequences through the paged runner, then free."""
+        from powerfast.runner import ModelRunner
+
+        block_size = self.runner_kwargs.get("block_size", 16)
+        blocks = [-(-len(seq) // block_size) for seq in sequences]
+        sized = any(self.runner_kwargs.get(k) is not None for k in ("num_blocks", "max_memory", "gpu_memory_fraction"))
+        if sized and self._runner is None:
+            self._runner = ModelRunner(self.model, **self.runner_kwargs)
+        # chunks of at most batch_size sequences and, for a pool of fixed size, at most its blocks
+        capacity = self._runner.cache.num_blocks if sized else None
+        chunks: list[list[int]] = [[]]
+        chunk_blocks = 0
+        for index, need in enumerate(blocks):
+            if chunks[-1] and (len(chunks[-1]) == self.batch_size or (capacity and chunk_blocks + need > capacity)):
+                chunks.append([])
+                chunk_blocks = 0
+            chunks[-1].append(index)
+            chunk_blocks += need
+        needed = max(sum(blocks[i] for i in chunk) for chunk in chunks)
+        if not sized and (self._runner is None or self._runner.cache.num_blocks < needed):
+            old = 0
+            if self._runner is not None:
+                old = self._runner.cache.num_blocks
+                self._runner.restore_attention()
+                self._runner = None  # drop the old pool before allocating the new one
+            self._runner = ModelRunner(self.model, **self.runner_kwargs, num_blocks=max(needed, 2 * old, 64))
+        runner = self._runner
+        out = torch.empty(len(sequences), self.vocab_size, dtype=torch.float32)
+        try:
+            for chunk in chunks:
+                seqs, logits = runner.prefill([list(sequences[i]) for i in chunk])
+                runner.free(seqs)
+                out[chunk] = torch.log_softmax(logits.float(), dim=-1).cpu()
+        finally:
+            runner.restore_attention()
         return out

@@ -145,7 +145,12 @@ class ModelRunner:
         if len(prompts) == 0:
             raise ValueError("prefill needs at least one prompt")
         seqs = [self.cache.new_sequence() for _ in prompts]
-        return seqs, self._forward(seqs, prompts, last_only=True)
+        try:
+            logits = self._forward(seqs, prompts, last_only=True)
+        except BaseException:
+            self.cache.free(seqs)  # the caller never saw these handles
+            raise
+        return seqs, logits
 
     @torch.inference_mode()
     def decode(self, seqs: SequenceABC[Sequence], next_tokens: SequenceABC[int] | torch.Tensor) -> torch.Tensor:

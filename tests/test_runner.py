@@ -315,3 +315,27 @@ def test_random_fork_extend_free_never_leaks_and_matches_dense(seed):
         assert holders == runner.cache.allocator.refcounts
     runner.free([seq for seq, _ in live.values()])
     assert runner.cache.blocks_in_use == 0
+
+
+# ------------------------------------------------------------------ the LanguageModel adapter
+
+
+def test_hf_language_model_scores_through_the_runner():
+    from powerfast.lm import HFLanguageModel
+
+    model = tiny_model("qwen2", seed=random.randrange(2**31))
+    rng = random.Random()
+    sequences = [random_tokens(rng, n) for n in (1, 5, 17, 40, 5)]
+    paged = HFLanguageModel(model, batch_size=2)
+    dense = HFLanguageModel(model, use_runner=False)
+    assert paged.use_runner and not dense.use_runner
+    got = paged.next_token_logprobs(sequences)
+    assert model.config._attn_implementation == "sdpa"  # left as it was
+    assert paged._runner.cache.blocks_in_use == 0
+    torch.testing.assert_close(got, dense.next_token_logprobs(sequences), atol=ATOL, rtol=RTOL)
+    longer = [random_tokens(rng, 16 * 70)]  # more blocks than the first pool: it grows
+    torch.testing.assert_close(
+        paged.next_token_logprobs(longer), dense.next_token_logprobs(longer), atol=ATOL, rtol=RTOL
+    )
+    fixed = HFLanguageModel(model, batch_size=8, num_blocks=4)  # a fixed pool: chunks fit in it
+    torch.testing.assert_close(fixed.next_token_logprobs(sequences[:4]), got[:4], atol=ATOL, rtol=RTOL)
