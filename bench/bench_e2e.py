@@ -1,0 +1,115 @@
+"""pytest-benchmark: end-to-end latency of every method on one model and one set of prompts.
+
+    pytest bench/bench_e2e.py                        # timings, tiny random Llama
+    pytest bench/bench_e2e.py --benchmark-disable    # one pass (CI)
+    POWERFAST_BENCH_SMOLLM2=1 pytest bench/bench_e2e.py -k smollm2 --benchmark-disable -s   # minutes
+
+Each method is one benchmark (all prompts, one call per prompt, EOS ignored); the methods
+run in the order of ``e2e.METHODS``, so each benchmark's ``extra_info`` carries the ratios
+that involve it and what ran before it (plain/hf-generate on plain, power/plain on power,
+mcmc/power on mcmc, recompute-mcmc/mcmc on recompute-mcmc). The last test of each model
+prints the table. The library and the CLI are bench/e2e.py; the GPU run is in
+bench/device_check.sh.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e import METHODS, Settings, build_model, make_prompts, ratios, run_method, summary, warm_up  # noqa: E402
+
+from powerfast.runner import ModelRunner  # noqa: E402
+
+# tiny random Llama: every phase of every method runs, in seconds
+TINY_TOKENS = 32
+TINY_SETTINGS = Settings(block_size=8, horizon=8, num_candidates=8, top_k=4, num_rollouts=4,
+                         mcmc_block_size=8, mcmc_steps=10, num_samples=4)
+# SmolLM2-135M on a CPU: the scaled-down settings of bench/RESULTS.md
+SMOLLM2_TOKENS = 128
+SMOLLM2_SETTINGS = Settings(block_size=32, horizon=32, num_candidates=8, top_k=4, num_rollouts=4,
+                            mcmc_block_size=32, mcmc_steps=10, num_samples=4)
+SMOLLM2 = os.environ.get("POWERFAST_BENCH_SMOLLM2") == "1"
+
+
+class Setup:
+    """A model, one runner shared by every sampler, the prompts, and the results so far."""
+
+    def __init__(self, name: str, settings: Settings, max_new_tokens: int, num_prompts: int, prompt_len: int):
+        self.model, tokenizer, self.description = build_model(name, device="cpu")
+        self.runner = ModelRunner(self.model, max_memory=256 * 2**20)
+        self.prompts = make_prompts(self.model, tokenizer, num_prompts, prompt_len)
+        self.settings = settings
+        self.max_new_tokens = max_new_tokens
+        self.results = {}
+        warm_up(METHODS, self.model, self.runner, settings, self.prompts[0], 8)
+
+    def measure(self, benchmark, method: str):
+        result = benchmark.pedantic(
+            run_method, args=(method, self.model, self.runner, self.settings, self.prompts, self.max_new_tokens),
+            rounds=1, iterations=1,
+        )
+        self.results[method] = result
+        found = ratios(list(self.results.values()))
+        benchmark.extra_info.update(
+            method=method,
+            settings=result.settings,
+            max_new_tokens=self.max_new_tokens,
+            num_prompts=len(self.prompts),
+            seconds_per_prompt=result.seconds_per_prompt,
+            generated_tokens=result.generated_tokens,
+            decoded_tokens=result.decoded_tokens,
+            **{key: value for key, value in found.items() if method in key.split("/")},
+        )
+        return result
+
+    def table(self) -> str:
+        return summary([self.results[m] for m in METHODS if m in self.results],
+                       f"{self.description}, CPU, {torch.get_num_threads()} threads, EOS ignored")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 64-wide model: more threads only add synchronisation
+    try:
+        yield Setup("tiny", TINY_SETTINGS, TINY_TOKENS, num_prompts=2, prompt_len=32)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_e2e_tiny(benchmark, tiny, method):
+    result = tiny.measure(benchmark, method)
+    assert result.generated_tokens == [TINY_TOKENS] * len(tiny.prompts)  # EOS ignored: full length
+    assert min(result.decoded_tokens) >= TINY_TOKENS
+
+
+def test_e2e_tiny_table(tiny):
+    print("\n" + tiny.table())
+    measured = ratios(list(tiny.results.values()))
+    for key in measured:
+        assert measured[key] > 0
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not SMOLLM2:
+        pytest.skip("set POWERFAST_BENCH_SMOLLM2=1 (minutes on a CPU)")
+    return Setup("smollm2", SMOLLM2_SETTINGS, SMOLLM2_TOKENS, num_prompts=2, prompt_len=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_e2e_smollm2(benchmark, smollm2, method):
+    result = smollm2.measure(benchmark, method)
+    assert result.generated_tokens == [SMOLLM2_TOKENS] * len(smollm2.prompts)
+
+
+def test_e2e_smollm2_table(smollm2):
+    print("\n" + smollm2.table())
