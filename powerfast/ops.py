@@ -58,8 +58,15 @@ class SampleOutput(NamedTuple):
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
-    """Triton for CUDA tensors, and for any tensor when TRITON_INTERPRET=1 (read per call)."""
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    """Triton for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 (read per call).
+
+    POWERFAST_INTERPRET_OPS=0 keeps CPU tensors on the torch references even under the
+    interpreter: tests that push hundreds of thousands of rows through the samplers use
+    it, since the interpreter runs one program per row.
+    """
+    if tensor.is_cuda:
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("POWERFAST_INTERPRET_OPS", "1") != "0"
 
 
 # ------------------------------------------------------------------------------ checks
