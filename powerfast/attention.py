@@ -64,6 +64,9 @@ class PagedAttentionContext:
     query_positions:  (num_tokens,) int64, absolute position of each new token
     max_query_len, max_seq_len: host ints
     backend:          "torch", "triton" or "flash" (resolved, not "auto")
+    shared_prefix_blocks: host int S: the first S entries of every block table are the same
+                      blocks, visible to every query (a forked prefix). The torch backend
+                      attends over them once for the whole batch (cascade); 0 disables.
     """
 
     key_caches: list[torch.Tensor]
@@ -78,6 +81,7 @@ class PagedAttentionContext:
     max_query_len: int
     max_seq_len: int
     backend: str
+    shared_prefix_blocks: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS[1:]:
@@ -147,6 +151,8 @@ def torch_paged_attention(
     block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
     num_seqs = ctx.block_tables.shape[0]
     used_blocks = -(-ctx.max_seq_len // block_size)
+    if ctx.max_query_len == 1 and num_seqs > 1 and ctx.shared_prefix_blocks > 0:
+        return _cascade_decode_attention(query, key_cache, value_cache, ctx, scale, used_blocks)
     block_ids = ctx.block_tables[:, :used_blocks].reshape(-1)
     kv_len = used_blocks * block_size
     # (num_seqs, kv_heads, kv_len, head_dim); index_select is a plain copy, much faster
@@ -174,6 +180,79 @@ def torch_paged_attention(
     if ctx.max_query_len == 1:
         return out.reshape(num_tokens, num_heads, head_dim)
     return out[ctx.query_seq_index, index_in_seq]
+
+
+def _attention_with_lse(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale) v and its log-sum-exp, in fp32; rows with no visible key give (0, -inf).
+
+    queries: (batch, rows, D); keys, values: (batch, L, D); mask: broadcastable to (batch, rows, L)
+    """
+    scores = torch.bmm(queries.float(), keys.float().transpose(1, 2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    probs = torch.exp(scores - row_max)
+    total = probs.sum(dim=-1, keepdim=True)
+    out = torch.bmm(probs, values.float()) / total.clamp_min(torch.finfo(torch.float32).tiny)
+    lse = (row_max + total.log()).squeeze(-1)
+    return out, lse
+
+
+def _cascade_decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    ctx: PagedAttentionContext,
+    scale: float,
+    used_blocks: int,
+) -> torch.Tensor:
+    """Decode over a shared prefix: the prefix blocks are read once for all sequences.
+
+    query: (num_seqs, num_heads, head_dim), one token per sequence. The shared blocks'
+    keys are visible to every query, so all queries (grouped by KV head) attend to them in
+    one matrix product; each sequence's own remaining blocks are gathered and masked as
+    usual; the two partial softmaxes are merged by their log-sum-exps.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // kv_heads
+    shared = min(ctx.shared_prefix_blocks, used_blocks)
+    shared_len = shared * block_size
+
+    # prefix: (kv_heads, num_seqs * group, D) queries against (kv_heads, shared_len, D) keys
+    grouped = query.view(num_seqs, kv_heads, group, head_dim).transpose(0, 1).reshape(kv_heads, -1, head_dim)
+    prefix_ids = ctx.block_tables[0, :shared]
+    prefix_keys = key_cache.index_select(0, prefix_ids).view(shared_len, kv_heads, head_dim).transpose(0, 1)
+    prefix_values = value_cache.index_select(0, prefix_ids).view(shared_len, kv_heads, head_dim).transpose(0, 1)
+    prefix_out, prefix_lse = _attention_with_lse(grouped, prefix_keys, prefix_values, scale, None)
+    prefix_out = prefix_out.view(kv_heads, num_seqs, group, head_dim).transpose(0, 1)  # (N, kvh, g, D)
+    prefix_lse = prefix_lse.view(kv_heads, num_seqs, group).transpose(0, 1)  # (N, kvh, g)
+    if shared == used_blocks:
+        return prefix_out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
+
+    # own blocks: (num_seqs * kv_heads, group, D) queries against their gathered suffixes
+    own = used_blocks - shared
+    own_ids = ctx.block_tables[:, shared:used_blocks].reshape(-1)
+    own_len = own * block_size
+    own_keys = key_cache.index_select(0, own_ids).view(num_seqs, own_len, kv_heads, head_dim)
+    own_values = value_cache.index_select(0, own_ids).view(num_seqs, own_len, kv_heads, head_dim)
+    own_keys = own_keys.transpose(1, 2).reshape(num_seqs * kv_heads, own_len, head_dim)
+    own_values = own_values.transpose(1, 2).reshape(num_seqs * kv_heads, own_len, head_dim)
+    key_positions = shared_len + torch.arange(own_len, device=query.device)
+    visible = key_positions[None, :] <= ctx.query_positions[:, None]  # (N, own_len)
+    visible = visible.repeat_interleave(kv_heads, dim=0)[:, None, :]
+    own_out, own_lse = _attention_with_lse(
+        query.view(num_seqs * kv_heads, group, head_dim), own_keys, own_values, scale, visible
+    )
+    own_out = own_out.view(num_seqs, kv_heads, group, head_dim)
+    own_lse = own_lse.view(num_seqs, kv_heads, group)
+
+    lse = torch.logaddexp(prefix_lse, own_lse)
+    out = prefix_out * torch.exp(prefix_lse - lse)[..., None] + own_out * torch.exp(own_lse - lse)[..., None]
+    return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
 
 
 def _triton_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionContext, scale: float) -> torch.Tensor:

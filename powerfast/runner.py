@@ -27,6 +27,8 @@ from powerfast.cache import CacheConfig, PagedKVCache, Sequence
 
 __all__ = ["ModelRunner", "RunnerConfig", "Sequence"]
 
+_MIN_SHARED_PREFIX = 64  # positions; shorter shared prefixes are not worth a cascade
+
 
 @dataclass(slots=True)
 class RunnerConfig:
@@ -246,6 +248,7 @@ class ModelRunner:
             max_query_len=max(counts),
             max_seq_len=max(seq_lens),
             backend=self.backend,
+            shared_prefix_blocks=self._shared_prefix_blocks(seqs, start_lengths) if decode_layout else 0,
         )
         if decode_layout:
             if input_ids is None:
@@ -272,6 +275,25 @@ class ModelRunner:
         if decode_layout:
             return logits[:, -1, :]
         return logits[0]
+
+    def _shared_prefix_blocks(self, seqs, start_lengths: list[int]) -> int:
+        """Leading blocks common to every block table and visible to every new token.
+
+        Only the torch backend uses it (a cascade over the shared prefix); on GPUs the
+        shared blocks stay in L2 and the kernels need no hint.
+        """
+        if self.backend != "torch" or len(seqs) < 2:
+            return 0
+        first = seqs[0].block_table
+        # a query at position p sees keys 0..p: the shared blocks must be complete below it
+        shared = min(len(first), (min(start_lengths) + 1) // self.cache.block_size)
+        for seq in seqs[1:]:
+            table = seq.block_table
+            if table[:shared] != first[:shared]:
+                shared = next(k for k in range(shared) if table[k] != first[k])
+            if shared == 0:
+                return 0
+        return shared if shared * self.cache.block_size >= _MIN_SHARED_PREFIX else 0
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         host = torch.tensor(values, dtype=dtype)

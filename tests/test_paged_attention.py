@@ -171,3 +171,16 @@ def test_kernel_on_cuda(dtype):
     )
     expected = float64_reference(query, key_cache, value_cache, ctx, scale)
     torch.testing.assert_close(out.double().cpu(), expected, atol=TOLERANCE[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("shared_blocks, lengths", [(3, [49, 60, 80, 100]), (4, [64, 64, 65])])
+def test_torch_cascade_over_a_shared_prefix_matches_float64_reference(shared_blocks, lengths):
+    """Decode of sequences whose block tables share their first blocks (a forked prefix)."""
+    block_size, heads, kv_heads, head_dim = 16, 6, 3, 32
+    query, key_cache, value_cache, ctx = make_case(lengths, [1] * len(lengths), heads, kv_heads, head_dim, block_size)
+    ctx.block_tables[1:, :shared_blocks] = ctx.block_tables[0, :shared_blocks]
+    ctx.shared_prefix_blocks = shared_blocks
+    scale = head_dim**-0.5
+    out = torch_paged_attention(query, key_cache, value_cache, ctx, scale)
+    expected = float64_reference(query, key_cache, value_cache, ctx, scale)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[torch.float32], rtol=0)
