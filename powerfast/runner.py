@@ -10,8 +10,10 @@ context through the forward's keyword arguments.
   (ragged, no padding), ``logits_to_keep`` = the positions wanted.
 
 Sequences are handles (:class:`powerfast.cache.Sequence`); ``fork`` shares the KV
-blocks of a prefix, ``free`` releases them. The runner never inspects sampled tokens and
-never synchronises with the device except to read the logits' caller.
+blocks of a prefix, ``free`` releases them. Block tables, slots and positions are built
+on the host from the handles and copied to the device (pinned, non-blocking) once per
+forward; decode accepts the next tokens as a device tensor, so a decode loop never
+synchronises with the device.
 """
 
 from __future__ import annotations
