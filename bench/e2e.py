@@ -458,6 +458,7 @@ def run_benchmark(model, prompts: list[list[int]], cases: list[tuple[int, list[s
     runner = runner or ModelRunner(model, **(runner_kwargs or {}))
     methods_all = list(dict.fromkeys(m for _, methods in cases for m in methods))
     results: list[MethodResult] = []
+    current = None  # the method being measured, reported as interrupted if SIGTERM comes
     started = time.perf_counter()
     try:
         warm_up(methods_all, model, runner, settings, prompts[0], warmup_tokens)
@@ -472,11 +473,15 @@ def run_benchmark(model, prompts: list[list[int]], cases: list[tuple[int, list[s
                                  if step_seconds else 0.0)
                     if left <= 0 or projected > left:
                         result = MethodResult(method, max_new_tokens, settings.describe(method))
-                        result.skipped = f"projected {projected:.0f} s > {max(left, 0):.0f} s left of the budget"
+                        result.skipped = f"projected {projected:.1f} s > {max(left, 0):.1f} s left of the budget"
                         log(f"T={max_new_tokens} {method}: skipped ({result.skipped})")
                         results.append(result)
                         continue
+                began = time.perf_counter() - started
+                current = MethodResult(method, max_new_tokens, settings.describe(method),
+                                       skipped=f"interrupted (started {began:.0f} s into the run)")
                 result = run_method(method, model, runner, settings, prompts, max_new_tokens, reps)
+                current = None
                 results.append(result)
                 if method in ("plain", "hf-generate") and step_seconds is None:
                     step_seconds = result.seconds_per_prompt / max_new_tokens
@@ -485,6 +490,8 @@ def run_benchmark(model, prompts: list[list[int]], cases: list[tuple[int, list[s
                     on_result(results)
     except Interrupted:
         log("interrupted: reporting what was measured")
+        if current is not None:
+            results.append(current)
     finally:
         runner.restore_attention()
     return results
@@ -509,9 +516,13 @@ def ratios(results: list[MethodResult]) -> dict[str, float]:
 
 
 def summary(results: list[MethodResult], title: str = "") -> str:
-    """The table (one row per method and length) and the ratios below it."""
+    """The table (one row per method and length) and the ratios below it.
+
+    Columns: seconds per prompt (mean), generated tokens and tokens decoded in all per
+    prompt (mean), milliseconds per decoded token, and seconds relative to ``plain`` at
+    the same length."""
     header = (f"{'T':>5} {'method':<15} {'settings':<38} {'s/prompt':>9} {'gen tok':>8} "
-              f"{'decoded':>8} {'x plain':>8}")
+              f"{'decoded':>8} {'ms/dec':>7} {'x plain':>8}")
     lines = [title] if title else []
     lines += [header, "-" * len(header)]
     plain = {r.max_new_tokens: r.seconds_per_prompt for r in results if r.method == "plain" and r.seconds}
@@ -525,7 +536,8 @@ def summary(results: list[MethodResult], title: str = "") -> str:
         x_plain = f"{r.seconds_per_prompt / base:8.2f}" if base else f"{'-':>8}"
         lines.append(
             f"{r.max_new_tokens:>5} {r.method:<15} {r.settings:<38} {r.seconds_per_prompt:>9.3f} "
-            f"{statistics.fmean(r.generated_tokens):>8.0f} {statistics.fmean(r.decoded_tokens):>8.0f} {x_plain}"
+            f"{statistics.fmean(r.generated_tokens):>8.0f} {statistics.fmean(r.decoded_tokens):>8.0f} "
+            f"{1e3 * sum(r.seconds) / max(sum(r.decoded_tokens), 1):>7.2f} {x_plain}"
         )
     found = ratios(results)
     if found:
@@ -618,7 +630,11 @@ def main(argv=None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     started = time.perf_counter()
-    model, tokenizer, description = build_model(args.model, num_layers=args.num_layers)
+    try:
+        model, tokenizer, description = build_model(args.model, num_layers=args.num_layers)
+    except Interrupted:
+        print(f"interrupted while building {args.model}: nothing measured", flush=True)
+        return 1
     log(f"model: {description} on {model.device} ({time.perf_counter() - started:.1f} s to build)")
     prompts = make_prompts(model, tokenizer, args.num_prompts, args.prompt_len, args.seed)
     runner_kwargs = {"backend": args.backend}
