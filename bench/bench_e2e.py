@@ -74,6 +74,16 @@ class Setup:
                        f"{self.description}, CPU, {torch.get_num_threads()} threads, EOS ignored")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_ops_on_cpu():
+    """Time the torch path on a CPU even when tests/conftest.py set TRITON_INTERPRET=1 in
+    this process (``pytest tests bench``): interpreted kernels' timings mean nothing."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not torch.cuda.is_available():
+            patch.setenv("POWERFAST_INTERPRET_OPS", "0")
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny():
     threads = torch.get_num_threads()
