@@ -61,6 +61,13 @@ def _check_alpha(alpha: float) -> float:
 
 
 def _check_float_tensor(name: str, tensor: torch.Tensor, min_dim: int) -> None:
+    _check_structure(name, tensor, min_dim)
+    if torch.isnan(tensor).any():
+        where = torch.nonzero(torch.isnan(tensor))[0].tolist()
+        raise ValueError(f"{name} contains NaN (first at index {where})")
+
+
+def _check_structure(name: str, tensor: torch.Tensor, min_dim: int) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
@@ -69,9 +76,33 @@ def _check_float_tensor(name: str, tensor: torch.Tensor, min_dim: int) -> None:
         raise ValueError(
             f"{name} must have at least {min_dim} dimensions, got shape {tuple(tensor.shape)}"
         )
-    if torch.isnan(tensor).any():
-        where = torch.nonzero(torch.isnan(tensor))[0].tolist()
-        raise ValueError(f"{name} contains NaN (first at index {where})")
+
+
+def check_power_args(candidate_logprobs: torch.Tensor, rollout_logliks: torch.Tensor, alpha, jackknife: bool) -> float:
+    """The checks of :func:`power_distribution` that need no look at the values (so no
+    host sync): alpha, types, shapes, M >= 2 with the jackknife, one device. Returns alpha."""
+    alpha = _check_alpha(alpha)
+    _check_structure("candidate_logprobs", candidate_logprobs, 1)
+    _check_structure("rollout_logliks", rollout_logliks, 2)
+    if rollout_logliks.shape[-1] < 1 or rollout_logliks.shape[-2] < 1:
+        raise ValueError(
+            "rollout_logliks must have at least one candidate and one rollout, "
+            f"got shape {tuple(rollout_logliks.shape)}"
+        )
+    if tuple(candidate_logprobs.shape) != tuple(rollout_logliks.shape[:-1]):
+        raise ValueError(
+            "candidate_logprobs must have shape rollout_logliks.shape[:-1]: got "
+            f"{tuple(candidate_logprobs.shape)} and {tuple(rollout_logliks.shape)}"
+        )
+    if jackknife and rollout_logliks.shape[-1] < 2:
+        raise ValueError(
+            f"the jackknife needs at least 2 rollouts per candidate, got M = {rollout_logliks.shape[-1]}"
+        )
+    if candidate_logprobs.device != rollout_logliks.device:
+        raise ValueError(
+            f"candidate_logprobs is on {candidate_logprobs.device}, rollout_logliks on {rollout_logliks.device}"
+        )
+    return alpha
 
 
 def _check_rollouts(rollout_logliks: torch.Tensor) -> None:
@@ -211,18 +242,9 @@ def power_distribution(
     Raises ValueError (naming the offending value) for a bad alpha, mismatched shapes,
     NaN input, M < 2 with jackknife, or a row in which every candidate is impossible.
     """
-    alpha = _check_alpha(alpha)
+    alpha = check_power_args(candidate_logprobs, rollout_logliks, alpha, jackknife)
     _check_float_tensor("candidate_logprobs", candidate_logprobs, 1)
     _check_rollouts(rollout_logliks)
-    if tuple(candidate_logprobs.shape) != tuple(rollout_logliks.shape[:-1]):
-        raise ValueError(
-            "candidate_logprobs must have shape rollout_logliks.shape[:-1]: got "
-            f"{tuple(candidate_logprobs.shape)} and {tuple(rollout_logliks.shape)}"
-        )
-    if jackknife and rollout_logliks.shape[-1] < 2:
-        raise ValueError(
-            f"the jackknife needs at least 2 rollouts per candidate, got M = {rollout_logliks.shape[-1]}"
-        )
     if torch.isposinf(candidate_logprobs).any():
         raise ValueError("candidate_logprobs contains +inf")
     dead_rows = torch.isneginf(candidate_logprobs).all(dim=-1)

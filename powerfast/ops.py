@@ -331,36 +331,6 @@ def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return _torch_topk_logprobs(logits, k)
 
 
-def _check_power_args(candidate_logprobs, rollout_logliks, alpha, jackknife) -> float:
-    alpha = estimators._check_alpha(alpha)
-    for name, tensor, min_dim in (("candidate_logprobs", candidate_logprobs, 1), ("rollout_logliks", rollout_logliks, 2)):
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
-        if tensor.dim() < min_dim:
-            raise ValueError(f"{name} must have at least {min_dim} dimensions, got shape {tuple(tensor.shape)}")
-    if rollout_logliks.shape[-1] < 1 or rollout_logliks.shape[-2] < 1:
-        raise ValueError(
-            "rollout_logliks must have at least one candidate and one rollout, "
-            f"got shape {tuple(rollout_logliks.shape)}"
-        )
-    if tuple(candidate_logprobs.shape) != tuple(rollout_logliks.shape[:-1]):
-        raise ValueError(
-            "candidate_logprobs must have shape rollout_logliks.shape[:-1]: got "
-            f"{tuple(candidate_logprobs.shape)} and {tuple(rollout_logliks.shape)}"
-        )
-    if jackknife and rollout_logliks.shape[-1] < 2:
-        raise ValueError(
-            f"the jackknife needs at least 2 rollouts per candidate, got M = {rollout_logliks.shape[-1]}"
-        )
-    if candidate_logprobs.device != rollout_logliks.device:
-        raise ValueError(
-            f"candidate_logprobs is on {candidate_logprobs.device}, rollout_logliks on {rollout_logliks.device}"
-        )
-    return alpha
-
-
 def power_estimates(
     candidate_logprobs: torch.Tensor,
     rollout_logliks: torch.Tensor,
@@ -377,7 +347,7 @@ def power_estimates(
     float64, float32 otherwise). Rows with no possible candidate come back as zeros
     (the checked :func:`powerfast.estimators.power_distribution` refuses them).
     """
-    alpha = _check_power_args(candidate_logprobs, rollout_logliks, alpha, jackknife)
+    alpha = estimators.check_power_args(candidate_logprobs, rollout_logliks, alpha, jackknife)
     if _use_triton(rollout_logliks):
         from powerfast.kernels.jackknife import power_estimates as _triton_power_estimates
 
