@@ -27,6 +27,8 @@ _LAZY = {
     "GenerationStats": "powerfast.generation",
     "BlockRecord": "powerfast.generation",
     "LMRunner": "powerfast.lm_runner",
+    "CacheConfig": "powerfast.cache",
+    "OutOfBlocksError": "powerfast.cache",
 }
 
 __all__ = [
