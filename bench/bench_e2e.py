@@ -2,7 +2,9 @@
 
     pytest bench/bench_e2e.py                        # timings, tiny random Llama
     pytest bench/bench_e2e.py --benchmark-disable    # one pass (CI)
-    POWERFAST_BENCH_SMOLLM2=1 pytest bench/bench_e2e.py -k smollm2 --benchmark-disable -s   # minutes
+    POWERFAST_BENCH_SMOLLM2=1 pytest bench/bench_e2e.py -k smollm2 --benchmark-disable -s   # ~7 min
+
+Timings use one CPU thread (POWERFAST_BENCH_THREADS=n for more) and the torch path of the ops.
 
 Each method is one benchmark (all prompts, one call per prompt, EOS ignored); the methods
 run in the order of ``e2e.METHODS``, so each benchmark's ``extra_info`` carries the ratios
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,14 +87,22 @@ def _torch_ops_on_cpu():
         yield
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@contextmanager
+def _threads():
+    """One CPU thread unless POWERFAST_BENCH_THREADS says otherwise: on a small shared
+    machine more threads make the timings slower and far noisier (the ratios too)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 64-wide model: more threads only add synchronisation
+    torch.set_num_threads(int(os.environ.get("POWERFAST_BENCH_THREADS", "1")))
     try:
-        yield Setup("tiny", TINY_SETTINGS, TINY_TOKENS, num_prompts=2, prompt_len=32)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    with _threads():
+        yield Setup("tiny", TINY_SETTINGS, TINY_TOKENS, num_prompts=2, prompt_len=32)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -112,7 +123,8 @@ def test_e2e_tiny_table(tiny):
 def smollm2():
     if not SMOLLM2:
         pytest.skip("set POWERFAST_BENCH_SMOLLM2=1 (minutes on a CPU)")
-    return Setup("smollm2", SMOLLM2_SETTINGS, SMOLLM2_TOKENS, num_prompts=2, prompt_len=0)
+    with _threads():
+        yield Setup("smollm2", SMOLLM2_SETTINGS, SMOLLM2_TOKENS, num_prompts=2, prompt_len=0)
 
 
 @pytest.mark.parametrize("method", METHODS)
