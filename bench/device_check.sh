@@ -2,23 +2,32 @@
 # One script for a GPU machine (no network): correctness, then timings. Later sections
 # (runtime, end-to-end) append below the kernel section. Full results go under $OUT
 # (./out if unset); a short table is printed last.
-pip install -e . --no-deps --no-build-isolation
 set -uo pipefail
 cd "$(dirname "$0")/.."
+pip install -q -e . --no-deps --no-build-isolation
 OUT="${OUT:-./out}"
 export OUT
-mkdir -p "$OUT/kernels"
+mkdir -p "$OUT/kernels" "$OUT/runner"
 status=0
 
 # ---------------------------------------------------------------------------- kernels
 echo "== kernel correctness (cuda-marked tests)"
 python -m pytest -q -p no:cacheprovider -m cuda \
     tests/test_ops_sampling.py tests/test_ops_jackknife.py tests/test_ops_topk.py tests/test_ops_kv.py \
+    tests/test_paged_attention.py tests/test_runner.py \
     > "$OUT/kernels/tests.txt" 2>&1 || status=1
 tail -n 3 "$OUT/kernels/tests.txt"
 
 echo "== kernel timings"
 timeout 300 python bench/device_kernels.py --out "$OUT/kernels" > "$OUT/kernels/table.txt" 2> "$OUT/kernels/timings.log" || status=1
+
+# ----------------------------------------------------------------------------- runtime
+# Runner vs model.generate: decode throughput and KV memory at batch 1 and at batch 64 over
+# a shared 1,000-token prefix (Qwen2.5-1.5B shapes, random weights, bf16), after a check of
+# the runner's logits against the dense forward.
+echo "== runtime (runner vs model.generate)"
+timeout 150 python bench/device_runner.py --out "$OUT/runner" > "$OUT/runner/table.txt" 2> "$OUT/runner/runner.log" || status=1
+tail -n 2 "$OUT/runner/runner.log"
 
 # -------------------------------------------------------------------------- end-to-end
 # Qwen2.5-1.5B configuration, random weights, bf16, EOS ignored, paper settings (alpha 4,
@@ -49,6 +58,9 @@ fi
 echo
 echo "== kernels (full results: $OUT/kernels)"
 cat "$OUT/kernels/table.txt"
+echo
+echo "== runtime (full results: $OUT/runner)"
+cat "$OUT/runner/table.txt"
 echo
 echo "== end-to-end (full results: $OUT/e2e; ${SECONDS} s in all)"
 cat "$OUT/e2e/table.out"
