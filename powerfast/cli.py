@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-__all__ = ["main", "build_parser", "build_sampler"]
+__all__ = ["main", "build_parser", "build_runner", "build_sampler"]
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,24 +80,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_sampler(method: str, model, tokenizer, args: argparse.Namespace, seed: int | None):
-    """A sampler from parsed command-line settings."""
+def build_runner(model, args: argparse.Namespace):
+    """The paged runner around ``model`` with the command line's KV budget."""
+    from powerfast.runner import ModelRunner
+
+    if args.kv_memory is None:
+        return ModelRunner(model)
+    if args.kv_memory < 1:
+        raise ValueError(f"--kv-memory must be >= 1 MiB, got {args.kv_memory}")
+    return ModelRunner(model, max_memory=args.kv_memory << 20)
+
+
+def build_sampler(method: str, runner, tokenizer, args: argparse.Namespace, seed: int | None):
+    """A sampler from parsed command-line settings, on ``runner`` (shared by all methods)."""
     from powerfast.baselines import make_sampler
     from powerfast.config import MCMCConfig, PowerConfig
 
-    runner_kwargs = {}
-    if args.kv_memory is not None:
-        if args.kv_memory < 1:
-            raise ValueError(f"--kv-memory must be >= 1 MiB, got {args.kv_memory}")
-        runner_kwargs["max_memory"] = args.kv_memory << 20
     power = mcmc = None
     if method == "power":
         power = PowerConfig(args.alpha, args.block_size, args.candidates, args.top_k, args.rollouts, args.horizon,
                             not args.no_jackknife)
     elif method == "mcmc":
         mcmc = MCMCConfig(args.alpha, args.block_size, args.mcmc_steps)
-    return make_sampler(method, model, tokenizer, alpha=args.alpha, seed=seed, temperature=args.temperature,
-                        num_samples=args.num_samples, power_config=power, mcmc_config=mcmc, **runner_kwargs)
+    return make_sampler(method, runner, tokenizer, alpha=args.alpha, seed=seed, temperature=args.temperature,
+                        num_samples=args.num_samples, power_config=power, mcmc_config=mcmc)
 
 
 def _load(args):
@@ -129,7 +135,7 @@ class _Progress:
 
 def _run_sample(args) -> int:
     model, tokenizer = _load(args)
-    sampler = build_sampler(args.method, model, tokenizer, args, args.seed)
+    sampler = build_sampler(args.method, build_runner(model, args), tokenizer, args, args.seed)
     progress = _Progress(args.max_new_tokens, enabled=not args.json)
     try:
         [result] = sampler.generate([args.prompt], args.max_new_tokens, ignore_eos=args.ignore_eos,
@@ -171,10 +177,11 @@ def _run_eval(args) -> int:
     seeds = _parse_list(args.seeds, int, "seeds")
     task = load_task(args.task)
     model, tokenizer = _load(args)
+    runner = build_runner(model, args)
     chat = not args.no_chat_template and task.kind != "code"
 
     def method_fn(name):
-        sampler = build_sampler(name, model, tokenizer, args, None)
+        sampler = build_sampler(name, runner, tokenizer, args, None)
 
         def generate(prompts: list[str], seed: int) -> list:
             sampler.seeds = SeedStream(seed)
@@ -196,7 +203,7 @@ def _run_profile(args) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     model, tokenizer = _load(args)
-    sampler = build_sampler("power", model, tokenizer, args, args.seed)
+    sampler = build_sampler("power", build_runner(model, args), tokenizer, args, args.seed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, record_shapes=False) as prof:
         sampler.generate([args.prompt], args.max_new_tokens, ignore_eos=args.ignore_eos,
