@@ -120,11 +120,16 @@ def small_model():
     return tiny_llama(vocab=6, seed=SEED % 1000)
 
 
-def test_token_distribution_converges_to_the_exact_conditional(small_model, torch_ops):
-    """Average of many independent estimates vs exact.power_conditional, by M."""
+def test_token_distribution_converges_to_the_exact_conditional(torch_ops):
+    """Average of many independent estimates vs exact.power_conditional, by M.
+
+    No EOS here: with one, a 3-token horizon puts nearly all the power mass on ending at
+    once (a short sequence is far likelier), and every estimator is trivially right."""
+    model = tiny_llama(vocab=6, seed=SEED % 1000, sharpen=4.0, eos=None)
     prompt, max_new, alpha, copies = [0, 3], 3, 4.0, 600
-    target = exact.power_conditional(HFLanguageModel(small_model), prompt, alpha, max_new)
-    runner = ModelRunner(small_model)
+    target = exact.power_conditional(HFLanguageModel(model), prompt, alpha, max_new)
+    assert float(target.max()) < 0.9, target  # a decision worth estimating
+    runner = ModelRunner(model)
     plain_tv, jack_tv = {}, {}
     for m in (2, 16):
         config = PowerConfig(alpha=alpha, block_size=1, top_k=6, num_rollouts=m, horizon=max_new)
@@ -137,7 +142,8 @@ def test_token_distribution_converges_to_the_exact_conditional(small_model, torc
             mean_jack[ids] += torch.tensor(record.probs, dtype=torch.float64) / copies
         plain_tv[m], jack_tv[m] = total_variation(mean_plain, target), total_variation(mean_jack, target)
         assert runner.cache.blocks_in_use == 0
-    assert jack_tv[16] < 0.03 and plain_tv[16] < 0.05, (plain_tv, jack_tv, SEED)
+    # measured over model seeds 0-3: plain 0.07-0.16 at M = 2, 0.007-0.05 at M = 16; jackknife 0.001-0.013 at 16
+    assert jack_tv[16] < 0.03 and plain_tv[16] < 0.08, (plain_tv, jack_tv, SEED)
     assert plain_tv[16] < plain_tv[2], (plain_tv, SEED)
     # same rollouts for both estimators: the jackknife may not be further from the target
     assert jack_tv[16] <= plain_tv[16] + 0.005, (plain_tv, jack_tv, SEED)
