@@ -32,11 +32,14 @@ the same on every device: a seed gives the same tokens under the interpreter and
 (up to float rounding at the chunk-choice boundaries)."""
 
 
-PHILOX_KEY_A: tl.constexpr = 0x9E3779B9
-PHILOX_KEY_B: tl.constexpr = 0xBB67AE85
-PHILOX_ROUND_A: tl.constexpr = 0xD2511F53
-PHILOX_ROUND_B: tl.constexpr = 0xCD9E8D57
-UINT_TO_UNIFORM: tl.constexpr = 4.6566127342e-10  # largest scale with (2**31 - 1) * scale < 1
+# Globals read inside a compiled kernel must be constexpr *instances*: an annotation
+# (`X: tl.constexpr = ...`) is accepted by the interpreter but is a NameError when the
+# kernel is compiled for a GPU.
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
+UINT_TO_UNIFORM = tl.constexpr(4.6566127342e-10)  # largest scale with (2**31 - 1) * scale < 1
 
 
 @triton.jit(do_not_specialize=["seed", "eos_token_id", "vocab_size"])
