@@ -105,6 +105,7 @@ def write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
     num_tokens = key.shape[0]
     if num_tokens == 0:
         return
+    slot_mapping = slot_mapping.contiguous()  # read at unit stride
     _, block_size, kv_heads, head_dim = key_cache.shape
     block_hd = min(triton.next_power_of_2(kv_heads * head_dim), 4096)
     grid = (num_tokens, triton.cdiv(kv_heads * head_dim, block_hd))
@@ -137,6 +138,8 @@ def copy_blocks(key_cache, value_cache, src_blocks, dst_blocks) -> None:
     _same_strides(key_cache, value_cache)
     _, block_size, kv_heads, head_dim = key_cache.shape
     per_block = block_size * kv_heads * head_dim
+    src_blocks = src_blocks.contiguous()  # read at unit stride
+    dst_blocks = dst_blocks.contiguous()
     block = min(triton.next_power_of_2(per_block), 8192)
     grid = (src_blocks.shape[0], triton.cdiv(per_block, block))
     _copy_blocks_kernel[grid](

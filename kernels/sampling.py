@@ -193,6 +193,12 @@ def _launch(
 ):
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    # the kernel reads tokens[row] / offsets[row] at unit stride (e.g. a column slice
+    # tokens[:, t] is not); active and logliks are updated in place and checked by the caller
+    if tokens is not None:
+        tokens = tokens.contiguous()
+    if offsets is not None:
+        offsets = offsets.contiguous()
     num_rows, vocab_size = logits.shape
     device = logits.device
     tempered = temperature != 1.0

@@ -230,3 +230,17 @@ def test_dispatch_reads_environment(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not ops._use_triton(cpu)
     assert os.environ["TRITON_INTERPRET"] == "0"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_tokens_and_offsets(device):
+    """A column slice (stride > 1) of tokens / offsets is read element by element."""
+    logits = _logits(5, 300, torch.float32, device)
+    grid = torch.randint(0, 300, (5, 4), device=device)
+    scored = ops.score_tokens(logits, grid[:, 2])
+    assert torch.equal(scored.tokens.cpu(), grid[:, 2].cpu())
+    _assert_close(scored.base_logprobs, _ref_logprobs(logits, grid[:, 2]))
+    offsets = torch.arange(20, device=device).view(5, 4)
+    strided = ops.sample_tokens(logits, 1.0, seed=3, offsets=offsets[:, 1])
+    packed = ops.sample_tokens(logits, 1.0, seed=3, offsets=offsets[:, 1].contiguous())
+    assert torch.equal(strided.tokens.cpu(), packed.tokens.cpu())
