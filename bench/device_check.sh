@@ -12,7 +12,7 @@ status=0
 
 # ---------------------------------------------------------------------------- kernels
 echo "== kernel correctness (cuda-marked tests)"
-python -m pytest -q -p no:cacheprovider -m cuda \
+timeout -k 10 180 python -m pytest -q -p no:cacheprovider -m cuda \
     tests/test_ops_sampling.py tests/test_ops_jackknife.py tests/test_ops_topk.py tests/test_ops_kv.py \
     tests/test_paged_attention.py tests/test_runner.py \
     > "$OUT/kernels/tests.txt" 2>&1 || status=1
