@@ -18,7 +18,6 @@ of HF's; batch 1 throughput within 10% of HF.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -32,45 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-
-def _ensure_kernels_package() -> None:
-    """``powerfast.kernels`` is kernels/ once installed; map it by hand in a bare checkout."""
-    try:
-        importlib.import_module("powerfast.kernels.paged_attention")
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location(
-            "powerfast.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["powerfast.kernels"] = module
-        spec.loader.exec_module(module)
-
-
-_ensure_kernels_package()
-
 from bench_runner import HEADER, compare, run_hf, run_runner, summary  # noqa: E402
+from e2e import qwen25_1p5b_config  # noqa: E402
 
 from powerfast.runner import ModelRunner  # noqa: E402
-
-
-def qwen25_1p5b_config():
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        use_sliding_window=False,
-        bos_token_id=151643,
-        eos_token_id=151643,
-    )
 
 
 def build_model(dtype: torch.dtype, device: str):

@@ -33,8 +33,6 @@ from ``timeout``) stops the run and still prints and writes what was measured.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import math
 import os
@@ -51,21 +49,6 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-
-def _ensure_kernels_package() -> None:
-    """``powerfast.kernels`` is kernels/ once installed; map it by hand in a bare checkout."""
-    try:
-        importlib.import_module("powerfast.kernels")
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location(
-            "powerfast.kernels", REPO / "kernels" / "__init__.py", submodule_search_locations=[str(REPO / "kernels")]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["powerfast.kernels"] = module
-        spec.loader.exec_module(module)
-
-
-_ensure_kernels_package()
 
 from powerfast.baselines import make_sampler  # noqa: E402
 from powerfast.config import MCMCConfig, PowerConfig  # noqa: E402
