@@ -170,15 +170,17 @@ def _torch_sample_tokens(logits, temperature, seed, offsets, active, eos_token_i
     num_rows, vocab = logits.shape
     base_logprobs = _torch_log_softmax(logits)
     tempered_logprobs = base_logprobs if temperature == 1.0 else torch.log_softmax(logits.float() / temperature, dim=-1)
-    # Exponential race (Gumbel-max): argmax_v p_T(v) / E_v with E_v ~ Exp(1), one stream per row.
+    # Inverse CDF with one uniform per row, each row its own reproducible stream.
     row_offsets = offsets.tolist() if offsets is not None else list(range(num_rows))
-    noise = torch.empty(num_rows, vocab, dtype=torch.float32)
+    uniforms = torch.empty(num_rows, 1, dtype=torch.float64)
     generator = torch.Generator(device="cpu")
     for row, row_offset in enumerate(row_offsets):
         generator.manual_seed((seed * 0x9E3779B97F4A7C15 + int(row_offset)) % (2**63))
-        noise[row].exponential_(generator=generator)
-    noise = noise.to(logits.device)
-    tokens = torch.argmax(tempered_logprobs - noise.log(), dim=-1)
+        uniforms[row].uniform_(generator=generator)
+    cdf = torch.cumsum(torch.exp(tempered_logprobs.double()), dim=-1)
+    thresholds = uniforms.to(logits.device) * cdf[:, -1:]
+    # the first token whose cumulative mass exceeds the threshold: never a zero-probability one
+    tokens = torch.searchsorted(cdf, thresholds, right=True).squeeze(1).clamp_max(vocab - 1)
     base = base_logprobs.gather(1, tokens[:, None]).squeeze(1)
     tempered = None if temperature == 1.0 else tempered_logprobs.gather(1, tokens[:, None]).squeeze(1)
     return _torch_finish_rows(tokens, base, tempered, active, eos_token_id, logliks)
