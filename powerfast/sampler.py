@@ -237,7 +237,7 @@ class PowerSampler(RunnerSampler):
         logits = torch.stack([heads[i][1] for i in prompts])
         token_ids, logprobs = ops.topk_logprobs(logits, k)
         token_ids, logprobs = token_ids.cpu(), logprobs.cpu()
-        all_seqs, all_tokens, owners = [], [], []
+        all_seqs, all_tokens = [], []
         decisions = {}
         for row, i in enumerate(prompts):
             keep = torch.isfinite(logprobs[row])
