@@ -7,7 +7,6 @@ them touches KV tensors.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -289,11 +288,6 @@ def sample_continuations(
             logits = runner.decode(seqs, chosen)
     return Continuations(tokens, lengths, base, tempered, logits if want_last_logits else None,
                          token_base, token_tempered)
-
-
-def finish_stats(stats: GenerationStats, started: float) -> GenerationStats:
-    stats.wall_seconds = time.perf_counter() - started
-    return stats
 
 
 # ------------------------------------------------------------------- sampler base
