@@ -56,6 +56,7 @@ class PowerConfig:
 
     @property
     def token_level(self) -> bool:
+        """True at ``block_size = 1``: Algorithm 1, candidates are the Top-K next tokens."""
         return self.block_size == 1
 
 

@@ -153,6 +153,7 @@ def encode_prompts(prompts, tokenizer=None, chat_template: bool = True, context_
 
 
 def check_max_new_tokens(max_new_tokens) -> int:
+    """``max_new_tokens`` itself if it is an int > 0; ValueError naming the value otherwise."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be an int > 0, got {max_new_tokens!r}")
     return max_new_tokens
@@ -209,7 +210,7 @@ class Continuations(NamedTuple):
     tokens:           (N, S) int64 sampled tokens (after a row's EOS: the EOS id again)
     lengths:          (N,) int64 tokens generated per row, an ending EOS included
     base_logliks:     (N,) float32 sum of base log-probs of those tokens
-    tempered_logliks: (N,) float32 the same under the tempered distribution, or None at T = 1
+    tempered_logliks: (N,) float32 the same under the tempered distribution, or None at T = 0 or 1
     last_logits:      (N, V) logits after the last token, or None if not asked for
     token_logprobs:   (N, S) float32 base log-prob of each token (0 after the end), or None
     token_tempered:   (N, S) float32 tempered log-prob of each token, or None
@@ -337,9 +338,11 @@ class RunnerSampler:
         return None if ignore_eos else self._eos
 
     def encode(self, prompts, max_new_tokens: int, chat_template: bool = True) -> list[list[int]]:
+        """Checked token-id lists of ``prompts`` (see :func:`encode_prompts`), leaving room for the budget."""
         check_max_new_tokens(max_new_tokens)
         return encode_prompts(prompts, self.tokenizer, chat_template, self.context_length, max_new_tokens)
 
     def result(self, token_ids: list[int], stats: GenerationStats, loglik: float) -> GenerationResult:
+        """A :class:`GenerationResult` for ``token_ids``, decoded to text when there is a tokenizer."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else None
         return GenerationResult(token_ids, text, stats, loglik)
