@@ -275,7 +275,13 @@ class _Chain:
 def make_sampler(method: str, model, tokenizer=None, *, alpha: float = 4.0, seed: int | None = None,
                  temperature: float = 1.0, num_samples: int = 8, power_config=None, mcmc_config=None,
                  **runner_kwargs):
-    """A sampler by method name (one of METHODS) with the usual settings."""
+    """A sampler by method name (one of METHODS) with the usual settings.
+
+    alpha:       the exponent of "power" and "mcmc", and T = 1 / alpha of "low-temp"
+    temperature: of "plain" and "best-of-n"; num_samples: N of "best-of-n"
+    power_config / mcmc_config: full settings for "power" / "mcmc" (then ``alpha`` is not used)
+    Raises ValueError for an unknown method.
+    """
     from powerfast.config import PowerConfig
     from powerfast.sampler import PowerSampler
 
