@@ -1,11 +1,9 @@
 """The paper's toy: exact values, and the measured bias of the plain and jackknife estimators."""
 
-import math
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from powerfast import exact, toy
 
