@@ -24,7 +24,7 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, V): 5003 is not a multiple of the 4096-wide chunk
 SHAPES = [(1, 1), (3, 7), (64, 1000), (64, 5003), (3, 32000), (1, 151936), (3, 151936)]
-SIGNIFICANCE = 1e-3
+SIGNIFICANCE = 1e-4  # false rejections 1 in 10^4; the power checks below still reject wrong laws
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
 
