@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from device_kernels import torch_sample  # the same torch baseline the GPU script times
+
 from powerfast import estimators, ops
 
 CUDA = torch.cuda.is_available()
@@ -45,16 +47,6 @@ def _record_bandwidth(benchmark, num_bytes):
 def _skip_interpreted(backend):
     if backend == "triton" and not CUDA:
         pytest.skip("Triton runs only under the interpreter here: its timings are meaningless")
-
-
-def torch_sample(logits, temperature, logliks):
-    """The plain torch step: log_softmax + multinomial + gather (+ the tempered log-prob)."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    tempered = torch.log_softmax(logits.float() / temperature, dim=-1)
-    tokens = torch.multinomial(tempered.exp(), 1).squeeze(1)
-    base = logprobs.gather(1, tokens[:, None]).squeeze(1)
-    logliks += base
-    return tokens, base, tempered.gather(1, tokens[:, None]).squeeze(1)
 
 
 def _logits(shape):

@@ -41,6 +41,7 @@ def copy_bandwidth() -> float:
 
 
 def torch_sample(logits, temperature, logliks):
+    """The plain torch step: log_softmax + multinomial + gather (+ the tempered log-prob)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     tempered = torch.log_softmax(logits.float() / temperature, dim=-1)
     tokens = torch.multinomial(tempered.exp(), 1).squeeze(1)
