@@ -15,8 +15,16 @@ import time
 
 import torch
 
-from powerfast.config import MCMCConfig, SamplingConfig
-from powerfast.generation import GenerationResult, GenerationStats, RunnerSampler, phase, sample_continuations
+from powerfast.config import MCMCConfig, PowerConfig, SamplingConfig
+from powerfast.generation import (
+    GenerationResult,
+    GenerationStats,
+    RunnerSampler,
+    check_no_nan,
+    phase,
+    sample_continuations,
+)
+from powerfast.sampler import PowerSampler
 
 __all__ = ["AncestralSampler", "MCMCSampler", "make_sampler", "METHODS"]
 
@@ -64,8 +72,7 @@ class AncestralSampler(RunnerSampler):
                                            temperature=self.config.temperature, eos_token_id=eos)
         finally:
             self.runner.free(live)
-        if bool(torch.isnan(out.base_logliks).any()):
-            raise FloatingPointError("the model returned NaN logits while sampling")
+        check_no_nan(out.base_logliks, "sampling")
         tokens, lengths, logliks = out.tokens.cpu(), out.lengths.cpu(), out.base_logliks.cpu()
         elapsed = time.perf_counter() - started
         results = []
@@ -136,7 +143,7 @@ class MCMCSampler(RunnerSampler):
                         self.runner, [chains[i].seq for i in open_chains], logits, block, self.seeds,
                         temperature=1.0 / self.config.alpha, eos_token_id=eos, per_token=True,
                     )
-                self._check(out.base_logliks)
+                check_no_nan(out.base_logliks, "MCMC")
                 lengths = out.lengths.cpu().tolist()
                 tokens, logp, logq = out.tokens.cpu(), out.token_logprobs.cpu(), out.token_tempered.cpu()
                 for row, i in enumerate(open_chains):
@@ -163,11 +170,6 @@ class MCMCSampler(RunnerSampler):
             stat.acceptance_rate = chain.accepted / chain.proposed if chain.proposed else None
             results.append(self.result(chain.tokens, stat, float(sum(chain.logp))))
         return results
-
-    @staticmethod
-    def _check(logliks: torch.Tensor) -> None:
-        if bool(torch.isnan(logliks).any()):
-            raise FloatingPointError("the model returned NaN logits during MCMC")
 
     def _next_token_logits(self, chains: list[_Chain], live: list) -> torch.Tensor:
         """(N, V) next-token logits of each chain's sequence: fork it one token short and
@@ -203,7 +205,7 @@ class MCMCSampler(RunnerSampler):
         wanted = [block_end - m for m in starts]
         proposal = sample_continuations(self.runner, children, logits, max(wanted), self.seeds,
                                         temperature=1.0 / alpha, eos_token_id=eos, per_token=True)
-        self._check(proposal.base_logliks)
+        check_no_nan(proposal.base_logliks, "MCMC")
         lengths = proposal.lengths.cpu().tolist()
         tokens, logp, logq = proposal.tokens.cpu(), proposal.token_logprobs.cpu(), proposal.token_tempered.cpu()
         for row, (chain, m, child, stat) in enumerate(zip(chains, starts, children, stats)):
@@ -282,9 +284,6 @@ def make_sampler(method: str, model, tokenizer=None, *, alpha: float = 4.0, seed
     power_config / mcmc_config: full settings for "power" / "mcmc" (then ``alpha`` is not used)
     Raises ValueError for an unknown method.
     """
-    from powerfast.config import PowerConfig
-    from powerfast.sampler import PowerSampler
-
     if method == "power":
         return PowerSampler(model, tokenizer, power_config or PowerConfig(alpha=alpha), seed, **runner_kwargs)
     if method == "mcmc":

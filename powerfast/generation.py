@@ -24,6 +24,7 @@ __all__ = [
     "Continuations",
     "sample_continuations",
     "encode_prompts",
+    "check_no_nan",
     "phase",
 ]
 
@@ -150,6 +151,13 @@ def encode_prompts(prompts, tokenizer=None, chat_template: bool = True, context_
                 )
         encoded.append(ids)
     return encoded
+
+
+def check_no_nan(values: torch.Tensor, where: str) -> None:
+    """Raise FloatingPointError if the model's logits (or log-likelihoods summed from them)
+    hold a NaN. One host sync: call it once per phase, not per token."""
+    if bool(torch.isnan(values).any()):
+        raise FloatingPointError(f"the model returned NaN logits during {where}")
 
 
 def check_max_new_tokens(max_new_tokens) -> int:

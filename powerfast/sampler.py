@@ -32,6 +32,7 @@ from powerfast.generation import (
     GenerationResult,
     GenerationStats,
     RunnerSampler,
+    check_no_nan,
     phase,
     sample_continuations,
 )
@@ -48,11 +49,6 @@ class Decision:
     candidate_logprobs: torch.Tensor  # (K,) float32
     ends_with_eos: list[bool]
     last_logits: torch.Tensor  # (K, V) logits after each candidate block
-
-
-def _check_logits_finite(logits: torch.Tensor, where: str) -> None:
-    if bool(torch.isnan(logits).any()):
-        raise FloatingPointError(f"the model returned NaN logits during {where}")
 
 
 class PowerSampler(RunnerSampler):
@@ -96,7 +92,7 @@ class PowerSampler(RunnerSampler):
             with phase("prefill"):
                 seqs, logits = self.runner.prefill(prompt_ids)
             live.extend(seqs)
-            _check_logits_finite(logits, "prefill")
+            check_no_nan(logits, "prefill")
             for i, ids in enumerate(prompt_ids):
                 stats[i].add("prefill", len(ids))
             open_prompts = list(range(len(prompt_ids)))
@@ -151,7 +147,7 @@ class PowerSampler(RunnerSampler):
         try:
             seqs, logits = self.runner.prefill(prompt_ids)
             live.extend(seqs)
-            _check_logits_finite(logits, "prefill")
+            check_no_nan(logits, "prefill")
             stats = [GenerationStats(self.method) for _ in prompt_ids]
             heads = {i: (seqs[i], logits[i]) for i in range(len(prompt_ids))}
             decided = self._decide(list(heads), heads, max_new_tokens, eos, stats, live, select=False)
@@ -195,7 +191,7 @@ class PowerSampler(RunnerSampler):
             self.runner.free(rollout_seqs)
             drop = {id(s) for s in rollout_seqs}
             live[:] = [s for s in live if id(s) not in drop]
-            _check_logits_finite(rollouts.base_logliks, "rollouts")
+            check_no_nan(rollouts.base_logliks, "rollouts")
             per_candidate = rollouts.base_logliks.view(len(needs_rollouts), cfg.num_rollouts).cpu()
             lengths = rollouts.lengths.view(len(needs_rollouts), cfg.num_rollouts).sum(-1).cpu()
             for row, (i, k) in enumerate(needs_rollouts):
@@ -250,7 +246,7 @@ class PowerSampler(RunnerSampler):
                                     [eos is not None and t == eos for t in ids], None)
             stats[i].add("candidates", len(ids))
         last_logits = self.runner.decode(all_seqs, torch.tensor(all_tokens, device=logits.device))
-        _check_logits_finite(last_logits, "candidates")
+        check_no_nan(last_logits, "candidates")
         start = 0
         for i in prompts:
             n = len(decisions[i].candidates)
@@ -270,7 +266,7 @@ class PowerSampler(RunnerSampler):
         sampled = sample_continuations(
             self.runner, seqs, torch.cat(first_logits), block, self.seeds, eos_token_id=eos, want_last_logits=True
         )
-        _check_logits_finite(sampled.base_logliks, "candidates")
+        check_no_nan(sampled.base_logliks, "candidates")
         tokens = sampled.tokens.cpu()
         lengths = sampled.lengths.cpu().tolist()
         logliks = sampled.base_logliks.cpu()
