@@ -208,7 +208,7 @@ class ModelRunner:
         self._decode_fn = self._decode_core
         if compile:
             options = {"backend": compile} if isinstance(compile, str) else {}
-            self._decode_fn = torch.compile(self._decode_core, fullgraph=True, dynamic=False, **options)
+            self._decode_fn = torch.compile(self._decode_core, fullgraph=True, **options)
 
     # ------------------------------------------------------------------ attention switch
 
