@@ -142,9 +142,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-compile-backend", default="inductor")
     parser.add_argument("--budget-s", type=float, default=240.0)
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared CPU)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _, description = build_model(args.model, str(device), args.num_layers)
     started = time.perf_counter()

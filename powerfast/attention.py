@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from powerfast import library
 
 __all__ = [
     "ATTENTION_NAME",
@@ -356,10 +357,10 @@ def paged_attention_forward(
     # two custom operators (powerfast.library): torch.compile and graph capture see each
     # as one opaque op. On the CPU the torch backend writes with plain torch (the Triton
     # kernel would run under TRITON_INTERPRET=1 in every layer of every forward).
-    torch.ops.powerfast.write_kv(key_cache, value_cache, keys, values, ctx.slot_mapping, ctx.backend != "torch")
+    library.write_kv(key_cache, value_cache, keys, values, ctx.slot_mapping, ctx.backend != "torch")
     if queries.dtype != key_cache.dtype:
         queries = queries.to(key_cache.dtype)
-    out = torch.ops.powerfast.paged_attention(
+    out = library.paged_attention(
         queries, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_k, ctx.query_start_loc,
         ctx.query_seq_index, ctx.query_positions, float(scaling), ctx.max_query_len, ctx.max_seq_len,
         ctx.shared_prefix_blocks, ctx.backend,
@@ -404,8 +405,6 @@ def register() -> str:
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
-
-    import powerfast.library  # noqa: F401  (registers the powerfast:: operators)
 
     if AttentionInterface._global_mapping.get(ATTENTION_NAME) is not paged_attention_forward:
         AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)

@@ -14,8 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-import powerfast.library  # noqa: F401  (registers torch.ops.powerfast.sample_tokens)
-from powerfast import ops
+from powerfast import library, ops
 
 __all__ = [
     "BlockRecord",
@@ -280,7 +279,7 @@ def sample_step(
     rows = logits.shape[0]
     offsets = seed * _SEED_MIX + counter * rows + torch.arange(rows, device=logits.device)
     eos = -1 if eos_token_id is None else int(eos_token_id)
-    tokens, base, tempered = torch.ops.powerfast.sample_tokens(logits, offsets, active, logliks, float(temperature), eos)
+    tokens, base, tempered = library.sample_tokens(logits, offsets, active, logliks, float(temperature), eos)
     counter.add_(1)
     return ops.SampleOutput(tokens, base, tempered)
 

@@ -17,7 +17,10 @@ host-side branch or a ``.tolist()`` of the torch references behind them.
   greedy. See :func:`powerfast.generation.sample_step` for how offsets are derived from a
   device seed and a device step counter.
 
-Importing this module registers the operators (once per process).
+Importing this module registers the operators (once per process). The functions of
+this module with the operators' names call the operator while ``torch.compile`` traces
+and its implementation directly otherwise (same result, without the dispatcher's
+per-call cost in an eager decode loop; CUDA-graph capture needs no operator).
 """
 
 from __future__ import annotations
@@ -32,8 +35,7 @@ __all__ = ["paged_attention", "sample_tokens", "write_kv"]
 # ------------------------------------------------------------------------------ KV write
 
 
-@torch.library.custom_op("powerfast::write_kv", mutates_args=("key_cache", "value_cache"))
-def write_kv(
+def _write_kv(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     key: torch.Tensor,
@@ -57,7 +59,10 @@ def write_kv(
     flat_values.index_copy_(0, slot_mapping, value.to(value_cache.dtype))
 
 
-@write_kv.register_fake
+_write_kv_op = torch.library.custom_op("powerfast::write_kv", mutates_args=("key_cache", "value_cache"))(_write_kv)
+
+
+@_write_kv_op.register_fake
 def _(key_cache, value_cache, key, value, slot_mapping, use_triton) -> None:
     return None
 
@@ -65,8 +70,7 @@ def _(key_cache, value_cache, key, value, slot_mapping, use_triton) -> None:
 # ------------------------------------------------------------------------- attention
 
 
-@torch.library.custom_op("powerfast::paged_attention", mutates_args=())
-def paged_attention(
+def _paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -107,7 +111,10 @@ def paged_attention(
     return out.to(query.dtype).contiguous()
 
 
-@paged_attention.register_fake
+_paged_attention_op = torch.library.custom_op("powerfast::paged_attention", mutates_args=())(_paged_attention)
+
+
+@_paged_attention_op.register_fake
 def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_k, query_start_loc, query_seq_index,
       query_positions, scale, max_query_len, max_seq_len, shared_prefix_blocks, backend):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
@@ -116,8 +123,7 @@ def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_k, query
 # -------------------------------------------------------------------------- sampling
 
 
-@torch.library.custom_op("powerfast::sample_tokens", mutates_args=("active", "logliks"))
-def sample_tokens(
+def _sample_tokens(
     logits: torch.Tensor,
     offsets: torch.Tensor,
     active: torch.Tensor,
@@ -146,7 +152,12 @@ def sample_tokens(
     return out.tokens.clone(), out.base_logprobs, tempered
 
 
-@sample_tokens.register_fake
+_sample_tokens_op = torch.library.custom_op("powerfast::sample_tokens", mutates_args=("active", "logliks"))(
+    _sample_tokens
+)
+
+
+@_sample_tokens_op.register_fake
 def _(logits, offsets, active, logliks, temperature, eos_token_id):
     rows = logits.shape[0]
     return (
@@ -154,3 +165,27 @@ def _(logits, offsets, active, logliks, temperature, eos_token_id):
         logits.new_empty(rows, dtype=torch.float32),
         logits.new_empty(rows, dtype=torch.float32),
     )
+
+
+# ------------------------------------------------------------------- callers' entry points
+
+
+def write_kv(*args) -> None:
+    """``torch.ops.powerfast.write_kv`` (see :func:`_write_kv` for the arguments)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.powerfast.write_kv(*args)
+    return _write_kv(*args)
+
+
+def paged_attention(*args) -> torch.Tensor:
+    """``torch.ops.powerfast.paged_attention`` (see :func:`_paged_attention` for the arguments)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.powerfast.paged_attention(*args)
+    return _paged_attention(*args)
+
+
+def sample_tokens(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.powerfast.sample_tokens`` (see :func:`_sample_tokens` for the arguments)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.powerfast.sample_tokens(*args)
+    return _sample_tokens(*args)

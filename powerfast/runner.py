@@ -55,6 +55,7 @@ that holds it, larger batches run unpadded and eagerly."""
 PAD_ROW = 0  # the metadata row of padding entries: never given to a sequence, length 0
 _MIN_ATTN_LEN = 256  # smallest max_seq_len bucket of compiled / captured steps
 _BATCH_CACHE_SIZE = 32  # device row-index tensors kept for recently decoded batches
+_INITIAL_ROWS = 256  # metadata rows allocated up front (they grow by doubling)
 
 
 def batch_bucket(num_seqs: int) -> int | None:
@@ -194,17 +195,18 @@ class ModelRunner:
         max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 0
         width = -(-max_positions // block_size) if max_positions else self.cache.num_blocks
         self._table_width = max(1, min(width, self.cache.num_blocks))
-        self._block_tables = torch.zeros(64, self._table_width, dtype=torch.int32, device=self.device)
-        self._seq_lens = torch.zeros(64, dtype=torch.int32, device=self.device)
+        self._block_tables = torch.zeros(_INITIAL_ROWS, self._table_width, dtype=torch.int32, device=self.device)
+        self._seq_lens = torch.zeros(_INITIAL_ROWS, dtype=torch.int32, device=self.device)
         self._rows: dict[int, int] = {}  # seq_id -> row
         self._mirrors: dict[int, list[int]] = {}  # row -> the block ids its device row holds
-        self._free_rows = list(range(63, 0, -1))
+        self._free_rows = list(range(_INITIAL_ROWS - 1, 0, -1))
         self._batches: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         # compile / graphs
         self.bucketing = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._capture = self.bucketing and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
         self._graph_pool = None
+        self._graph_buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._decode_fn = self._decode_core
         if compile:
             options = {"backend": compile} if isinstance(compile, str) else {}
@@ -638,14 +640,24 @@ class _CapturedStep:
     """The decode step of one (batch bucket, max_seq_len bucket) as a CUDA graph.
 
     Static inputs ``input_ids`` / ``rows`` (padded,) are refilled before each replay;
-    ``logits`` (padded, V) is the graph's output buffer. Warm-up and capture run on
-    padding rows only, so they write no KV and change no real sequence's length.
+    ``logits`` (padded, V) is the output buffer, shared by the graphs of one batch bucket
+    (allocated outside the graph pool, so that the graphs of several length buckets hold
+    one copy). Warm-up and capture run on padding rows only, so they write no KV and
+    change no real sequence's length.
     """
 
     def __init__(self, runner: ModelRunner, padded: int, max_seq_len: int) -> None:
         device = runner.device
-        self.input_ids = torch.zeros(padded, dtype=torch.long, device=device)
-        self.rows = torch.full((padded,), PAD_ROW, dtype=torch.long, device=device)
+        static = runner._graph_buffers.get(padded)
+        if static is None:
+            static = (
+                torch.zeros(padded, dtype=torch.long, device=device),
+                torch.full((padded,), PAD_ROW, dtype=torch.long, device=device),
+                torch.empty(padded, runner.vocab_size, dtype=runner.dtype, device=device),
+            )
+            runner._graph_buffers[padded] = static
+        self.input_ids, self.rows, self.logits = static
+        self.rows.fill_(PAD_ROW)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -654,7 +666,7 @@ class _CapturedStep:
         torch.cuda.current_stream(device).wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=runner._graph_pool):
-            self.logits = runner._decode_fn(self.input_ids, self.rows, max_seq_len, 0)
+            self.logits.copy_(runner._decode_fn(self.input_ids, self.rows, max_seq_len, 0))
         if runner._graph_pool is None:
             runner._graph_pool = self.graph.pool()
 

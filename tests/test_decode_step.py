@@ -303,3 +303,20 @@ def test_forward_counts_in_stats():
     assert result.stats.num_forwards == 5
     assert result.stats.mean_batch_size == 1.0
     assert result.stats.to_dict()["num_forwards"] == 5
+
+
+def test_metadata_rows_grow_past_their_initial_count():
+    from powerfast.runner import _INITIAL_ROWS
+
+    runner = ModelRunner(tiny_model("llama"), block_size=8, num_blocks=2 * _INITIAL_ROWS + 64, backend="torch")
+    prompt = list(range(1, 12))
+    seqs, _ = runner.prefill([prompt])
+    children = runner.fork(seqs[0], _INITIAL_ROWS + 5)  # past the rows allocated up front
+    assert runner._block_tables.shape[0] > _INITIAL_ROWS
+    tokens = [(7 * i) % 300 + 1 for i in range(len(children))]
+    logits = runner.decode(children, tokens)
+    for row in (0, len(children) - 1):
+        torch.testing.assert_close(logits[row], dense_next_logits(runner, prompt + [tokens[row]]), atol=ATOL, rtol=RTOL)
+    assert_rows_match_host(runner, seqs + children)
+    runner.free(children + seqs)
+    assert runner.cache.blocks_in_use == 0
