@@ -225,6 +225,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ sequences
 
+    @torch.inference_mode()
     def fork(self, seq: Sequence, n: int, length: int | None = None) -> list[Sequence]:
         """n children sharing ``seq``'s first ``length`` positions (default all); no KV copied.
 
@@ -438,18 +439,20 @@ class ModelRunner:
     def _grow_rows(self, extra: int) -> None:
         old = self._block_tables.shape[0]
         new = max(2 * old, old + extra)
-        tables = torch.zeros(new, self._table_width, dtype=torch.int32, device=self.device)
-        lens = torch.zeros(new, dtype=torch.int32, device=self.device)
-        tables[:old] = self._block_tables
-        lens[:old] = self._seq_lens
+        with torch.inference_mode(False):  # normal tensors, updatable in and out of inference mode
+            tables = torch.zeros(new, self._table_width, dtype=torch.int32, device=self.device)
+            lens = torch.zeros(new, dtype=torch.int32, device=self.device)
+            tables[:old] = self._block_tables
+            lens[:old] = self._seq_lens
         self._block_tables, self._seq_lens = tables, lens
         self._free_rows.extend(range(new - 1, old - 1, -1))
         self._graphs.clear()  # they point at the old tensors
 
     def _grow_width(self, width: int) -> None:
         rows = self._block_tables.shape[0]
-        tables = torch.zeros(rows, width, dtype=torch.int32, device=self.device)
-        tables[:, : self._table_width] = self._block_tables
+        with torch.inference_mode(False):
+            tables = torch.zeros(rows, width, dtype=torch.int32, device=self.device)
+            tables[:, : self._table_width] = self._block_tables
         self._block_tables, self._table_width = tables, width
         self._graphs.clear()
 

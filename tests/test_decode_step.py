@@ -320,3 +320,16 @@ def test_metadata_rows_grow_past_their_initial_count():
     assert_rows_match_host(runner, seqs + children)
     runner.free(children + seqs)
     assert runner.cache.blocks_in_use == 0
+
+
+def test_metadata_grown_in_a_forward_can_be_forked_outside_inference_mode():
+    """Rows grown inside a forward (inference mode) stay normal tensors: a later fork,
+    outside inference mode, updates them in place."""
+    from powerfast.runner import _INITIAL_ROWS
+
+    runner = ModelRunner(tiny_model("llama"), block_size=8, num_blocks=_INITIAL_ROWS + 64, backend="torch")
+    seqs, _ = runner.prefill([[1 + i % 7] for i in range(_INITIAL_ROWS + 2)])  # grows the rows in a forward
+    assert not runner._block_tables.is_inference()
+    children = runner.fork(seqs[-1], 2, length=1)
+    assert_rows_match_host(runner, seqs + children)
+    runner.free(children + seqs)
