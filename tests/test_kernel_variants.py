@@ -16,6 +16,7 @@ compilations with Triton's post-compile hook.
 from __future__ import annotations
 
 import inspect
+import os
 import random
 
 import pytest
@@ -27,6 +28,10 @@ from powerfast.kernels import paged_attention as paged_attention_module
 from powerfast.runner import ModelRunner
 
 KERNEL_NAMES = ("_paged_attention_kernel", "_merge_splits_kernel")
+
+cpu_twin = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU twin of a cuda test: needs TRITON_INTERPRET=1"
+)
 
 
 @triton.jit
@@ -126,6 +131,7 @@ SHORT_RUN_CUDA = ([3, 300], 2)
 LONG_RUN_CUDA = ([20, 700, 5], 2)
 
 
+@cpu_twin
 def test_runner_runs_of_two_lengths_launch_one_attention_variant(recorded):
     runner = ModelRunner(tiny_llama("cpu"), num_blocks=64, backend="triton")
     run_once(runner, *SHORT_RUN)
@@ -135,6 +141,7 @@ def test_runner_runs_of_two_lengths_launch_one_attention_variant(recorded):
     assert len(set(keys)) == 1, differing(keys)
 
 
+@cpu_twin
 def test_split_counts_and_offset_metadata_launch_one_variant_each(recorded):
     """Direct launches with 2, 3 and 5 splits and metadata slices at odd offsets."""
     from test_paged_attention import float64_reference, make_case
