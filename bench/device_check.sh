@@ -20,7 +20,8 @@
 # SMOKE=1 runs the same stages on a machine without a GPU (kernels under the interpreter,
 # a tiny random Llama for runtime and end-to-end) and fails unless every stage finished
 # ok, printed its table and the files fit what comes back. CI runs it. Its timings are not
-# measurements. Limits: TESTS_S, KERNELS_S, RUNTIME_S, E2E_S (seconds), SCRIPT_BUDGET_S;
+# measurements. Limits: TESTS_S, KERNELS_S, RUNTIME_S, E2E_S (seconds; 0: what is left of
+# SCRIPT_BUDGET_S, the default for e2e), SCRIPT_BUDGET_S;
 # E2E_LONG=1 adds a 3072-token case to e2e. ONLY="tests kernels" runs those stages alone (two
 # calls instead of one: ONLY="tests kernels", then ONLY="runtime e2e", each with the whole budget).
 #
