@@ -17,8 +17,11 @@ forward), ``graphs`` (CUDA graphs per batch bucket), ``compiled+graphs``. On a C
     python bench/device_decode.py [--model qwen2.5-1.5b] [--batches 1,8,64,256] [--out DIR]
     python bench/device_decode.py --model tiny --device cpu --batches 1,8,64   # CPU rows
 
-Writes ``decode.json`` under ``--out`` and prints a table. ``--budget-s`` bounds the run:
-modes and batches left when it is spent are listed as skipped.
+Prints a table (stdout; progress on stderr) and writes every number to ``--json`` (or
+``decode.json`` under ``--out``). ``--budget-s`` bounds the run: modes and batches left
+when it is spent are listed as skipped. ``--smoke``: the same code on the CPU, tiny
+random Llama, short prefix, compiled with ``aot_eager`` (what CI runs; not a measurement).
+A stage of ``bench/device_check.sh`` (``decode``).
 """
 
 from __future__ import annotations
@@ -144,7 +147,13 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared CPU)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny random Llama, short prefix (not a measurement)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.model, args.device, args.batches, args.prefix_len = "tiny", "cpu", "1,3", 40
+        args.warmup, args.steps, args.new_tokens, args.prompt_len = 1, 2, 4, 8
+        args.kv_memory_mib, args.cpu_compile_backend, args.threads = 16, "aot_eager", args.threads or 1
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,9 +187,14 @@ def main(argv=None) -> int:
         "skipped": skipped,
         "plain_vs_generate": generate,
     }
+    report["smoke"] = args.smoke
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "decode.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.smoke:
+        print("smoke run (CPU, tiny model): not a measurement")
     print(f"decode step over a shared {args.prefix_len}-token prefix: {description}, {report['device']}")
     print(f"{'mode':16s} " + " ".join(f"{'b=' + str(b):>9s}" for b in args.batches.split(",")) + "   (ms/step)")
     for mode in args.modes.split(","):

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from powerfast import attention
+from powerfast import attention, ops
 from powerfast.attention import CONTEXT_KWARG, PagedAttentionContext
 from powerfast.cache import CacheConfig, PagedKVCache, Sequence
 
@@ -421,11 +421,8 @@ class ModelRunner:
 
     def _upload(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         """A host list as a device tensor; counted in ``upload_bytes``."""
-        host = torch.tensor(values, dtype=dtype)
-        self.upload_bytes += host.numel() * host.element_size()
-        if self.device.type == "cpu":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        self.upload_bytes += len(values) * torch.empty((), dtype=dtype).element_size()
+        return ops.upload_ints(values, dtype, self.device)
 
     def _take_rows(self, seqs: SequenceABC[Sequence]) -> list[int]:
         """Fresh metadata rows for sequences (growing the tensors if needed)."""
