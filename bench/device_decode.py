@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--kv-memory-mib", type=int, default=8192)
     parser.add_argument("--cpu-compile-backend", default="inductor")
     parser.add_argument("--budget-s", type=float, default=240.0)

@@ -333,3 +333,30 @@ def test_metadata_grown_in_a_forward_can_be_forked_outside_inference_mode():
     children = runner.fork(seqs[-1], 2, length=1)
     assert_rows_match_host(runner, seqs + children)
     runner.free(children + seqs)
+
+
+def test_a_failed_capture_warns_once_and_decodes_eagerly():
+    """Capture cannot work on the CPU: forcing it exercises the fallback (one warning, then
+    eager steps with the same logits as a runner that never tried)."""
+    import warnings
+
+    model = tiny_model("llama")
+    plain = ModelRunner(model, block_size=8, num_blocks=64, backend="torch", cuda_graphs=True)
+    forced = ModelRunner(model, block_size=8, num_blocks=64, backend="torch", cuda_graphs=True)
+    forced._capture = True  # as on CUDA
+    outputs = {}
+    for name, runner in (("plain", plain), ("forced", forced)):
+        seqs, _ = runner.prefill([list(range(2, 14))])
+        kids = runner.fork(seqs[0], 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            steps = [runner.decode(kids, [5 + step, 6, 7]) for step in range(3)]
+        outputs[name] = (steps, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+        runner.free(kids + seqs)
+        assert runner.cache.blocks_in_use == 0
+    assert outputs["plain"][1] == []
+    [message] = outputs["forced"][1]
+    assert "capture" in message and "eagerly" in message
+    assert forced._capture is False and not forced._graphs
+    for got, want in zip(outputs["forced"][0], outputs["plain"][0]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
