@@ -319,7 +319,9 @@ class ModelRunner:
             raise ValueError("no sequences given")
         if len({id(seq) for seq in seqs}) != num_seqs:
             raise ValueError("a sequence appears twice in one batch")
-        self._sync_rows(seqs)  # sequences the runner has not seen yet (or rows grown)
+        for seq in seqs:
+            self.cache._check_live(seq)  # before any row is given to it
+        self._sync_rows(seqs)  # sequences the runner has not seen yet
         start_lengths = [seq.length for seq in seqs]
         self.cache.append_slots(seqs, [1] * num_seqs)
         self._patch_rows(seqs)
