@@ -182,12 +182,13 @@ def test_batch_buckets():
     assert list(BATCH_BUCKETS) == sorted(BATCH_BUCKETS)
 
 
-def test_padded_buckets_give_the_unpadded_logits_and_tokens_and_write_no_real_kv():
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the kernels under the interpreter
+def test_padded_buckets_give_the_unpadded_logits_and_tokens_and_write_no_real_kv(backend):
     torch.manual_seed(0)
     model = tiny_model("llama")
     results = {}
     for bucketing in (False, True):
-        runner = ModelRunner(model, block_size=8, num_blocks=64, backend="torch", cuda_graphs=bucketing)
+        runner = ModelRunner(model, block_size=8, num_blocks=64, backend=backend, cuda_graphs=bucketing)
         prompt = list(range(3, 23))
         seqs, logits = runner.prefill([prompt])
         children = runner.fork(seqs[0], 3)  # 3 rows: padded to 4
