@@ -356,7 +356,21 @@ class ModelRunner:
                 step = self._capture_step(padded, batch.max_seq_len)
             if step is not None:
                 return step.replay(input_ids, batch.rows, batch.num_seqs)
-        logits = self._decode_fn(input_ids, batch.rows, batch.max_seq_len, batch.shared_prefix_blocks)
+        try:
+            logits = self._decode_fn(input_ids, batch.rows, batch.max_seq_len, batch.shared_prefix_blocks)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            if self._decode_fn is self._decode_core:
+                raise
+            # compilation fails before the step runs: nothing was written, run it eagerly
+            warnings.warn(
+                f"torch.compile of the decode step failed ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                f"decoding without compile from now on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            self._decode_fn = self._decode_core
+            self._graphs.clear()
+            logits = self._decode_fn(input_ids, batch.rows, batch.max_seq_len, batch.shared_prefix_blocks)
         return logits[: batch.num_seqs]
 
     def _decode_core(self, input_ids: torch.Tensor, rows: torch.Tensor, max_seq_len: int,

@@ -361,3 +361,30 @@ def test_a_failed_capture_warns_once_and_decodes_eagerly():
     assert forced._capture is False and not forced._graphs
     for got, want in zip(outputs["forced"][0], outputs["plain"][0]):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_a_failed_compilation_warns_once_and_decodes_eagerly():
+    import warnings
+
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("this backend compiles nothing")
+
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    plain = ModelRunner(model, block_size=8, num_blocks=64, backend="torch")
+    broken = ModelRunner(model, block_size=8, num_blocks=64, backend="torch", compile="aot_eager")
+    broken._decode_fn = torch.compile(broken._decode_core, fullgraph=True, backend=failing_backend)
+    outputs = {}
+    for name, runner in (("plain", plain), ("broken", broken)):
+        seqs, _ = runner.prefill([list(range(2, 14))])
+        kids = runner.fork(seqs[0], 2)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            steps = [runner.decode(kids, [5 + step, 6]) for step in range(2)]
+        outputs[name] = (steps, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+        assert_rows_match_host(runner, seqs + kids)
+        runner.free(kids + seqs)
+    [message] = outputs["broken"][1]
+    assert "compile" in message and "without compile" in message
+    for got, want in zip(outputs["broken"][0], outputs["plain"][0]):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
