@@ -21,6 +21,7 @@ Backends (all give the dense model's logits):
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -373,6 +374,7 @@ def no_mask(*args, **kwargs) -> None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _transformers_skips_unknown_masks() -> bool:
     """Whether transformers builds no mask for an attention name without a mask function.
 
