@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -299,7 +300,8 @@ def format_zeta_variance(rows) -> str:
 
 def rollout_ess_rows(horizons: Sequence[int] = (32, 64, 192), *, model_path: str | None = None, alpha: float = 4.0,
                      top_k: int = 4, num_rollouts: int = 16, seed: int = 0,
-                     prompt: str = "What is the sum of the first ten odd numbers? Answer briefly.") -> list[tuple]:
+                     prompt: str = "What is the sum of the first ten odd numbers? Answer briefly.",
+                     progress: Callable[[str], None] | None = None) -> list[tuple]:
     """Rollout ESS (of M) and log zeta of the Top-K first tokens, per proposal and horizon,
     on the embedded SmolLM2-135M-Instruct (or ``model_path``). returns rows (proposal, H,
     [ESS per candidate], [log zeta per candidate], seconds)."""
@@ -317,6 +319,8 @@ def rollout_ess_rows(horizons: Sequence[int] = (32, 64, 192), *, model_path: str
             started = time.perf_counter()
             [record] = sampler.decisions([prompt], horizon + 1, ignore_eos=True)
             rows.append((proposal, horizon, record.rollout_ess, record.log_zeta, time.perf_counter() - started))
+            if progress is not None:
+                progress(format_rollout_ess(rows[-1:]).splitlines()[-1])
     return rows
 
 
@@ -368,8 +372,6 @@ def _parse_model(text: str) -> ModelSpec:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     if args.draws < 1:
         raise ValueError(f"--draws must be >= 1, got {args.draws}")
     if not args.no_table:
@@ -389,7 +391,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_zeta_variance(zeta_variance_rows()))
     if args.rollout_ess:
         print()
-        print(format_rollout_ess(rollout_ess_rows(_ints(args.rollout_ess), seed=args.seed)))
+        print(format_rollout_ess(rollout_ess_rows(_ints(args.rollout_ess), seed=args.seed,
+                                                  progress=lambda line: print(line, file=sys.stderr, flush=True))))
     return 0
 
 

@@ -100,7 +100,9 @@ def test_zeta_hat_is_unbiased_for_both_proposals(horizon, torch_ops):
         exact_zeta = torch.tensor([exact.scaling_factor(model, prompt, t, alpha, horizon + 1) for t in ids],
                                   dtype=torch.float64)
         mean, stderr = hats.mean(0), hats.std(0) / math.sqrt(copies)
-        assert bool(((mean - exact_zeta).abs() <= 5 * stderr + 1e-6 * exact_zeta).all()), (proposal, mean, exact_zeta, SEED)
+        # 1e-5 relative: float32 log-weights (a peaked tempered future can give every
+        # rollout the same path, hence stderr 0)
+        assert bool(((mean - exact_zeta).abs() <= 5 * stderr + 1e-5 * exact_zeta).all()), (proposal, mean, exact_zeta, SEED)
         variances[proposal] = hats.var(0)
     if horizon == 1:
         assert float(variances["tempered"].max()) < 1e-12
