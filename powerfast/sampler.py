@@ -313,7 +313,7 @@ class PowerSampler(RunnerSampler):
             pending.append((i, [list(key) for key in kept], torch.tensor([logliks[k] for k in kept]), seqs))
         if pending:
             all_seqs = [s for _, _, _, seqs in pending for s in seqs]
-            last_tokens = torch.tensor([c[-1] for _, cands, _, _ in pending for c in cands], device=rollouts.tokens.device)
+            last_tokens = [c[-1] for _, cands, _, _ in pending for c in cands]  # the runner uploads them, no sync
             last_logits = self.runner.decode(all_seqs, last_tokens)
             check_no_nan(last_logits, "reused candidates")
             start = 0

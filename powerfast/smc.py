@@ -164,7 +164,7 @@ class SMCSampler(RunnerSampler):
                         particle.log_weight = -math.log(cfg.num_particles)
                     running.extend(particles[i])
                     source_rows.extend([i] * cfg.num_particles)
-            logits = prompt_logits[torch.tensor(source_rows, device=prompt_logits.device)]
+            logits = prompt_logits[ops.upload_ints(source_rows, torch.long, prompt_logits.device)]
             device = logits.device
             rows = _Rows(running, device, max_new_tokens)
             alpha_prev = 1.0
@@ -188,7 +188,7 @@ class SMCSampler(RunnerSampler):
                         running, keep_rows = self._check(particles, rows, alpha_t, last, eos, stats, live)
                     if not running:
                         break
-                    logits = logits[torch.tensor(keep_rows, device=device)]
+                    logits = logits[ops.upload_ints(keep_rows, torch.long, device)]
                     rows = _Rows(running, device, max_new_tokens - step - 1)
                 if progress is not None:
                     progress(step + 1, max_new_tokens)
