@@ -301,21 +301,25 @@ def format_zeta_variance(rows) -> str:
 def rollout_ess_rows(horizons: Sequence[int] = (32, 64, 192), *, model_path: str | None = None, alpha: float = 4.0,
                      top_k: int = 4, num_rollouts: int = 16, seed: int = 0,
                      prompt: str = "What is the sum of the first ten odd numbers? Answer briefly.",
-                     progress: Callable[[str], None] | None = None) -> list[tuple]:
+                     progress: Callable[[str], None] | None = None, proposals: Sequence[str] = ("base", "tempered"),
+                     kv_memory_mib: int = 2048) -> list[tuple]:
     """Rollout ESS (of M) and log zeta of the Top-K first tokens, per proposal and horizon,
-    on the embedded SmolLM2-135M-Instruct (or ``model_path``). returns rows (proposal, H,
+    on the embedded SmolLM2-135M-Instruct (or ``model_path``), with a KV pool of
+    ``kv_memory_mib`` (K x M rollouts of H tokens must fit). returns rows (proposal, H,
     [ESS per candidate], [log zeta per candidate], seconds)."""
     from powerfast.config import PowerConfig
     from powerfast.models import load_model
+    from powerfast.runner import ModelRunner
     from powerfast.sampler import PowerSampler
 
     model, tokenizer = load_model(model_path)
+    runner = ModelRunner(model, max_memory=kv_memory_mib << 20)
     rows = []
     for horizon in horizons:
-        for proposal in ("base", "tempered"):
+        for proposal in proposals:
             config = PowerConfig(alpha=alpha, block_size=1, top_k=top_k, num_rollouts=num_rollouts, horizon=horizon,
                                  rollout_proposal=proposal)
-            sampler = PowerSampler(model, tokenizer, config=config, seed=seed)
+            sampler = PowerSampler(runner, tokenizer, config=config, seed=seed)
             started = time.perf_counter()
             [record] = sampler.decisions([prompt], horizon + 1, ignore_eos=True)
             rows.append((proposal, horizon, record.rollout_ess, record.log_zeta, time.perf_counter() - started))
@@ -358,6 +362,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also print the variance of log zeta_hat, base vs tempered, on the toy cases")
     parser.add_argument("--rollout-ess", default=None, metavar="H,...",
                         help="also measure the rollout ESS of both proposals on the embedded model at these horizons")
+    parser.add_argument("--rollout-proposals", default="base,tempered",
+                        help="proposals of --rollout-ess (default base,tempered)")
     parser.add_argument("--no-table", action="store_true", help="skip the fidelity table itself")
 
 
@@ -391,7 +397,8 @@ def run(args: argparse.Namespace) -> int:
         print(format_zeta_variance(zeta_variance_rows()))
     if args.rollout_ess:
         print()
-        print(format_rollout_ess(rollout_ess_rows(_ints(args.rollout_ess), seed=args.seed,
+        proposals = [p.strip() for p in args.rollout_proposals.split(",") if p.strip()]
+        print(format_rollout_ess(rollout_ess_rows(_ints(args.rollout_ess), seed=args.seed, proposals=proposals,
                                                   progress=lambda line: print(line, file=sys.stderr, flush=True))))
     return 0
 
