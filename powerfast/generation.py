@@ -43,6 +43,9 @@ class BlockRecord:
     probs:              the distribution sampled from (jackknife or plain)
     log_zeta:           estimated log scaling factor of each candidate
     choice:             index into ``candidates`` of the block appended
+    rollout_ess:        effective sample size (1 / sum w_r^2) of each candidate's normalised
+                        rollout weights, in [1, M]; None for a candidate without rollouts
+                        (it ended, or no budget was left). Near 1: one rollout decided zeta
     """
 
     candidates: list[list[int]]
@@ -51,6 +54,7 @@ class BlockRecord:
     probs: list[float]
     log_zeta: list[float]
     choice: int
+    rollout_ess: list[float | None] | None = None
 
 
 @dataclass(slots=True)
@@ -237,6 +241,9 @@ class Continuations(NamedTuple):
     last_logits:      (N, V) logits after the last token, or None if not asked for
     token_logprobs:   (N, S) float32 base log-prob of each token (0 after the end), or None
     token_tempered:   (N, S) float32 tempered log-prob of each token, or None
+    log_power_sums:   (N,) float32 sum over the row's steps of log sum_x p(x | h_t)^(1/T)
+                      (the tempered rollout weight of DESIGN.md section 6), or None unless
+                      asked for; 0 at T = 1
     """
 
     tokens: torch.Tensor
@@ -246,6 +253,7 @@ class Continuations(NamedTuple):
     last_logits: torch.Tensor | None
     token_logprobs: torch.Tensor | None = None
     token_tempered: torch.Tensor | None = None
+    log_power_sums: torch.Tensor | None = None
 
 
 _SEED_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (wrapping multiply)
@@ -273,15 +281,18 @@ def sample_step(
     ``seed * 0x9E3779B97F4A7C15 + counter * N + i`` (int64, wrapping): distinct for every
     row and step of a loop, and a pure function of tensors, so the step compiles with
     ``torch.compile(fullgraph=True)`` and can be captured as a CUDA graph.
-    Returns SampleOutput(tokens (N,) int64, base_logprobs (N,), tempered_logprobs (N,);
-    the tempered log-probs equal the base ones at temperature 0 or 1).
+    Returns SampleOutput(tokens (N,) int64, base_logprobs (N,), tempered_logprobs (N,),
+    log_power_sums (N,); the tempered log-probs equal the base ones and the log power sums
+    are 0 at temperature 0 or 1).
     """
     rows = logits.shape[0]
     offsets = seed * _SEED_MIX + counter * rows + torch.arange(rows, device=logits.device)
     eos = -1 if eos_token_id is None else int(eos_token_id)
-    tokens, base, tempered = library.sample_tokens(logits, offsets, active, logliks, float(temperature), eos)
+    tokens, base, tempered, log_power_sums = library.sample_tokens(
+        logits, offsets, active, logliks, float(temperature), eos
+    )
     counter.add_(1)
-    return ops.SampleOutput(tokens, base, tempered)
+    return ops.SampleOutput(tokens, base, tempered, log_power_sums)
 
 
 def sample_continuations(
@@ -296,6 +307,7 @@ def sample_continuations(
     want_last_logits: bool = False,
     per_token: bool = False,
     stop_check_every: int = 32,
+    want_log_power_sums: bool = False,
 ) -> Continuations:
     """Sample ``num_steps`` tokens for every sequence in one batched decode loop.
 
@@ -304,7 +316,8 @@ def sample_continuations(
     statistics frozen), then decodes the batch through ``runner`` so the sequences hold
     the new tokens' KV. The seed and the step counter are device tensors (one seed drawn
     from ``seeds`` per call): no host sync per token; whether every row has finished is
-    looked at every ``stop_check_every`` steps. Temperature 0 is greedy decoding.
+    looked at every ``stop_check_every`` steps. Temperature 0 is greedy decoding. ``want_log_power_sums``
+    accumulates each active row's ``log sum_x p(x)^(1/T)`` from the sampling op.
     """
     num_rows = first_logits.shape[0]
     device = first_logits.device
@@ -315,6 +328,7 @@ def sample_continuations(
     active = torch.ones(num_rows, dtype=torch.bool, device=device)
     token_base = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
     token_tempered = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
+    log_power_sums = torch.zeros(num_rows, dtype=torch.float32, device=device) if want_log_power_sums else None
     if temperature != 0:
         ops._check_temperature(temperature)
     seed = torch.tensor(seeds.next(), dtype=torch.int64, device=device)
@@ -327,6 +341,8 @@ def sample_continuations(
         chosen = out.tokens
         if tempered is not None:
             tempered += torch.where(was_active, out.tempered_logprobs, torch.zeros_like(out.tempered_logprobs))
+        if log_power_sums is not None:
+            log_power_sums += out.log_power_sums  # 0 for inactive rows, at T = 0 and at T = 1
         tokens[:, step] = chosen
         lengths += was_active
         if per_token:
@@ -343,7 +359,7 @@ def sample_continuations(
         if not last_step or want_last_logits:
             logits = runner.decode(seqs, chosen)
     return Continuations(tokens, lengths, base, tempered, logits if want_last_logits else None,
-                         token_base, token_tempered)
+                         token_base, token_tempered, log_power_sums)
 
 
 # ------------------------------------------------------------------- sampler base

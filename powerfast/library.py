@@ -11,7 +11,7 @@ host-side branch or a ``.tolist()`` of the torch references behind them.
   max_query_len, max_seq_len, shared_prefix_blocks, backend) -> out``: one backend of
   :mod:`powerfast.attention` ("torch" on the CPU, "triton" / "flash" on CUDA).
 - ``powerfast::sample_tokens(logits, offsets, active!, logliks!, temperature,
-  eos_token_id) -> (tokens, base_logprobs, tempered_logprobs)``: the fused sampling kernel
+  eos_token_id) -> (tokens, base_logprobs, tempered_logprobs, log_power_sums)``: the fused sampling kernel
   (or its torch reference) with the RNG counter as a device tensor (``offsets``) and a
   fixed kernel key, so that no Python value changes between steps; temperature 0 is
   greedy. See :func:`powerfast.generation.sample_step` for how offsets are derived from a
@@ -130,14 +130,15 @@ def _sample_tokens(
     logliks: torch.Tensor,
     temperature: float,
     eos_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample (or, at temperature 0, pick the argmax of) one token per row and score it.
 
     logits: (N, V); offsets: (N,) int64 per-row RNG counters (the kernel key is fixed at 0);
     active: (N,) bool and logliks: (N,) float32, updated in place as by
     :func:`powerfast.ops.sample_tokens`; eos_token_id: -1 for none.
     Returns (tokens (N,) int64, base_logprobs (N,) float32, tempered_logprobs (N,) float32,
-    equal to base_logprobs at temperature 0 or 1).
+    equal to base_logprobs at temperature 0 or 1, log_power_sums (N,) float32
+    ``log sum_x p(x)^(1/T)``, 0 at temperature 0 or 1 and for inactive rows).
     """
     eos = None if eos_token_id < 0 else eos_token_id
     if temperature == 0:
@@ -149,7 +150,10 @@ def _sample_tokens(
         out = ops.sample_tokens(logits, temperature, seed=0, offsets=offsets, active=active, eos_token_id=eos,
                                 logliks=logliks)
     tempered = out.base_logprobs.clone() if out.tempered_logprobs is None else out.tempered_logprobs
-    return out.tokens.clone(), out.base_logprobs, tempered
+    log_power_sums = getattr(out, "log_power_sums", None)
+    if log_power_sums is None:
+        log_power_sums = torch.zeros_like(out.base_logprobs)
+    return out.tokens.clone(), out.base_logprobs, tempered, log_power_sums
 
 
 _sample_tokens_op = torch.library.custom_op("powerfast::sample_tokens", mutates_args=("active", "logliks"))(
@@ -162,6 +166,7 @@ def _(logits, offsets, active, logliks, temperature, eos_token_id):
     rows = logits.shape[0]
     return (
         logits.new_empty(rows, dtype=torch.int64),
+        logits.new_empty(rows, dtype=torch.float32),
         logits.new_empty(rows, dtype=torch.float32),
         logits.new_empty(rows, dtype=torch.float32),
     )
@@ -184,7 +189,7 @@ def paged_attention(*args) -> torch.Tensor:
     return _paged_attention(*args)
 
 
-def sample_tokens(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sample_tokens(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``torch.ops.powerfast.sample_tokens`` (see :func:`_sample_tokens` for the arguments)."""
     if torch.compiler.is_compiling():
         return torch.ops.powerfast.sample_tokens(*args)
