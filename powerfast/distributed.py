@@ -131,6 +131,9 @@ def run_evaluation_on_ray(
     if gpus_per_worker is not None and (isinstance(gpus_per_worker, bool) or gpus_per_worker < 0):
         raise ValueError(f"gpus_per_worker must be a number >= 0 or None, got {gpus_per_worker!r}")
     _check_positive(units_per_call, "units_per_call")
+    if max_worker_failures is not None and (isinstance(max_worker_failures, bool)
+                                            or not isinstance(max_worker_failures, int) or max_worker_failures < 0):
+        raise ValueError(f"max_worker_failures must be an int >= 0 or None, got {max_worker_failures!r}")
     if not callable(make_methods):
         raise ValueError(f"make_methods must be callable, got {make_methods!r}")
     ray = require_ray()
@@ -219,9 +222,10 @@ def run_evaluation_on_ray(
                     raise cause from None
                 raise
             check_generations(batch[0].method, generations, len(batch))
-            worker_stats[slot].add(len(batch), seconds)
-            if "host" in where and "@" not in worker_stats[slot].worker:
-                worker_stats[slot].worker += f"@{where['host']}:{where['pid']}"
+            stats_of_worker = worker_stats[slot]
+            stats_of_worker.add(len(batch), seconds)
+            stats_of_worker.where = f"{where['host']}:{where['pid']}"
+            stats_of_worker.load_seconds = where["load_seconds"]
             for unit, generation in zip(batch, generations):
                 run.record(unit, generation)
     finally:

@@ -443,8 +443,9 @@ class Summary:
     @property
     def worker_table(self) -> str:
         """A plain-text table of this invocation's workers: units, busy seconds, units/s."""
-        header = ("worker", "units", "busy s", "units/s")
-        lines = [(w.worker, str(w.units), f"{w.busy_seconds:.1f}", f"{w.units_per_second:.3f}") for w in self.workers]
+        header = ("worker", "where", "units", "busy s", "units/s", "load s")
+        lines = [(w.worker, w.where or "-", str(w.units), f"{w.busy_seconds:.1f}", f"{w.units_per_second:.3f}",
+                  f"{w.load_seconds:.1f}") for w in self.workers]
         widths = [max(len(x) for x in col) for col in zip(header, *lines)]
         fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in lines])
@@ -541,11 +542,17 @@ class Unit:
 
 @dataclass
 class WorkerStats:
-    """Throughput of one worker in one invocation: units it produced and seconds it spent on them."""
+    """Throughput of one worker in one invocation: units it produced and seconds it spent on them.
+
+    ``where`` is ``host:pid`` of a Ray worker, ``load_seconds`` the time it took to build its
+    methods (load the model); neither counts in ``busy_seconds``.
+    """
 
     worker: str
     units: int = 0
     busy_seconds: float = 0.0
+    where: str = ""
+    load_seconds: float = 0.0
 
     @property
     def units_per_second(self) -> float:
@@ -556,8 +563,8 @@ class WorkerStats:
         self.busy_seconds += seconds
 
     def to_dict(self) -> dict:
-        return {"worker": self.worker, "units": self.units, "busy_seconds": self.busy_seconds,
-                "units_per_second": self.units_per_second}
+        return {"worker": self.worker, "where": self.where, "units": self.units, "busy_seconds": self.busy_seconds,
+                "units_per_second": self.units_per_second, "load_seconds": self.load_seconds}
 
 
 class EvaluationRun:

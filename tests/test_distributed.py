@@ -97,6 +97,7 @@ def test_ray_run_writes_the_records_of_a_single_process_run(tiny_model_dir, tmp_
     assert {r["method"]: r["n"] for r in saved["rows"]} == {"plain": 6, "power": 6}
     assert len(saved["workers"]) == 2 and sum(w["units"] for w in saved["workers"]) == UNITS
     assert all(w["busy_seconds"] > 0 for w in saved["workers"] if w["units"]) and saved["wall_seconds"] > 0
+    assert all(w["where"].count(":") == 1 and w["load_seconds"] > 0 for w in saved["workers"] if w["units"])
     assert (tmp_path / "math3" / "accuracy_vs_time.png").exists()
     captured = capsys.readouterr()
     assert "units/s" in captured.out and "worker-1" in captured.out
@@ -196,7 +197,9 @@ def test_a_method_error_stops_the_run_with_its_message(tiny_model_dir, tmp_path,
 def test_bad_settings_are_refused_before_ray_starts(tmp_path):
     for kwargs, message in [({"workers": 0}, "workers must be an int > 0, got 0"),
                             ({"cpus_per_worker": -1}, "cpus_per_worker must be a number > 0, got -1"),
-                            ({"units_per_call": 1.5}, "units_per_call must be an int > 0, got 1.5")]:
+                            ({"units_per_call": 1.5}, "units_per_call must be an int > 0, got 1.5"),
+                            ({"max_worker_failures": -1}, "max_worker_failures must be an int >= 0 or None, got -1"),
+                            ({"gpus_per_worker": -0.5}, "gpus_per_worker must be a number >= 0 or None, got -0.5")]:
         with pytest.raises(ValueError, match=message):
             run_evaluation_on_ray(MATH3, dict, ["plain"], tmp_path, progress=False, **kwargs)
 

@@ -359,7 +359,8 @@ def test_evaluation_run_never_records_a_unit_twice(math3, tmp_path):
     assert len(read_jsonl(tmp_path / "math3" / "fake-seed0.jsonl")) == 1
     assert (summary.rows[0].n, summary.rows[0].correct) == (1, 1)
     saved = json.loads((tmp_path / "math3" / "summary.json").read_text())
-    assert saved["workers"] == [{"worker": "w", "units": 1, "busy_seconds": 0.5, "units_per_second": 2.0}]
+    assert saved["workers"] == [{"worker": "w", "where": "", "units": 1, "busy_seconds": 0.5,
+                                 "units_per_second": 2.0, "load_seconds": 0.0}]
     assert saved["wall_seconds"] == 2.0
     assert "1 units in 2.0 s: 0.500 units/s" in str(summary)
     # a rerun lists only what is left
