@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,3 +223,38 @@ def test_workers_without_ray_is_an_error(tmp_path, capsys):
 def test_importing_powerfast_never_imports_ray():
     code = "import sys, powerfast, powerfast.cli, powerfast.evaluation, powerfast.distributed\nassert 'ray' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_command_then_the_same_command_resumes(tiny_model_dir, tmp_path):
+    task = tmp_path / "many.jsonl"
+    task.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"the answer is {i}", "answer": "3"}) + "\n"
+                            for i in range(30)))
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "powerfast.cli", "eval", "--task", str(task), "--methods", "plain", "--out", str(out),
+            "--model", str(tiny_model_dir), "--max-new-tokens", "48", "--ignore-eos", "--no-chat-template",
+            "--ray", "--workers", "2", "--cpus-per-worker", "1"]
+    env = dict(os.environ, POWERFAST_INTERPRET_OPS="0")
+    results = out / "many" / "plain-seed0.jsonl"
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if results.exists() and len(results.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    before = [json.loads(line)["id"] for line in results.read_text().splitlines()]
+    assert 3 <= len(before) < 30
+
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"{30 - len(before)} units on 2 Ray worker(s)" in again.stderr
+    after = [json.loads(line)["id"] for line in results.read_text().splitlines()]
+    assert after[: len(before)] == before and sorted(after) == sorted(f"p{i}" for i in range(30))
