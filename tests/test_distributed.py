@@ -20,11 +20,8 @@ import pytest
 
 from powerfast import cli, evaluation as ev
 
-ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'powerfast[ray]'")
-
-from powerfast.distributed import run_evaluation_on_ray  # noqa: E402
-
-from test_cli import tiny_model_dir  # noqa: E402,F401  (the fixture: a tiny Llama folder)
+from powerfast.distributed import run_evaluation_on_ray
+from test_cli import tiny_model_dir  # noqa: F401  (the fixture: a tiny Llama folder)
 
 MATH3 = Path(__file__).parent / "fixtures" / "math3.jsonl"
 METHODS = ["plain", "power"]
@@ -35,6 +32,7 @@ UNITS = len(METHODS) * len(SEEDS) * 3
 @pytest.fixture(scope="module")
 def local_ray():
     """Ray on this machine with 2 CPUs, no dashboard, a small object store; shut down after."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'powerfast[ray]'")
     old = os.environ.get("POWERFAST_INTERPRET_OPS")
     os.environ["POWERFAST_INTERPRET_OPS"] = "0"  # torch sampling path in the driver and the workers alike
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 << 20, logging_level="WARNING",
@@ -227,6 +225,7 @@ def test_importing_powerfast_never_imports_ray():
 
 @pytest.mark.slow
 def test_ctrl_c_on_the_command_then_the_same_command_resumes(tiny_model_dir, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'powerfast[ray]'")
     task = tmp_path / "many.jsonl"
     task.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"the answer is {i}", "answer": "3"}) + "\n"
                             for i in range(30)))
