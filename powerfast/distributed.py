@@ -149,7 +149,10 @@ def run_evaluation_on_ray(
             if address is None:
                 init["include_dashboard"] = False
             init.update(ray_init_kwargs or {})
-            ray.init(**init)
+            try:
+                ray.init(**init)
+            except ConnectionError as error:
+                raise ValueError(f"cannot reach a Ray cluster at address {address!r}: {error}") from None
             started_ray = True
         resources = ray.cluster_resources()
         if gpus_per_worker is None:

@@ -74,6 +74,19 @@ def records(out_dir) -> dict:
     return found
 
 
+# first in the file: before the module's Ray instance starts
+def test_an_unreachable_cluster_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'powerfast[ray]'")
+    if __import__("ray").is_initialized():
+        pytest.skip("this process already runs Ray: an address is not looked at")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # no running local cluster's address file to find
+    args = ["eval", "--task", str(MATH3), "--methods", "plain", "--out", str(tmp_path), "--model", str(tiny_model_dir),
+            "--ray", "auto"]
+    assert cli.main(args) == 2
+    assert "error: cannot reach a Ray cluster at address 'auto'" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def single_process_records(tiny_model_dir, tmp_path_factory, local_ray):
     out = tmp_path_factory.mktemp("single")
