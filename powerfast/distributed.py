@@ -144,6 +144,8 @@ def run_evaluation_on_ray(
     started = time.perf_counter()
     stats: list[WorkerStats] = []
     try:
+        if not run.pending:  # everything is recorded: no need for Ray
+            return run.finish([], time.perf_counter() - started)
         if not ray.is_initialized():
             init = {"address": address, "logging_level": "WARNING"}
             if address is None:
@@ -165,10 +167,9 @@ def run_evaluation_on_ray(
         if max_worker_failures is None:
             max_worker_failures = max(4, 2 * workers)
         queue = deque(unit_batches(run.pending, units_per_call))
-        workers = min(workers, max(1, len(queue)))
-        if queue:
-            print(f"powerfast: {len(run.pending)} units on {workers} Ray worker(s)"
-                  f" ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU each)", file=sys.stderr)
+        workers = min(workers, len(queue))
+        print(f"powerfast: {len(run.pending)} units on {workers} Ray worker(s)"
+              f" ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU each)", file=sys.stderr)
         remote_worker = ray.remote(EvalWorker).options(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0, max_task_retries=0
         )
@@ -188,9 +189,8 @@ def run_evaluation_on_ray(
                                               [u.sample_seed for u in batch])
                 in_flight[ref] = (slot, batch)
 
-        if queue:
-            for slot in range(workers):
-                start_worker(slot, f"worker-{slot}")
+        for slot in range(workers):
+            start_worker(slot, f"worker-{slot}")
         while queue or in_flight:
             for slot in actors:
                 submit(slot)

@@ -186,6 +186,11 @@ def test_an_interrupted_driver_resumes_without_repeating(tiny_model_dir, tmp_pat
     assert records(tmp_path) == single_process_records
     assert {r.method: r.n for r in summary.rows} == {"plain": 6, "power": 6}
 
+    # everything recorded: the same call starts no worker and changes no record
+    done = run_evaluation_on_ray(MATH3, make_methods(tiny_model_dir, tmp_path), METHODS, tmp_path, seeds=SEEDS,
+                                 workers=2, progress=False)
+    assert done.workers == [] and records(tmp_path) == single_process_records
+
 
 @pytest.mark.slow
 def test_a_method_error_stops_the_run_with_its_message(tiny_model_dir, tmp_path, local_ray):
