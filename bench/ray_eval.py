@@ -12,6 +12,10 @@ start-up excluded) and the speed-up of the steady rate over one worker.
     python bench/ray_eval.py --workers 1,2 --problems 40 --max-new-tokens 64
 
 Each Ray worker reserves ``--cpus-per-worker`` CPUs; Ray gives it that many torch threads.
+
+``--sleep S`` replaces the model by a method that sleeps S seconds per unit and uses no
+CPU: it measures the orchestration alone (dispatch, result transfer, grading and writing
+on the driver), which should scale with the workers even on a busy machine.
 """
 
 from __future__ import annotations
@@ -57,6 +61,20 @@ def math_task_file(path: Path, problems: int) -> Path:
     return path
 
 
+def sleeping_methods(name: str, seconds: float):
+    """``{name: generate}`` whose every unit sleeps ``seconds`` and returns a fixed text."""
+    from powerfast.evaluation import Generation
+
+    def generate(prompts, sample_seeds):
+        out = []
+        for _ in prompts:
+            time.sleep(seconds)
+            out.append(Generation("the answer is \\boxed{3}", 5, seconds))
+        return out
+
+    return {name: generate}
+
+
 def timed_records(evaluation):
     """Wrap EvaluationRun.record to note when each unit is recorded; returns the list of times."""
     times: list[float] = []
@@ -80,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--no-single-process", action="store_true", help="skip the single-process row")
+    parser.add_argument("--sleep", type=float, default=None, metavar="S",
+                        help="no model: every unit sleeps S seconds (measures the orchestration alone)")
     args = parser.parse_args(argv)
     counts = [int(x) for x in args.workers.split(",")]
     os.environ.setdefault("POWERFAST_INTERPRET_OPS", "0")
@@ -99,6 +119,8 @@ def main(argv=None) -> int:
         "--max-new-tokens", str(args.max_new_tokens), "--no-chat-template",
     ])
     make = functools.partial(cli.eval_methods, eval_args, [args.method], False)
+    if args.sleep is not None:
+        make = functools.partial(sleeping_methods, args.method, args.sleep)
     times = timed_records(evaluation)
     units = args.problems * len(seeds)
     rows = []
@@ -125,8 +147,10 @@ def main(argv=None) -> int:
         ray.shutdown()
 
     base = next((r[4] for r in rows if r[0].startswith("ray, 1 ")), None)
+    work = (f"{args.sleep:g} s of sleep per unit" if args.sleep is not None
+            else f"{args.method}, {args.max_new_tokens} tokens per unit (EOS ignored)")
     print(f"{platform.node()} ({os.cpu_count()} CPUs), torch {torch.__version__}, ray {ray.__version__}; "
-          f"{args.method}, {args.max_new_tokens} tokens per unit (EOS ignored), {units} units")
+          f"{work}, {units} units")
     print(f"{'run':<28} {'units':>5} {'wall s':>7} {'units/s':>8} {'steady units/s':>15} {'speed-up':>9}")
     for label, n, wall, rate, steady in rows:
         speedup = f"{steady / base:.2f}" if base and label.startswith("ray") else ""
