@@ -5,7 +5,7 @@ eagerly; the runtime pieces that pull in transformers (``PowerSampler``, ``Model
 the baselines) import on first use.
 """
 
-from powerfast.config import MCMCConfig, PowerConfig, SamplingConfig
+from powerfast.config import MCMCConfig, PowerConfig, SamplingConfig, SMCConfig
 from powerfast.estimators import (
     PowerEstimate,
     leave_one_out_log_scaling_factors,
@@ -22,6 +22,7 @@ _LAZY = {
     "ModelRunner": "powerfast.runner",
     "AncestralSampler": "powerfast.baselines",
     "MCMCSampler": "powerfast.baselines",
+    "SMCSampler": "powerfast.smc",
     "make_sampler": "powerfast.baselines",
     "GenerationResult": "powerfast.generation",
     "GenerationStats": "powerfast.generation",
@@ -38,6 +39,7 @@ __all__ = [
     "PowerConfig",
     "PowerEstimate",
     "SamplingConfig",
+    "SMCConfig",
     "TableLM",
     "leave_one_out_log_scaling_factors",
     "log_scaling_factors",

@@ -5,7 +5,8 @@
   highest base log-likelihood);
 - :class:`MCMCSampler`: the Metropolis-Hastings power sampler of Karan & Du. A proposal
   forks the current sequence at the resampling position: the shared prefix is never
-  recomputed.
+  recomputed;
+- :class:`SMCSampler` (defined in :mod:`powerfast.smc`, re-exported here): Power-SMC.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from powerfast.config import MCMCConfig, PowerConfig, SamplingConfig
+from powerfast.config import MCMCConfig, PowerConfig, SamplingConfig, SMCConfig
 from powerfast.generation import (
     GenerationResult,
     GenerationStats,
@@ -25,10 +26,11 @@ from powerfast.generation import (
     sample_continuations,
 )
 from powerfast.sampler import PowerSampler
+from powerfast.smc import SMCSampler
 
-__all__ = ["AncestralSampler", "MCMCSampler", "make_sampler", "METHODS"]
+__all__ = ["AncestralSampler", "MCMCSampler", "SMCSampler", "make_sampler", "METHODS"]
 
-METHODS = ("power", "mcmc", "plain", "low-temp", "greedy", "best-of-n")
+METHODS = ("power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n")
 
 
 class AncestralSampler(RunnerSampler):
@@ -275,18 +277,21 @@ class _Chain:
 
 def make_sampler(method: str, model, tokenizer=None, *, alpha: float = 4.0, seed: int | None = None,
                  temperature: float = 1.0, num_samples: int = 8, power_config=None, mcmc_config=None,
-                 **runner_kwargs):
+                 smc_config=None, **runner_kwargs):
     """A sampler by method name (one of METHODS) with the usual settings.
 
-    alpha:       the exponent of "power" and "mcmc", and T = 1 / alpha of "low-temp"
+    alpha:       the exponent of "power", "mcmc" and "smc", and T = 1 / alpha of "low-temp"
     temperature: of "plain" and "best-of-n"; num_samples: N of "best-of-n"
-    power_config / mcmc_config: full settings for "power" / "mcmc" (then ``alpha`` is not used)
+    power_config / mcmc_config / smc_config: full settings for "power" / "mcmc" / "smc"
+                 (then ``alpha`` is not used)
     Raises ValueError for an unknown method.
     """
     if method == "power":
         return PowerSampler(model, tokenizer, power_config or PowerConfig(alpha=alpha), seed, **runner_kwargs)
     if method == "mcmc":
         return MCMCSampler(model, tokenizer, mcmc_config or MCMCConfig(alpha=alpha), seed, **runner_kwargs)
+    if method == "smc":
+        return SMCSampler(model, tokenizer, smc_config or SMCConfig(alpha=alpha), seed, **runner_kwargs)
     if method == "plain":
         return AncestralSampler(model, tokenizer, SamplingConfig(temperature), seed, "plain", **runner_kwargs)
     if method == "low-temp":

@@ -1,4 +1,4 @@
-"""The ``powerfast`` command: sample, eval, profile, toy."""
+"""The ``powerfast`` command: sample, eval, profile, toy, fidelity."""
 
 from __future__ import annotations
 
@@ -31,7 +31,18 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rollouts", type=int, default=8, help="M: rollouts per candidate (default 8)")
     group.add_argument("--horizon", type=int, default=192, help="H: rollout length (default 192)")
     group.add_argument("--no-jackknife", action="store_true", help="use the plain Monte Carlo estimate")
+    group.add_argument("--rollout-proposal", default="base", choices=["base", "tempered"],
+                       help="rollouts from p (base, the paper's) or from p at T = 1/alpha (tempered) (default base)")
+    group.add_argument("--reuse-rollouts", action="store_true",
+                       help="the chosen candidate's rollouts become the next candidates (needs H >= B)")
     group.add_argument("--mcmc-steps", type=int, default=10, help="N_MCMC: MH steps per block for --method mcmc (default 10)")
+    group.add_argument("--particles", type=int, default=32, help="N: particles of --method smc (default 32)")
+    group.add_argument("--ess-threshold", type=float, default=0.5,
+                       help="smc: resample when ESS < this * N (default 0.5)")
+    group.add_argument("--resample-every", type=int, default=16, help="smc: tokens between ESS checks (default 16)")
+    group.add_argument("--ramp-tokens", type=int, default=0, help="smc: alpha ramps from 1 over this many tokens (default 0)")
+    group.add_argument("--resampler", default="systematic", choices=["systematic", "chopthin"],
+                       help="smc resampling scheme (default systematic)")
     group.add_argument("--temperature", type=float, default=1.0, help="temperature of plain / best-of-n (default 1)")
     group.add_argument("--num-samples", type=int, default=8, help="N of best-of-n (default 8)")
     group.add_argument("--max-new-tokens", type=int, default=3072, help="generation budget (default 3072)")
@@ -87,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     toy_parser = commands.add_parser("toy", help="the paper's PLAN/GUESS toy: exact values and Monte Carlo estimates")
     toy.add_arguments(toy_parser)
     toy_parser.set_defaults(handler=toy.run)
+
+    from powerfast import fidelity
+
+    fidelity_parser = commands.add_parser(
+        "fidelity", help="TV of every method to the exact p^alpha on small random models, next to the noise floor")
+    fidelity.add_arguments(fidelity_parser)
+    fidelity_parser.set_defaults(handler=fidelity.run)
     return parser
 
 
@@ -104,16 +122,19 @@ def build_runner(model, args: argparse.Namespace):
 def build_sampler(method: str, runner, tokenizer, args: argparse.Namespace, seed: int | None):
     """A sampler from parsed command-line settings, on ``runner`` (shared by all methods)."""
     from powerfast.baselines import make_sampler
-    from powerfast.config import MCMCConfig, PowerConfig
+    from powerfast.config import MCMCConfig, PowerConfig, SMCConfig
 
-    power = mcmc = None
+    power = mcmc = smc = None
     if method == "power":
         power = PowerConfig(args.alpha, args.block_size, args.candidates, args.top_k, args.rollouts, args.horizon,
-                            not args.no_jackknife)
+                            not args.no_jackknife, args.rollout_proposal, args.reuse_rollouts)
     elif method == "mcmc":
         mcmc = MCMCConfig(args.alpha, args.block_size, args.mcmc_steps)
+    elif method == "smc":
+        smc = SMCConfig(args.alpha, args.particles, args.ess_threshold, args.resample_every, args.ramp_tokens,
+                        args.resampler)
     return make_sampler(method, runner, tokenizer, alpha=args.alpha, seed=seed, temperature=args.temperature,
-                        num_samples=args.num_samples, power_config=power, mcmc_config=mcmc)
+                        num_samples=args.num_samples, power_config=power, mcmc_config=mcmc, smc_config=smc)
 
 
 def _load(args):
@@ -159,6 +180,11 @@ def _run_sample(args) -> int:
         return 0
     print(result.text)
     extra = f", acceptance {stats.acceptance_rate:.2f}" if stats.acceptance_rate is not None else ""
+    ess = [e for block in stats.blocks for e in (block.rollout_ess or []) if e is not None]
+    if ess:
+        extra += f", mean rollout ESS {sum(ess) / len(ess):.2f}"
+    if "resampling_steps" in stats.extra:
+        extra += f", {stats.extra['resampling_steps']} resampling steps, {stats.extra['unique_ancestors']} lineages"
     print(
         f"[{stats.method}] {result.num_tokens} tokens in {stats.wall_seconds:.1f} s "
         f"({result.num_tokens / max(stats.wall_seconds, 1e-9):.1f} tokens/s); "
