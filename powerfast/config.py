@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["PowerConfig", "MCMCConfig", "SamplingConfig"]
+__all__ = ["METHODS", "PowerConfig", "MCMCConfig", "SamplingConfig", "method_config"]
+
+METHODS = ("power", "mcmc", "plain", "low-temp", "greedy", "best-of-n")
+"""The sampling methods by name (:func:`powerfast.baselines.make_sampler`)."""
 
 
 def _positive_int(name: str, value, minimum: int = 1) -> None:
@@ -95,3 +98,29 @@ class SamplingConfig:
                 or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         _positive_int("num_samples", self.num_samples)
+
+
+def method_config(method: str, *, alpha: float = 4.0, temperature: float = 1.0, num_samples: int = 8,
+                  power_config: PowerConfig | None = None, mcmc_config: MCMCConfig | None = None):
+    """The validated settings of a method by name (one of METHODS), without loading anything.
+
+    alpha:       the exponent of "power" and "mcmc", and T = 1 / alpha of "low-temp"
+    temperature: of "plain" and "best-of-n"; num_samples: N of "best-of-n"
+    power_config / mcmc_config: full settings for "power" / "mcmc" (then ``alpha`` is not used)
+    Returns a PowerConfig, MCMCConfig or SamplingConfig; ValueError for bad settings or an
+    unknown method.
+    """
+    if method == "power":
+        return power_config if power_config is not None else PowerConfig(alpha=alpha)
+    if method == "mcmc":
+        return mcmc_config if mcmc_config is not None else MCMCConfig(alpha=alpha)
+    if method == "plain":
+        return SamplingConfig(temperature)
+    if method == "low-temp":
+        _alpha(alpha)
+        return SamplingConfig(1.0 / alpha)
+    if method == "greedy":
+        return SamplingConfig(0.0)
+    if method == "best-of-n":
+        return SamplingConfig(temperature, num_samples)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
