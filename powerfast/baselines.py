@@ -91,11 +91,11 @@ class AncestralSampler(RunnerSampler):
 
     def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
         """Most KV blocks a ``generate`` holds: per prompt, N samples of the whole budget
-        forked from the prompt (one sequence when N = 1)."""
+        forked from the prompt (one sequence when N = 1); the last token is never decoded."""
         n = self.config.num_samples
         if n == 1:
-            return sum(blocks_for(length + max_new_tokens, block_size) for length in prompt_lengths)
-        return sum(blocks_for(length, block_size) + n * appended_blocks(length, max_new_tokens, block_size)
+            return sum(blocks_for(length + max_new_tokens - 1, block_size) for length in prompt_lengths)
+        return sum(blocks_for(length, block_size) + n * appended_blocks(length, max_new_tokens - 1, block_size)
                    for length in prompt_lengths)
 
 

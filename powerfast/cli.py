@@ -203,13 +203,14 @@ def _parse_list(text: str, kind, what: str) -> list:
 
 
 def _run_eval(args) -> int:
+    methods = _parse_list(args.methods, str, "methods")
+    seeds = _parse_list(args.seeds, int, "seeds")
+    _check_settings(args, methods)
+
     from powerfast.evaluation import Generation, load_task, run_evaluation
     from powerfast.generation import SeedStream
 
-    methods = _parse_list(args.methods, str, "methods")
-    seeds = _parse_list(args.seeds, int, "seeds")
     task = load_task(args.task)
-    _check_settings(args, methods)
     model, tokenizer = _load(args)
     runner = build_runner(model, args)
     chat = not args.no_chat_template and task.kind != "code"

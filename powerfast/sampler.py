@@ -159,7 +159,8 @@ class PowerSampler(RunnerSampler):
 
     def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
         """Most KV blocks a ``generate`` holds at once: at each decision, per prompt, the
-        sequence so far, L candidate blocks (K next tokens at token level) and K x M rollouts."""
+        sequence so far, L candidate blocks (K next tokens at token level) and K x M rollouts
+        (a rollout of H tokens decodes H - 1: its last token's KV is never needed)."""
         cfg = self.config
         num_candidates = min(cfg.top_k, self.vocab_size) if cfg.token_level else cfg.num_candidates
         num_rollouts = min(cfg.top_k, num_candidates) * cfg.num_rollouts
@@ -172,7 +173,7 @@ class PowerSampler(RunnerSampler):
                 here = length + done
                 need = (blocks_for(here, block_size)
                         + num_candidates * appended_blocks(here, block, block_size)
-                        + num_rollouts * appended_blocks(here + block, horizon, block_size))
+                        + num_rollouts * appended_blocks(here + block, horizon - 1, block_size))
                 peak = max(peak, need)
             peak_of_prompt[length] = peak
         return sum(peak_of_prompt[length] for length in prompt_lengths)
