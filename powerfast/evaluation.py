@@ -42,7 +42,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 __all__ = [
     "CHOICE_LETTERS", "CHOICE_TEMPLATE", "CODE_STOP_SEQUENCES", "CODE_TEMPLATE", "KNOWN_TASKS",
     "MATH_TEMPLATE", "Generation", "Grade", "Method", "MethodSummary", "Problem", "Summary", "Task",
-    "choice_letter", "extract_boxed", "gpqa_prompt", "load_task", "math_equal", "plot_accuracy_vs_time", "wilson_interval",
+    "choice_letter", "extract_boxed", "gpqa_prompt", "load_task", "math_equal", "accuracy_vs_time_figure", "plot_accuracy_vs_time", "wilson_interval",
     "read_records", "read_samples", "run_evaluation", "run_python", "summarise", "truncate_code",
 ]
 
@@ -604,11 +604,19 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if correct == 0 else max(0.0, centre - half)  # exact ends, not rounded ones
+    high = 1.0 if correct == n else min(1.0, centre + half)
+    return low, high
 
 
 def plot_accuracy_vs_time(summary: Summary, path: str | os.PathLike) -> None:
-    """Save a scatter plot of pass@1 against seconds per prompt, one labelled point per method.
+    """Save :func:`accuracy_vs_time_figure` as a PNG."""
+    accuracy_vs_time_figure(summary).savefig(str(path), format="png")
+
+
+def accuracy_vs_time_figure(summary: Summary):
+    """A scatter plot of pass@1 against seconds per prompt, one labelled point per method
+    (a matplotlib Figure).
 
     The accuracy axis is [0, 1]. A method with several samples (problems x seeds) gets the
     95% Wilson interval of its pass@1 as an error bar, every sample counted as one trial.
@@ -640,6 +648,11 @@ def plot_accuracy_vs_time(summary: Summary, path: str | os.PathLike) -> None:
     if any(r.n and r.seconds_per_prompt > 0 for r in summary.rows):
         positive = [r.seconds_per_prompt for r in summary.rows if r.n and r.seconds_per_prompt > 0]
         if max(positive) / min(positive) > 20:
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 10, 100 (not 10^0), no crowded minor labels
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.2)  # room for the labels of the outermost points
     fig.tight_layout()
-    fig.savefig(str(path), format="png")
+    return fig
