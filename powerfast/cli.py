@@ -122,7 +122,7 @@ def _check_settings(args: argparse.Namespace, methods: Sequence[str]) -> None:
     for method in methods:
         method_settings(method, args)
     if isinstance(args.max_new_tokens, bool) or args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        raise ValueError(f"max_new_tokens must be an int > 0, got {args.max_new_tokens}")
     if args.kv_memory is not None and args.kv_memory < 1:
         raise ValueError(f"--kv-memory must be >= 1 MiB, got {args.kv_memory}")
 

@@ -20,7 +20,7 @@ from powerfast import cli, models
     (["sample", "hi", "--method", "low-temp", "--alpha", "-1"], "alpha must be a positive finite number, got -1.0"),
     (["sample", "hi", "--rollouts", "1"], "the jackknife needs num_rollouts >= 2, got 1"),
     (["sample", "hi", "--method", "best-of-n", "--num-samples", "0"], "num_samples must be an int >= 1, got 0"),
-    (["sample", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["sample", "hi", "--max-new-tokens", "0"], "max_new_tokens must be an int > 0, got 0"),
     (["sample", "hi", "--kv-memory", "0"], "--kv-memory must be >= 1 MiB, got 0"),
     (["eval", "--task", "math500", "--methods", "plain,mcmc", "--mcmc-steps", "-1"],
      "mcmc_steps must be an int >= 0, got -1"),
