@@ -169,6 +169,7 @@ def _run_sample(args) -> int:
     _check_settings(args, [args.method])
     model, tokenizer = _load(args)
     sampler = build_sampler(args.method, build_runner(model, args), tokenizer, args, args.seed)
+    sampler.encode([args.prompt], args.max_new_tokens, not args.no_chat_template)  # checks, before any output
     progress = _Progress(args.max_new_tokens, enabled=not args.json)
     try:
         [result] = sampler.generate([args.prompt], args.max_new_tokens, ignore_eos=args.ignore_eos,

@@ -28,6 +28,8 @@ __all__ = [
     "check_no_nan",
     "phase",
     "stop_token_ids",
+    "blocks_for",
+    "appended_blocks",
 ]
 
 
@@ -376,11 +378,11 @@ class RunnerSampler:
         self.check_kv_capacity([len(ids) for ids in prompt_ids], max_new_tokens)
         return prompt_ids
 
-    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
+    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int | None:
         """Most KV blocks of ``block_size`` positions a ``generate`` of prompts of these
         lengths can hold at once with this sampler's settings (an upper bound: every row
-        decodes its whole budget). Each sampler implements it."""
-        raise NotImplementedError
+        decodes its whole budget). Each sampler overrides it; None (here): not known, no check."""
+        return None
 
     def check_kv_capacity(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
         """KVCacheTooSmallError (a ValueError) before any work when the pool's free blocks
@@ -391,7 +393,7 @@ class RunnerSampler:
         if cache is None:
             return
         needed = self.peak_kv_blocks(prompt_lengths, max_new_tokens, cache.block_size)
-        if needed > cache.blocks_free:
+        if needed is not None and needed > cache.blocks_free:
             what = f"{self.method} sampling of {len(prompt_lengths)} prompt(s) with max_new_tokens={max_new_tokens}"
             raise KVCacheTooSmallError(what, needed, cache.blocks_free, cache.num_blocks, cache.block_size,
                                        cache.bytes_per_block)
