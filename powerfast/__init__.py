@@ -31,6 +31,7 @@ _LAZY = {
     "LMRunner": "powerfast.lm_runner",
     "CacheConfig": "powerfast.cache",
     "OutOfBlocksError": "powerfast.cache",
+    "KVCacheTooSmallError": "powerfast.cache",
 }
 
 # submodules reachable as attributes (``powerfast.exact.power_conditional``), imported on first use
