@@ -26,7 +26,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e import METHODS, Settings, build_model, make_prompts, ratios, run_method, summary, warm_up  # noqa: E402
+from e2e import (  # noqa: E402
+    METHODS,
+    Settings,
+    build_model,
+    make_prompts,
+    ratios,
+    run_method,
+    summary,
+    warm_up,
+    warm_up_long_context,
+)
 
 from powerfast.runner import ModelRunner  # noqa: E402
 
@@ -51,7 +61,8 @@ class Setup:
         self.settings = settings
         self.max_new_tokens = max_new_tokens
         self.results = {}
-        warm_up(METHODS, self.model, self.runner, settings, self.prompts[0], 8)
+        longest = max(len(p) for p in self.prompts) + max_new_tokens
+        warm_up(METHODS, self.model, self.runner, settings, self.prompts[0], 8, longest)
 
     def measure(self, benchmark, method: str):
         result = benchmark.pedantic(
@@ -110,6 +121,22 @@ def test_e2e_tiny(benchmark, tiny, method):
     result = tiny.measure(benchmark, method)
     assert result.generated_tokens == [TINY_TOKENS] * len(tiny.prompts)  # EOS ignored: full length
     assert min(result.decoded_tokens) >= TINY_TOKENS
+
+
+def test_long_context_warm_up_decodes_at_the_longest_length_and_returns_every_block(tiny, monkeypatch):
+    runner, length = tiny.runner, 3 * TINY_TOKENS + 1
+    decoded = []  # (batch, length before the step) of each decode
+    original = runner.decode
+
+    def spy(seqs, tokens):
+        decoded.append((len(seqs), max(seq.length for seq in seqs)))
+        return original(seqs, tokens)
+
+    monkeypatch.setattr(runner, "decode", spy)
+    in_use = runner.cache.blocks_in_use
+    warm_up_long_context(runner, tiny.prompts[0], length, [1, 3])
+    assert decoded == [(1, length - 1), (3, length - 1)]
+    assert runner.cache.blocks_in_use == in_use
 
 
 def test_e2e_tiny_table(tiny):

@@ -1,35 +1,103 @@
 #!/usr/bin/env bash
-# One script for a GPU machine (no network): correctness, then timings. Later sections
-# (runtime, end-to-end) append below the kernel section. Full results go under $OUT
-# (./out if unset); a short table is printed last.
+# The one script for a GPU machine (no network), in stages, each with its own time limit:
+#
+#   tests    cuda-marked tests (kernels, runner, Triton variants)   150 s
+#   kernels  kernel timings (bench/device_kernels.py)                 90 s
+#   runtime  runner vs model.generate (bench/device_runner.py)        90 s
+#   e2e      end to end, Qwen2.5-1.5B shapes (bench/e2e.py)           what is left
+#
+# All of it fits in SCRIPT_BUDGET_S (480 s: one 600-s call with room to spare). Each stage
+# prints its table as soon as it finishes, then a line "-- NAME: STATUS, S s of LIMIT s".
+# What comes back under $OUT (./out if unset), three files, none in a folder:
+#   table.txt     every stage's table and status line, in order (what is printed)
+#   results.json  every number: {"stages": {NAME: {"status", "seconds", "limit_s", "results"}}}
+#   log.txt       stderr of every stage and the whole pytest log (FAILED / ERROR lines too)
+#
+#   OUT=dir bash bench/device_check.sh                 # GPU machine: python3 with torch
+#   SMOKE=1 OUT=dir bash bench/device_check.sh         # CPU: every stage on tiny shapes, ~1-2 min
+#   PYTHON=.venv/bin/python SMOKE=1 OUT=dir bash bench/device_check.sh
+#
+# SMOKE=1 runs the same stages on a machine without a GPU (kernels under the interpreter,
+# a tiny random Llama for runtime and end-to-end) and fails unless every stage finished
+# ok, printed its table and the files fit what comes back. CI runs it. Its timings are not
+# measurements. Limits: TESTS_S, KERNELS_S, RUNTIME_S, E2E_S (seconds; 0: what is left of
+# SCRIPT_BUDGET_S, the default for e2e), SCRIPT_BUDGET_S;
+# E2E_LONG=1 adds a 3072-token case to e2e. ONLY="tests kernels" runs those stages alone (two
+# calls instead of one: ONLY="tests kernels", then ONLY="runtime e2e", each with the whole budget).
+#
+# Adding a stage: write a function stage_NAME that prints its table on stdout (progress on
+# stderr, numbers into "$STAGE_JSON", its long command under run_limited) and add NAME
+# with its limit to STAGES below.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-pip install -q -e . --no-deps --no-build-isolation
+
+PYTHON="${PYTHON:-python3}"
+SMOKE="${SMOKE:-0}"
 OUT="${OUT:-./out}"
-export OUT
-mkdir -p "$OUT/kernels" "$OUT/runner"
-status=0
+mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # the kernels stage sets it for a smoke run; the others never want it
 
-# ---------------------------------------------------------------------------- kernels
-echo "== kernel correctness (cuda-marked tests)"
-timeout -k 10 180 python -m pytest -q -p no:cacheprovider -m cuda \
-    tests/test_ops_sampling.py tests/test_ops_jackknife.py tests/test_ops_topk.py tests/test_ops_kv.py \
-    tests/test_paged_attention.py tests/test_runner.py \
-    > "$OUT/kernels/tests.txt" 2>&1 || status=1
-tail -n 3 "$OUT/kernels/tests.txt"
+LOG="$OUT/log.txt"
+TABLE="$OUT/table.txt"
+RESULTS="$OUT/results.json"
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/device_check.XXXXXX")"  # stage scratch files: never under $OUT
+trap 'rm -rf "$WORK"' EXIT
+: > "$LOG"
+: > "$TABLE"
+rm -f "$RESULTS"
 
-echo "== kernel timings"
-timeout 300 python bench/device_kernels.py --out "$OUT/kernels" > "$OUT/kernels/table.txt" 2> "$OUT/kernels/timings.log" || status=1
+if [[ "$SMOKE" == 1 ]]; then
+    # generous limits: a smoke run takes 1-2 minutes, more on a busy machine
+    SCRIPT_BUDGET_S="${SCRIPT_BUDGET_S:-600}"
+    STAGES=("tests:${TESTS_S:-180}" "kernels:${KERNELS_S:-120}" "runtime:${RUNTIME_S:-120}" "e2e:${E2E_S:-120}")
+else
+    SCRIPT_BUDGET_S="${SCRIPT_BUDGET_S:-480}"
+    STAGES=("tests:${TESTS_S:-150}" "kernels:${KERNELS_S:-90}" "runtime:${RUNTIME_S:-90}" "e2e:${E2E_S:-0}")
+fi
+MIN_STAGE_S=20   # a stage with less time left is skipped
 
-# ----------------------------------------------------------------------------- runtime
+# ------------------------------------------------------------------------------ stages
+
+# run_limited CMD...: CMD under the current stage's limit (SIGTERM, then SIGKILL 10 s later)
+run_limited() {
+    timeout -k 10 "$STAGE_LIMIT" "$@"
+}
+
+# inner_budget MARGIN: seconds a stage's own --budget-s gets (its limit less MARGIN, at least half)
+inner_budget() {
+    local inner=$(( STAGE_LIMIT - $1 ))
+    (( inner < STAGE_LIMIT / 2 )) && inner=$(( STAGE_LIMIT / 2 ))
+    echo "$inner"
+}
+
+# cuda-marked tests: kernels against float64 references, the runner on the Triton backend,
+# no Triton recompilation across lengths. SMOKE: the same collection, every test skipped.
+stage_tests() {
+    run_limited "$PYTHON" -m pytest -v -rfE -p no:cacheprovider --continue-on-collection-errors -m cuda tests 2>&1 | tee -a "$LOG" > "$WORK/pytest.txt"
+    local rc=${PIPESTATUS[0]}
+    "$PYTHON" bench/device_report.py pytest "$WORK/pytest.txt" --json "$STAGE_JSON"
+    return "$rc"
+}
+
+# sampling / top-k / estimator / KV kernels vs torch and vs a device copy (SMOKE: interpreter)
+stage_kernels() {
+    local smoke=()
+    [[ "$SMOKE" == 1 ]] && smoke=(--smoke)
+    TRITON_INTERPRET="$([[ "$SMOKE" == 1 ]] && echo 1)" \
+        run_limited "$PYTHON" -u bench/device_kernels.py --json "$STAGE_JSON" \
+        --budget-s "$(inner_budget 25)" "${smoke[@]}"
+}
+
 # Runner vs model.generate: decode throughput and KV memory at batch 1 and at batch 64 over
 # a shared 1,000-token prefix (Qwen2.5-1.5B shapes, random weights, bf16), after a check of
 # the runner's logits against the dense forward.
-echo "== runtime (runner vs model.generate)"
-timeout 150 python bench/device_runner.py --out "$OUT/runner" > "$OUT/runner/table.txt" 2> "$OUT/runner/runner.log" || status=1
-tail -n 2 "$OUT/runner/runner.log"
+stage_runtime() {
+    local smoke=()
+    [[ "$SMOKE" == 1 ]] && smoke=(--smoke)
+    run_limited "$PYTHON" -u bench/device_runner.py --json "$STAGE_JSON" --budget-s "$(inner_budget 30)" "${smoke[@]}"
+}
 
-# -------------------------------------------------------------------------- end-to-end
 # Qwen2.5-1.5B configuration, random weights, bf16, EOS ignored, paper settings (alpha 4,
 # K = M = 8, B = H = 192, L = 32, N_MCMC = 10). Cases in priority order: a method projected
 # past the budget (its decode steps x plain's seconds per step) is skipped and listed.
@@ -37,31 +105,91 @@ tail -n 2 "$OUT/runner/runner.log"
 #   384: plain, power, mcmc, recompute-mcmc    -> mcmc/power, recompute-mcmc/mcmc
 #   768: low-temp, best-of-n, mcmc              (mcmc/power at 768 when it fits)
 #   3072: plain, power                          only with E2E_LONG=1
-# The whole script stays under ~8 minutes: the budget is what is left of SCRIPT_BUDGET_S.
-echo "== end-to-end (Qwen2.5-1.5B shapes)"
-mkdir -p "$OUT/e2e"
-e2e_budget=$(( ${SCRIPT_BUDGET_S:-450} - SECONDS - 60 ))
-(( e2e_budget > ${E2E_BUDGET_S:-270} )) && e2e_budget=${E2E_BUDGET_S:-270}
-e2e_cases=(--case 768:hf-generate,plain,power --case 384:plain,power,mcmc,recompute-mcmc
-           --case 768:low-temp,best-of-n,mcmc)
-[[ "${E2E_LONG:-0}" == 1 ]] && e2e_cases+=(--case 3072:plain,power)
-if (( e2e_budget >= 60 )); then
-    timeout -k 20 $(( e2e_budget + 90 )) python bench/e2e.py --model qwen2.5-1.5b "${e2e_cases[@]}" \
-        --num-prompts 1 --prompt-len 128 --reps 1 --kv-memory-mib 16384 --budget-s "$e2e_budget" \
-        --out "$OUT/e2e" > "$OUT/e2e/table.out" 2> "$OUT/e2e/e2e.log" || status=1
-    tail -n 2 "$OUT/e2e/e2e.log"
-else
-    echo "skipped: ${e2e_budget} s left of the script's budget" | tee "$OUT/e2e/table.out"
+# SMOKE: the tiny random Llama, 8-16 tokens, every method.
+stage_e2e() {
+    local args
+    if [[ "$SMOKE" == 1 ]]; then
+        args=(--model tiny --case 16:hf-generate,plain,power --case 8:plain,power,mcmc,recompute-mcmc
+              --case 16:low-temp,best-of-n --prompt-len 8 --block-size 4 --horizon 4 --num-candidates 4
+              --top-k 2 --num-rollouts 2 --mcmc-block-size 4 --mcmc-steps 2 --num-samples 2 --warmup-tokens 4)
+    else
+        args=(--model qwen2.5-1.5b --case 768:hf-generate,plain,power --case 384:plain,power,mcmc,recompute-mcmc
+              --case 768:low-temp,best-of-n,mcmc --prompt-len 128 --kv-memory-mib 16384)
+        [[ "${E2E_LONG:-0}" == 1 ]] && args+=(--case 3072:plain,power)
+    fi
+    # e2e skips what its budget cannot fit; a SIGTERM (the limit, 60 s after that budget) stops
+    # it and it still prints what it measured
+    run_limited "$PYTHON" -u bench/e2e.py "${args[@]}" --num-prompts 1 --reps 1 \
+        --budget-s "$(inner_budget 60)" --out "$WORK/e2e"
+    local rc=$?
+    [[ -f "$WORK/e2e/e2e.json" ]] && cp "$WORK/e2e/e2e.json" "$STAGE_JSON"
+    return "$rc"
+}
+
+# ------------------------------------------------------------------------------ driver
+
+summaries=()
+failed=0
+
+# run_stage NAME LIMIT_S: the stage's table to the terminal and table.txt, its numbers
+# into results.json, one status line
+run_stage() {
+    local name=$1 limit=$2 started=$SECONDS rc status
+    local left=$(( SCRIPT_BUDGET_S - SECONDS ))
+    (( limit <= 0 || limit > left )) && limit=$left
+    STAGE_JSON="$WORK/$name.json"
+    STAGE_LIMIT=$limit
+    echo | tee -a "$TABLE"
+    echo "== $name (limit ${limit} s)" | tee -a "$TABLE" | tee -a "$LOG"
+    if (( limit < MIN_STAGE_S )); then
+        status="skipped: ${left} s left of the script's ${SCRIPT_BUDGET_S} s"
+        echo "$status" | tee -a "$TABLE"
+    else
+        "stage_$name" 2>> "$LOG" | tee -a "$TABLE"
+        rc=${PIPESTATUS[0]}
+        case $rc in
+            0) status=ok ;;
+            124|137) status="timed out at ${limit} s" ;;
+            *) status="failed (exit $rc)" ;;
+        esac
+        if (( rc != 0 )); then
+            echo "last lines of its log:" | tee -a "$TABLE"
+            tail -n 5 "$LOG" | sed -e 's/^/    /' -e '$a\' | tee -a "$TABLE"
+        fi
+        [[ -n "$(tail -c 1 "$LOG")" ]] && echo >> "$LOG"  # a killed stage may leave half a line
+    fi
+    [[ "$status" == ok ]] || failed=1
+    "$PYTHON" bench/device_report.py add "$RESULTS" "$name" "$status" $(( SECONDS - started )) "$limit" "$STAGE_JSON"
+    summaries+=("-- $name: $status, $(( SECONDS - started )) s of ${limit} s")
+    echo "${summaries[-1]}" | tee -a "$TABLE" | tee -a "$LOG"
+}
+
+echo "device check: $("$PYTHON" --version 2>&1), SMOKE=$SMOKE, budget ${SCRIPT_BUDGET_S} s, results in $OUT"
+if [[ "$SMOKE" != 1 ]]; then
+    # the package from this checkout, nothing from the network
+    if ! "$PYTHON" -m pip install -q -e . --no-deps --no-build-isolation >> "$LOG" 2>&1; then
+        echo "pip install -e . failed: see $LOG"
+        tail -n 5 "$LOG"
+        exit 1
+    fi
 fi
 
-# ------------------------------------------------------------------------------ summary
+names=()
+for entry in "${STAGES[@]}"; do
+    name=${entry%%:*}
+    [[ -n "${ONLY:-}" && " $ONLY " != *" $name "* ]] && continue
+    names+=("$name")
+    run_stage "$name" "${entry##*:}"
+done
+if (( ${#names[@]} == 0 )); then
+    echo "no stage selected: ONLY=\"${ONLY:-}\" names none of ${STAGES[*]%%:*}"
+    exit 2
+fi
+
 echo
-echo "== kernels (full results: $OUT/kernels)"
-cat "$OUT/kernels/table.txt"
-echo
-echo "== runtime (full results: $OUT/runner)"
-cat "$OUT/runner/table.txt"
-echo
-echo "== end-to-end (full results: $OUT/e2e; ${SECONDS} s in all)"
-cat "$OUT/e2e/table.out"
-exit $status
+echo "== summary (${SECONDS} s in all; full results in $OUT)"
+printf '%s\n' "${summaries[@]}"
+check=()
+[[ "$SMOKE" == 1 ]] && check=(--require-ok)
+"$PYTHON" bench/device_report.py check "$OUT" "${names[@]}" "${check[@]}" || failed=1
+exit $failed

@@ -1,12 +1,16 @@
-"""Kernel timings on a CUDA device (called by bench/device_check.sh).
+"""Kernel timings on a CUDA device (a stage of bench/device_check.sh).
 
-    python bench/device_kernels.py --out OUT_DIR
+    python3 bench/device_kernels.py [--json PATH] [--budget-s S] [--no-sweep]
+    TRITON_INTERPRET=1 python3 bench/device_kernels.py --smoke   # CPU, tiny shapes, interpreter
 
 Medians from ``triton.testing.do_bench``. The ceiling is a measured device-to-device copy:
 copy bandwidth = (bytes read + bytes written) / time. A kernel's bandwidth is the bytes
 of its main input read once (logits, or the (B, K) + (B, K, M) estimator inputs) / time;
 "of copy" is the ratio of the two. Speedup is torch reference time / kernel time.
-Writes OUT_DIR/kernels.json and OUT_DIR/kernels.txt and prints the table.
+Prints the table (stdout) and writes every number to ``--json``. With ``--budget-s``,
+rows not started within the budget are left out and the table says so. ``--smoke`` runs
+the same code on the CPU with tiny shapes (the kernels under TRITON_INTERPRET=1, timed
+with a wall clock): a check that the script works, not a measurement.
 """
 
 from __future__ import annotations
@@ -26,17 +30,49 @@ from powerfast.kernels import sampling as sampling_kernels
 
 VOCAB_SHAPES = [(64, 32000), (64, 151936), (512, 151936)]
 ESTIMATE_SHAPES = [(1, 8, 8), (64, 8, 8)]
+KV_SHAPE = dict(num_blocks=4096, kv_heads=4, head_dim=128, tokens=512, copies=256)  # a Qwen2.5-7B layer
+SWEEP_SHAPE = (512, 151936)
+SWEEP = [(block_v, warps) for block_v in (1024, 2048, 4096, 8192) for warps in (4, 8, 16)]
+
+SMOKE_VOCAB_SHAPES = [(4, 1024)]
+SMOKE_ESTIMATE_SHAPES = [(2, 4, 4)]
+SMOKE_KV_SHAPE = dict(num_blocks=64, kv_heads=2, head_dim=16, tokens=8, copies=4)
+SMOKE_SWEEP_SHAPE = (4, 1024)
+SMOKE_SWEEP = [(1024, 4)]
 
 
-def bench(fn) -> float:
-    """Median seconds."""
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+class OutOfTime(Exception):
+    """The stage's budget ran out: report what was measured."""
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+class Clock:
+    """Times callables on DEVICE until DEADLINE (time.perf_counter() value, or None)."""
+
+    def __init__(self, device: str, deadline: float | None) -> None:
+        self.device = device
+        self.deadline = deadline
+
+    def check(self) -> None:
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise OutOfTime()
+
+    def bench(self, fn) -> float:
+        """Median seconds (do_bench on CUDA; 3 wall-clock calls after one warm-up on the CPU)."""
+        if self.device == "cuda":
+            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+        fn()
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return sorted(times)[1]
+
+
+def copy_bandwidth(clock: Clock) -> float:
+    src = torch.empty(1 << (30 if clock.device == "cuda" else 24), dtype=torch.uint8, device=clock.device)
     dst = torch.empty_like(src)
-    seconds = bench(lambda: dst.copy_(src))
+    seconds = clock.bench(lambda: dst.copy_(src))
     return 2 * src.numel() / seconds
 
 
@@ -58,12 +94,16 @@ def torch_sample_t1(logits, logliks):
     return tokens, base
 
 
-def rows(copy_bw: float):
-    results = []
+def rows(clock: Clock, copy_bw: float, smoke: bool, results: list) -> None:
+    """Appends one dict per measured kernel to ``results`` (raises OutOfTime when over budget)."""
+    device = clock.device
+    vocab_shapes = SMOKE_VOCAB_SHAPES if smoke else VOCAB_SHAPES
+    dtypes = (torch.float32,) if smoke else (torch.bfloat16, torch.float32)
 
     def record(kernel, shape, dtype, num_bytes, kernel_fn, torch_fn, **extra):
-        kernel_s = bench(kernel_fn)
-        torch_s = bench(torch_fn) if torch_fn is not None else None
+        clock.check()
+        kernel_s = clock.bench(kernel_fn)
+        torch_s = clock.bench(torch_fn) if torch_fn is not None else None
         gbps = num_bytes / kernel_s / 1e9
         results.append(
             dict(
@@ -80,12 +120,12 @@ def rows(copy_bw: float):
         )
         print(f"  {kernel:<22} {str(shape):<16} {results[-1]['time_us']:9.1f} us", file=sys.stderr, flush=True)
 
-    for dtype in (torch.bfloat16, torch.float32):
-        for shape in VOCAB_SHAPES:
-            logits = (torch.randn(shape, device="cuda") * 3).to(dtype)
+    for dtype in dtypes:
+        for shape in vocab_shapes:
+            logits = (torch.randn(shape, device=device) * 3).to(dtype)
             num_bytes = logits.numel() * logits.element_size()
-            logliks = torch.zeros(shape[0], device="cuda")
-            tokens = torch.randint(0, shape[1], (shape[0],), device="cuda")
+            logliks = torch.zeros(shape[0], device=device)
+            tokens = torch.randint(0, shape[1], (shape[0],), device=device)
             record(
                 "sample T=0.7", shape, dtype, num_bytes,
                 lambda: ops.sample_tokens(logits, 0.7, seed=1, logliks=logliks),
@@ -108,58 +148,62 @@ def rows(copy_bw: float):
             )
             del logits
 
-    for shape in ESTIMATE_SHAPES:
+    for shape in SMOKE_ESTIMATE_SHAPES if smoke else ESTIMATE_SHAPES:
         batch, num_candidates, num_rollouts = shape
-        cand = torch.log_softmax(torch.randn(batch, num_candidates, device="cuda"), -1)
-        rollouts = -torch.rand(batch, num_candidates, num_rollouts, device="cuda") * 300
+        cand = torch.log_softmax(torch.randn(batch, num_candidates, device=device), -1)
+        rollouts = -torch.rand(batch, num_candidates, num_rollouts, device=device) * 300
         record(
             "power_estimates jk", shape, torch.float32, (cand.numel() + rollouts.numel()) * 4,
             lambda: ops.power_estimates(cand, rollouts, 4.0),
             lambda: estimators.power_estimates(cand, rollouts, 4.0),
         )
 
-    # KV write: 512 decode tokens of a Qwen2.5-7B layer (4 kv heads x 128), bf16
-    key_cache = torch.zeros(4096, 16, 4, 128, dtype=torch.bfloat16, device="cuda")
+    # KV write: decode tokens of one layer (Qwen2.5-7B: 4 kv heads x 128), bf16 (fp32 when smoke)
+    kv = SMOKE_KV_SHAPE if smoke else KV_SHAPE
+    kv_dtype = torch.float32 if smoke else torch.bfloat16
+    block_shape = (16, kv["kv_heads"], kv["head_dim"])
+    key_cache = torch.zeros(kv["num_blocks"], *block_shape, dtype=kv_dtype, device=device)
     value_cache = torch.zeros_like(key_cache)
-    key = torch.randn(512, 4, 128, device="cuda").to(torch.bfloat16)
+    key = torch.randn(kv["tokens"], kv["kv_heads"], kv["head_dim"], device=device).to(kv_dtype)
     value = torch.randn_like(key)
-    slots = torch.randperm(4096 * 16, device="cuda")[:512]
+    slots = torch.randperm(kv["num_blocks"] * 16, device=device)[: kv["tokens"]]
+    itemsize = key.element_size()
     record(
-        "write_kv", (512, 4, 128), torch.bfloat16, 2 * key.numel() * 2,
+        "write_kv", tuple(key.shape), kv_dtype, 2 * key.numel() * itemsize,
         lambda: ops.write_kv(key_cache, value_cache, key, value, slots),
         lambda: ops._torch_write_kv(key_cache, value_cache, key, value, slots),
     )
-    src = torch.arange(0, 256, device="cuda")
-    dst = torch.arange(256, 512, device="cuda")
+    copies = kv["copies"]
+    src = torch.arange(0, copies, device=device)
+    dst = torch.arange(copies, 2 * copies, device=device)
     record(
-        "copy_blocks", (256, 16, 4, 128), torch.bfloat16, 2 * 256 * 16 * 4 * 128 * 2,
+        "copy_blocks", (copies, *block_shape), kv_dtype, 2 * copies * key_cache[0].numel() * itemsize,
         lambda: ops.copy_blocks(key_cache, value_cache, src, dst),
         lambda: ops._torch_copy_blocks(key_cache, value_cache, src, dst),
     )
-    return results
 
 
-def sweep_sample(copy_bw: float):
+def sweep_sample(clock: Clock, copy_bw: float, smoke: bool, out: list) -> None:
     """Chunk width / warps of the sampling kernel at (512, 151936) bf16 (the draw depends on
-    the chunk width, so this informs the default rather than autotuning it)."""
-    logits = (torch.randn(512, 151936, device="cuda") * 3).to(torch.bfloat16)
-    logliks = torch.zeros(512, device="cuda")
-    out = []
-    for block_v in (1024, 2048, 4096, 8192):
-        for num_warps in (4, 8, 16):
-            try:
-                seconds = bench(
-                    lambda: sampling_kernels.sample_logprob(
-                        logits, 0.7, seed=1, logliks=logliks, block_v=block_v, num_warps=num_warps
-                    )
+    the chunk width, so this informs the default rather than autotuning it). Appends to ``out``."""
+    shape = SMOKE_SWEEP_SHAPE if smoke else SWEEP_SHAPE
+    dtype = torch.float32 if smoke else torch.bfloat16
+    logits = (torch.randn(shape, device=clock.device) * 3).to(dtype)
+    logliks = torch.zeros(shape[0], device=clock.device)
+    for block_v, num_warps in SMOKE_SWEEP if smoke else SWEEP:
+        clock.check()
+        try:
+            seconds = clock.bench(
+                lambda: sampling_kernels.sample_logprob(
+                    logits, 0.7, seed=1, logliks=logliks, block_v=block_v, num_warps=num_warps
                 )
-            except Exception as error:  # a configuration that does not compile is reported
-                out.append(dict(block_v=block_v, num_warps=num_warps, error=repr(error)[:200]))
-                continue
-            gbps = logits.numel() * 2 / seconds / 1e9
-            out.append(dict(block_v=block_v, num_warps=num_warps, time_us=seconds * 1e6, gbps=gbps,
-                            of_copy=gbps * 1e9 / copy_bw))
-    return out
+            )
+        except Exception as error:  # a configuration that does not compile is reported
+            out.append(dict(block_v=block_v, num_warps=num_warps, error=repr(error)[:200]))
+            continue
+        gbps = logits.numel() * logits.element_size() / seconds / 1e9
+        out.append(dict(block_v=block_v, num_warps=num_warps, time_us=seconds * 1e6, gbps=gbps,
+                        of_copy=gbps * 1e9 / copy_bw))
 
 
 def table(results, copy_bw: float) -> str:
@@ -177,39 +221,58 @@ def table(results, copy_bw: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "./out"), "kernels"))
+    parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--budget-s", type=float, default=0.0, help="start no row after this many seconds (0: none)")
     parser.add_argument("--no-sweep", action="store_true")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: kernel timings skipped", file=sys.stderr)
-        return 0
-    os.makedirs(args.out, exist_ok=True)
-    started = time.time()
-    copy_bw = copy_bandwidth()
-    results = rows(copy_bw)
-    sweep = [] if args.no_sweep else sweep_sample(copy_bw)
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, kernels under TRITON_INTERPRET=1")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            print("--smoke needs TRITON_INTERPRET=1 (set before the kernels are imported)", file=sys.stderr)
+            return 2
+        device = "cpu"
+    elif torch.cuda.is_available():
+        device = "cuda"
+    else:
+        print("no CUDA device: kernel timings skipped (--smoke runs them on the CPU)", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    clock = Clock(device, started + args.budget_s if args.budget_s > 0 else None)
+    results, sweep, stopped = [], [], None
+    copy_bw = copy_bandwidth(clock)
+    try:
+        rows(clock, copy_bw, args.smoke, results)
+        if not args.no_sweep:
+            sweep_sample(clock, copy_bw, args.smoke, sweep)
+    except OutOfTime:
+        stopped = f"budget of {args.budget_s:.0f} s spent: later rows not measured"
+        print(stopped, file=sys.stderr)
     text = table(results, copy_bw)
     if sweep:
-        text += "\n\nsample T=0.7 (512, 151936) bf16, chunk / warps sweep:\n" + "\n".join(
+        text += f"\n\nsample T=0.7 {SMOKE_SWEEP_SHAPE if args.smoke else SWEEP_SHAPE}, chunk / warps sweep:\n" + "\n".join(
             f"  BLOCK_V={s['block_v']:<5} warps={s['num_warps']:<2} "
             + (f"{s['time_us']:8.1f} us {s['gbps']:6.0f} GB/s {s['of_copy']:5.0%}" if "time_us" in s else s["error"])
             for s in sweep
         )
+    if stopped:
+        text += f"\n{stopped}"
+    if args.smoke:
+        text = "smoke run (CPU, interpreter, tiny shapes): not a measurement\n" + text
     payload = dict(
-        device=torch.cuda.get_device_name(),
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
         torch=torch.__version__,
         triton=triton.__version__,
         copy_gbps=copy_bw / 1e9,
         results=results,
         sample_sweep=sweep,
-        seconds=time.time() - started,
+        stopped=stopped,
+        seconds=time.perf_counter() - started,
     )
-    with open(os.path.join(args.out, "kernels.json"), "w") as handle:
-        json.dump(payload, handle, indent=2)
-    with open(os.path.join(args.out, "kernels.txt"), "w") as handle:
-        handle.write(text + "\n")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(payload, handle, indent=2)
     print(text)
     return 0
 

@@ -7,9 +7,15 @@ configuration built by hand (speed does not depend on the weights' values; EOS i
 ignored). Before timing, a correctness check compares the runner's logits with the
 model's own dense sdpa forward after a ragged prefill, a fork and a few decode steps.
 
-Prints a small table and writes ``$OUT/device_runner.json`` (or ``--out``).
+Prints a small table (stdout, progress on stderr) and writes every number to ``--json``.
+Warm-up first: the same workloads with 2 new tokens, so every kernel variant and
+allocator size a timed run meets is compiled and reserved before the clock starts. With
+``--budget-s``, runs not started within the budget are left out (the table says so).
+``--smoke`` runs the same code on the CPU with a tiny random Llama (torch backend): a
+check that the script works, not a measurement.
 
-    python bench/device_runner.py [--prefix-len 1000] [--new-tokens 64] [--backend auto]
+    python3 bench/device_runner.py [--prefix-len 1000] [--new-tokens 64] [--backend auto] [--json PATH]
+    python3 bench/device_runner.py --smoke --json PATH
 
 Targets (reported, not enforced): batch 64 runner throughput >= HF and KV memory <= 1/8
 of HF's; batch 1 throughput within 10% of HF.
@@ -19,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -31,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_runner import HEADER, compare, run_hf, run_runner, summary  # noqa: E402
+from bench_runner import HEADER, run_hf, run_runner, summary, tiny_llama  # noqa: E402
 from e2e import qwen25_1p5b_config  # noqa: E402
 
 from powerfast.runner import ModelRunner  # noqa: E402
@@ -94,6 +99,34 @@ def correctness(model, backend: str) -> dict:
     }
 
 
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def timed_runs(model, prompt: list[int], new_tokens: int, batches, repeats: int, deadline: float | None,
+               **runner_kwargs):
+    """HF then the runner at each batch, the best of ``repeats`` each; stops starting runs at
+    ``deadline`` (a time.perf_counter() value). Returns (results, skipped "engine@batch" names)."""
+    results, skipped = [], []
+    for batch in batches:
+        for engine in ("hf", "runner"):
+            runs = []
+            for _ in range(repeats):
+                if deadline is not None and time.perf_counter() > deadline:
+                    break
+                if engine == "hf":
+                    runs.append(run_hf(model, prompt, batch, new_tokens))
+                else:
+                    runs.append(run_runner(model, prompt, batch, new_tokens, **runner_kwargs))
+            if runs:
+                best = max(runs, key=lambda r: r.tokens_per_second)
+                results.append(best)
+                log(f"{engine} batch {batch}: {best.tokens_per_second:.1f} tok/s")
+            else:
+                skipped.append(f"{engine}@{batch}")
+    return results, skipped
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prefix-len", type=int, default=1000)
@@ -102,42 +135,67 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flash"])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--budget-s", type=float, default=0.0, help="start no timed run after this (0: none)")
+    parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny random Llama, short prefix")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("device_runner.py needs a CUDA device", file=sys.stderr)
+    if args.smoke:
+        args.prefix_len, args.new_tokens, args.batches, args.repeats = 32, 4, [1, 4], 1
+        device, dtype = "cpu", torch.float32
+    elif torch.cuda.is_available():
+        device, dtype = "cuda", getattr(torch, args.dtype)
+    else:
+        print("device_runner.py needs a CUDA device (--smoke runs it on the CPU)", file=sys.stderr)
         return 2
 
     import transformers
     import triton
 
     started = time.perf_counter()
-    dtype = getattr(torch, args.dtype)
-    model = build_model(dtype, "cuda")
+    deadline = started + args.budget_s if args.budget_s > 0 else None
+    if args.smoke:
+        model = tiny_llama(device, dtype)
+        model.set_attn_implementation("sdpa")
+        model_name = "tiny random Llama (2 layers, hidden 64)"
+    else:
+        model = build_model(dtype, device)
+        model_name = "Qwen2.5-1.5B shapes, random weights"
+    log(f"model built: {time.perf_counter() - started:.1f} s")
     check = correctness(model, args.backend)
     print(f"correctness ({check['backend']}): max |logit diff| {check['max_abs_logit_diff']:.4f} "
           f"(max |logit| {check['max_abs_logit']:.2f}), argmax agreement {check['argmax_agreement']:.2f}, "
-          f"leaked blocks {check['blocks_leaked']} -> {'ok' if check['ok'] else 'FAILED'}")
+          f"leaked blocks {check['blocks_leaked']} -> {'ok' if check['ok'] else 'FAILED'}", flush=True)
 
-    runner_kwargs = dict(max_memory=8 * 2**30, backend=args.backend)
-    warm_prompt = list(range(1, 65))  # compile the kernels and warm the allocator
-    run_runner(model, warm_prompt, 2, 2, **runner_kwargs)
-    run_hf(model, warm_prompt, 2, 2)
-    results = compare(
-        model, args.prefix_len, args.new_tokens, batches=tuple(args.batches), repeats=args.repeats, **runner_kwargs
-    )
+    runner_kwargs = dict(max_memory=(8 * 2**30 if device == "cuda" else 64 * 2**20), backend=args.backend)
+    vocab = model.config.get_text_config().vocab_size
+    prompt = torch.randint(0, vocab, (args.prefix_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    # warm-up on the timed shapes: prefill of the whole prefix, forks, decode at its length
+    # (the split count of a long decode selects another attention kernel variant)
+    for batch in args.batches:
+        run_runner(model, prompt, batch, 2, **runner_kwargs)
+        run_hf(model, prompt, batch, 2)
+    log(f"warm-up done: {time.perf_counter() - started:.1f} s")
+    results, skipped = timed_runs(model, prompt, args.new_tokens, args.batches, args.repeats, deadline,
+                                  **runner_kwargs)
     table = summary(results)
-    print(f"Qwen2.5-1.5B shapes, random weights, {args.dtype}, {torch.cuda.get_device_name()}")
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    title = f"{model_name}, {str(dtype).removeprefix('torch.')}, {device_name}"
+    if args.smoke:
+        title = "smoke run (CPU, tiny model): not a measurement\n" + title
+    print(title)
     print(table)
+    if skipped:
+        print(f"not measured (budget of {args.budget_s:.0f} s spent): {', '.join(skipped)}")
 
     by_key = {(r.engine, r.batch): r for r in results}
     ratios = {}
     for batch in args.batches:
-        hf, runner = by_key[("hf", batch)], by_key[("runner", batch)]
-        ratios[f"batch{batch}"] = {
-            "throughput_runner_over_hf": runner.tokens_per_second / hf.tokens_per_second,
-            "kv_memory_runner_over_hf": runner.kv_bytes / hf.kv_bytes,
-        }
+        hf, runner = by_key.get(("hf", batch)), by_key.get(("runner", batch))
+        if hf and runner:
+            ratios[f"batch{batch}"] = {
+                "throughput_runner_over_hf": runner.tokens_per_second / hf.tokens_per_second,
+                "kv_memory_runner_over_hf": runner.kv_bytes / hf.kv_bytes,
+            }
     targets = {}
     if "batch64" in ratios:
         targets["batch64_throughput_at_least_hf"] = ratios["batch64"]["throughput_runner_over_hf"] >= 1.0
@@ -145,24 +203,24 @@ def main(argv=None) -> int:
     if "batch1" in ratios:
         targets["batch1_throughput_within_10_percent"] = ratios["batch1"]["throughput_runner_over_hf"] >= 0.9
     report = {
-        "device": torch.cuda.get_device_name(),
+        "device": device_name,
+        "smoke": args.smoke,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "triton": triton.__version__},
-        "model": "Qwen2.5-1.5B configuration, random weights",
-        "dtype": args.dtype,
+        "model": model_name,
+        "dtype": str(dtype).removeprefix("torch."),
         "prefix_len": args.prefix_len,
         "new_tokens": args.new_tokens,
         "correctness": check,
         "columns": HEADER.split(),
         "results": [asdict(r) for r in results],
+        "not_measured": skipped,
         "ratios": ratios,
         "targets": targets,
         "wall_seconds": time.perf_counter() - started,
     }
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "device_runner.json").write_text(json.dumps(report, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"targets: {targets}")
-    print(f"wrote {out_dir / 'device_runner.json'}")
     return 0 if check["ok"] else 1
 
 

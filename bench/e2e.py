@@ -12,7 +12,9 @@ prompt per call, EOS ignored (every completion is ``max_new_tokens`` long):
   ``model.generate`` on the whole prefix, recomputing it (``mcmc`` forks the sequence
   instead: the prefix's KV is shared, never recomputed).
 
-A warm-up run of every method (short, same batch shapes) comes first. Wall time per
+A warm-up run of every method (short, same batch shapes) comes first, then one prefill
+as long as the longest sequence of the run and a decode step at each batch size there
+(the long decodes' kernel variants compile before the clock starts). Wall time per
 prompt is measured around each call (``torch.cuda.synchronize`` on CUDA). The table gives,
 per method: settings, seconds per prompt, generated tokens, tokens decoded in all
 (candidates, rollouts, proposals), and the ratio to ``plain``; below it the ratios
@@ -420,13 +422,39 @@ def run_method(method: str, model, runner: ModelRunner, settings: Settings, prom
     return result
 
 
-def warm_up(methods, model, runner: ModelRunner, settings: Settings, prompt: list[int], tokens: int) -> None:
-    """One short call of every method (kernels compiled, allocator and caches warm)."""
+def warm_up(methods, model, runner: ModelRunner, settings: Settings, prompt: list[int], tokens: int,
+            longest: int = 0) -> None:
+    """One short call of every method (kernels compiled, allocator and caches warm), then
+    the long-context shapes: see :func:`warm_up_long_context` (``longest`` positions)."""
     if tokens <= 0:
         return
     short = settings.scaled_for_warmup(tokens)
     for method in methods:
         _call(method, model, runner, short, prompt, tokens)
+    if longest > len(prompt) + tokens:
+        batch_sizes = {1, settings.num_samples, settings.num_candidates, settings.top_k * settings.num_rollouts}
+        warm_up_long_context(runner, prompt, longest, sorted(batch_sizes))
+
+
+@torch.inference_mode()
+def warm_up_long_context(runner: ModelRunner, prompt: list[int], length: int, batch_sizes: list[int]) -> None:
+    """Prefill one sequence of ``length - 1`` positions and decode one step at each batch size.
+
+    A short warm-up leaves the long decodes' shapes cold: on a GPU the attention kernel
+    splits long key ranges (flash-decoding), a variant of its own, and a run of 768 tokens
+    meets it only after 256 positions. This compiles it (and sizes the allocator) here,
+    outside every timed call."""
+    filler = (prompt * (length // len(prompt) + 1))[: length - 1]
+    (root,), _ = runner.prefill([filler])
+    try:
+        for n in batch_sizes:
+            children = runner.fork(root, n)
+            try:
+                runner.decode(children, [prompt[0]] * n)
+            finally:
+                runner.free(children)
+    finally:
+        runner.free([root])
 
 
 def run_benchmark(model, prompts: list[list[int]], cases: list[tuple[int, list[str]]], settings: Settings, *,
@@ -444,7 +472,8 @@ def run_benchmark(model, prompts: list[list[int]], cases: list[tuple[int, list[s
     current = None  # the method being measured, reported as interrupted if SIGTERM comes
     started = time.perf_counter()
     try:
-        warm_up(methods_all, model, runner, settings, prompts[0], warmup_tokens)
+        longest = max(len(p) for p in prompts) + max(t for t, _ in cases)
+        warm_up(methods_all, model, runner, settings, prompts[0], warmup_tokens, longest)
         log(f"warm-up: {time.perf_counter() - started:.1f} s")
         step_seconds = None
         for max_new_tokens, methods in cases:

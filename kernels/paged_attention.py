@@ -26,8 +26,21 @@ __all__ = ["paged_attention"]
 
 _LOG2E = 1.4426950408889634
 
+# Triton compiles one variant per distinct "specialisation" of a launch's arguments: an
+# int equal to 1 or divisible by 16, a pointer aligned to 16 bytes. Arguments that change
+# from step to step would recompile the kernel inside a decode loop (seconds each on a
+# GPU), so they are not specialised: the block-table width (``stride_bt``), every stride
+# that follows the split count, the split count itself, and the runner's metadata
+# pointers (slices cut at varying offsets from one host-to-device buffer). What still
+# selects a variant is the model's geometry, the dtypes and ``WRITE_LSE`` (one split or
+# several): at most two variants of the attention kernel and one merge kernel per model.
+_ATTENTION_VARYING_INTS = ["stride_bt", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]
+_ATTENTION_VARYING_POINTERS = ["Block_tables", "Query_seq_index", "Query_positions"]
+_MERGE_VARYING_INTS = ["num_splits", "stride_pt", "stride_ph", "stride_lt", "stride_lh"]
+_MERGE_BLOCK_S = 32  # the default split count's ceiling: one merge variant for every count up to it
 
-@triton.jit
+
+@triton.jit(do_not_specialize=_ATTENTION_VARYING_INTS, do_not_specialize_on_alignment=_ATTENTION_VARYING_POINTERS)
 def _paged_attention_kernel(
     # data ptrs
     Q,  # (num_tokens, num_heads, head_dim)
@@ -138,7 +151,7 @@ def _paged_attention_kernel(
         tl.store(Lse + token * stride_lt + heads * stride_lh + split, lse, mask=mask_g)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_MERGE_VARYING_INTS)
 def _merge_splits_kernel(
     # data ptrs
     Partial_out,  # (num_tokens, num_heads, num_splits, head_dim) fp32
@@ -328,6 +341,6 @@ def paged_attention(
             out.stride(1),
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+            BLOCK_S=max(_MERGE_BLOCK_S, triton.next_power_of_2(num_splits)),
         )
     return out

@@ -194,7 +194,7 @@ class MCMCSampler(RunnerSampler):
             [child] = self.runner.fork(chain.seq, 1, length=chain.length - 1)
             live.append(child)
             children.append(child)
-        last = torch.tensor([chain.token_at(chain.length - 1) for chain in chains], device=self.runner_device)
+        last = [chain.token_at(chain.length - 1) for chain in chains]  # the runner uploads them, no sync
         logits = self.runner.decode(children, last)
         for chain, child in zip(chains, children):
             self._replace(chain, child, live)
@@ -214,8 +214,7 @@ class MCMCSampler(RunnerSampler):
             [child] = self.runner.fork(chain.seq, 1, length=len(chain.prompt) + m - 1)
             live.append(child)
             children.append(child)
-        fed = torch.tensor([chain.token_at(len(chain.prompt) + m - 1) for chain, m in zip(chains, starts)],
-                           device=self.runner_device)
+        fed = [chain.token_at(len(chain.prompt) + m - 1) for chain, m in zip(chains, starts)]  # uploaded, no sync
         logits = self.runner.decode(children, fed)
         wanted = [block_end - m for m in starts]
         proposal = sample_continuations(self.runner, children, logits, max(wanted), self.seeds,

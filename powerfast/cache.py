@@ -348,8 +348,8 @@ class PagedKVCache:
 
     def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
         device = self.config.device
-        src_blocks = torch.tensor(src, dtype=torch.int64, device=device)
-        dst_blocks = torch.tensor(dst, dtype=torch.int64, device=device)
+        src_blocks = ops.upload_ints(src, torch.int64, device)  # pinned, non-blocking: no sync per copy-on-write
+        dst_blocks = ops.upload_ints(dst, torch.int64, device)
         for key_cache, value_cache in zip(self.key_caches, self.value_caches):
             if key_cache.is_cuda:
                 ops.copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)

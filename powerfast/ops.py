@@ -42,6 +42,7 @@ __all__ = [
     "score_tokens",
     "token_logprobs",
     "topk_logprobs",
+    "upload_ints",
     "write_kv",
 ]
 
@@ -415,6 +416,19 @@ def write_kv(
         _triton_write_kv(key_cache, value_cache, key, value, slot_mapping)
         return
     _torch_write_kv(key_cache, value_cache, key, value, slot_mapping)
+
+
+def upload_ints(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(len(values),) tensor of ``dtype`` on ``device`` from host ints, without a sync.
+
+    On CUDA the values go through pinned host memory with a non-blocking copy, ordered on
+    the current stream before any later kernel: the host never waits for the device. On
+    the CPU the host tensor itself is returned.
+    """
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def copy_blocks(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from powerfast import attention
+from powerfast import attention, ops
 from powerfast.attention import CONTEXT_KWARG, PagedAttentionContext
 from powerfast.cache import CacheConfig, PagedKVCache, Sequence
 
@@ -319,10 +319,7 @@ class ModelRunner:
         return shared if shared * self.cache.block_size >= _MIN_SHARED_PREFIX else 0
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
-        host = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cpu":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
+        return ops.upload_ints(values, dtype, self.device)
 
     def __repr__(self) -> str:
         return f"ModelRunner({type(self.model).__name__}, backend={self.backend!r}, {self.cache!r})"

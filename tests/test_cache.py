@@ -299,3 +299,60 @@ class CacheMachine(RuleBasedStateMachine):
 
 TestCacheMachine = CacheMachine.TestCase
 TestCacheMachine.settings = settings(max_examples=40, stateful_step_count=20, deadline=None)
+
+
+# ------------------------------------------------------------------ host -> device, no sync
+
+
+def no_sync_allowed(device: str):
+    """On CUDA, any synchronising call inside the block raises; on the CPU nothing to check."""
+    import contextlib
+
+    if device != "cuda":
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def strict():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    return strict()
+
+
+def copy_on_write_copies_without_sync(device: str) -> None:
+    from powerfast import ops
+
+    values = [5, -1, 2**40, 0, 7]
+    with no_sync_allowed(device):
+        uploaded = ops.upload_ints(values, torch.int64, torch.device(device))
+    assert uploaded.device.type == device and uploaded.dtype == torch.int64 and uploaded.tolist() == values
+
+    cache = PagedKVCache(CacheConfig(num_layers=2, num_kv_heads=1, head_dim=2, block_size=4, num_blocks=16, device=device))
+    for pool in (*cache.key_caches, *cache.value_caches):
+        pool.copy_(torch.randn(pool.shape))
+    parent = cache.new_sequence()
+    cache.append_slots([parent], [10])  # a partly filled third block
+    children = cache.fork(parent, 3)
+    with no_sync_allowed(device):
+        cache.append_slots(children, [1, 1, 1])  # each child copies the shared partial block
+    shared = parent.block_table[2]
+    copies = [child.block_table[2] for child in children]
+    assert len({shared, *copies}) == 4
+    for pool in (*cache.key_caches, *cache.value_caches):
+        for copy in copies:
+            assert torch.equal(pool[copy].cpu(), pool[shared].cpu())
+    cache.free([parent, *children])
+    assert cache.blocks_in_use == 0
+
+
+def test_copy_on_write_uploads_block_ids_and_copies():
+    copy_on_write_copies_without_sync("cpu")
+
+
+@pytest.mark.cuda
+def test_copy_on_write_on_cuda_never_synchronises():
+    copy_on_write_copies_without_sync("cuda")

@@ -132,28 +132,41 @@ def test_torch_backend_matches_float64_reference(lengths, query_lens, heads, kv_
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[torch.float32], rtol=0)
 
 
-def test_runner_with_the_triton_backend_matches_dense():
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    from test_runner import assert_close, dense_logits, random_tokens, tiny_model
-
+def runner_on_triton_matches_dense(device: str, prompt_lengths: tuple[int, int]) -> None:
+    """A ragged prefill, a fork, one decode step: the runner's logits on the Triton backend
+    against the model's own dense forward (float32, test_runner's tolerance)."""
     import random
+
+    from test_runner import assert_close, dense_logits, random_tokens, tiny_model
 
     from powerfast.runner import ModelRunner
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    runner = ModelRunner(tiny_model("qwen2").to(device), num_blocks=32, backend="triton")
+    runner = ModelRunner(tiny_model("qwen2", seed=random.randrange(2**31)).to(device), num_blocks=128, backend="triton")
     assert runner.backend == "triton"
     rng = random.Random()
-    prompts = [random_tokens(rng, n) for n in (7, 20)]
+    prompts = [random_tokens(rng, n) for n in prompt_lengths]
     seqs, logits = runner.prefill(prompts)
     children = runner.fork(seqs[1], 2)
     next_tokens = random_tokens(rng, 3)
     decoded = runner.decode([seqs[0], *children], next_tokens)
+    runner.free([*seqs, *children])
+    assert runner.cache.blocks_in_use == 0
     for row, (prompt, token) in enumerate(zip([prompts[0], prompts[1], prompts[1]], next_tokens)):
         assert_close(decoded[row].cpu(), dense_logits(runner, prompt + [token]).cpu()[-1])
     for prompt, row in zip(prompts, logits):
         assert_close(row.cpu(), dense_logits(runner, prompt).cpu()[-1])
+
+
+def test_runner_with_the_triton_backend_matches_dense():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU twin of the cuda test below: needs TRITON_INTERPRET=1")
+    runner_on_triton_matches_dense("cpu", (7, 20))
+
+
+@pytest.mark.cuda
+def test_runner_with_the_triton_backend_matches_dense_on_cuda():
+    """Also long enough (700 positions) for the split (flash-decoding) path on a GPU."""
+    runner_on_triton_matches_dense("cuda", (7, 700))
 
 
 @pytest.mark.cuda
