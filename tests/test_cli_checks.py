@@ -108,3 +108,20 @@ def test_conversion_stores_the_tied_embedding_under_its_own_name(tmp_path):
     with torch.no_grad():
         tokens = torch.tensor([[2, 4, 6]])
         torch.testing.assert_close(loaded(tokens).logits, model(tokens).logits, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_default_tokenizer_is_what_auto_tokenizer_gives():
+    from transformers import AutoTokenizer
+
+    folder = models.default_model_dir(verbose=False)
+    direct = models.load_model(device="cpu")[1]
+    auto = AutoTokenizer.from_pretrained(folder)
+    conversation = [{"role": "user", "content": "What is 17 + 25? <|im_end|> Explain."}]
+    assert direct.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True) == \
+        auto.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+    ids = auto("Natalia sold 48 clips.")["input_ids"]
+    assert direct("Natalia sold 48 clips.")["input_ids"] == ids
+    assert direct.decode(ids, skip_special_tokens=True) == auto.decode(ids, skip_special_tokens=True)
+    assert (direct.eos_token_id, direct.pad_token_id, direct.all_special_ids) == \
+        (auto.eos_token_id, auto.pad_token_id, auto.all_special_ids)
