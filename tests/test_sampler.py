@@ -125,10 +125,15 @@ def test_token_distribution_converges_to_the_exact_conditional(torch_ops):
 
     No EOS here: with one, a 3-token horizon puts nearly all the power mass on ending at
     once (a short sequence is far likelier), and every estimator is trivially right."""
-    model = tiny_llama(vocab=6, seed=SEED % 1000, sharpen=4.0, eos=None)
     prompt, max_new, alpha, copies = [0, 3], 3, 4.0, 600
-    target = exact.power_conditional(HFLanguageModel(model), prompt, alpha, max_new)
-    assert float(target.max()) < 0.9, target  # a decision worth estimating
+    # a fresh random model whose decision is worth estimating (no candidate above 0.9): some
+    # seeds give a near-deterministic target, so draw models until one does not
+    for model_seed in range(SEED % 1000, SEED % 1000 + 50):
+        model = tiny_llama(vocab=6, seed=model_seed, sharpen=4.0, eos=None)
+        target = exact.power_conditional(HFLanguageModel(model), prompt, alpha, max_new)
+        if float(target.max()) < 0.9:
+            break
+    assert float(target.max()) < 0.9, (target, SEED)
     runner = ModelRunner(model)
     plain_tv, jack_tv = {}, {}
     for m in (2, 16):
@@ -143,7 +148,7 @@ def test_token_distribution_converges_to_the_exact_conditional(torch_ops):
         plain_tv[m], jack_tv[m] = total_variation(mean_plain, target), total_variation(mean_jack, target)
         assert runner.cache.blocks_in_use == 0
     # measured over model seeds 0-3: plain 0.07-0.16 at M = 2, 0.007-0.05 at M = 16; jackknife 0.001-0.013 at 16
-    assert jack_tv[16] < 0.03 and plain_tv[16] < 0.08, (plain_tv, jack_tv, SEED)
+    assert jack_tv[16] < 0.03 and plain_tv[16] < 0.08, (plain_tv, jack_tv, SEED, model_seed)
     assert plain_tv[16] < plain_tv[2], (plain_tv, SEED)
     # same rollouts for both estimators: the jackknife may not be further from the target
     assert jack_tv[16] <= plain_tv[16] + 0.005, (plain_tv, jack_tv, SEED)
