@@ -5,8 +5,10 @@ prompt per call, EOS ignored (every completion is ``max_new_tokens`` long):
 
 - ``hf-generate``: ``model.generate`` of transformers with its own cache, temperature 1
   (the plain-decoding anchor);
-- ``plain``, ``low-temp`` (T = 1/alpha), ``best-of-n``, ``power``, ``mcmc``: the samplers of
-  ``powerfast.baselines.make_sampler``, all on one shared :class:`ModelRunner`;
+- ``plain``, ``low-temp`` (T = 1/alpha), ``best-of-n``, ``power``, ``mcmc``, ``smc``: the
+  samplers of ``powerfast.baselines.make_sampler``, all on one shared :class:`ModelRunner`;
+- ``power-tr``: power sampling with the tempered rollout proposal and rollout reuse
+  (``PowerConfig(rollout_proposal="tempered", reuse_rollouts=True)``);
 - ``recompute-mcmc``: :class:`RecomputeMCMC`, the same Metropolis-Hastings chain written
   the way the published MCMC code is: every block and every proposal calls
   ``model.generate`` on the whole prefix, recomputing it (``mcmc`` forks the sequence
@@ -18,7 +20,8 @@ as long as the longest sequence of the run and a decode step at each batch size 
 prompt is measured around each call (``torch.cuda.synchronize`` on CUDA). The table gives,
 per method: settings, seconds per prompt, generated tokens, tokens decoded in all
 (candidates, rollouts, proposals), and the ratio to ``plain``; below it the ratios
-power / plain, mcmc / power, recompute-mcmc / mcmc and plain / hf-generate.
+power / plain, power-tr / plain, smc / plain, mcmc / power, recompute-mcmc / mcmc and
+plain / hf-generate.
 
     python bench/e2e.py --model tiny --max-new-tokens 32
     python bench/e2e.py --model smollm2 --max-new-tokens 128 --block-size 32 --horizon 32 \\
@@ -53,7 +56,7 @@ if str(REPO) not in sys.path:
 
 
 from powerfast.baselines import make_sampler  # noqa: E402
-from powerfast.config import MCMCConfig, PowerConfig  # noqa: E402
+from powerfast.config import MCMCConfig, PowerConfig, SMCConfig  # noqa: E402
 from powerfast.generation import encode_prompts  # noqa: E402
 from powerfast.runner import ModelRunner  # noqa: E402
 
@@ -70,9 +73,9 @@ __all__ = [
     "summary",
 ]
 
-METHODS = ("hf-generate", "plain", "low-temp", "best-of-n", "power", "mcmc", "recompute-mcmc")
+METHODS = ("hf-generate", "plain", "low-temp", "best-of-n", "power", "power-tr", "smc", "mcmc", "recompute-mcmc")
 MODELS = ("tiny", "smollm2", "qwen2.5-1.5b")
-RATIOS = (("power", "plain"), ("mcmc", "power"), ("recompute-mcmc", "mcmc"), ("plain", "hf-generate"))
+RATIOS = (("power", "plain"), ("power-tr", "plain"), ("smc", "plain"), ("mcmc", "power"), ("recompute-mcmc", "mcmc"), ("plain", "hf-generate"))
 
 PROMPTS = (
     "What is the sum of the first 20 odd numbers? Explain step by step.",
@@ -94,6 +97,7 @@ class Settings:
     mcmc_block_size, mcmc_steps: the MCMC baselines' B and N_MCMC
     num_samples:    N of best-of-N
     seed:           one seed for every method
+    num_particles, resample_every: Power-SMC's N and R
     """
 
     alpha: float = 4.0
@@ -107,10 +111,16 @@ class Settings:
     mcmc_steps: int = 10
     num_samples: int = 8
     seed: int = 0
+    num_particles: int = 32
+    resample_every: int = 16
 
-    def power_config(self) -> PowerConfig:
+    def power_config(self, method: str = "power") -> PowerConfig:
+        tempered_reuse = method == "power-tr"
         return PowerConfig(self.alpha, self.block_size, self.num_candidates, self.top_k, self.num_rollouts,
-                           self.horizon, self.jackknife)
+                           self.horizon, self.jackknife, "tempered" if tempered_reuse else "base", tempered_reuse)
+
+    def smc_config(self) -> SMCConfig:
+        return SMCConfig(self.alpha, self.num_particles, resample_every=self.resample_every)
 
     def mcmc_config(self) -> MCMCConfig:
         return MCMCConfig(self.alpha, self.mcmc_block_size, self.mcmc_steps)
@@ -123,10 +133,13 @@ class Settings:
             return f"T=1/{self.alpha:g}"
         if method == "best-of-n":
             return f"N={self.num_samples}"
-        if method == "power":
+        if method in ("power", "power-tr"):
             jk = " jk" if self.jackknife else ""
+            tr = " tempered+reuse" if method == "power-tr" else ""
             return (f"{a} B={self.block_size} H={self.horizon} L={self.num_candidates} "
-                    f"K={self.top_k} M={self.num_rollouts}{jk}")
+                    f"K={self.top_k} M={self.num_rollouts}{jk}{tr}")
+        if method == "smc":
+            return f"{a} N={self.num_particles} R={self.resample_every}"
         if method in ("mcmc", "recompute-mcmc"):
             return f"{a} B={self.mcmc_block_size} N_MCMC={self.mcmc_steps}"
         raise ValueError(f"unknown method {method!r}")
@@ -136,18 +149,21 @@ class Settings:
         half = max(1, tokens // 2)
         return Settings(self.alpha, min(self.block_size, half), min(self.horizon, half), self.num_candidates,
                         self.top_k, self.num_rollouts, self.jackknife, min(self.mcmc_block_size, half),
-                        min(self.mcmc_steps, 2), self.num_samples, self.seed + 1)
+                        min(self.mcmc_steps, 2), self.num_samples, self.seed + 1, self.num_particles,
+                        self.resample_every)
 
     def decode_steps(self, method: str, max_new_tokens: int) -> int:
         """Sequential forwards of one prompt (EOS ignored): what a GPU's latency scales with."""
         t = max_new_tokens
-        if method in ("hf-generate", "plain", "low-temp", "best-of-n"):
+        if method in ("hf-generate", "plain", "low-temp", "best-of-n", "smc"):
             return t
-        if method == "power":
+        if method in ("power", "power-tr"):
             steps, done = 0, 0
             while done < t:
                 block = min(self.block_size, t - done)
-                steps += block + 1 + min(self.horizon, t - done - block)
+                # with reuse every block after the first starts from the rollouts: one refresh step
+                candidate_steps = block if method == "power" or done == 0 else 1
+                steps += candidate_steps + 1 + min(self.horizon, t - done - block)
                 done += block
             return steps
         if method in ("mcmc", "recompute-mcmc"):
@@ -370,8 +386,9 @@ class Interrupted(Exception):
 
 
 def _make_sampler(method: str, runner: ModelRunner, settings: Settings):
-    return make_sampler(method, runner, alpha=settings.alpha, seed=settings.seed, num_samples=settings.num_samples,
-                        power_config=settings.power_config(), mcmc_config=settings.mcmc_config())
+    return make_sampler("power" if method == "power-tr" else method, runner, alpha=settings.alpha, seed=settings.seed,
+                        num_samples=settings.num_samples, power_config=settings.power_config(method),
+                        mcmc_config=settings.mcmc_config(), smc_config=settings.smc_config())
 
 
 def _call(method: str, model, runner: ModelRunner, settings: Settings, prompt: list[int], max_new_tokens: int):
@@ -613,6 +630,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mcmc-block-size", type=int, default=defaults.mcmc_block_size)
     parser.add_argument("--mcmc-steps", type=int, default=defaults.mcmc_steps)
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples, help="best-of-N")
+    parser.add_argument("--num-particles", type=int, default=defaults.num_particles, help="Power-SMC N")
+    parser.add_argument("--resample-every", type=int, default=defaults.resample_every, help="Power-SMC R")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-layers", type=int, default=None, help="qwen2.5-1.5b: fewer layers (smoke runs)")
     parser.add_argument("--kv-memory-mib", type=int, default=None, help="KV pool size (default: the runner's)")
@@ -632,7 +651,7 @@ def main(argv=None) -> int:
                 parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     settings = Settings(args.alpha, args.block_size, args.horizon, args.num_candidates, args.top_k,
                         args.num_rollouts, not args.no_jackknife, args.mcmc_block_size, args.mcmc_steps,
-                        args.num_samples, args.seed)
+                        args.num_samples, args.seed, args.num_particles, args.resample_every)
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

@@ -16,6 +16,12 @@ Gumbel-max draw would need a random number and two logs per logit.
 
 The sampled token's logit is re-read once at the end to form its log-probs. Teacher
 forcing (``SAMPLE=False``) is the same kernel with the token loaded instead of drawn.
+
+With T != 1 the kernel also returns, per row, ``log c = log sum_x p(x)^(1/T)`` (p =
+softmax(logits)), the normaliser of the tempered distribution relative to the base one.
+Both running sums are kept relative to the same running max ``m``, so after the online
+merge over the chunks ``log c = log s_t - (1/T) log s`` (the ``m`` terms cancel): no extra
+pass, no cancellation between two large log-sum-exps.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ def _sample_logprob_kernel(
     tokens_out_ptr,  # (N,) int64
     base_logprobs_ptr,  # (N,) fp32
     tempered_logprobs_ptr,  # (N,) fp32, written when TEMPERED
+    log_power_sums_ptr,  # (N,) fp32 log sum_x p(x)^(1/T), written when TEMPERED
     offsets_ptr,  # (N,) int64 / int32 per-row RNG counter, read when HAS_OFFSETS
     active_ptr,  # (N,) bool, read when HAS_ACTIVE, written when HAS_ACTIVE and HAS_EOS
     logliks_ptr,  # (N,) fp32, updated when HAS_LOGLIKS
@@ -165,6 +172,8 @@ def _sample_logprob_kernel(
         tempered_lse = running_max * inv_temperature + tl.log(tempered_sum)
         tempered_logprob = tl.where(is_active, token_logit * inv_temperature - tempered_lse, 0.0)
         tl.store(tempered_logprobs_ptr + row, tempered_logprob)
+        log_power_sum = tl.log(tempered_sum) - inv_temperature * tl.log(base_sum)
+        tl.store(log_power_sums_ptr + row, tl.where(is_active, log_power_sum, 0.0))
     if HAS_EOS:
         idle_token = tl.zeros([], dtype=tl.int64) + eos_token_id
     else:
@@ -205,9 +214,10 @@ def _launch(
     tokens_out = torch.empty(num_rows, dtype=torch.int64, device=device)
     base_logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
     tempered_logprobs = torch.empty(num_rows, dtype=torch.float32, device=device) if tempered else None
+    log_power_sums = torch.empty(num_rows, dtype=torch.float32, device=device) if tempered else None
     block_v = block_v or DEFAULT_BLOCK_V
     if num_rows == 0:
-        return tokens_out, base_logprobs, tempered_logprobs
+        return tokens_out, base_logprobs, tempered_logprobs, log_power_sums
     dummy = base_logprobs
     _sample_logprob_kernel[(num_rows,)](
         # data ptrs
@@ -216,6 +226,7 @@ def _launch(
         tokens_out,
         base_logprobs,
         tempered_logprobs if tempered else dummy,
+        log_power_sums if tempered else dummy,
         offsets if offsets is not None else tokens_out,
         active if active is not None else dummy,
         logliks if logliks is not None else dummy,
@@ -238,7 +249,7 @@ def _launch(
         PHILOX_ROUNDS=10,
         num_warps=num_warps or (8 if block_v >= 2048 else 4),
     )
-    return tokens_out, base_logprobs, tempered_logprobs
+    return tokens_out, base_logprobs, tempered_logprobs, log_power_sums
 
 
 def sample_logprob(
@@ -258,7 +269,9 @@ def sample_logprob(
 
     logits: (N, V); offsets: (N,) int or None (arange(N)); active: (N,) bool or None;
     logliks: (N,) fp32 or None, updated in place; returns (tokens (N,) int64,
-    base_logprobs (N,) fp32, tempered_logprobs (N,) fp32 or None when temperature == 1).
+    base_logprobs (N,) fp32, tempered_logprobs (N,) fp32 or None when temperature == 1,
+    log_power_sums (N,) fp32 log sum_x softmax(logits)_x^(1/T) (0 for inactive rows) or None
+    when temperature == 1).
     """
     return _launch(logits, None, temperature, seed, offsets, active, eos_token_id, logliks, block_v, num_warps)
 

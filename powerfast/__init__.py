@@ -12,6 +12,7 @@ _LAZY = {
     "MCMCConfig": "powerfast.config",
     "PowerConfig": "powerfast.config",
     "SamplingConfig": "powerfast.config",
+    "SMCConfig": "powerfast.config",
     "PowerEstimate": "powerfast.estimators",
     "leave_one_out_log_scaling_factors": "powerfast.estimators",
     "log_scaling_factors": "powerfast.estimators",
@@ -24,6 +25,7 @@ _LAZY = {
     "ModelRunner": "powerfast.runner",
     "AncestralSampler": "powerfast.baselines",
     "MCMCSampler": "powerfast.baselines",
+    "SMCSampler": "powerfast.smc",
     "make_sampler": "powerfast.baselines",
     "GenerationResult": "powerfast.generation",
     "GenerationStats": "powerfast.generation",
@@ -37,7 +39,7 @@ _LAZY = {
 # submodules reachable as attributes (``powerfast.exact.power_conditional``), imported on first use
 _SUBMODULES = (
     "attention", "baselines", "cache", "cli", "config", "estimators", "evaluation", "exact", "generation",
-    "kernels", "lm", "lm_runner", "models", "ops", "runner", "sampler", "toy",
+    "fidelity", "kernels", "lm", "lm_runner", "models", "ops", "resampling", "runner", "sampler", "smc", "toy",
 )
 
 __all__ = list(_LAZY)

@@ -5,7 +5,8 @@
   highest base log-likelihood);
 - :class:`MCMCSampler`: the Metropolis-Hastings power sampler of Karan & Du. A proposal
   forks the current sequence at the resampling position: the shared prefix is never
-  recomputed.
+  recomputed;
+- :class:`SMCSampler` (defined in :mod:`powerfast.smc`, re-exported here): Power-SMC.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from powerfast.generation import (
     sample_continuations,
 )
 from powerfast.sampler import PowerSampler
+from powerfast.smc import SMCSampler
 
-__all__ = ["AncestralSampler", "MCMCSampler", "make_sampler", "METHODS"]
+__all__ = ["AncestralSampler", "MCMCSampler", "SMCSampler", "make_sampler", "METHODS"]
 
 
 class AncestralSampler(RunnerSampler):
@@ -291,18 +293,21 @@ class _Chain:
 
 def make_sampler(method: str, model, tokenizer=None, *, alpha: float = 4.0, seed: int | None = None,
                  temperature: float = 1.0, num_samples: int = 8, power_config=None, mcmc_config=None,
-                 **runner_kwargs):
+                 smc_config=None, **runner_kwargs):
     """A sampler by method name (one of METHODS) with the usual settings.
 
-    alpha:       the exponent of "power" and "mcmc", and T = 1 / alpha of "low-temp"
+    alpha:       the exponent of "power", "mcmc" and "smc", and T = 1 / alpha of "low-temp"
     temperature: of "plain" and "best-of-n"; num_samples: N of "best-of-n"
-    power_config / mcmc_config: full settings for "power" / "mcmc" (then ``alpha`` is not used)
+    power_config / mcmc_config / smc_config: full settings for "power" / "mcmc" / "smc"
+                 (then ``alpha`` is not used)
     Raises ValueError for an unknown method or bad settings (see :func:`powerfast.config.method_config`).
     """
     config = method_config(method, alpha=alpha, temperature=temperature, num_samples=num_samples,
-                           power_config=power_config, mcmc_config=mcmc_config)
+                           power_config=power_config, mcmc_config=mcmc_config, smc_config=smc_config)
     if method == "power":
         return PowerSampler(model, tokenizer, config, seed, **runner_kwargs)
     if method == "mcmc":
         return MCMCSampler(model, tokenizer, config, seed, **runner_kwargs)
+    if method == "smc":
+        return SMCSampler(model, tokenizer, config, seed, **runner_kwargs)
     return AncestralSampler(model, tokenizer, config, seed, method, **runner_kwargs)

@@ -1,4 +1,4 @@
-"""The ``powerfast`` command: sample, eval, profile, toy."""
+"""The ``powerfast`` command: sample, eval, profile, toy, fidelity."""
 
 from __future__ import annotations
 
@@ -30,7 +30,18 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rollouts", type=int, default=8, help="M: rollouts per candidate (default 8)")
     group.add_argument("--horizon", type=int, default=192, help="H: rollout length (default 192)")
     group.add_argument("--no-jackknife", action="store_true", help="use the plain Monte Carlo estimate")
+    group.add_argument("--rollout-proposal", default="base", choices=["base", "tempered"],
+                       help="rollouts from p (base, the paper's) or from p at T = 1/alpha (tempered) (default base)")
+    group.add_argument("--reuse-rollouts", action="store_true",
+                       help="the chosen candidate's rollouts become the next candidates (needs H >= B)")
     group.add_argument("--mcmc-steps", type=int, default=10, help="N_MCMC: MH steps per block for --method mcmc (default 10)")
+    group.add_argument("--particles", type=int, default=32, help="N: particles of --method smc (default 32)")
+    group.add_argument("--ess-threshold", type=float, default=0.5,
+                       help="smc: resample when ESS < this * N (default 0.5)")
+    group.add_argument("--resample-every", type=int, default=16, help="smc: tokens between ESS checks (default 16)")
+    group.add_argument("--ramp-tokens", type=int, default=0, help="smc: alpha ramps from 1 over this many tokens (default 0)")
+    group.add_argument("--resampler", default="systematic", choices=["systematic", "chopthin"],
+                       help="smc resampling scheme (default systematic)")
     group.add_argument("--temperature", type=float, default=1.0, help="temperature of plain / best-of-n (default 1)")
     group.add_argument("--num-samples", type=int, default=8, help="N of best-of-n (default 8)")
     group.add_argument("--max-new-tokens", type=int, default=3072, help="generation budget (default 3072)")
@@ -51,8 +62,9 @@ def _run_toy(args) -> int:
     return toy.run(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command's parser; imports nothing heavy (no torch), so bad settings fail at once."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command's parser. Given the arguments to parse, it imports nothing heavy (no
+    torch) unless they may name the fidelity command, so bad settings fail at once."""
     from powerfast.config import METHODS
 
     parser = argparse.ArgumentParser(
@@ -90,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     toy_parser = commands.add_parser("toy", help="the paper's PLAN/GUESS toy: exact values and Monte Carlo estimates")
     _add_toy_arguments(toy_parser)
     toy_parser.set_defaults(handler=_run_toy)
+
+    fidelity_parser = commands.add_parser(
+        "fidelity", help="TV of every method to the exact p^alpha on small random models, next to the noise floor")
+    if argv is None or "fidelity" in argv:  # its arguments' module imports torch: only when it may be the command
+        from powerfast import fidelity
+
+        fidelity.add_arguments(fidelity_parser)
+        fidelity_parser.set_defaults(handler=fidelity.run)
     return parser
 
 
@@ -105,16 +125,19 @@ def build_runner(model, args: argparse.Namespace):
 def method_settings(method: str, args: argparse.Namespace):
     """The validated config of ``method`` from parsed settings (ValueError naming the bad
     value); pure Python, so the command checks its settings before loading the model."""
-    from powerfast.config import MCMCConfig, PowerConfig, method_config
+    from powerfast.config import MCMCConfig, PowerConfig, SMCConfig, method_config
 
-    power = mcmc = None
+    power = mcmc = smc = None
     if method == "power":
         power = PowerConfig(args.alpha, args.block_size, args.candidates, args.top_k, args.rollouts, args.horizon,
-                            not args.no_jackknife)
+                            not args.no_jackknife, args.rollout_proposal, args.reuse_rollouts)
     elif method == "mcmc":
         mcmc = MCMCConfig(args.alpha, args.block_size, args.mcmc_steps)
+    elif method == "smc":
+        smc = SMCConfig(args.alpha, args.particles, args.ess_threshold, args.resample_every, args.ramp_tokens,
+                        args.resampler)
     return method_config(method, alpha=args.alpha, temperature=args.temperature, num_samples=args.num_samples,
-                         power_config=power, mcmc_config=mcmc)
+                         power_config=power, mcmc_config=mcmc, smc_config=smc)
 
 
 def _check_settings(args: argparse.Namespace, methods: Sequence[str]) -> None:
@@ -134,8 +157,9 @@ def build_sampler(method: str, runner, tokenizer, args: argparse.Namespace, seed
     config = method_settings(method, args)
     power = config if method == "power" else None
     mcmc = config if method == "mcmc" else None
+    smc = config if method == "smc" else None
     return make_sampler(method, runner, tokenizer, alpha=args.alpha, seed=seed, temperature=args.temperature,
-                        num_samples=args.num_samples, power_config=power, mcmc_config=mcmc)
+                        num_samples=args.num_samples, power_config=power, mcmc_config=mcmc, smc_config=smc)
 
 
 def _load(args):
@@ -183,6 +207,11 @@ def _run_sample(args) -> int:
         return 0
     print(result.text)
     extra = f", acceptance {stats.acceptance_rate:.2f}" if stats.acceptance_rate is not None else ""
+    ess = [e for block in stats.blocks for e in (block.rollout_ess or []) if e is not None]
+    if ess:
+        extra += f", mean rollout ESS {sum(ess) / len(ess):.2f}"
+    if "resampling_steps" in stats.extra:
+        extra += f", {stats.extra['resampling_steps']} resampling steps, {stats.extra['unique_ancestors']} lineages"
     print(
         f"[{stats.method}] {result.num_tokens} tokens in {stats.wall_seconds:.1f} s "
         f"({result.num_tokens / max(stats.wall_seconds, 1e-9):.1f} tokens/s); "
@@ -273,7 +302,8 @@ def _kv_memory_hint(error, args: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)

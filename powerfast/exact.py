@@ -24,7 +24,8 @@ import torch
 
 from powerfast.lm import HFLanguageModel, LanguageModel, eos_token_ids, stop_token_ids
 
-__all__ = ["MAX_SEQUENCES", "as_language_model", "continuations", "power_conditional", "scaling_factor"]
+__all__ = ["MAX_SEQUENCES", "as_language_model", "continuations", "power_conditional", "scaling_factor",
+           "sequence_distribution"]
 
 MAX_SEQUENCES = 2_000_000
 """Default refusal limit on ``vocab_size ** num_tokens`` (the sequences enumerated)."""
@@ -166,3 +167,22 @@ def scaling_factor(
         return 1.0
     _, logprobs = continuations(model, list(prefix_ids) + [int(token)], num_tokens - 1, eos)
     return float(torch.exp(torch.logsumexp(alpha * logprobs, dim=0)))
+
+
+def sequence_distribution(
+    model: LanguageModel,
+    prefix_ids: Sequence[int],
+    alpha: float,
+    num_tokens: int,
+    eos_token_id: int | None = None,
+    max_sequences: int = MAX_SEQUENCES,
+) -> tuple[list[tuple[int, ...]], torch.Tensor]:
+    """The exact power distribution over whole completions: ``p(c | prefix)^alpha / Z``.
+
+    Completions are those of :func:`continuations` (``num_tokens`` tokens, or fewer ending
+    in EOS): what a sampler with ``max_new_tokens = num_tokens`` can return.
+    returns (completions, probs (C,) float64 summing to 1)
+    """
+    _check_args(model, prefix_ids, alpha, num_tokens, max_sequences)
+    seqs, logprobs = continuations(model, prefix_ids, num_tokens, eos_token_id)
+    return seqs, torch.softmax(alpha * logprobs, dim=0)

@@ -46,6 +46,9 @@ class BlockRecord:
     probs:              the distribution sampled from (jackknife or plain)
     log_zeta:           estimated log scaling factor of each candidate
     choice:             index into ``candidates`` of the block appended
+    rollout_ess:        effective sample size (1 / sum w_r^2) of each candidate's normalised
+                        rollout weights, in [1, M]; None for a candidate without rollouts
+                        (it ended, or no budget was left). Near 1: one rollout decided zeta
     """
 
     candidates: list[list[int]]
@@ -54,6 +57,7 @@ class BlockRecord:
     probs: list[float]
     log_zeta: list[float]
     choice: int
+    rollout_ess: list[float | None] | None = None
 
 
 @dataclass(slots=True)
@@ -226,6 +230,9 @@ class Continuations(NamedTuple):
     last_logits:      (N, V) logits after the last token, or None if not asked for
     token_logprobs:   (N, S) float32 base log-prob of each token (0 after the end), or None
     token_tempered:   (N, S) float32 tempered log-prob of each token, or None
+    log_power_sums:   (N,) float32 sum over the row's steps of log sum_x p(x | h_t)^(1/T)
+                      (the tempered rollout weight of DESIGN.md section 6), or None unless
+                      asked for; 0 at T = 1
     """
 
     tokens: torch.Tensor
@@ -235,6 +242,7 @@ class Continuations(NamedTuple):
     last_logits: torch.Tensor | None
     token_logprobs: torch.Tensor | None = None
     token_tempered: torch.Tensor | None = None
+    log_power_sums: torch.Tensor | None = None
 
 
 def sample_continuations(
@@ -249,6 +257,7 @@ def sample_continuations(
     want_last_logits: bool = False,
     per_token: bool = False,
     stop_check_every: int = 32,
+    want_log_power_sums: bool = False,
 ) -> Continuations:
     """Sample ``num_steps`` tokens for every sequence in one batched decode loop.
 
@@ -256,7 +265,8 @@ def sample_continuations(
     all rows (a row that sampled EOS keeps being fed EOS, its statistics frozen), then
     decodes the batch through ``runner`` so the sequences hold the new tokens' KV. No
     host sync per token: whether every row has finished is looked at every
-    ``stop_check_every`` steps. Temperature 0 is greedy decoding.
+    ``stop_check_every`` steps. Temperature 0 is greedy decoding. ``want_log_power_sums``
+    accumulates each active row's ``log sum_x p(x)^(1/T)`` from the sampling op.
 
     eos_token_id: one id or several (a row stops at the first of them it samples); after
     its end a row is fed the first id.
@@ -272,6 +282,7 @@ def sample_continuations(
     active = torch.ones(num_rows, dtype=torch.bool, device=device)
     token_base = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
     token_tempered = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
+    log_power_sums = torch.zeros(num_rows, dtype=torch.float32, device=device) if want_log_power_sums else None
     logits = first_logits
     other_eos = torch.tensor(eos_ids[1:], dtype=torch.long, device=device) if len(eos_ids) > 1 else None
     steps_done = 0
@@ -287,6 +298,8 @@ def sample_continuations(
                 logits, temperature, seed=seeds.next(), active=active, eos_token_id=eos_token_id, logliks=base
             )
             chosen = out.tokens
+            if log_power_sums is not None and out.log_power_sums is not None:
+                log_power_sums += out.log_power_sums  # 0 for inactive rows
             if tempered is not None:
                 tempered += torch.where(was_active, out.tempered_logprobs, torch.zeros_like(out.tempered_logprobs))
         if other_eos is not None:  # the ops stopped rows on the first id; the others here, on the device
@@ -308,7 +321,7 @@ def sample_continuations(
         if not last_step or want_last_logits:
             logits = runner.decode(seqs, chosen)
     return Continuations(tokens, lengths, base, tempered, logits if want_last_logits else None,
-                         token_base, token_tempered)
+                         token_base, token_tempered, log_power_sums)
 
 
 # ------------------------------------------------------------------ KV budget

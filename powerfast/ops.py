@@ -56,6 +56,11 @@ class SampleOutput(NamedTuple):
     """(N,) float32 log-prob of the token under softmax(logits) (temperature 1); 0 for inactive rows."""
     tempered_logprobs: Optional[torch.Tensor]
     """(N,) float32 log-prob under softmax(logits / T); None when T == 1; 0 for inactive rows."""
+    log_power_sums: Optional[torch.Tensor] = None
+    """(N,) float32 ``log sum_x p(x)^(1/T)`` with p = softmax(logits): the normaliser of the
+    tempered distribution relative to the base one (so ``tempered_logprob = base_logprob / T
+    - log_power_sum``); the per-step weight of Power-SMC and of tempered rollouts (DESIGN.md
+    section 6). None when T == 1 (where it is 0); 0 for inactive rows."""
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
@@ -145,6 +150,17 @@ def _torch_log_softmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _torch_log_power_sums(logits: torch.Tensor, temperature: float) -> Optional[torch.Tensor]:
+    """(N,) float32 log sum_x softmax(logits)_x^(1/T), None at T == 1.
+
+    Both log-sum-exps of the max-shifted logits: lse(z / T) - lse(z) / T with z = l - max,
+    so large logits do not cancel."""
+    if temperature == 1.0:
+        return None
+    shifted = logits.float() - logits.float().amax(dim=-1, keepdim=True)
+    return torch.logsumexp(shifted / temperature, dim=-1) - torch.logsumexp(shifted, dim=-1) / temperature
+
+
 def _torch_finish_rows(
     tokens: torch.Tensor,
     base: torch.Tensor,
@@ -152,6 +168,7 @@ def _torch_finish_rows(
     active: Optional[torch.Tensor],
     eos_token_id: Optional[int],
     logliks: Optional[torch.Tensor],
+    log_power_sums: Optional[torch.Tensor] = None,
 ) -> SampleOutput:
     """Inactive rows: token eos (or 0), log-probs 0, logliks untouched; EOS deactivates."""
     if active is not None:
@@ -160,11 +177,13 @@ def _torch_finish_rows(
         base = torch.where(active, base, torch.zeros_like(base))
         if tempered is not None:
             tempered = torch.where(active, tempered, torch.zeros_like(tempered))
+        if log_power_sums is not None:
+            log_power_sums = torch.where(active, log_power_sums, torch.zeros_like(log_power_sums))
     if logliks is not None:
         logliks.add_(base)  # inactive rows add 0
     if active is not None and eos_token_id is not None:
         active.logical_and_(tokens != eos_token_id)
-    return SampleOutput(tokens, base, tempered)
+    return SampleOutput(tokens, base, tempered, log_power_sums)
 
 
 def _torch_sample_tokens(logits, temperature, seed, offsets, active, eos_token_id, logliks) -> SampleOutput:
@@ -184,7 +203,8 @@ def _torch_sample_tokens(logits, temperature, seed, offsets, active, eos_token_i
     tokens = torch.searchsorted(cdf, thresholds, right=True).squeeze(1).clamp_max(vocab - 1)
     base = base_logprobs.gather(1, tokens[:, None]).squeeze(1)
     tempered = None if temperature == 1.0 else tempered_logprobs.gather(1, tokens[:, None]).squeeze(1)
-    return _torch_finish_rows(tokens, base, tempered, active, eos_token_id, logliks)
+    return _torch_finish_rows(tokens, base, tempered, active, eos_token_id, logliks,
+                              _torch_log_power_sums(logits, temperature))
 
 
 def _torch_score_tokens(logits, tokens, temperature, active, eos_token_id, logliks) -> SampleOutput:
@@ -198,7 +218,8 @@ def _torch_score_tokens(logits, tokens, temperature, active, eos_token_id, logli
     if temperature != 1.0:
         tempered_all = torch.log_softmax(logits.float() / temperature, dim=-1)
         tempered = torch.where(in_range, tempered_all.gather(1, safe).squeeze(1), nan)
-    return _torch_finish_rows(tokens, base, tempered, active, eos_token_id, logliks)
+    return _torch_finish_rows(tokens, base, tempered, active, eos_token_id, logliks,
+                              _torch_log_power_sums(logits, temperature))
 
 
 def _torch_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +273,8 @@ def sample_tokens(
                   sampled token is added in place for active rows
 
     returns SampleOutput(tokens (N,) int64, base_logprobs (N,) float32 under softmax(logits),
-    tempered_logprobs (N,) float32 under softmax(logits / T), or None when T == 1).
+    tempered_logprobs (N,) float32 under softmax(logits / T), or None when T == 1,
+    log_power_sums (N,) float32 log sum_x softmax(logits)_x^(1/T), or None when T == 1).
     """
     _check_logits(logits)
     temperature = _check_temperature(temperature)
@@ -284,7 +306,8 @@ def score_tokens(
     logits: (N, V); tokens: (N,) int64 / int32 in [0, V) (a token out of range gives NaN
     log-probs; not checked, that would need a host sync). ``active``, ``eos_token_id`` and
     ``logliks`` behave as in :func:`sample_tokens`.
-    returns SampleOutput(tokens (N,) int64, base_logprobs (N,), tempered_logprobs (N,) or None).
+    returns SampleOutput(tokens (N,) int64, base_logprobs (N,), tempered_logprobs (N,) or None,
+    log_power_sums (N,) or None).
     """
     _check_logits(logits)
     temperature = _check_temperature(temperature)

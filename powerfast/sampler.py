@@ -6,13 +6,19 @@ Per block of B tokens, for every prompt of the batch at once:
    (B decode steps at batch L x prompts); token level (B = 1): the Top-K next tokens;
 2. merge duplicate candidate blocks, keep the Top-K by base log-likelihood;
 3. rollouts: fork each kept candidate into M children and sample H tokens each from p
-   (H decode steps at batch K x M x prompts);
+   (H decode steps at batch K x M x prompts); with ``rollout_proposal="tempered"`` from p
+   at temperature 1/alpha, each rollout weighted by the product of its steps'
+   ``sum_x p(x)^alpha`` (DESIGN.md section 6);
 4. estimate: ``ops.power_estimates`` turns candidate log-probs and rollout
    log-likelihoods into p_hat / jackknife probabilities over the candidates;
 5. select: draw one candidate, which already holds the block's KV: it becomes the
    sequence; everything else is freed.
 
 The last block (where no budget is left for rollouts) is chosen by p^alpha alone.
+With ``reuse_rollouts`` the chosen candidate's rollouts, cut to the next block's length,
+are the next decision's candidates (deduplicated, Top-K): their KV is already there, so
+the candidate phase of that block is one decode step (the last token of each, for its
+next-token logits) instead of B.
 The sampler never touches KV tensors: forks, decodes and frees go through the runner.
 """
 
@@ -40,6 +46,11 @@ from powerfast.generation import (
 )
 
 __all__ = ["PowerSampler", "Decision"]
+
+
+def _length(seq) -> int:
+    """Positions a runner sequence holds (a ModelRunner handle's ``length``, an LMRunner one's tokens)."""
+    return seq.length if hasattr(seq, "length") else len(seq)
 
 
 @dataclass(slots=True)
@@ -99,12 +110,16 @@ class PowerSampler(RunnerSampler):
                 stats[i].add("prefill", len(ids))
             open_prompts = list(range(len(prompt_ids)))
             heads = {i: (seqs[i], logits[i]) for i in open_prompts}
+            reused: dict[int, Decision] = {}  # next decision's candidates taken from rollouts
             while open_prompts:
                 budget = max_new_tokens - len(generated[open_prompts[0]])
-                decisions = self._decide(open_prompts, heads, budget, eos, stats, live)
+                decisions = self._decide(open_prompts, heads, budget, eos, stats, live, reused=reused)
                 still_open = []
+                reused = {}
                 for i in open_prompts:
-                    chosen, record, seq, last_logits = decisions[i]
+                    chosen, record, seq, last_logits, next_candidates = decisions[i]
+                    if next_candidates is not None:
+                        reused[i] = next_candidates
                     generated[i].extend(chosen)
                     logliks[i] += record.candidate_logprobs[record.choice]
                     stats[i].blocks.append(record)
@@ -113,8 +128,9 @@ class PowerSampler(RunnerSampler):
                     if not (chosen and chosen[-1] in eos) and len(generated[i]) < max_new_tokens:
                         still_open.append(i)
                 keep = {id(heads[i][0]) for i in heads}
+                keep.update(id(c) for d in reused.values() for c in d.candidate_seqs)
                 self.runner.free([s for s in live if id(s) not in keep])
-                live = [heads[i][0] for i in heads]
+                live = [s for s in live if id(s) in keep]
                 open_prompts = still_open
                 if progress is not None:
                     progress(max(len(generated[i]) for i in range(len(prompt_ids))), max_new_tokens)
@@ -180,46 +196,74 @@ class PowerSampler(RunnerSampler):
 
     # --------------------------------------------------------------- one decision
 
-    def _decide(self, prompts: list[int], heads: dict, budget: int, eos, stats, live: list, select: bool = True):
+    def _decide(self, prompts: list[int], heads: dict, budget: int, eos, stats, live: list, select: bool = True,
+                reused: dict | None = None):
         """Candidates, rollouts, estimate and choice for every open prompt at once.
 
-        heads[i] = (sequence, next-token logits (V,)). Returns, per prompt, (chosen
-        tokens, BlockRecord, the chosen candidate's sequence, its next-token logits).
+        heads[i] = (sequence, next-token logits (V,)); reused[i], where given, is prompt i's
+        candidate set taken from the previous decision's rollouts. Returns, per prompt,
+        (chosen tokens, BlockRecord, the chosen candidate's sequence, its next-token
+        logits, the next decision's candidates from the rollouts or None).
         ``eos`` is the tuple of ids that end a sequence (empty with ignore_eos).
         """
         cfg = self.config
         block = min(cfg.block_size, budget)
         horizon = min(cfg.horizon, budget - block)
+        reused = reused or {}
+        fresh = [i for i in prompts if i not in reused]
+        decisions = dict(reused)
         with phase("candidates"):
-            if cfg.token_level:
-                decisions = self._token_candidates(prompts, heads, eos, stats, live)
+            if not fresh:
+                pass
+            elif cfg.token_level:
+                decisions.update(self._token_candidates(fresh, heads, eos, stats, live))
             else:
-                decisions = self._block_candidates(prompts, heads, block, eos, stats, live)
+                decisions.update(self._block_candidates(fresh, heads, block, eos, stats, live))
 
         # rollouts from every candidate that has a future (not ended, budget left)
         needs_rollouts = [(i, k) for i in prompts for k in range(len(decisions[i].candidates))
                           if horizon > 0 and not decisions[i].ends_with_eos[k]]
         rollout_logliks = {i: torch.zeros(len(decisions[i].candidates), cfg.num_rollouts) for i in prompts}
+        rollout_ess: dict[int, list[float | None]] = {i: [None] * len(decisions[i].candidates) for i in prompts}
+        rollout_rows: dict[tuple[int, int], int] = {}
+        rollouts = rollout_seqs = rollout_starts = None
         if needs_rollouts:
             with phase("fork"):
-                rollout_seqs, first_logits = [], []
+                rollout_seqs, first_logits, rollout_starts = [], [], []
                 for i, k in needs_rollouts:
+                    rollout_starts.append(_length(decisions[i].candidate_seqs[k]))
                     children = self.runner.fork(decisions[i].candidate_seqs[k], cfg.num_rollouts)
                     live.extend(children)
                     rollout_seqs.extend(children)
                     first_logits.append(decisions[i].last_logits[k].expand(cfg.num_rollouts, -1))
+            tempered = cfg.rollout_proposal == "tempered"
+            reuse = cfg.reuse_rollouts and select
             with phase("rollouts"):
                 rollouts = sample_continuations(
-                    self.runner, rollout_seqs, torch.cat(first_logits), horizon, self.seeds, eos_token_id=eos
+                    self.runner, rollout_seqs, torch.cat(first_logits), horizon, self.seeds, eos_token_id=eos,
+                    temperature=1.0 / cfg.alpha if tempered else 1.0, want_log_power_sums=tempered, per_token=reuse,
                 )
-            self.runner.free(rollout_seqs)
-            drop = {id(s) for s in rollout_seqs}
-            live[:] = [s for s in live if id(s) not in drop]
+            if not reuse:  # with reuse they live on until the choice (the chosen ones become candidates)
+                self.runner.free(rollout_seqs)
+                drop = {id(s) for s in rollout_seqs}
+                live[:] = [s for s in live if id(s) not in drop]
             check_no_nan(rollouts.base_logliks, "rollouts")
-            per_candidate = rollouts.base_logliks.view(len(needs_rollouts), cfg.num_rollouts).cpu()
+            if tempered:
+                # log weight of a rollout = sum_t log c_t; the estimator weighs (alpha - 1) * loglik,
+                # so hand it log weight / (alpha - 1) (at alpha = 1 every weight is 0 either way)
+                weights = rollouts.log_power_sums.double()
+                equivalent = weights / (cfg.alpha - 1.0) if cfg.alpha != 1.0 else torch.zeros_like(weights)
+            else:
+                weights = (cfg.alpha - 1.0) * rollouts.base_logliks.double()
+                equivalent = rollouts.base_logliks
+            per_candidate = equivalent.float().view(len(needs_rollouts), cfg.num_rollouts).cpu()
+            log_weights = weights.view(len(needs_rollouts), cfg.num_rollouts).cpu()
+            ess = torch.exp(2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1))
             lengths = rollouts.lengths.view(len(needs_rollouts), cfg.num_rollouts).sum(-1).cpu()
             for row, (i, k) in enumerate(needs_rollouts):
                 rollout_logliks[i][k] = per_candidate[row]
+                rollout_ess[i][k] = float(ess[row])
+                rollout_rows[(i, k)] = row
                 stats[i].add("rollouts", int(lengths[row]))
 
         with phase("score"):
@@ -247,9 +291,67 @@ class PowerSampler(RunnerSampler):
                     probs=probs[row, :k_i].tolist(),
                     log_zeta=log_zeta[row, :k_i].tolist(),
                     choice=choice,
+                    rollout_ess=rollout_ess[i],
                 )
-                out[i] = (d.candidates[choice], record, d.candidate_seqs[choice], d.last_logits[choice])
+                out[i] = (d.candidates[choice], record, d.candidate_seqs[choice], d.last_logits[choice], None)
+        if rollouts is not None and cfg.reuse_rollouts and select:
+            with phase("reuse"):
+                self._reuse(out, prompts, rollouts, rollout_seqs, rollout_rows, rollout_starts, budget, eos, stats, live)
         return out
+
+    def _reuse(self, out: dict, prompts: list[int], rollouts, rollout_seqs: list, rollout_rows: dict,
+               rollout_starts: list[int], budget: int, eos, stats, live: list) -> None:
+        """Turn the chosen candidate's rollouts into the next decision's candidates (in
+        ``out[i][4]``), then free every rollout sequence.
+
+        Each rollout cut to the next block's length (or its EOS) is a candidate block whose
+        KV is already cached; duplicates merge, the Top-K by base log-likelihood stay. A
+        kept one is forked one token short and that token decoded again, which gives its
+        next-token logits (the rollout did not keep them): one decode step at batch K.
+        """
+        cfg = self.config
+        num = cfg.num_rollouts
+        tokens, lengths = rollouts.tokens.cpu(), rollouts.lengths.cpu()
+        token_logprobs = rollouts.token_logprobs.cpu()
+        pending = []  # (prompt, candidates, logliks, seqs)
+        for i in prompts:
+            chosen, record, _, _, _ = out[i]
+            row = rollout_rows.get((i, record.choice))
+            remaining = budget - len(chosen)
+            if row is None or remaining <= 0 or (chosen and chosen[-1] in eos):
+                continue
+            block = min(cfg.block_size, remaining)
+            seen: dict[tuple[int, ...], int] = {}
+            for j in range(row * num, (row + 1) * num):
+                key = tuple(tokens[j, : min(int(lengths[j]), block)].tolist())
+                if key and key not in seen:
+                    seen[key] = j
+            logliks = {key: float(token_logprobs[j, : len(key)].sum()) for key, j in seen.items()}
+            kept = sorted(seen, key=lambda key: -logliks[key])[: cfg.top_k]
+            seqs = []
+            for key in kept:
+                source = rollout_seqs[seen[key]]
+                [child] = self.runner.fork(source, 1, length=rollout_starts[seen[key] // num] + len(key) - 1)
+                live.append(child)
+                seqs.append(child)
+            pending.append((i, [list(key) for key in kept], torch.tensor([logliks[k] for k in kept]), seqs))
+        if pending:
+            all_seqs = [s for _, _, _, seqs in pending for s in seqs]
+            last_tokens = [c[-1] for _, cands, _, _ in pending for c in cands]  # the runner uploads them, no sync
+            last_logits = self.runner.decode(all_seqs, last_tokens)
+            check_no_nan(last_logits, "reused candidates")
+            start = 0
+            for i, candidates, logliks, seqs in pending:
+                n = len(candidates)
+                decision = Decision(candidates, seqs, logliks, [c[-1] in eos for c in candidates],
+                                    last_logits[start : start + n])
+                start += n
+                stats[i].add("refresh", n)
+                chosen, record, seq, logits, _ = out[i]
+                out[i] = (chosen, record, seq, logits, decision)
+        self.runner.free(rollout_seqs)
+        drop = {id(s) for s in rollout_seqs}
+        live[:] = [s for s in live if id(s) not in drop]
 
     def _token_candidates(self, prompts, heads, eos, stats, live) -> dict[int, Decision]:
         """Token level: the Top-K next tokens (those with probability > 0) of each prompt."""

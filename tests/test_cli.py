@@ -37,7 +37,7 @@ SMALL = ["--block-size", "2", "--candidates", "3", "--top-k", "2", "--rollouts",
          "--mcmc-steps", "2", "--num-samples", "2", "--max-new-tokens", "5", "--no-chat-template"]
 
 
-@pytest.mark.parametrize("method", ["power", "mcmc", "plain", "low-temp", "greedy", "best-of-n"])
+@pytest.mark.parametrize("method", ["power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n"])
 def test_sample_every_method_json(tiny_model_dir, method, capsys):
     code = cli.main(["sample", "the answer is", "--model", str(tiny_model_dir), "--method", method,
                      "--seed", "3", "--json", "--ignore-eos", *SMALL])
@@ -54,6 +54,27 @@ def test_sample_every_method_json(tiny_model_dir, method, capsys):
         assert abs(sum(block["probs"]) - 1) < 1e-5 and len(block["candidates"]) <= 2
     if method == "mcmc":
         assert 0 <= out["stats"]["acceptance_rate"] <= 1
+    if method == "smc":
+        assert out["stats"]["tokens_by_phase"]["sample"] >= 5 * 32 - 32  # 32 particles (the default N)
+        assert len(out["stats"]["ess_history"]) >= 1 and 1 <= out["stats"]["unique_ancestors"] <= 32
+
+
+def test_sample_smc_and_power_options(tiny_model_dir, capsys):
+    code = cli.main(["sample", "the answer is", "--model", str(tiny_model_dir), "--method", "smc", "--seed", "3",
+                     "--json", "--ignore-eos", "--particles", "4", "--resample-every", "1", "--ess-threshold", "1",
+                     "--resampler", "chopthin", "--ramp-tokens", "2", *SMALL])
+    assert code == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["tokens_by_phase"]["sample"] == 4 * 5 and len(stats["ess_history"]) == 5
+    code = cli.main(["sample", "the answer is", "--model", str(tiny_model_dir), "--method", "power", "--seed", "3",
+                     "--json", "--ignore-eos", "--rollout-proposal", "tempered", "--reuse-rollouts", *SMALL])
+    assert code == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert stats["tokens_by_phase"]["candidates"] == 3 * 2  # later blocks reuse rollouts
+    assert all(1 <= e <= 2 for e in stats["blocks"][0]["rollout_ess"] if e is not None)
+    assert cli.main(["sample", "x", "--model", str(tiny_model_dir), "--method", "power", "--reuse-rollouts",
+                     "--block-size", "4", "--horizon", "2"]) == 2
+    assert "reuse_rollouts needs horizon >= block_size" in capsys.readouterr().err
 
 
 def test_sample_text_and_summary_line(tiny_model_dir):
@@ -64,6 +85,7 @@ def test_sample_text_and_summary_line(tiny_model_dir):
     )
     assert proc.returncode == 0, proc.stderr
     assert "[power]" in proc.stderr and "tokens/s" in proc.stderr and "tokens decoded in all" in proc.stderr
+    assert "mean rollout ESS" in proc.stderr
     # the same seed gives the same text
     again = subprocess.run(
         [sys.executable, "-m", "powerfast.cli", "sample", "a b c", "--model", str(tiny_model_dir), "--seed", "1", *SMALL],
@@ -85,13 +107,15 @@ def test_errors_are_reported_with_the_value(tiny_model_dir, capsys):
 
 def test_eval_on_a_fixture_and_resume(tiny_model_dir, tmp_path, capsys):
     fixture = Path(__file__).parent / "fixtures" / "math3.jsonl"
-    args = ["eval", "--task", str(fixture), "--methods", "greedy,plain", "--seeds", "0", "--out", str(tmp_path),
+    args = ["eval", "--task", str(fixture), "--methods", "greedy,plain,smc", "--seeds", "0", "--out", str(tmp_path),
+            "--particles", "2",
             "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--no-chat-template"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert "greedy" in out and "plain" in out
+    assert "greedy" in out and "plain" in out and "smc" in out
     files = sorted(p.name for p in (tmp_path / "math3").iterdir())
     assert "greedy-seed0.jsonl" in files and "plain-seed0.jsonl" in files and "accuracy_vs_time.png" in files
+    assert "smc-seed0.jsonl" in files
     lines = (tmp_path / "math3" / "greedy-seed0.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(l)["correct"] is False for l in lines)  # random words never box 42
     assert cli.main(args) == 0  # resumed: nothing to redo, the files unchanged
@@ -108,6 +132,26 @@ def test_profile_writes_a_chrome_trace(tiny_model_dir, tmp_path):
 def test_toy_subcommand(capsys):
     assert cli.main(["toy", "--seeds", "100"]) == 0
     assert "power (exact)   P(PLAN)  0.5484" in capsys.readouterr().out
+
+
+def test_fidelity_reports_the_measured_numbers(capsys, monkeypatch):
+    """The command prints the TV it measured (the same number ``measure`` returns for the
+    same seeds), not a verdict."""
+    from powerfast import fidelity
+
+    monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    args = ["--draws", "60", "--models", "4:4:noeos:3", "--methods", "smc,power-tempered+reuse",
+            "--particles", "8", "--rollouts", "2", "--seed", "5"]
+    assert cli.main(["fidelity", *args]) == 0
+    out = capsys.readouterr().out
+    spec = fidelity.ModelSpec(4, 4, False, 3)
+    grid = fidelity.method_grid(4.0, 4, rollouts=[2], particles=[8], include=["smc", "power-tempered+reuse"])
+    assert [m.method for m in grid] == ["power-tempered+reuse", "smc"]
+    rows = fidelity.measure(spec, 4.0, grid, 60, seed=5)
+    for row in rows:
+        assert 0 < row.noise_floor < 1 and 0 <= row.tv <= 1 and row.tokens_per_sequence > 4
+        line = f"| {spec.name} | 4 | {row.method} | {row.setting} | 60 | {row.tv:.3f} | {row.noise_floor:.3f} |"
+        assert line in out, (line, out)
 
 
 @pytest.mark.slow

@@ -139,3 +139,26 @@ def test_large_alpha_concentrates_on_most_likely_sequence(tiny_llama):
     pi = exact.power_conditional(lm, prefix, alpha, 4)
     assert float(pi[best[0]]) > 0.99
     assert int(pi.argmax()) == best[0]
+
+
+@pytest.mark.parametrize("eos", [None, 2])
+def test_sequence_distribution_matches_brute_force(eos):
+    """p(c)^alpha / Z over whole completions, against products of the tables."""
+    model = random_table_lm(3, eos, SEED)
+    prefix, alpha, num_tokens = [1], 3.0, 3
+    seqs, probs = exact.sequence_distribution(model, prefix, alpha, num_tokens, eos_token_id=eos) \
+        if eos is not None else exact.sequence_distribution(model, prefix, alpha, num_tokens)
+    assert probs.dtype == torch.float64 and float(probs.sum()) == pytest.approx(1.0, abs=1e-12)
+    weights = {}
+    for tokens in itertools.product(range(3), repeat=num_tokens):
+        if eos is not None and eos in tokens:
+            tokens = tokens[: tokens.index(eos) + 1]
+        p = 1.0
+        for i, tok in enumerate(tokens):
+            p *= float(model.next_token_probs(prefix + list(tokens[:i]))[tok])
+        if p > 0:
+            weights[tokens] = p**alpha
+    total = sum(weights.values())
+    assert set(seqs) == set(weights)
+    for seq, prob in zip(seqs, probs.tolist()):
+        assert prob == pytest.approx(weights[seq] / total, rel=1e-9)

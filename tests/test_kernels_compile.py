@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
     for sample in (True, False):
         compile_(sampling._sample_logprob_kernel,
                  dict(logits_ptr="*bf16", tokens_in_ptr="*i64", tokens_out_ptr="*i64", base_logprobs_ptr="*fp32",
-                      tempered_logprobs_ptr="*fp32", offsets_ptr="*i64", active_ptr="*i1", logliks_ptr="*fp32",
+                      tempered_logprobs_ptr="*fp32", log_power_sums_ptr="*fp32", offsets_ptr="*i64", active_ptr="*i1", logliks_ptr="*fp32",
                       inv_temperature="fp32", seed="i64", stride_logits_row="i64"),
                  dict(SAMPLE=sample, TEMPERED=True, HAS_OFFSETS=True, HAS_ACTIVE=True, HAS_EOS=True,
                       HAS_LOGLIKS=True, BLOCK_V=4096, PHILOX_ROUNDS=10), 8)

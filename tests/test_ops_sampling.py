@@ -255,3 +255,65 @@ def test_strided_tokens_and_offsets(device):
     strided = ops.sample_tokens(logits, 1.0, seed=3, offsets=offsets[:, 1])
     packed = ops.sample_tokens(logits, 1.0, seed=3, offsets=offsets[:, 1].contiguous())
     assert torch.equal(strided.tokens.cpu(), packed.tokens.cpu())
+
+
+# ------------------------------------------------- log sum p^alpha (the power normaliser)
+
+
+def _ref_log_power_sums(logits, temperature):
+    """float64 log sum_x softmax(logits)_x^(1/T) of the same input values."""
+    return torch.logsumexp(torch.log_softmax(logits.double().cpu(), dim=-1) / temperature, dim=-1)
+
+
+LOG_POWER_SHAPES = [(1, 1), (3, 7), (64, 1000), (5, 5003), (3, 32000), (3, 151936)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LOG_POWER_SHAPES, ids=lambda s: f"N{s[0]}-V{s[1]}")
+def test_log_power_sums_match_float64(device, backend, dtype, shape, monkeypatch, poisoned_empty):
+    """log c = log sum p^alpha against float64, at alpha = 4 and 1 / 0.7, from sample and score.
+
+    Tolerance 1e-4 + 1e-5 |log c| (absolute): both fp32 sums carry ~V ulps of rounding."""
+    if backend == "torch":
+        if device == "cuda":
+            pytest.skip("the torch reference runs on CPU tensors only")
+        monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    num_rows, vocab = shape
+    # logits offset by a large constant: a log c computed as the difference of two
+    # unshifted log-sum-exps would lose its digits here
+    logits = (torch.randn(num_rows, vocab, dtype=torch.float64) * 3 + 40.0).to(dtype).to(device)
+    for temperature in (0.25, 1 / 0.7):
+        want = _ref_log_power_sums(logits, temperature)
+        tol = 1e-4 + 1e-5 * want.abs()
+        sampled = ops.sample_tokens(logits, temperature, seed=int(torch.randint(0, 2**62, ())))
+        scored = ops.score_tokens(logits, torch.randint(0, vocab, (num_rows,), device=device), temperature)
+        for out in (sampled, scored):
+            got = out.log_power_sums.double().cpu()
+            assert out.log_power_sums.dtype == torch.float32 and got.shape == (num_rows,)
+            assert ((got - want).abs() <= tol).all(), ((got - want).abs().max(), temperature)
+            # the identity that makes it the tempered normaliser: log q = log p / T - log c
+            torch.testing.assert_close(out.tempered_logprobs.double().cpu(),
+                                       out.base_logprobs.double().cpu() / temperature - got, atol=2e-3, rtol=1e-5)
+    if vocab > 1:
+        # sharper than the base (alpha > 1): sum p^alpha < 1
+        assert (ops.sample_tokens(logits, 0.25, seed=1).log_power_sums < 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+def test_log_power_sums_inactive_rows_and_temperature_one(device, backend, monkeypatch):
+    if backend == "torch":
+        if device == "cuda":
+            pytest.skip("the torch reference runs on CPU tensors only")
+        monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    logits = _logits(6, 50, torch.float32, device)
+    assert ops.sample_tokens(logits, 1.0, seed=3).log_power_sums is None
+    active = torch.tensor([True, False, True, False, True, True], device=device)
+    out = ops.sample_tokens(logits, 0.25, seed=3, active=active.clone())
+    want = _ref_log_power_sums(logits, 0.25)
+    got = out.log_power_sums.double().cpu()
+    assert (got[~active.cpu()] == 0).all()
+    assert ((got - want).abs() <= 1e-4 + 1e-5 * want.abs())[active.cpu()].all()

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from powerfast import exact
 from powerfast.baselines import make_sampler
-from powerfast.config import MCMCConfig, PowerConfig
+from powerfast.config import MCMCConfig, PowerConfig, SMCConfig
 from powerfast.generation import SeedStream, sample_continuations
 from powerfast.lm import HFLanguageModel, TableLM
 from powerfast.lm_runner import LMRunner
@@ -59,6 +59,7 @@ SAMPLERS = {
     "power-block": dict(method="power", power_config=PowerConfig(alpha=2.0, block_size=2, num_candidates=4, top_k=2,
                                                                   num_rollouts=2, horizon=2)),
     "mcmc": dict(method="mcmc", mcmc_config=MCMCConfig(alpha=2.0, block_size=2, mcmc_steps=2)),
+    "smc": dict(method="smc", smc_config=SMCConfig(alpha=2.0, num_particles=4, resample_every=2)),
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=3),
     "greedy": dict(method="greedy"),

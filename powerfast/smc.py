@@ -1,0 +1,282 @@
+"""Power-SMC (Azizi et al., arXiv 2602.10273) on the paged runtime (DESIGN.md section 6).
+
+N particles per prompt are forked from the prompt (no KV copied). Step t samples every
+live particle from p at temperature 1/alpha_t and multiplies its weight by
+
+    c_t(h) = sum_x p(x | h)^alpha_t        (log: ``ops.sample_tokens(...).log_power_sums``)
+
+which is the incremental weight ``p^alpha_t / q`` of the tempered proposal q; the fused
+sampling kernel returns it with the token, no second softmax. With a ramp (alpha_t from 1
+to alpha over ``ramp_tokens``), a change of alpha_t adds the catch-up
+``(alpha_t - alpha_{t-1}) log p(prefix)`` so the intermediate targets stay p^alpha_t.
+
+Every ``resample_every`` tokens (a host sync) the effective sample size of each prompt's
+normalised weights is checked; below ``ess_threshold * N`` the prompt's particles are
+resampled (:mod:`powerfast.resampling`): a particle with k > 0 offspring keeps its
+sequence and is forked k - 1 times, one with none is freed: KV is shared, never copied.
+A particle that samples EOS is frozen with its weight (its KV freed at the next check;
+resampling may duplicate it). At the end one particle per prompt is drawn by weight.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from powerfast import ops, resampling
+from powerfast.config import SMCConfig
+from powerfast.generation import GenerationResult, GenerationStats, RunnerSampler, check_no_nan, phase
+
+__all__ = ["SMCSampler"]
+
+
+class _Particle:
+    """One particle: its runner sequence (None once finished and freed), the tokens
+    generated up to the last check, and its weight as of that check."""
+
+    __slots__ = ("prompt", "seq", "tokens", "loglik", "log_weight", "weight_alpha", "ancestor", "finished", "row")
+
+    def __init__(self, prompt: int, seq, ancestor: int) -> None:
+        self.prompt = prompt
+        self.seq = seq
+        self.tokens: list[int] = []
+        self.loglik = 0.0
+        self.log_weight = 0.0
+        self.weight_alpha = 1.0  # the alpha_t up to which log_weight holds the catch-up
+        self.ancestor = ancestor
+        self.finished = False
+        self.row = -1  # its row in the current decode batch (next-token logits)
+
+    def copy(self, seq) -> _Particle:
+        twin = _Particle(self.prompt, seq, self.ancestor)
+        twin.tokens = list(self.tokens)
+        twin.loglik, twin.log_weight, twin.weight_alpha, twin.finished, twin.row = (
+            self.loglik, self.log_weight, self.weight_alpha, self.finished, self.row)
+        return twin
+
+
+def _effective_sample_sizes(particles: list[list[_Particle]]) -> torch.Tensor:
+    """(P,) float64 ESS = 1 / sum w^2 of each prompt's normalised particle weights."""
+    log_w = torch.tensor([[p.log_weight for p in group] for group in particles], dtype=torch.float64)
+    return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
+
+
+class _Rows:
+    """The decode batch between two checks: the running particles and their device state.
+
+    active (R,) bool, logliks (R,) float32 (updated in place by the sampling op),
+    log_weights (R,) float64, tokens (R, steps) int64, lengths (R,) int64.
+    """
+
+    def __init__(self, particles: list[_Particle], device, steps: int) -> None:
+        self.particles = particles
+        count = len(particles)
+        self.active = torch.ones(count, dtype=torch.bool, device=device)
+        self.logliks = torch.tensor([p.loglik for p in particles], dtype=torch.float32, device=device)
+        self.log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(count, max(steps, 1), dtype=torch.long, device=device)
+        self.lengths = torch.zeros(count, dtype=torch.long, device=device)
+        self.step = 0
+
+    def seqs(self) -> list:
+        return [p.seq for p in self.particles]
+
+    def record(self, tokens: torch.Tensor, was_active: torch.Tensor) -> None:
+        self.tokens[:, self.step] = tokens
+        self.lengths += was_active
+        self.step += 1
+
+    def to_host(self):
+        return (self.tokens[:, : self.step].cpu(), self.lengths.cpu().tolist(), self.active.cpu(),
+                self.logliks.cpu(), self.log_weights.cpu())
+
+
+class SMCSampler(RunnerSampler):
+    """Sequential Monte Carlo power sampling (Power-SMC).
+
+    model:     a Hugging Face causal LM, a ModelRunner or an LMRunner
+    tokenizer: optional; needed for string prompts and for ``text`` in the results
+    config:    :class:`SMCConfig`
+    seed:      makes ``generate`` reproducible (None: fresh randomness)
+
+    ``stats.extra`` of each result: ``resampling_steps`` (checks that resampled),
+    ``ess_history`` (the ESS at every check, before resampling), ``unique_ancestors``
+    (distinct initial particles among the final N), ``final_ess``.
+    """
+
+    method = "smc"
+
+    def __init__(self, model, tokenizer=None, config: SMCConfig | None = None, seed: int | None = None,
+                 **runner_kwargs) -> None:
+        self.config = config if config is not None else SMCConfig()
+        if not isinstance(self.config, SMCConfig):
+            raise ValueError(f"config must be an SMCConfig, got {type(self.config).__name__}")
+        super().__init__(model, tokenizer, seed, **runner_kwargs)
+
+    def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
+                 chat_template: bool = True, progress=None) -> list[GenerationResult]:
+        """One completion per prompt, drawn by weight from its N particles; the particles of
+        every prompt decode as one batch."""
+        groups, stats = self._run(prompts, max_new_tokens, ignore_eos, chat_template, progress)
+        results = []
+        for group, stat in zip(groups, stats):
+            log_weights = torch.tensor([p.log_weight for p in group], dtype=torch.float64)
+            chosen = group[self.seeds.categorical(resampling.normalised_weights(log_weights))]
+            results.append(self.result(chosen.tokens, stat, chosen.loglik))
+        return results
+
+    def particles(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
+                  chat_template: bool = True) -> list[list[tuple[list[int], float, float]]]:
+        """Every final particle of each prompt instead of one draw: per prompt, N tuples
+        (token ids, base log-likelihood, log-weight). The weighted particles estimate the
+        power distribution; normalised, the weights are the probabilities of a draw."""
+        groups, _ = self._run(prompts, max_new_tokens, ignore_eos, chat_template, None)
+        return [[(p.tokens, p.loglik, p.log_weight) for p in group] for group in groups]
+
+    def _run(self, prompts, max_new_tokens: int, ignore_eos: bool, chat_template: bool, progress):
+        """The particle system to the end; returns (the final particles of each prompt, stats)."""
+        cfg = self.config
+        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
+        eos = self.eos_token_id(ignore_eos)
+        started = time.perf_counter()
+        stats = [GenerationStats(self.method) for _ in prompt_ids]
+        for stat, ids in zip(stats, prompt_ids):
+            stat.add("prefill", len(ids))
+            stat.extra.update(resampling_steps=0, ess_history=[], unique_ancestors=cfg.num_particles,
+                              final_ess=float(cfg.num_particles))
+        live: dict[int, object] = {}  # id -> sequence: everything this call holds, freed at the end
+        try:
+            with phase("prefill"):
+                seqs, prompt_logits = self.runner.prefill(prompt_ids)
+            live.update((id(s), s) for s in seqs)
+            check_no_nan(prompt_logits, "prefill")
+            particles: list[list[_Particle]] = []
+            running: list[_Particle] = []
+            source_rows = []
+            with phase("fork"):
+                for i, seq in enumerate(seqs):
+                    children = [seq] + self.runner.fork(seq, cfg.num_particles - 1)
+                    live.update((id(s), s) for s in children)
+                    particles.append([_Particle(i, s, n) for n, s in enumerate(children)])
+                    for particle in particles[i]:
+                        particle.log_weight = -math.log(cfg.num_particles)
+                    running.extend(particles[i])
+                    source_rows.extend([i] * cfg.num_particles)
+            logits = prompt_logits[ops.upload_ints(source_rows, torch.long, prompt_logits.device)]
+            device = logits.device
+            first_eos = eos[0] if eos else None  # the sampling op stops rows on it; the others below
+            other_eos = torch.tensor(eos[1:], dtype=torch.long, device=device) if len(eos) > 1 else None
+            rows = _Rows(running, device, max_new_tokens)
+            alpha_prev = 1.0
+            for step in range(max_new_tokens):
+                alpha_t = cfg.alpha_at(step)
+                with phase("sample"):
+                    if alpha_t != alpha_prev:  # catch-up: the target moves from p^alpha_prev to p^alpha_t
+                        rows.log_weights += (alpha_t - alpha_prev) * rows.logliks.double()
+                    was_active = rows.active.clone()
+                    out = ops.sample_tokens(logits, 1.0 / alpha_t, seed=self.seeds.next(), active=rows.active,
+                                            eos_token_id=first_eos, logliks=rows.logliks)
+                    if other_eos is not None:
+                        rows.active.logical_and_(~torch.isin(out.tokens, other_eos))
+                    if out.log_power_sums is not None:  # inactive rows add 0
+                        rows.log_weights += out.log_power_sums.double()
+                    rows.record(out.tokens, was_active)
+                alpha_prev = alpha_t
+                last = step == max_new_tokens - 1
+                if not last:
+                    logits = self.runner.decode(rows.seqs(), out.tokens)
+                if last or (step + 1) % cfg.resample_every == 0:
+                    with phase("resample"):
+                        running, keep_rows = self._check(particles, rows, alpha_t, last, eos, stats, live)
+                    if not running:
+                        break
+                    logits = logits[ops.upload_ints(keep_rows, torch.long, device)]
+                    rows = _Rows(running, device, max_new_tokens - step - 1)
+                if progress is not None:
+                    progress(step + 1, max_new_tokens)
+            for group in particles:
+                for particle in group:  # a ramp longer than the budget: the result still targets p^alpha
+                    particle.log_weight += (cfg.alpha - particle.weight_alpha) * particle.loglik
+                    particle.weight_alpha = cfg.alpha
+        finally:
+            self.runner.free(list(live.values()))
+        elapsed = time.perf_counter() - started
+        for stat in stats:
+            stat.wall_seconds = elapsed
+        return particles, stats
+
+    def _check(self, particles: list[list[_Particle]], rows: _Rows, alpha: float, last: bool, eos,
+               stats: list[GenerationStats], live: dict) -> tuple[list[_Particle], list[int]]:
+        """Sync the rows to the particles, free finished ones, resample where the ESS is low.
+
+        Returns the particles still running (in a new row order) and, for each, the row of
+        the old batch whose next-token logits it continues from.
+        """
+        cfg = self.config
+        tokens, lengths, active, logliks, log_weights = rows.to_host()
+        check_no_nan(logliks, "SMC")
+        for row, particle in enumerate(rows.particles):
+            particle.tokens.extend(tokens[row, : lengths[row]].tolist())
+            particle.loglik = float(logliks[row])
+            particle.log_weight = float(log_weights[row])
+            particle.weight_alpha = alpha
+            particle.finished = last or not bool(active[row])
+            stats[particle.prompt].add("sample", int(lengths[row]))
+            particle.row = row
+        running, keep_rows = [], []
+        if any(p.finished and p.weight_alpha != alpha for group in particles for p in group):
+            for group in particles:  # frozen particles follow the ramp: their target is p^alpha_t too
+                for particle in group:
+                    if particle.finished and particle.weight_alpha != alpha:
+                        particle.log_weight += (alpha - particle.weight_alpha) * particle.loglik
+                        particle.weight_alpha = alpha
+        ess = _effective_sample_sizes(particles).tolist()
+        for i, group in enumerate(particles):
+            stats[i].extra["ess_history"].append(ess[i])
+            # a group whose particles have all finished is not resampled (that only adds noise)
+            if not last and ess[i] < cfg.ess_threshold * cfg.num_particles and not all(p.finished for p in group):
+                log_w = torch.tensor([p.log_weight for p in group], dtype=torch.float64)
+                group = particles[i] = self._resample(group, log_w, live)
+                stats[i].extra["resampling_steps"] += 1
+                stats[i].extra["unique_ancestors"] = len({p.ancestor for p in group})
+            for particle in group:
+                if particle.finished:
+                    if particle.seq is not None:
+                        self._free(particle, live)
+                else:
+                    running.append(particle)
+                    keep_rows.append(particle.row)
+        for i, final_ess in enumerate(_effective_sample_sizes(particles).tolist()):
+            stats[i].extra["final_ess"] = final_ess
+        return running, keep_rows
+
+    def _resample(self, group: list[_Particle], log_w: torch.Tensor, live: dict) -> list[_Particle]:
+        """The group's N offspring: survivors keep their sequence, copies are forks of it."""
+        cfg = self.config
+        uniform = self.seeds.uniform()
+        if cfg.resampler == "chopthin":
+            ancestors, new_log_w = resampling.chopthin_resample(log_w, cfg.num_particles, cfg.eta, uniform)
+        else:
+            ancestors, new_log_w = resampling.systematic_resample(log_w, cfg.num_particles, uniform)
+        counts = torch.bincount(ancestors, minlength=len(group)).tolist()
+        offspring: list[_Particle] = []
+        new_log_w = new_log_w.tolist()
+        for index, (particle, count) in enumerate(zip(group, counts)):
+            if count == 0:
+                if particle.seq is not None:
+                    self._free(particle, live)
+                continue
+            forks = self.runner.fork(particle.seq, count - 1) if particle.seq is not None and count > 1 else []
+            live.update((id(s), s) for s in forks)
+            twins = [particle] + [particle.copy(forks[j] if forks else None) for j in range(count - 1)]
+            offspring.extend(twins)
+        for particle, log_weight in zip(offspring, new_log_w):
+            particle.log_weight = log_weight
+        return offspring
+
+    def _free(self, particle: _Particle, live: dict) -> None:
+        self.runner.free([particle.seq])
+        del live[id(particle.seq)]
+        particle.seq = None
