@@ -166,6 +166,8 @@ class SMCSampler(RunnerSampler):
                     source_rows.extend([i] * cfg.num_particles)
             logits = prompt_logits[ops.upload_ints(source_rows, torch.long, prompt_logits.device)]
             device = logits.device
+            first_eos = eos[0] if eos else None  # the sampling op stops rows on it; the others below
+            other_eos = torch.tensor(eos[1:], dtype=torch.long, device=device) if len(eos) > 1 else None
             rows = _Rows(running, device, max_new_tokens)
             alpha_prev = 1.0
             for step in range(max_new_tokens):
@@ -175,7 +177,9 @@ class SMCSampler(RunnerSampler):
                         rows.log_weights += (alpha_t - alpha_prev) * rows.logliks.double()
                     was_active = rows.active.clone()
                     out = ops.sample_tokens(logits, 1.0 / alpha_t, seed=self.seeds.next(), active=rows.active,
-                                            eos_token_id=eos, logliks=rows.logliks)
+                                            eos_token_id=first_eos, logliks=rows.logliks)
+                    if other_eos is not None:
+                        rows.active.logical_and_(~torch.isin(out.tokens, other_eos))
                     if out.log_power_sums is not None:  # inactive rows add 0
                         rows.log_weights += out.log_power_sums.double()
                     rows.record(out.tokens, was_active)
