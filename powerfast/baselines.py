@@ -24,6 +24,7 @@ from powerfast.generation import (
     appended_blocks,
     blocks_for,
     check_no_nan,
+    forked_peak_blocks,
     phase,
     sample_continuations,
 )
@@ -97,8 +98,7 @@ class AncestralSampler(RunnerSampler):
         n = self.config.num_samples
         if n == 1:
             return sum(blocks_for(length + max_new_tokens - 1, block_size) for length in prompt_lengths)
-        return sum(blocks_for(length, block_size) + n * appended_blocks(length, max_new_tokens - 1, block_size)
-                   for length in prompt_lengths)
+        return forked_peak_blocks(prompt_lengths, n, max_new_tokens - 1, block_size)
 
 
 class MCMCSampler(RunnerSampler):

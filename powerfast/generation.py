@@ -338,6 +338,14 @@ def appended_blocks(length: int, count: int, block_size: int) -> int:
     return blocks_for(length + count, block_size) - length // block_size if count > 0 else 0
 
 
+def forked_peak_blocks(prompt_lengths: list[int], num_branches: int, count: int, block_size: int) -> int:
+    """Most blocks held when each prompt is forked into ``num_branches`` sequences that each
+    append ``count`` positions: the prompt's blocks once, and every branch's own blocks
+    (an upper bound whatever the branches share later, e.g. after resampling)."""
+    return sum(blocks_for(length, block_size) + num_branches * appended_blocks(length, count, block_size)
+               for length in prompt_lengths)
+
+
 # ------------------------------------------------------------------- sampler base
 
 

@@ -27,7 +27,14 @@ import torch
 
 from powerfast import ops, resampling
 from powerfast.config import SMCConfig
-from powerfast.generation import GenerationResult, GenerationStats, RunnerSampler, check_no_nan, phase
+from powerfast.generation import (
+    GenerationResult,
+    GenerationStats,
+    RunnerSampler,
+    check_no_nan,
+    forked_peak_blocks,
+    phase,
+)
 
 __all__ = ["SMCSampler"]
 
@@ -114,6 +121,12 @@ class SMCSampler(RunnerSampler):
         if not isinstance(self.config, SMCConfig):
             raise ValueError(f"config must be an SMCConfig, got {type(self.config).__name__}")
         super().__init__(model, tokenizer, seed, **runner_kwargs)
+
+    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
+        """Most KV blocks a ``generate`` holds: per prompt, N particles forked from the prompt,
+        each decoding the whole budget but its last token. Resampling only shares blocks
+        (a copy is a fork), so it never raises the count past that."""
+        return forked_peak_blocks(prompt_lengths, self.config.num_particles, max_new_tokens - 1, block_size)
 
     def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
                  chat_template: bool = True, progress=None) -> list[GenerationResult]:

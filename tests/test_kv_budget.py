@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from powerfast.baselines import make_sampler
 from powerfast.cache import KVCacheTooSmallError
-from powerfast.config import MCMCConfig, PowerConfig
+from powerfast.config import MCMCConfig, PowerConfig, SMCConfig
 from powerfast.runner import ModelRunner
 
 SEED = int.from_bytes(os.urandom(4), "little")
@@ -30,7 +30,14 @@ SETTINGS = {
     "mcmc": dict(method="mcmc", mcmc_config=MCMCConfig(alpha=2.0, block_size=6, mcmc_steps=3)),
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=5),
+    # no resampling within the budget, so the particles' blocks stay distinct and the bound is reached
+    "smc": dict(method="smc", smc_config=SMCConfig(alpha=2.0, num_particles=5, resample_every=64)),
+    "smc-resampling": dict(method="smc", smc_config=SMCConfig(alpha=4.0, num_particles=6, resample_every=2,
+                                                              ess_threshold=1.0)),
 }
+
+# settings whose branches share blocks after a while (resampled particles): the bound holds, not tightly
+SHARING = {"smc-resampling"}
 
 
 def tiny_model(seed: int):
@@ -79,7 +86,8 @@ def test_peak_bound_holds_is_tight_and_is_checked_first(name, monkeypatch):
     results = make_sampler(model=runner, seed=SEED, **SETTINGS[name]).generate(prompts, max_new, ignore_eos=True)
     assert [len(r.token_ids) for r in results] == [max_new, max_new]
     assert watch.peak <= bound
-    assert watch.peak >= bound - 2 * len(prompts) - 2, (watch.peak, bound)  # at most a few copy-on-write blocks off
+    if name not in SHARING:
+        assert watch.peak >= bound - 2 * len(prompts) - 2, (watch.peak, bound)  # at most a few copy-on-write blocks off
     assert runner.cache.blocks_in_use == 0
 
 
