@@ -47,9 +47,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 __all__ = [
     "CHOICE_LETTERS", "CHOICE_TEMPLATE", "CODE_STOP_SEQUENCES", "CODE_TEMPLATE", "KNOWN_TASKS",
     "MATH_TEMPLATE", "EvaluationRun", "Generation", "Grade", "Method", "MethodSummary", "Problem", "Summary",
-    "Task", "Unit", "WorkerStats", "check_generations", "choice_letter", "extract_boxed", "gpqa_prompt",
-    "load_task", "math_equal", "plot_accuracy_vs_time", "read_records", "read_samples", "run_evaluation",
-    "run_python", "summarise", "truncate_code", "unit_batches", "unit_seed",
+    "Task", "Unit", "WorkerStats", "accuracy_vs_time_figure", "check_generations", "choice_letter", "extract_boxed",
+    "gpqa_prompt", "load_task", "math_equal", "plot_accuracy_vs_time", "read_records", "read_samples",
+    "run_evaluation", "run_python", "summarise", "truncate_code", "unit_batches", "unit_seed", "wilson_interval",
 ]
 
 
@@ -760,8 +760,35 @@ def summarise(task: str, samples: Mapping[tuple[str, int], list[dict]], out_dir:
     return Summary(task, rows, str(out_dir))
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``correct / n`` (95% at the default z).
+
+    Unlike the normal approximation it stays inside [0, 1] and does not collapse to a
+    point at 0 or n correct. Returns (nan, nan) for n = 0.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if correct == 0 else max(0.0, centre - half)  # exact ends, not rounded ones
+    high = 1.0 if correct == n else min(1.0, centre + half)
+    return low, high
+
+
 def plot_accuracy_vs_time(summary: Summary, path: str | os.PathLike) -> None:
-    """Save a scatter plot of pass@1 against seconds per prompt, one labelled point per method."""
+    """Save :func:`accuracy_vs_time_figure` as a PNG."""
+    accuracy_vs_time_figure(summary).savefig(str(path), format="png")
+
+
+def accuracy_vs_time_figure(summary: Summary):
+    """A scatter plot of pass@1 against seconds per prompt, one labelled point per method
+    (a matplotlib Figure).
+
+    The accuracy axis is [0, 1]. A method with several samples (problems x seeds) gets the
+    95% Wilson interval of its pass@1 as an error bar, every sample counted as one trial.
+    """
     _require("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -769,18 +796,31 @@ def plot_accuracy_vs_time(summary: Summary, path: str | os.PathLike) -> None:
     fig = Figure(figsize=(6, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    with_intervals = False
     for row in summary.rows:
         if row.n == 0:
             continue
-        ax.scatter([row.seconds_per_prompt], [row.pass_at_1], s=40)
-        ax.annotate(row.method, (row.seconds_per_prompt, row.pass_at_1), textcoords="offset points", xytext=(5, 5))
+        x, y = row.seconds_per_prompt, row.pass_at_1
+        if row.n > 1:
+            low, high = wilson_interval(row.correct, row.n)
+            ax.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", markersize=6, capsize=4, clip_on=False)
+            with_intervals = True
+        else:
+            ax.scatter([x], [y], s=40, clip_on=False)
+        ax.annotate(f"{row.method} ({row.correct}/{row.n})", (x, y), textcoords="offset points", xytext=(5, 5))
     ax.set_xlabel("seconds per prompt")
-    ax.set_ylabel("accuracy (pass@1)")
+    ax.set_ylabel("accuracy (pass@1)" + (", 95% Wilson interval" if with_intervals else ""))
+    ax.set_ylim(0.0, 1.0)
     ax.set_title(f"{summary.task}: accuracy vs time")
     ax.grid(True, alpha=0.3)
     if any(r.n and r.seconds_per_prompt > 0 for r in summary.rows):
         positive = [r.seconds_per_prompt for r in summary.rows if r.n and r.seconds_per_prompt > 0]
         if max(positive) / min(positive) > 20:
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 10, 100 (not 10^0), no crowded minor labels
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.2)  # room for the labels of the outermost points
     fig.tight_layout()
-    fig.savefig(str(path), format="png")
+    return fig

@@ -27,7 +27,7 @@ from powerfast import attention, ops
 from powerfast.attention import CONTEXT_KWARG, PagedAttentionContext
 from powerfast.cache import CacheConfig, PagedKVCache, Sequence
 
-__all__ = ["ModelRunner", "RunnerConfig", "Sequence"]
+__all__ = ["ModelRunner", "RunnerConfig", "Sequence", "check_supported"]
 
 _MIN_SHARED_PREFIX = 64  # positions; shorter shared prefixes are not worth a cascade
 
@@ -68,13 +68,31 @@ def _model_geometry(model) -> tuple[int, int, int, int]:
     return num_layers, num_heads, kv_heads, head_dim
 
 
+def check_supported(model) -> None:
+    """ValueError, in one line, for a model the runner cannot drive.
+
+    The paged context travels to the attention function through the forward's keyword
+    arguments; models whose layers drop them (transformers marks those
+    ``_supports_attention_backend = False``, e.g. StableLM) never see it.
+    """
+    if not getattr(model, "_supports_attention_backend", False):
+        model_type = getattr(model.config, "model_type", "?")
+        raise ValueError(
+            f"{type(model).__name__} (model_type {model_type!r}) cannot run on the paged runtime: its layers do not "
+            f"pass attention keyword arguments through to the attention function (transformers marks it "
+            f"_supports_attention_backend = False)"
+        )
+
+
 class ModelRunner:
     """Prefill, decode, extend, fork and free sequences of an HF causal LM on a paged KV cache.
 
     model:       a ``transformers`` causal LM whose attention layers go through
-                 ``AttentionInterface`` (Llama, Qwen2, Qwen3, Mistral, ...). The runner
-                 switches it to the paged attention implementation; ``restore_attention()``
-                 switches it back (and the next runner call switches it again).
+                 ``AttentionInterface`` and pass keyword arguments through (Llama, Qwen2,
+                 Qwen3, Mistral, Gemma 2/3, ...; others raise ValueError here). The runner
+                 switches it to the paged attention implementation; calling the model
+                 directly (or ``model.generate``) without the runner switches it back to its
+                 own attention first, and so does ``restore_attention()``.
     block_size, num_blocks, max_memory, gpu_memory_fraction, backend: see :class:`RunnerConfig`.
 
     Logits come back on the model's device in the model's dtype.
@@ -92,6 +110,7 @@ class ModelRunner:
         self.config = RunnerConfig(block_size, num_blocks, max_memory, gpu_memory_fraction, backend)
         if not hasattr(model, "set_attn_implementation"):
             raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+        check_supported(model)
         self.model = model
         first_param = next(model.parameters())
         self.device = first_param.device
@@ -112,8 +131,8 @@ class ModelRunner:
                 gpu_memory_fraction=gpu_memory_fraction,
             )
         )
-        self._original_attention = model.config._attn_implementation
         attention.register()
+        attention.install_dense_fallback(model)
         self._attach()
 
     # ------------------------------------------------------------------ attention switch
@@ -123,9 +142,11 @@ class ModelRunner:
             self.model.set_attn_implementation(attention.ATTENTION_NAME)
 
     def restore_attention(self) -> None:
-        """Give the model its original attention implementation back (for dense use)."""
-        if self.model.config._attn_implementation != self._original_attention:
-            self.model.set_attn_implementation(self._original_attention)
+        """Give the model its original attention implementation back now. Optional: a call
+        of the model without the runner's context switches back by itself (see
+        :func:`powerfast.attention.install_dense_fallback`); the next runner call switches
+        to the paged attention again."""
+        attention.restore_original(self.model)
 
     # ------------------------------------------------------------------ sequences
 

@@ -27,7 +27,14 @@ import torch
 
 from powerfast import ops, resampling
 from powerfast.config import SMCConfig
-from powerfast.generation import GenerationResult, GenerationStats, RunnerSampler, check_no_nan, phase
+from powerfast.generation import (
+    GenerationResult,
+    GenerationStats,
+    RunnerSampler,
+    check_no_nan,
+    forked_peak_blocks,
+    phase,
+)
 
 __all__ = ["SMCSampler"]
 
@@ -115,6 +122,12 @@ class SMCSampler(RunnerSampler):
             raise ValueError(f"config must be an SMCConfig, got {type(self.config).__name__}")
         super().__init__(model, tokenizer, seed, **runner_kwargs)
 
+    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
+        """Most KV blocks a ``generate`` holds: per prompt, N particles forked from the prompt,
+        each decoding the whole budget but its last token. Resampling only shares blocks
+        (a copy is a fork), so it never raises the count past that."""
+        return forked_peak_blocks(prompt_lengths, self.config.num_particles, max_new_tokens - 1, block_size)
+
     def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
                  chat_template: bool = True, progress=None) -> list[GenerationResult]:
         """One completion per prompt, drawn by weight from its N particles; the particles of
@@ -166,6 +179,8 @@ class SMCSampler(RunnerSampler):
                     source_rows.extend([i] * cfg.num_particles)
             logits = prompt_logits[ops.upload_ints(source_rows, torch.long, prompt_logits.device)]
             device = logits.device
+            first_eos = eos[0] if eos else None  # the sampling op stops rows on it; the others below
+            other_eos = torch.tensor(eos[1:], dtype=torch.long, device=device) if len(eos) > 1 else None
             rows = _Rows(running, device, max_new_tokens)
             alpha_prev = 1.0
             for step in range(max_new_tokens):
@@ -175,7 +190,9 @@ class SMCSampler(RunnerSampler):
                         rows.log_weights += (alpha_t - alpha_prev) * rows.logliks.double()
                     was_active = rows.active.clone()
                     out = ops.sample_tokens(logits, 1.0 / alpha_t, seed=self.seeds.next(), active=rows.active,
-                                            eos_token_id=eos, logliks=rows.logliks)
+                                            eos_token_id=first_eos, logliks=rows.logliks)
+                    if other_eos is not None:
+                        rows.active.logical_and_(~torch.isin(out.tokens, other_eos))
                     if out.log_power_sums is not None:  # inactive rows add 0
                         rows.log_weights += out.log_power_sums.double()
                     rows.record(out.tokens, was_active)
