@@ -53,6 +53,7 @@ def _paged_attention_kernel(
     Lse,  # (num_tokens, num_heads, num_splits) fp32, log2 units; unused with one split
     # shapes
     scale_log2,  # softmax scale * log2(e)
+    softcap_log2,  # with SOFTCAP: cap * log2(e); scores become cap * tanh(scale * q.k / cap)
     tokens_per_split,  # a multiple of BLOCK_N
     # strides
     stride_qt,
@@ -78,6 +79,7 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     NATIVE_DOT: tl.constexpr,  # dot in the cache dtype (fp16/bf16 on GPUs); else fp32 ieee
     WRITE_LSE: tl.constexpr,
+    SOFTCAP: tl.constexpr,  # apply logit soft-capping (Gemma 2)
 ):
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -123,7 +125,10 @@ def _paged_attention_kernel(
             scores = tl.dot(q.to(k.dtype), tl.trans(k))
         else:
             scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-        scores = tl.where(mask_n[None, :], scores * scale_log2, float("-inf"))
+        scores = scores * scale_log2
+        if SOFTCAP:  # cap * tanh(x / cap) in log2 units, tanh(y) = 2 sigmoid(2y) - 1
+            scores = softcap_log2 * (2.0 * tl.sigmoid(2.0 * scores / softcap_log2) - 1.0)
+        scores = tl.where(mask_n[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])
@@ -216,6 +221,7 @@ def paged_attention(
     num_splits: int | None = None,
     block_n: int | None = None,
     out: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of new query tokens over a paged KV cache.
 
@@ -231,6 +237,8 @@ def paged_attention(
     num_splits:       key-range splits per (token, KV head); default: fill the GPU
     block_n:          keys per tile; default 64 (128 under the interpreter)
     out:              optional (num_tokens, num_heads, head_dim) output buffer
+    softcap:          logit soft-capping: scores become ``softcap * tanh(scale * q.k / softcap)``
+                      (Gemma 2); None: off
 
     Returns (num_tokens, num_heads, head_dim) in the query's dtype.
     """
@@ -252,6 +260,8 @@ def paged_attention(
         )
     if block_tables.dim() != 2 or block_tables.stride(-1) != 1:
         raise ValueError(f"block_tables must be a contiguous (num_seqs, max_blocks) tensor, got {tuple(block_tables.shape)}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
     if out is None:
         out = torch.empty_like(query)
     if num_tokens == 0:
@@ -290,6 +300,7 @@ def paged_attention(
         target,
         lse,
         scale * _LOG2E,
+        (softcap or 1.0) * _LOG2E,
         tokens_per_split,
         query.stride(0),
         query.stride(1),
@@ -313,6 +324,7 @@ def paged_attention(
         BLOCK_N=block_n,
         NATIVE_DOT=native_dot,
         WRITE_LSE=num_splits > 1,
+        SOFTCAP=softcap is not None,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -1,23 +1,26 @@
 """powerfast: fast sampling from the power distribution p(x)^alpha of a language model.
 
-The statistical core (estimators, the exact oracle's model protocol, configs) imports
-eagerly; the runtime pieces that pull in transformers (``PowerSampler``, ``ModelRunner``,
-the baselines) import on first use.
+Everything imports on first use, so ``import powerfast`` (and the ``powerfast`` command's
+argument checks) cost no torch import: the names below (``PowerSampler``,
+``power_distribution``, ...) and the submodules (``powerfast.exact.power_conditional(...)``)
+load their module when first touched.
 """
-
-from powerfast.config import MCMCConfig, PowerConfig, SamplingConfig, SMCConfig
-from powerfast.estimators import (
-    PowerEstimate,
-    leave_one_out_log_scaling_factors,
-    log_scaling_factors,
-    power_distribution,
-    power_estimates,
-)
-from powerfast.lm import HFLanguageModel, LanguageModel, TableLM
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "MCMCConfig": "powerfast.config",
+    "PowerConfig": "powerfast.config",
+    "SamplingConfig": "powerfast.config",
+    "SMCConfig": "powerfast.config",
+    "PowerEstimate": "powerfast.estimators",
+    "leave_one_out_log_scaling_factors": "powerfast.estimators",
+    "log_scaling_factors": "powerfast.estimators",
+    "power_distribution": "powerfast.estimators",
+    "power_estimates": "powerfast.estimators",
+    "HFLanguageModel": "powerfast.lm",
+    "LanguageModel": "powerfast.lm",
+    "TableLM": "powerfast.lm",
     "PowerSampler": "powerfast.sampler",
     "ModelRunner": "powerfast.runner",
     "AncestralSampler": "powerfast.baselines",
@@ -30,23 +33,16 @@ _LAZY = {
     "LMRunner": "powerfast.lm_runner",
     "CacheConfig": "powerfast.cache",
     "OutOfBlocksError": "powerfast.cache",
+    "KVCacheTooSmallError": "powerfast.cache",
 }
 
-__all__ = [
-    "HFLanguageModel",
-    "LanguageModel",
-    "MCMCConfig",
-    "PowerConfig",
-    "PowerEstimate",
-    "SamplingConfig",
-    "SMCConfig",
-    "TableLM",
-    "leave_one_out_log_scaling_factors",
-    "log_scaling_factors",
-    "power_distribution",
-    "power_estimates",
-    *_LAZY,
-]
+# submodules reachable as attributes (``powerfast.exact.power_conditional``), imported on first use
+_SUBMODULES = (
+    "attention", "baselines", "cache", "cli", "config", "estimators", "evaluation", "exact", "generation",
+    "fidelity", "kernels", "lm", "lm_runner", "models", "ops", "resampling", "runner", "sampler", "smc", "toy",
+)
+
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):
@@ -56,4 +52,8 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"powerfast.{name}")  # the import binds it in this namespace
     raise AttributeError(f"module 'powerfast' has no attribute {name!r}")

@@ -17,6 +17,12 @@ Backends (all give the dense model's logits):
   ``block_table``; CUDA, fp16/bf16, block size a multiple of 256, flash-attn importable.
 
 ``"auto"`` picks flash, then triton on CUDA, and torch elsewhere (:func:`resolve_backend`).
+All three apply attention-logit soft-capping (``softcap``: Gemma 2) as ``cap * tanh(s / cap)``
+of each scaled score.
+
+Sharing the model: :func:`install_dense_fallback` remembers the model's own attention
+implementation on the model and adds a forward pre-hook, so a call of the model without
+the paged context (a plain forward, ``model.generate``) runs with that implementation.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ __all__ = [
     "BACKENDS",
     "CONTEXT_KWARG",
     "PagedAttentionContext",
+    "install_dense_fallback",
     "paged_attention_forward",
     "register",
+    "restore_original",
     "resolve_backend",
     "torch_paged_attention",
 ]
@@ -142,10 +150,12 @@ def torch_paged_attention(
     value_cache: torch.Tensor,
     ctx: PagedAttentionContext,
     scale: float,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Reference backend: gather each sequence's blocks, then masked SDPA.
 
     query: (num_tokens, num_heads, head_dim); caches: (num_blocks, block_size, kv_heads, head_dim)
+    softcap: scores become ``softcap * tanh(scores / softcap)`` (after scaling); None: off
     Returns (num_tokens, num_heads, head_dim).
     """
     num_tokens, num_heads, head_dim = query.shape
@@ -153,7 +163,7 @@ def torch_paged_attention(
     num_seqs = ctx.block_tables.shape[0]
     used_blocks = -(-ctx.max_seq_len // block_size)
     if ctx.max_query_len == 1 and num_seqs > 1 and ctx.shared_prefix_blocks > 0:
-        return _cascade_decode_attention(query, key_cache, value_cache, ctx, scale, used_blocks)
+        return _cascade_decode_attention(query, key_cache, value_cache, ctx, scale, used_blocks, softcap)
     block_ids = ctx.block_tables[:, :used_blocks].reshape(-1)
     kv_len = used_blocks * block_size
     # (num_seqs, kv_heads, kv_len, head_dim); index_select is a plain copy, much faster
@@ -174,23 +184,44 @@ def torch_paged_attention(
         positions = torch.zeros(num_seqs, ctx.max_query_len, dtype=torch.long, device=query.device)
         positions[ctx.query_seq_index, index_in_seq] = ctx.query_positions
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (num_seqs, 1, max_q, kv_len)
-    out = F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=kv_heads != num_heads
-    )  # (num_seqs, num_heads, q_len, head_dim)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=kv_heads != num_heads
+        )  # (num_seqs, num_heads, q_len, head_dim)
+    else:
+        out = _softcapped_attention(queries, keys, values, mask, scale, softcap)
     out = out.transpose(1, 2)
     if ctx.max_query_len == 1:
         return out.reshape(num_tokens, num_heads, head_dim)
     return out[ctx.query_seq_index, index_in_seq]
 
 
+def _softcapped_attention(queries, keys, values, mask, scale: float, softcap: float) -> torch.Tensor:
+    """softmax(softcap * tanh(q k^T * scale / softcap), masked) v in fp32, in the queries' dtype.
+
+    queries: (B, H, Q, D); keys, values: (B, kv_heads, L, D); mask: bool, broadcastable to (B, H, Q, L)
+    """
+    group = queries.shape[1] // keys.shape[1]
+    keys = keys.repeat_interleave(group, dim=1).float()
+    values = values.repeat_interleave(group, dim=1).float()
+    scores = torch.matmul(queries.float(), keys.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values).to(queries.dtype)
+
+
 def _attention_with_lse(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: torch.Tensor | None
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, mask: torch.Tensor | None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale) v and its log-sum-exp, in fp32; rows with no visible key give (0, -inf).
 
     queries: (batch, rows, D); keys, values: (batch, L, D); mask: broadcastable to (batch, rows, L)
+    softcap: scores become ``softcap * tanh(scores / softcap)``; None: off
     """
     scores = torch.bmm(queries.float(), keys.float().transpose(1, 2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
@@ -209,6 +240,7 @@ def _cascade_decode_attention(
     ctx: PagedAttentionContext,
     scale: float,
     used_blocks: int,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Decode over a shared prefix: the prefix blocks are read once for all sequences.
 
@@ -228,7 +260,7 @@ def _cascade_decode_attention(
     prefix_ids = ctx.block_tables[0, :shared]
     prefix_keys = key_cache.index_select(0, prefix_ids).view(shared_len, kv_heads, head_dim).transpose(0, 1)
     prefix_values = value_cache.index_select(0, prefix_ids).view(shared_len, kv_heads, head_dim).transpose(0, 1)
-    prefix_out, prefix_lse = _attention_with_lse(grouped, prefix_keys, prefix_values, scale, None)
+    prefix_out, prefix_lse = _attention_with_lse(grouped, prefix_keys, prefix_values, scale, None, softcap)
     prefix_out = prefix_out.view(kv_heads, num_seqs, group, head_dim).transpose(0, 1)  # (N, kvh, g, D)
     prefix_lse = prefix_lse.view(kv_heads, num_seqs, group).transpose(0, 1)  # (N, kvh, g)
     if shared == used_blocks:
@@ -246,7 +278,7 @@ def _cascade_decode_attention(
     visible = key_positions[None, :] <= ctx.query_positions[:, None]  # (N, own_len)
     visible = visible.repeat_interleave(kv_heads, dim=0)[:, None, :]
     own_out, own_lse = _attention_with_lse(
-        query.view(num_seqs * kv_heads, group, head_dim), own_keys, own_values, scale, visible
+        query.view(num_seqs * kv_heads, group, head_dim), own_keys, own_values, scale, visible, softcap
     )
     own_out = own_out.view(num_seqs, kv_heads, group, head_dim)
     own_lse = own_lse.view(num_seqs, kv_heads, group)
@@ -256,7 +288,8 @@ def _cascade_decode_attention(
     return out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
 
 
-def _triton_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionContext, scale: float) -> torch.Tensor:
+def _triton_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionContext, scale: float,
+                            softcap: float | None = None) -> torch.Tensor:
     from powerfast.kernels.paged_attention import paged_attention
 
     return paged_attention(
@@ -268,12 +301,15 @@ def _triton_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionCo
         ctx.query_positions,
         scale,
         max_seq_len=ctx.max_seq_len,
+        softcap=softcap,
     )
 
 
-def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionContext, scale: float) -> torch.Tensor:
+def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionContext, scale: float,
+                           softcap: float | None = None) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
+    softcap = 0.0 if softcap is None else softcap  # flash-attn's "off"
     if ctx.max_query_len == 1:
         out = flash_attn_with_kvcache(
             query.unsqueeze(1),
@@ -283,6 +319,7 @@ def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionCon
             block_table=ctx.block_tables,
             softmax_scale=scale,
             causal=True,
+            softcap=softcap,
         )
         return out.squeeze(1)
     return flash_attn_varlen_func(
@@ -295,6 +332,7 @@ def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionCon
         max_seqlen_k=ctx.max_seq_len,
         softmax_scale=scale,
         causal=True,
+        softcap=softcap,
         block_table=ctx.block_tables,
     )
 
@@ -325,8 +363,8 @@ def paged_attention_forward(
     if not isinstance(ctx, PagedAttentionContext):
         raise RuntimeError(
             f"attention implementation {ATTENTION_NAME!r} needs a {CONTEXT_KWARG}=PagedAttentionContext keyword "
-            f"argument: drive the model through powerfast.runner.ModelRunner, or call runner.restore_attention() "
-            f"to use the model on its own"
+            f"argument: drive the model through powerfast.runner.ModelRunner; calling the whole model without it "
+            f"uses the model's own attention, for a submodule call runner.restore_attention() first"
         )
     if dropout:
         raise ValueError(f"paged attention is for inference: dropout must be 0, got {dropout} (call model.eval())")
@@ -336,8 +374,11 @@ def paged_attention_forward(
             f"layer {module.layer_idx} uses a sliding window of {sliding_window} tokens and a sequence has "
             f"{ctx.max_seq_len}: sliding-window attention is not supported by the paged runtime"
         )
-    if kwargs.get("softcap") is not None or getattr(module, "sinks", None) is not None:
-        raise NotImplementedError("attention logit soft-capping and attention sinks are not supported")
+    if getattr(module, "sinks", None) is not None:
+        raise NotImplementedError("attention sinks are not supported by the paged runtime")
+    softcap = kwargs.get("softcap")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"layer {module.layer_idx}: attention logit softcap must be > 0 or None, got {softcap!r}")
     if getattr(module, "is_causal", True) is False:
         raise NotImplementedError(f"{type(module).__name__} is not causal: the paged runtime needs causal attention")
 
@@ -364,7 +405,7 @@ def paged_attention_forward(
     out = library.paged_attention(
         queries, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_k, ctx.query_start_loc,
         ctx.query_seq_index, ctx.query_positions, float(scaling), ctx.max_query_len, ctx.max_seq_len,
-        ctx.shared_prefix_blocks, ctx.backend,
+        ctx.shared_prefix_blocks, ctx.backend, 0.0 if softcap is None else float(softcap),
     )
     return out.to(query.dtype).reshape(batch, q_len, num_heads, head_dim), None
 
@@ -413,3 +454,39 @@ def register() -> str:
     if ATTENTION_NAME not in AttentionMaskInterface._global_mapping and not _transformers_skips_unknown_masks():
         AttentionMaskInterface.register(ATTENTION_NAME, no_mask)
     return ATTENTION_NAME
+
+
+# ---------------------------------------------------------------------------- sharing the model
+
+_ORIGINAL_ATTENTION = "_powerfast_original_attention"  # model attribute: its own implementation
+_FALLBACK_HOOK = "_powerfast_dense_fallback_hook"  # model attribute: the pre-hook's handle
+
+
+def install_dense_fallback(model) -> None:
+    """Let ``model`` be called without the paged context while a runner owns it.
+
+    Remembers the model's current attention implementation on the model (once) and adds a
+    forward pre-hook (once): a call without :data:`CONTEXT_KWARG` while the model is set to
+    :data:`ATTENTION_NAME` switches it back to that implementation before the forward runs,
+    so the model builds its own masks and attends as before (``model(...)``,
+    ``model.generate(...)``). The runner switches to the paged attention again on its next
+    forward.
+    """
+    if getattr(model, _ORIGINAL_ATTENTION, None) is None:
+        current = model.config._attn_implementation
+        setattr(model, _ORIGINAL_ATTENTION, current if current != ATTENTION_NAME else None)
+    if getattr(model, _FALLBACK_HOOK, None) is None:
+        setattr(model, _FALLBACK_HOOK, model.register_forward_pre_hook(_dense_call_hook, with_kwargs=True))
+
+
+def restore_original(model) -> None:
+    """Set ``model`` back to the attention implementation remembered by :func:`install_dense_fallback`."""
+    original = getattr(model, _ORIGINAL_ATTENTION, None)
+    if original is not None and model.config._attn_implementation != original:
+        model.set_attn_implementation(original)
+
+
+def _dense_call_hook(model, args, kwargs):
+    if CONTEXT_KWARG not in kwargs and model.config._attn_implementation == ATTENTION_NAME:
+        restore_original(model)
+    return None

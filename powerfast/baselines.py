@@ -16,12 +16,15 @@ import time
 
 import torch
 
-from powerfast.config import MCMCConfig, PowerConfig, SamplingConfig, SMCConfig
+from powerfast.config import METHODS, MCMCConfig, SamplingConfig, method_config
 from powerfast.generation import (
     GenerationResult,
     GenerationStats,
     RunnerSampler,
+    appended_blocks,
+    blocks_for,
     check_no_nan,
+    forked_peak_blocks,
     phase,
     sample_continuations,
 )
@@ -29,8 +32,6 @@ from powerfast.sampler import PowerSampler
 from powerfast.smc import SMCSampler
 
 __all__ = ["AncestralSampler", "MCMCSampler", "SMCSampler", "make_sampler", "METHODS"]
-
-METHODS = ("power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n")
 
 
 class AncestralSampler(RunnerSampler):
@@ -90,6 +91,14 @@ class AncestralSampler(RunnerSampler):
         if progress is not None:
             progress(max_new_tokens, max_new_tokens)
         return results
+
+    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
+        """Most KV blocks a ``generate`` holds: per prompt, N samples of the whole budget
+        forked from the prompt (one sequence when N = 1); the last token is never decoded."""
+        n = self.config.num_samples
+        if n == 1:
+            return sum(blocks_for(length + max_new_tokens - 1, block_size) for length in prompt_lengths)
+        return forked_peak_blocks(prompt_lengths, n, max_new_tokens - 1, block_size)
 
 
 class MCMCSampler(RunnerSampler):
@@ -172,6 +181,12 @@ class MCMCSampler(RunnerSampler):
             stat.acceptance_rate = chain.accepted / chain.proposed if chain.proposed else None
             results.append(self.result(chain.tokens, stat, float(sum(chain.logp))))
         return results
+
+    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
+        """Most KV blocks a ``generate`` holds: per prompt, the chain of the whole budget and
+        one proposal forked from as early as the prompt's last position."""
+        return sum(blocks_for(length + max_new_tokens, block_size)
+                   + appended_blocks(length - 1, max_new_tokens + 1, block_size) for length in prompt_lengths)
 
     def _next_token_logits(self, chains: list[_Chain], live: list) -> torch.Tensor:
         """(N, V) next-token logits of each chain's sequence: fork it one token short and
@@ -271,8 +286,9 @@ class _Chain:
     def truncate(self, generated: int) -> None:
         del self.tokens[generated:], self.logp[generated:], self.logq[generated:]
 
-    def ended(self, eos) -> bool:
-        return eos is not None and bool(self.tokens) and self.tokens[-1] == eos
+    def ended(self, eos: tuple[int, ...]) -> bool:
+        """Whether the last token is one of the ``eos`` ids."""
+        return bool(self.tokens) and self.tokens[-1] in eos
 
 
 def make_sampler(method: str, model, tokenizer=None, *, alpha: float = 4.0, seed: int | None = None,
@@ -284,21 +300,14 @@ def make_sampler(method: str, model, tokenizer=None, *, alpha: float = 4.0, seed
     temperature: of "plain" and "best-of-n"; num_samples: N of "best-of-n"
     power_config / mcmc_config / smc_config: full settings for "power" / "mcmc" / "smc"
                  (then ``alpha`` is not used)
-    Raises ValueError for an unknown method.
+    Raises ValueError for an unknown method or bad settings (see :func:`powerfast.config.method_config`).
     """
+    config = method_config(method, alpha=alpha, temperature=temperature, num_samples=num_samples,
+                           power_config=power_config, mcmc_config=mcmc_config, smc_config=smc_config)
     if method == "power":
-        return PowerSampler(model, tokenizer, power_config or PowerConfig(alpha=alpha), seed, **runner_kwargs)
+        return PowerSampler(model, tokenizer, config, seed, **runner_kwargs)
     if method == "mcmc":
-        return MCMCSampler(model, tokenizer, mcmc_config or MCMCConfig(alpha=alpha), seed, **runner_kwargs)
+        return MCMCSampler(model, tokenizer, config, seed, **runner_kwargs)
     if method == "smc":
-        return SMCSampler(model, tokenizer, smc_config or SMCConfig(alpha=alpha), seed, **runner_kwargs)
-    if method == "plain":
-        return AncestralSampler(model, tokenizer, SamplingConfig(temperature), seed, "plain", **runner_kwargs)
-    if method == "low-temp":
-        return AncestralSampler(model, tokenizer, SamplingConfig(1.0 / alpha), seed, "low-temp", **runner_kwargs)
-    if method == "greedy":
-        return AncestralSampler(model, tokenizer, SamplingConfig(0.0), seed, "greedy", **runner_kwargs)
-    if method == "best-of-n":
-        return AncestralSampler(model, tokenizer, SamplingConfig(temperature, num_samples), seed, "best-of-n",
-                                **runner_kwargs)
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        return SMCSampler(model, tokenizer, config, seed, **runner_kwargs)
+    return AncestralSampler(model, tokenizer, config, seed, method, **runner_kwargs)

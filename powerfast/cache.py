@@ -27,7 +27,7 @@ import torch
 
 from powerfast import ops
 
-__all__ = ["BlockAllocator", "CacheConfig", "OutOfBlocksError", "PagedKVCache", "Sequence"]
+__all__ = ["BlockAllocator", "CacheConfig", "KVCacheTooSmallError", "OutOfBlocksError", "PagedKVCache", "Sequence"]
 
 _DEFAULT_GPU_MEMORY_FRACTION = 0.5  # of the free device memory, when no size is given on CUDA
 _DEFAULT_CPU_MEMORY_BYTES = 256 * 2**20  # when no size is given on the CPU
@@ -45,6 +45,33 @@ class OutOfBlocksError(RuntimeError):
             f"KV cache out of blocks{where}: {needed} blocks needed, {available} free of {num_blocks}. "
             f"Free finished sequences or size the cache larger (num_blocks / max_memory)."
         )
+
+
+class KVCacheTooSmallError(ValueError):
+    """A generation's peak KV need exceeds the free blocks of the pool; raised before any work.
+
+    needed:      peak blocks the settings need; free: blocks free now; num_blocks: pool size
+    block_bytes: bytes of one block (all layers, keys and values): the least pool that
+                 would do holds ``needed + (num_blocks - free)`` blocks
+    """
+
+    def __init__(self, what: str, needed: int, free: int, num_blocks: int, block_size: int, block_bytes: int) -> None:
+        self.needed = needed
+        self.free = free
+        self.num_blocks = num_blocks
+        self.block_bytes = block_bytes
+        self.least_bytes = (needed + num_blocks - free) * block_bytes
+        in_use = f", {num_blocks - free} in use" if free != num_blocks else ""
+        super().__init__(
+            f"KV cache too small for {what}: it needs up to {needed} blocks of {block_size} positions "
+            f"({_mib(needed * block_bytes)} MiB) and the pool has {free} free of {num_blocks} "
+            f"({_mib(num_blocks * block_bytes)} MiB{in_use}); give a pool of at least "
+            f"{_mib(self.least_bytes)} MiB (max_memory, num_blocks >= {needed + num_blocks - free}) or smaller settings"
+        )
+
+
+def _mib(num_bytes: int) -> int:
+    return -(-num_bytes // 2**20)
 
 
 @dataclass(slots=True)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
 from collections.abc import Sequence
 
-__all__ = ["main", "build_parser", "build_runner", "build_sampler"]
+__all__ = ["main", "build_parser", "build_runner", "build_sampler", "eval_methods", "method_settings"]
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,9 +50,23 @@ def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_toy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--alpha", type=float, default=4.0, help="exponent (default 4)")
+    parser.add_argument("--seeds", type=int, default=2000, help="Monte Carlo repetitions per M (default 2000)")
+    parser.add_argument("--bias", action="store_true", help="also print the measured bias table (plain vs jackknife)")
+    parser.add_argument("--replicates", type=int, default=1 << 20, help="replicates per bias cell (default 2^20)")
+
+
+def _run_toy(args) -> int:
     from powerfast import toy
-    from powerfast.baselines import METHODS
+
+    return toy.run(args)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command's parser. Given the arguments to parse, it imports nothing heavy (no
+    torch) unless they may name the fidelity command, so bad settings fail at once."""
+    from powerfast.config import METHODS
 
     parser = argparse.ArgumentParser(
         prog="powerfast", description="Sample from the power distribution p(x)^alpha of a language model."
@@ -73,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="first N problems only")
     evaluate.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     evaluate.add_argument("--out", default="powerfast-eval", help="output folder (default ./powerfast-eval); rerun to resume")
+    scale = evaluate.add_argument_group("scale-out (needs the ray extra: pip install 'powerfast[ray]')")
+    scale.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run the units on Ray workers: a cluster's ADDRESS ('auto', 'ray://host:10001') "
+                            "or, without ADDRESS, a local Ray instance")
+    scale.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="Ray workers, each holding the model (default: one per GPU; without GPUs, "
+                            "the cluster's CPUs / --cpus-per-worker)")
+    scale.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
+                       help="CPUs reserved per Ray worker (default 1)")
     _add_model_arguments(evaluate)
     _add_method_arguments(evaluate)
     evaluate.set_defaults(handler=_run_eval)
@@ -86,15 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(handler=_run_profile)
 
     toy_parser = commands.add_parser("toy", help="the paper's PLAN/GUESS toy: exact values and Monte Carlo estimates")
-    toy.add_arguments(toy_parser)
-    toy_parser.set_defaults(handler=toy.run)
-
-    from powerfast import fidelity
+    _add_toy_arguments(toy_parser)
+    toy_parser.set_defaults(handler=_run_toy)
 
     fidelity_parser = commands.add_parser(
         "fidelity", help="TV of every method to the exact p^alpha on small random models, next to the noise floor")
-    fidelity.add_arguments(fidelity_parser)
-    fidelity_parser.set_defaults(handler=fidelity.run)
+    if argv is None or "fidelity" in argv:  # its arguments' module imports torch: only when it may be the command
+        from powerfast import fidelity
+
+        fidelity.add_arguments(fidelity_parser)
+        fidelity_parser.set_defaults(handler=fidelity.run)
     return parser
 
 
@@ -104,15 +129,13 @@ def build_runner(model, args: argparse.Namespace):
 
     if args.kv_memory is None:
         return ModelRunner(model)
-    if args.kv_memory < 1:
-        raise ValueError(f"--kv-memory must be >= 1 MiB, got {args.kv_memory}")
     return ModelRunner(model, max_memory=args.kv_memory << 20)
 
 
-def build_sampler(method: str, runner, tokenizer, args: argparse.Namespace, seed: int | None):
-    """A sampler from parsed command-line settings, on ``runner`` (shared by all methods)."""
-    from powerfast.baselines import make_sampler
-    from powerfast.config import MCMCConfig, PowerConfig, SMCConfig
+def method_settings(method: str, args: argparse.Namespace):
+    """The validated config of ``method`` from parsed settings (ValueError naming the bad
+    value); pure Python, so the command checks its settings before loading the model."""
+    from powerfast.config import MCMCConfig, PowerConfig, SMCConfig, method_config
 
     power = mcmc = smc = None
     if method == "power":
@@ -123,6 +146,28 @@ def build_sampler(method: str, runner, tokenizer, args: argparse.Namespace, seed
     elif method == "smc":
         smc = SMCConfig(args.alpha, args.particles, args.ess_threshold, args.resample_every, args.ramp_tokens,
                         args.resampler)
+    return method_config(method, alpha=args.alpha, temperature=args.temperature, num_samples=args.num_samples,
+                         power_config=power, mcmc_config=mcmc, smc_config=smc)
+
+
+def _check_settings(args: argparse.Namespace, methods: Sequence[str]) -> None:
+    """Every setting of the command that can be checked without the model (before loading it)."""
+    for method in methods:
+        method_settings(method, args)
+    if isinstance(args.max_new_tokens, bool) or args.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int > 0, got {args.max_new_tokens}")
+    if args.kv_memory is not None and args.kv_memory < 1:
+        raise ValueError(f"--kv-memory must be >= 1 MiB, got {args.kv_memory}")
+
+
+def build_sampler(method: str, runner, tokenizer, args: argparse.Namespace, seed: int | None):
+    """A sampler from parsed command-line settings, on ``runner`` (shared by all methods)."""
+    from powerfast.baselines import make_sampler
+
+    config = method_settings(method, args)
+    power = config if method == "power" else None
+    mcmc = config if method == "mcmc" else None
+    smc = config if method == "smc" else None
     return make_sampler(method, runner, tokenizer, alpha=args.alpha, seed=seed, temperature=args.temperature,
                         num_samples=args.num_samples, power_config=power, mcmc_config=mcmc, smc_config=smc)
 
@@ -155,8 +200,10 @@ class _Progress:
 
 
 def _run_sample(args) -> int:
+    _check_settings(args, [args.method])
     model, tokenizer = _load(args)
     sampler = build_sampler(args.method, build_runner(model, args), tokenizer, args, args.seed)
+    sampler.encode([args.prompt], args.max_new_tokens, not args.no_chat_template)  # checks, before any output
     progress = _Progress(args.max_new_tokens, enabled=not args.json)
     try:
         [result] = sampler.generate([args.prompt], args.max_new_tokens, ignore_eos=args.ignore_eos,
@@ -195,31 +242,57 @@ def _parse_list(text: str, kind, what: str) -> list:
     return values
 
 
-def _run_eval(args) -> int:
-    from powerfast.evaluation import Generation, load_task, run_evaluation
+def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: bool) -> dict:
+    """Load the model of ``args`` once and return ``{name: generate(prompts, sample_seeds)}``.
+
+    Each prompt is generated by its own sampler call from ``SeedStream(sample_seed)``, so
+    its sample depends on its unit alone, never on the prompts beside it (a batched call
+    draws row by row from one stream). Called in the process that evaluates: the
+    single-process run, or each Ray worker.
+    """
+    from powerfast.evaluation import Generation
     from powerfast.generation import SeedStream
 
-    methods = _parse_list(args.methods, str, "methods")
-    seeds = _parse_list(args.seeds, int, "seeds")
-    task = load_task(args.task)
     model, tokenizer = _load(args)
     runner = build_runner(model, args)
-    chat = not args.no_chat_template and task.kind != "code"
 
     def method_fn(name):
         sampler = build_sampler(name, runner, tokenizer, args, None)
 
-        def generate(prompts: list[str], seed: int) -> list:
-            sampler.seeds = SeedStream(seed)
-            started = time.perf_counter()
-            results = sampler.generate(prompts, args.max_new_tokens, ignore_eos=args.ignore_eos, chat_template=chat)
-            seconds = (time.perf_counter() - started) / len(prompts)
-            return [Generation(r.text or "", r.num_tokens, seconds) for r in results]
+        def generate(prompts: list[str], sample_seeds: list[int]) -> list:
+            generations = []
+            for prompt, seed in zip(prompts, sample_seeds):
+                sampler.seeds = SeedStream(seed)
+                started = time.perf_counter()
+                [result] = sampler.generate([prompt], args.max_new_tokens, ignore_eos=args.ignore_eos,
+                                            chat_template=chat_template)
+                generations.append(Generation(result.text or "", result.num_tokens, time.perf_counter() - started))
+            return generations
 
         return generate
 
-    summary = run_evaluation(task, {name: method_fn(name) for name in methods}, args.out, limit=args.limit,
-                             seeds=seeds, progress=True)
+    return {name: method_fn(name) for name in names}
+
+
+def _run_eval(args) -> int:
+    from powerfast.evaluation import load_task, run_evaluation
+
+    methods = _parse_list(args.methods, str, "methods")
+    seeds = _parse_list(args.seeds, int, "seeds")
+    _check_settings(args, methods)
+    task = load_task(args.task)
+    chat = not args.no_chat_template and task.kind != "code"
+    if args.ray is None:
+        if args.workers is not None:
+            raise ValueError(f"--workers {args.workers} needs --ray")
+        summary = run_evaluation(task, eval_methods(args, methods, chat), args.out, limit=args.limit,
+                                 seeds=seeds, progress=True)
+    else:
+        from powerfast.distributed import run_evaluation_on_ray
+
+        summary = run_evaluation_on_ray(task, functools.partial(eval_methods, args, methods, chat), methods,
+                                        args.out, limit=args.limit, seeds=seeds, address=args.ray or None,
+                                        workers=args.workers, cpus_per_worker=args.cpus_per_worker, progress=True)
     print(summary)
     return 0
 
@@ -228,6 +301,7 @@ def _run_profile(args) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    _check_settings(args, ["power"])
     model, tokenizer = _load(args)
     sampler = build_sampler("power", build_runner(model, args), tokenizer, args, args.seed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -239,12 +313,42 @@ def _run_profile(args) -> int:
     return 0
 
 
+def _is_kv_too_small(error: BaseException) -> bool:
+    cache = sys.modules.get("powerfast.cache")  # only imported once a model was loaded
+    return cache is not None and isinstance(error, cache.KVCacheTooSmallError)
+
+
+def _is_out_of_blocks(error: BaseException) -> bool:
+    cache = sys.modules.get("powerfast.cache")
+    return cache is not None and isinstance(error, cache.OutOfBlocksError)
+
+
+def _kv_memory_hint(error, args: argparse.Namespace) -> str:
+    """The KV error in the command line's terms: the --kv-memory that would do."""
+    pool_mib = (error.num_blocks * error.block_bytes) >> 20
+    given = f"--kv-memory {args.kv_memory}" if args.kv_memory is not None else f"the default KV cache of {pool_mib} MiB"
+    least_mib = -(-error.least_bytes // 2**20)
+    return (
+        f"{given} ({error.num_blocks} blocks, {error.free} free) is too small for these settings: they need up to "
+        f"{error.needed} blocks; use --kv-memory {least_mib} or more (or lower --max-new-tokens, --candidates, "
+        f"--top-k, --rollouts, --horizon, --num-samples)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
+    except RuntimeError as error:
+        if not _is_out_of_blocks(error):
+            raise
+        print(f"powerfast {args.command}: error: {error}", file=sys.stderr)  # a need the check missed
+        return 2
     except (ValueError, FileNotFoundError, ImportError) as error:
+        if _is_kv_too_small(error):  # what is too small, the least that would do, in one line
+            error = _kv_memory_hint(error, args)
         print(f"powerfast {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

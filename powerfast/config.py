@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["PowerConfig", "MCMCConfig", "SMCConfig", "SamplingConfig", "ROLLOUT_PROPOSALS", "RESAMPLERS"]
+__all__ = ["METHODS", "PowerConfig", "MCMCConfig", "SMCConfig", "SamplingConfig", "ROLLOUT_PROPOSALS", "RESAMPLERS",
+           "method_config"]
 
+METHODS = ("power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n")
+"""The sampling methods by name (:func:`powerfast.baselines.make_sampler`)."""
 ROLLOUT_PROPOSALS = ("base", "tempered")
 RESAMPLERS = ("systematic", "chopthin")
 
@@ -157,3 +160,33 @@ class SamplingConfig:
                 or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         _positive_int("num_samples", self.num_samples)
+
+
+def method_config(method: str, *, alpha: float = 4.0, temperature: float = 1.0, num_samples: int = 8,
+                  power_config: PowerConfig | None = None, mcmc_config: MCMCConfig | None = None,
+                  smc_config: SMCConfig | None = None):
+    """The validated settings of a method by name (one of METHODS), without loading anything.
+
+    alpha:       the exponent of "power", "mcmc" and "smc", and T = 1 / alpha of "low-temp"
+    temperature: of "plain" and "best-of-n"; num_samples: N of "best-of-n"
+    power_config / mcmc_config / smc_config: full settings for "power" / "mcmc" / "smc"
+                 (then ``alpha`` is not used)
+    Returns a PowerConfig, MCMCConfig, SMCConfig or SamplingConfig; ValueError for bad
+    settings or an unknown method.
+    """
+    if method == "power":
+        return power_config if power_config is not None else PowerConfig(alpha=alpha)
+    if method == "mcmc":
+        return mcmc_config if mcmc_config is not None else MCMCConfig(alpha=alpha)
+    if method == "smc":
+        return smc_config if smc_config is not None else SMCConfig(alpha=alpha)
+    if method == "plain":
+        return SamplingConfig(temperature)
+    if method == "low-temp":
+        _alpha(alpha)
+        return SamplingConfig(1.0 / alpha)
+    if method == "greedy":
+        return SamplingConfig(0.0)
+    if method == "best-of-n":
+        return SamplingConfig(temperature, num_samples)
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")

@@ -9,11 +9,15 @@ Tasks
                    GPQA format (``Question``, ``Correct Answer``, ``Incorrect Answer 1..3``:
                    a four-way multiple-choice task graded by the answer letter).
 
-A *method* is any callable ``generate(prompts: list[str], seed: int) -> list[Generation]``
-returning, for each prompt, the generated continuation (not the prompt), its length in
-tokens and the seconds spent on it. :func:`run_evaluation` runs methods on a task and
-appends one JSON line per sample to ``out_dir/<task>/<method>-seed<seed>.jsonl``; a rerun
-skips the samples already recorded, so an interrupted run continues where it stopped.
+A *method* is any callable ``generate(prompts: list[str], sample_seeds: list[int]) ->
+list[Generation]`` returning, for each prompt, the generated continuation (not the
+prompt), its length in tokens and the seconds spent on it. A *unit* is one (problem, run
+seed, method); its sample seed depends on the unit alone (:func:`unit_seed`).
+:func:`run_evaluation` runs methods on a task and appends one JSON line per sample to
+``out_dir/<task>/<method>-seed<seed>.jsonl``; a rerun skips the samples already recorded,
+so an interrupted run continues where it stopped. :class:`EvaluationRun` is the driver's
+part (units to do, the one writer, the summary), shared with the Ray run of
+``powerfast.distributed``.
 
 Sections below: optional dependencies, answer extraction and grading, prompt templates
 and tasks, running an evaluation (records, summary, plot).
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -41,9 +46,10 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 __all__ = [
     "CHOICE_LETTERS", "CHOICE_TEMPLATE", "CODE_STOP_SEQUENCES", "CODE_TEMPLATE", "KNOWN_TASKS",
-    "MATH_TEMPLATE", "Generation", "Grade", "Method", "MethodSummary", "Problem", "Summary", "Task",
-    "choice_letter", "extract_boxed", "gpqa_prompt", "load_task", "math_equal", "plot_accuracy_vs_time",
-    "read_records", "read_samples", "run_evaluation", "run_python", "summarise", "truncate_code",
+    "MATH_TEMPLATE", "EvaluationRun", "Generation", "Grade", "Method", "MethodSummary", "Problem", "Summary",
+    "Task", "Unit", "WorkerStats", "accuracy_vs_time_figure", "check_generations", "choice_letter", "extract_boxed",
+    "gpqa_prompt", "load_task", "math_equal", "plot_accuracy_vs_time", "read_records", "read_samples",
+    "run_evaluation", "run_python", "summarise", "truncate_code", "unit_batches", "unit_seed", "wilson_interval",
 ]
 
 
@@ -390,8 +396,9 @@ class Generation:
     seconds: float
 
 
-#: The signature of a method: ``generate(prompts, seed) -> one Generation per prompt``.
-Method = Callable[[list[str], int], list[Generation]]
+#: The signature of a method: ``generate(prompts, sample_seeds) -> one Generation per prompt``,
+#: with one seed per prompt (see :func:`unit_seed`).
+Method = Callable[[list[str], list[int]], list[Generation]]
 
 
 @dataclass
@@ -409,11 +416,17 @@ class MethodSummary:
 
 @dataclass
 class Summary:
-    """The result of :func:`run_evaluation`: one row per method, and where files went."""
+    """The result of :func:`run_evaluation`: one row per method, and where files went.
+
+    ``workers`` and ``wall_seconds`` describe the invocation that wrote it: units produced
+    and seconds busy per worker (one ``local`` worker for a single-process run).
+    """
 
     task: str
     rows: list[MethodSummary]
     out_dir: str
+    workers: list[WorkerStats] = field(default_factory=list)
+    wall_seconds: float | None = None
 
     @property
     def table(self) -> str:
@@ -427,8 +440,24 @@ class Summary:
         fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
         return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in lines])
 
+    @property
+    def worker_table(self) -> str:
+        """A plain-text table of this invocation's workers: units, busy seconds, units/s."""
+        header = ("worker", "where", "units", "busy s", "units/s", "load s")
+        lines = [(w.worker, w.where or "-", str(w.units), f"{w.busy_seconds:.1f}", f"{w.units_per_second:.3f}",
+                  f"{w.load_seconds:.1f}") for w in self.workers]
+        widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+        fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in lines])
+
     def __str__(self) -> str:
-        return f"task {self.task}\n{self.table}"
+        text = f"task {self.task}\n{self.table}"
+        if self.workers:
+            units = sum(w.units for w in self.workers)
+            text += f"\n\n{self.worker_table}"
+            if self.wall_seconds:
+                text += f"\n{units} units in {self.wall_seconds:.1f} s: {units / self.wall_seconds:.3f} units/s"
+        return text
 
 
 def read_samples(path: str | os.PathLike) -> dict[str, dict]:
@@ -465,14 +494,193 @@ def read_samples(path: str | os.PathLike) -> dict[str, dict]:
     return samples
 
 
-def _check_methods(methods: Mapping[str, Method]) -> None:
-    if not methods:
+def _check_method_names(names: Sequence[str]) -> list[str]:
+    names = list(names)
+    if not names:
         raise ValueError("no methods to evaluate: pass a dict {name: generate}")
-    for name, fn in methods.items():
+    for name in names:
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.+=-]+", name):
             raise ValueError(f"method name {name!r} must be letters, digits, '_', '.', '+', '=' or '-'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"method names must be distinct, got {names!r}")
+    return names
+
+
+def _check_methods(methods: Mapping[str, Method]) -> None:
+    _check_method_names(list(methods))
+    for name, fn in methods.items():
         if not callable(fn):
             raise ValueError(f"method {name!r} is not callable: {fn!r}")
+
+
+def unit_seed(problem_id: str, seed: int, method: str) -> int:
+    """The sampling seed of one unit (problem, run seed, method): 63 bits of a SHA-256 digest.
+
+    It depends on the unit alone, never on which worker runs it, in which batch or when, so
+    a run on one process and a run spread over many workers give the same samples. Pinned
+    by a test: changing it changes every recorded sample.
+    """
+    digest = hashlib.sha256(f"{method}\n{seed}\n{problem_id}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One sample to produce: a problem, a method name and a run seed.
+
+    ``sample_seed`` is what the method is given (see :func:`unit_seed`).
+    """
+
+    problem: Problem
+    method: str
+    seed: int
+
+    @property
+    def sample_seed(self) -> int:
+        return unit_seed(self.problem.id, self.seed, self.method)
+
+
+@dataclass
+class WorkerStats:
+    """Throughput of one worker in one invocation: units it produced and seconds it spent on them.
+
+    ``where`` is ``host:pid`` of a Ray worker, ``load_seconds`` the time it took to build its
+    methods (load the model); neither counts in ``busy_seconds``.
+    """
+
+    worker: str
+    units: int = 0
+    busy_seconds: float = 0.0
+    where: str = ""
+    load_seconds: float = 0.0
+
+    @property
+    def units_per_second(self) -> float:
+        return self.units / self.busy_seconds if self.busy_seconds > 0 else math.nan
+
+    def add(self, units: int, seconds: float) -> None:
+        self.units += units
+        self.busy_seconds += seconds
+
+    def to_dict(self) -> dict:
+        return {"worker": self.worker, "where": self.where, "units": self.units, "busy_seconds": self.busy_seconds,
+                "units_per_second": self.units_per_second, "load_seconds": self.load_seconds}
+
+
+class EvaluationRun:
+    """The driver's side of an evaluation, shared by the single-process and the Ray runs.
+
+    It validates the settings, reads what is already recorded, lists the units still to do
+    (:attr:`pending`, in method, seed, problem order), and is the only writer of the files:
+    :meth:`record` grades a unit's generation and appends its line (flushed at once) to
+    ``out_dir/<task>/<method>-seed<seed>.jsonl``; :meth:`finish` writes the summary files.
+    A unit recorded twice is a RuntimeError: nothing is ever written twice.
+    """
+
+    def __init__(self, task: Task | str | os.PathLike, method_names: Sequence[str], out_dir: str | os.PathLike,
+                 limit: int | None = None, seeds: Sequence[int] = (0,), progress: bool = True) -> None:
+        if isinstance(task, (str, os.PathLike)):
+            task = load_task(task)
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
+            raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+        seeds = list(seeds)
+        if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ValueError(f"seeds must be a non-empty sequence of integers, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds!r}")
+        self.task = task
+        self.method_names = _check_method_names(method_names)
+        self.seeds = seeds
+        self.problems = task.problems[:limit] if limit is not None else list(task.problems)
+        self.task_dir = Path(out_dir) / task.name
+        self.task_dir.mkdir(parents=True, exist_ok=True)
+        self.done = {
+            (name, seed): read_samples(self._path(name, seed)) for name in self.method_names for seed in seeds
+        }
+        self.pending = [
+            Unit(p, name, seed)
+            for name in self.method_names for seed in seeds for p in self.problems
+            if p.id not in self.done[(name, seed)]
+        ]
+        per_method = len(seeds) * len(self.problems)
+        self._total = {name: per_method for name in self.method_names}
+        self._count = {
+            name: sum(sum(p.id in self.done[(name, s)] for p in self.problems) for s in seeds)
+            for name in self.method_names
+        }
+        self._files: dict[tuple[str, int], object] = {}
+        self._bar = _progress_bar(sum(self._total.values()), sum(self._count.values()), task.name, progress)
+        self._show_counts()
+
+    def _path(self, name: str, seed: int) -> Path:
+        return self.task_dir / f"{name}-seed{seed}.jsonl"
+
+    def _show_counts(self) -> None:
+        self._bar.set_postfix_str(", ".join(f"{m} {self._count[m]}/{self._total[m]}" for m in self.method_names))
+
+    def record(self, unit: Unit, generation: Generation) -> dict:
+        """Grade ``generation`` of ``unit`` and append its record; returns the record."""
+        recorded = self.done[(unit.method, unit.seed)]
+        if unit.problem.id in recorded:
+            raise RuntimeError(f"unit {unit.method}/seed {unit.seed}/{unit.problem.id!r} is already recorded")
+        grade = self.task.grade(unit.problem, generation.text)
+        record = {
+            "id": unit.problem.id, "method": unit.method, "seed": unit.seed, "prompt": unit.problem.prompt,
+            "completion": generation.text, "answer": grade.answer, "reference": unit.problem.reference,
+            "correct": bool(grade.correct), "num_tokens": int(generation.num_tokens),
+            "seconds": float(generation.seconds),
+        }
+        key = (unit.method, unit.seed)
+        if key not in self._files:
+            self._files[key] = open(self._path(*key), "a", encoding="utf-8")
+        out = self._files[key]
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+        recorded[unit.problem.id] = record
+        self._count[unit.method] += 1
+        self._bar.update(1)
+        self._show_counts()
+        return record
+
+    def close(self) -> None:
+        """Close the results files and the progress bar (safe to call twice)."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        self._bar.close()
+
+    def finish(self, workers: Sequence[WorkerStats] = (), wall_seconds: float | None = None) -> Summary:
+        """Close the files, write ``summary.json``, ``summary.txt`` and the plot; return the summary.
+
+        ``workers`` and ``wall_seconds`` describe this invocation (units produced, per worker).
+        """
+        self.close()
+        samples = {k: [v[p.id] for p in self.problems if p.id in v] for k, v in self.done.items()}
+        summary = summarise(self.task.name, samples, self.task_dir)
+        summary.workers = list(workers)
+        summary.wall_seconds = wall_seconds
+        saved = {"task": summary.task, "problems": len(self.problems), "seeds": self.seeds,
+                 "rows": [asdict(r) for r in summary.rows]}
+        if workers:
+            saved["workers"] = [w.to_dict() for w in workers]
+            saved["wall_seconds"] = wall_seconds
+        (self.task_dir / "summary.json").write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
+        (self.task_dir / "summary.txt").write_text(str(summary) + "\n", encoding="utf-8")
+        plot_accuracy_vs_time(summary, self.task_dir / "accuracy_vs_time.png")
+        return summary
+
+
+def unit_batches(units: Sequence[Unit], batch_size: int) -> list[list[Unit]]:
+    """Consecutive runs of at most ``batch_size`` units of one method (one ``generate`` call each)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    batches: list[list[Unit]] = []
+    for unit in units:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].method == unit.method:
+            batches[-1].append(unit)
+        else:
+            batches.append([unit])
+    return batches
 
 
 def run_evaluation(
@@ -484,80 +692,40 @@ def run_evaluation(
     progress: bool = True,
     batch_size: int = 1,
 ) -> Summary:
-    """Run every method, seed and problem of a task; record, grade and summarise.
+    """Run every method, seed and problem of a task in this process; record, grade and summarise.
 
     ``task`` is a :class:`Task` or a spec for :func:`load_task`; ``limit`` keeps the first
-    ``limit`` problems. Each method is called as ``generate(prompts, seed)`` with up to
-    ``batch_size`` prompts (one by default) and the run seed; each sample becomes one line
-    of ``out_dir/<task>/<method>-seed<seed>.jsonl``, flushed as soon as it is graded.
-    Problems already in that file are skipped, so rerunning resumes a stopped run. Writes
-    ``summary.json``, ``summary.txt`` and ``accuracy_vs_time.png`` next to the results,
-    computed from everything recorded for the selected problems.
+    ``limit`` problems. A unit is (problem, seed, method); each method is called as
+    ``generate(prompts, sample_seeds)`` with up to ``batch_size`` prompts (one by default)
+    and one seed per prompt, derived from its unit by :func:`unit_seed`; each sample becomes
+    one line of ``out_dir/<task>/<method>-seed<seed>.jsonl``, flushed as soon as it is
+    graded. Problems already in that file are skipped, so rerunning resumes a stopped run.
+    Writes ``summary.json``, ``summary.txt`` and ``accuracy_vs_time.png`` next to the
+    results, computed from everything recorded for the selected problems.
+    :func:`powerfast.distributed.run_evaluation_on_ray` is the same run on Ray workers.
     """
-    if isinstance(task, (str, os.PathLike)):
-        task = load_task(task)
     _check_methods(methods)
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0):
-        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
-    seeds = list(seeds)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise ValueError(f"seeds must be a non-empty sequence of integers, got {seeds!r}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {seeds!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    problems = task.problems[:limit] if limit is not None else list(task.problems)
-    task_dir = Path(out_dir) / task.name
-    task_dir.mkdir(parents=True, exist_ok=True)
-
-    done = {
-        (name, seed): read_samples(task_dir / f"{name}-seed{seed}.jsonl") for name in methods for seed in seeds
-    }
-    total = len(methods) * len(seeds) * len(problems)
-    already = sum(sum(p.id in done[key] for p in problems) for key in done)
-    bar = _progress_bar(total, already, f"{task.name}", progress)
+    unit_batches([], batch_size)  # checks batch_size before any file is touched
+    run = EvaluationRun(task, list(methods), out_dir, limit=limit, seeds=seeds, progress=progress)
+    worker = WorkerStats("local")
+    started = time.perf_counter()
     try:
-        for name, generate in methods.items():
-            for seed in seeds:
-                recorded = done[(name, seed)]
-                todo = [p for p in problems if p.id not in recorded]
-                path = task_dir / f"{name}-seed{seed}.jsonl"
-                bar.set_description(f"{task.name} {name} seed {seed}")
-                with open(path, "a", encoding="utf-8") as out:
-                    for start in range(0, len(todo), batch_size):
-                        batch = todo[start : start + batch_size]
-                        gens = generate([p.prompt for p in batch], seed)
-                        _check_generations(name, gens, len(batch))
-                        for problem, gen in zip(batch, gens):
-                            grade = task.grade(problem, gen.text)
-                            record = {
-                                "id": problem.id, "method": name, "seed": seed, "prompt": problem.prompt,
-                                "completion": gen.text, "answer": grade.answer, "reference": problem.reference,
-                                "correct": bool(grade.correct), "num_tokens": int(gen.num_tokens),
-                                "seconds": float(gen.seconds),
-                            }
-                            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                            out.flush()
-                            recorded[problem.id] = record
-                            bar.update(1)
+        batches = unit_batches(run.pending, batch_size)
+        for batch in batches:
+            name = batch[0].method
+            began = time.perf_counter()
+            gens = methods[name]([u.problem.prompt for u in batch], [u.sample_seed for u in batch])
+            worker.add(len(batch), time.perf_counter() - began)
+            check_generations(name, gens, len(batch))
+            for unit, gen in zip(batch, gens):
+                run.record(unit, gen)
     finally:
-        bar.close()
-
-    summary = summarise(task.name, {k: [v[p.id] for p in problems if p.id in v] for k, v in done.items()}, task_dir)
-    (task_dir / "summary.json").write_text(
-        json.dumps(
-            {"task": summary.task, "problems": len(problems), "seeds": seeds, "rows": [asdict(r) for r in summary.rows]},
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    (task_dir / "summary.txt").write_text(str(summary) + "\n", encoding="utf-8")
-    plot_accuracy_vs_time(summary, task_dir / "accuracy_vs_time.png")
-    return summary
+        run.close()
+    return run.finish([worker], time.perf_counter() - started)
 
 
-def _check_generations(name: str, gens, expected: int) -> None:
+def check_generations(name: str, gens, expected: int) -> None:
+    """ValueError unless ``gens`` is a list of ``expected`` :class:`Generation` (what method ``name`` returned)."""
     if not isinstance(gens, list) or len(gens) != expected:
         got = f"{len(gens)} items" if isinstance(gens, list) else type(gens).__name__
         raise ValueError(f"method {name!r} returned {got} for {expected} prompt(s); expected a list of Generation")
@@ -569,7 +737,7 @@ def _check_generations(name: str, gens, expected: int) -> None:
 def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="sample", file=sys.stderr, disable=not enabled)
+    return tqdm(total=total, initial=initial, desc=desc, unit="unit", file=sys.stderr, disable=not enabled)
 
 
 def summarise(task: str, samples: Mapping[tuple[str, int], list[dict]], out_dir: str | os.PathLike) -> Summary:
@@ -592,8 +760,35 @@ def summarise(task: str, samples: Mapping[tuple[str, int], list[dict]], out_dir:
     return Summary(task, rows, str(out_dir))
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``correct / n`` (95% at the default z).
+
+    Unlike the normal approximation it stays inside [0, 1] and does not collapse to a
+    point at 0 or n correct. Returns (nan, nan) for n = 0.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if correct == 0 else max(0.0, centre - half)  # exact ends, not rounded ones
+    high = 1.0 if correct == n else min(1.0, centre + half)
+    return low, high
+
+
 def plot_accuracy_vs_time(summary: Summary, path: str | os.PathLike) -> None:
-    """Save a scatter plot of pass@1 against seconds per prompt, one labelled point per method."""
+    """Save :func:`accuracy_vs_time_figure` as a PNG."""
+    accuracy_vs_time_figure(summary).savefig(str(path), format="png")
+
+
+def accuracy_vs_time_figure(summary: Summary):
+    """A scatter plot of pass@1 against seconds per prompt, one labelled point per method
+    (a matplotlib Figure).
+
+    The accuracy axis is [0, 1]. A method with several samples (problems x seeds) gets the
+    95% Wilson interval of its pass@1 as an error bar, every sample counted as one trial.
+    """
     _require("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -601,18 +796,31 @@ def plot_accuracy_vs_time(summary: Summary, path: str | os.PathLike) -> None:
     fig = Figure(figsize=(6, 4.5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    with_intervals = False
     for row in summary.rows:
         if row.n == 0:
             continue
-        ax.scatter([row.seconds_per_prompt], [row.pass_at_1], s=40)
-        ax.annotate(row.method, (row.seconds_per_prompt, row.pass_at_1), textcoords="offset points", xytext=(5, 5))
+        x, y = row.seconds_per_prompt, row.pass_at_1
+        if row.n > 1:
+            low, high = wilson_interval(row.correct, row.n)
+            ax.errorbar([x], [y], yerr=[[y - low], [high - y]], fmt="o", markersize=6, capsize=4, clip_on=False)
+            with_intervals = True
+        else:
+            ax.scatter([x], [y], s=40, clip_on=False)
+        ax.annotate(f"{row.method} ({row.correct}/{row.n})", (x, y), textcoords="offset points", xytext=(5, 5))
     ax.set_xlabel("seconds per prompt")
-    ax.set_ylabel("accuracy (pass@1)")
+    ax.set_ylabel("accuracy (pass@1)" + (", 95% Wilson interval" if with_intervals else ""))
+    ax.set_ylim(0.0, 1.0)
     ax.set_title(f"{summary.task}: accuracy vs time")
     ax.grid(True, alpha=0.3)
     if any(r.n and r.seconds_per_prompt > 0 for r in summary.rows):
         positive = [r.seconds_per_prompt for r in summary.rows if r.n and r.seconds_per_prompt > 0]
         if max(positive) / min(positive) > 20:
+            from matplotlib.ticker import NullFormatter, ScalarFormatter
+
             ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(ScalarFormatter())  # 1, 10, 100 (not 10^0), no crowded minor labels
+            ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.margins(x=0.2)  # room for the labels of the outermost points
     fig.tight_layout()
-    fig.savefig(str(path), format="png")
+    return fig

@@ -22,12 +22,32 @@ from collections.abc import Sequence
 
 import torch
 
-from powerfast.lm import LanguageModel
+from powerfast.lm import HFLanguageModel, LanguageModel, eos_token_ids, stop_token_ids
 
-__all__ = ["MAX_SEQUENCES", "continuations", "power_conditional", "scaling_factor", "sequence_distribution"]
+__all__ = ["MAX_SEQUENCES", "as_language_model", "continuations", "power_conditional", "scaling_factor",
+           "sequence_distribution"]
 
 MAX_SEQUENCES = 2_000_000
 """Default refusal limit on ``vocab_size ** num_tokens`` (the sequences enumerated)."""
+
+
+def as_language_model(model) -> LanguageModel:
+    """``model`` itself if it is a :class:`~powerfast.LanguageModel`; a Hugging Face causal LM
+    wrapped in :class:`~powerfast.HFLanguageModel`; TypeError for anything else."""
+    if isinstance(model, LanguageModel):
+        return model
+    if hasattr(model, "config") and hasattr(model, "forward") and hasattr(model.config, "vocab_size"):
+        return HFLanguageModel(model)
+    raise TypeError(
+        f"model must be a powerfast.LanguageModel (vocab_size, eos_token_id, next_token_logprobs), e.g. "
+        f"powerfast.HFLanguageModel(hf_model) or powerfast.TableLM, or a Hugging Face causal LM; "
+        f"got {type(model).__name__}"
+    )
+
+
+def _stop_ids(model: LanguageModel, eos_token_id) -> frozenset[int]:
+    """The ids that end a continuation: ``eos_token_id`` (an id or a list) or the model's own."""
+    return frozenset(eos_token_ids(model) if eos_token_id is None else stop_token_ids(eos_token_id))
 
 
 def _check_args(model: LanguageModel, prefix_ids: Sequence[int], alpha: float, num_tokens: int, max_sequences: int) -> None:
@@ -51,16 +71,18 @@ def continuations(
     model: LanguageModel,
     prefix_ids: Sequence[int],
     num_tokens: int,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     batch_size: int = 4096,
 ) -> tuple[list[tuple[int, ...]], torch.Tensor]:
     """Every continuation of ``prefix_ids`` with positive probability.
 
-    Continuations have exactly ``num_tokens`` tokens, or fewer when they end in EOS.
-    ``eos_token_id=None`` uses ``model.eos_token_id``.
+    Continuations have exactly ``num_tokens`` tokens, or fewer when they end in EOS (any of
+    the EOS ids). ``eos_token_id=None`` uses the model's (all of ``eos_token_ids`` if it has them).
+    model: a LanguageModel or a Hugging Face causal LM (wrapped in HFLanguageModel).
     returns (continuations, logprobs): the token tuples and their float64 log p(c | prefix), (C,)
     """
-    eos = model.eos_token_id if eos_token_id is None else eos_token_id
+    model = as_language_model(model)
+    eos = _stop_ids(model, eos_token_id)
     prefix = tuple(int(t) for t in prefix_ids)
     done: list[tuple[int, ...]] = []
     done_logprobs: list[torch.Tensor] = []
@@ -78,7 +100,7 @@ def continuations(
             rows, tokens = torch.nonzero(torch.isfinite(joint), as_tuple=True)
             for row, token in zip(rows.tolist(), tokens.tolist()):
                 seq = chunk[row] + (token,)
-                if token == eos or depth == num_tokens - 1:
+                if token in eos or depth == num_tokens - 1:
                     done.append(seq)
                     done_logprobs.append(joint[row, token].reshape(1))
                 else:
@@ -97,19 +119,21 @@ def power_conditional(
     prefix_ids: Sequence[int],
     alpha: float,
     num_tokens: int,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     max_sequences: int = MAX_SEQUENCES,
 ) -> torch.Tensor:
     """Exact pi(x_next | prefix) of the power distribution over ``num_tokens``-token futures.
 
-    model:         any :class:`~powerfast.LanguageModel`
+    model:         any :class:`~powerfast.LanguageModel`, or a Hugging Face causal LM (wrapped
+                   in :class:`~powerfast.HFLanguageModel`); anything else is a TypeError
     prefix_ids:    the prompt and the tokens generated so far
     alpha:         the exponent (> 0; 1 gives the model's own next-token distribution)
     num_tokens:    horizon, counting the next token itself
-    eos_token_id:  end-of-sequence id; None uses ``model.eos_token_id``
+    eos_token_id:  end-of-sequence id or ids; None uses the model's (every EOS id it declares)
     max_sequences: refuse (ValueError) when ``vocab_size ** num_tokens`` exceeds it
     returns:       (vocab_size,) float64 probabilities
     """
+    model = as_language_model(model)
     _check_args(model, prefix_ids, alpha, num_tokens, max_sequences)
     seqs, logprobs = continuations(model, prefix_ids, num_tokens, eos_token_id)
     first = torch.tensor([s[0] for s in seqs], dtype=torch.long)
@@ -124,7 +148,7 @@ def scaling_factor(
     token: int,
     alpha: float,
     num_tokens: int,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     max_sequences: int = MAX_SEQUENCES,
 ) -> float:
     """Exact zeta(token) = sum over suffixes s of p(s | prefix, token)^alpha.
@@ -132,13 +156,14 @@ def scaling_factor(
     ``num_tokens`` is the same horizon as in :func:`power_conditional` (it counts
     ``token``), so the suffixes have ``num_tokens - 1`` tokens or fewer ending in EOS and
     ``power_conditional[x] ∝ p(x | prefix)^alpha * scaling_factor(..., x, ...)``.
-    Returns 1.0 for EOS or ``num_tokens == 1`` (the empty suffix).
+    Returns 1.0 for an EOS id or ``num_tokens == 1`` (the empty suffix).
     """
+    model = as_language_model(model)
     _check_args(model, prefix_ids, alpha, num_tokens, max_sequences)
     if not 0 <= int(token) < model.vocab_size:
         raise ValueError(f"token {token} is outside the vocabulary [0, {model.vocab_size})")
-    eos = model.eos_token_id if eos_token_id is None else eos_token_id
-    if num_tokens == 1 or token == eos:
+    eos = _stop_ids(model, eos_token_id)
+    if num_tokens == 1 or int(token) in eos:
         return 1.0
     _, logprobs = continuations(model, list(prefix_ids) + [int(token)], num_tokens - 1, eos)
     return float(torch.exp(torch.logsumexp(alpha * logprobs, dim=0)))

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from powerfast import library, ops
+from powerfast.lm import hf_eos_token_ids, stop_token_ids
 
 __all__ = [
     "BlockRecord",
@@ -27,6 +28,9 @@ __all__ = [
     "encode_prompts",
     "check_no_nan",
     "phase",
+    "stop_token_ids",
+    "blocks_for",
+    "appended_blocks",
 ]
 
 
@@ -303,7 +307,7 @@ def sample_continuations(
     seeds: SeedStream,
     *,
     temperature: float = 1.0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     want_last_logits: bool = False,
     per_token: bool = False,
     stop_check_every: int = 32,
@@ -318,7 +322,12 @@ def sample_continuations(
     from ``seeds`` per call): no host sync per token; whether every row has finished is
     looked at every ``stop_check_every`` steps. Temperature 0 is greedy decoding. ``want_log_power_sums``
     accumulates each active row's ``log sum_x p(x)^(1/T)`` from the sampling op.
+
+    eos_token_id: one id or several (a row stops at the first of them it samples); after
+    its end a row is fed the first id.
     """
+    eos_ids = stop_token_ids(eos_token_id)
+    eos_token_id = eos_ids[0] if eos_ids else None  # the sampling ops handle the first id
     num_rows = first_logits.shape[0]
     device = first_logits.device
     tokens = torch.zeros(num_rows, max(num_steps, 0), dtype=torch.long, device=device)
@@ -334,6 +343,7 @@ def sample_continuations(
     seed = torch.tensor(seeds.next(), dtype=torch.int64, device=device)
     counter = torch.zeros((), dtype=torch.int64, device=device)
     logits = first_logits
+    other_eos = torch.tensor(eos_ids[1:], dtype=torch.long, device=device) if len(eos_ids) > 1 else None
     steps_done = 0
     for step in range(num_steps):
         was_active = active.clone()
@@ -343,6 +353,8 @@ def sample_continuations(
             tempered += torch.where(was_active, out.tempered_logprobs, torch.zeros_like(out.tempered_logprobs))
         if log_power_sums is not None:
             log_power_sums += out.log_power_sums  # 0 for inactive rows, at T = 0 and at T = 1
+        if other_eos is not None:  # the op stopped rows on the first id; the others here, on the device
+            active.logical_and_(~torch.isin(chosen, other_eos))
         tokens[:, step] = chosen
         lengths += was_active
         if per_token:
@@ -351,7 +363,7 @@ def sample_continuations(
             token_tempered[:, step] = torch.where(was_active, out.tempered_logprobs, zero)
         steps_done = step + 1
         last_step = step == num_steps - 1
-        if eos_token_id is not None and not last_step and steps_done % stop_check_every == 0 and not bool(active.any()):
+        if eos_ids and not last_step and steps_done % stop_check_every == 0 and not bool(active.any()):
             tokens = tokens[:, :steps_done]
             if per_token:
                 token_base, token_tempered = token_base[:, :steps_done], token_tempered[:, :steps_done]
@@ -360,6 +372,28 @@ def sample_continuations(
             logits = runner.decode(seqs, chosen)
     return Continuations(tokens, lengths, base, tempered, logits if want_last_logits else None,
                          token_base, token_tempered, log_power_sums)
+
+
+# ------------------------------------------------------------------ KV budget
+
+
+def blocks_for(length: int, block_size: int) -> int:
+    """KV blocks holding ``length`` positions."""
+    return -(-length // block_size)
+
+
+def appended_blocks(length: int, count: int, block_size: int) -> int:
+    """Blocks a sequence forked at ``length`` positions allocates to append ``count`` more:
+    its own copy of a shared, partly filled last block and the new blocks (an upper bound)."""
+    return blocks_for(length + count, block_size) - length // block_size if count > 0 else 0
+
+
+def forked_peak_blocks(prompt_lengths: list[int], num_branches: int, count: int, block_size: int) -> int:
+    """Most blocks held when each prompt is forked into ``num_branches`` sequences that each
+    append ``count`` positions: the prompt's blocks once, and every branch's own blocks
+    (an upper bound whatever the branches share later, e.g. after resampling)."""
+    return sum(blocks_for(length, block_size) + num_branches * appended_blocks(length, count, block_size)
+               for length in prompt_lengths)
 
 
 # ------------------------------------------------------------------- sampler base
@@ -392,27 +426,49 @@ class RunnerSampler:
         if isinstance(self.runner, LMRunner):
             self.vocab_size = self.runner.vocab_size
             self.context_length = self.runner.context_length
-            self._eos = self.runner.eos_token_id
+            self._eos_ids = self.runner.eos_token_ids
         else:
             model = self.runner.model
             self.vocab_size = int(self.runner.vocab_size)
             self.context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-            eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            if eos is None:
-                eos = getattr(model.config, "eos_token_id", None)
-            if isinstance(eos, (list, tuple)):
-                eos = eos[0] if eos else None
-            self._eos = None if eos is None else int(eos)
+            self._eos_ids = hf_eos_token_ids(model)
 
-    def eos_token_id(self, ignore_eos: bool) -> int | None:
-        """The id that ends a completion (the model's first EOS id), or None with ignore_eos."""
-        return None if ignore_eos else self._eos
+    def eos_token_id(self, ignore_eos: bool) -> tuple[int, ...]:
+        """Every id that ends a completion (all the model declares), or () with ignore_eos.
+
+        Pass it as ``eos_token_id`` of :func:`sample_continuations`; test a token with ``in``.
+        """
+        return () if ignore_eos else self._eos_ids
 
     def encode(self, prompts, max_new_tokens: int, chat_template: bool = True) -> list[list[int]]:
-        """Checked token-id lists of ``prompts`` (see :func:`encode_prompts`), leaving room for the budget."""
+        """Checked token-id lists of ``prompts`` (see :func:`encode_prompts`), leaving room for
+        the budget, and the KV pool checked against the generation's peak need
+        (:meth:`check_kv_capacity`)."""
         check_max_new_tokens(max_new_tokens)
         self._forward_mark = self._forward_counts()
-        return encode_prompts(prompts, self.tokenizer, chat_template, self.context_length, max_new_tokens)
+        prompt_ids = encode_prompts(prompts, self.tokenizer, chat_template, self.context_length, max_new_tokens)
+        self.check_kv_capacity([len(ids) for ids in prompt_ids], max_new_tokens)
+        return prompt_ids
+
+    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int | None:
+        """Most KV blocks of ``block_size`` positions a ``generate`` of prompts of these
+        lengths can hold at once with this sampler's settings (an upper bound: every row
+        decodes its whole budget). Each sampler overrides it; None (here): not known, no check."""
+        return None
+
+    def check_kv_capacity(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
+        """KVCacheTooSmallError (a ValueError) before any work when the pool's free blocks
+        cannot hold :meth:`peak_kv_blocks`; nothing for runners without a paged pool."""
+        from powerfast.cache import KVCacheTooSmallError
+
+        cache = getattr(self.runner, "cache", None)
+        if cache is None:
+            return
+        needed = self.peak_kv_blocks(prompt_lengths, max_new_tokens, cache.block_size)
+        if needed is not None and needed > cache.blocks_free:
+            what = f"{self.method} sampling of {len(prompt_lengths)} prompt(s) with max_new_tokens={max_new_tokens}"
+            raise KVCacheTooSmallError(what, needed, cache.blocks_free, cache.num_blocks, cache.block_size,
+                                       cache.bytes_per_block)
 
     def result(self, token_ids: list[int], stats: GenerationStats, loglik: float) -> GenerationResult:
         """A :class:`GenerationResult` for ``token_ids``, decoded to text when there is a tokenizer."""

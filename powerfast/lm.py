@@ -16,12 +16,40 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["LanguageModel", "TableLM", "HFLanguageModel"]
+__all__ = ["LanguageModel", "TableLM", "HFLanguageModel", "eos_token_ids", "hf_eos_token_ids", "stop_token_ids"]
+
+
+def stop_token_ids(eos_token_id) -> tuple[int, ...]:
+    """End-of-sequence ids as a tuple: () for None, (id,) for an int, the distinct ids of a list."""
+    if eos_token_id is None:
+        return ()
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+        raise ValueError(f"eos_token_id must be an int >= 0, a list of them, or None; got {eos_token_id!r}")
+    return tuple(dict.fromkeys(ids))
+
+
+def hf_eos_token_ids(model) -> tuple[int, ...]:
+    """Every EOS id a Hugging Face model declares: its generation config's ``eos_token_id``
+    (an int or a list: instruct models often list several), else its config's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        eos = getattr(config, "eos_token_id", None)
+    return stop_token_ids(eos)
+
+
+def eos_token_ids(model) -> tuple[int, ...]:
+    """Every id that ends a sequence of a :class:`LanguageModel`: its ``eos_token_ids``
+    when it has them (e.g. :class:`HFLanguageModel`), else its single ``eos_token_id``."""
+    ids = getattr(model, "eos_token_ids", None)
+    return stop_token_ids(model.eos_token_id if ids is None else ids)
 
 
 @runtime_checkable
 class LanguageModel(Protocol):
-    """What the exact oracle needs of a model."""
+    """What the exact oracle needs of a model. A model whose sequences can end on several
+    ids also has ``eos_token_ids`` (a tuple); ``eos_token_id`` is then the first of them."""
 
     vocab_size: int
     eos_token_id: int | None
@@ -101,7 +129,9 @@ class HFLanguageModel:
     """Adapter from a Hugging Face causal LM to :class:`LanguageModel`.
 
     model:         a ``transformers`` causal LM (``model(input_ids).logits``)
-    eos_token_id:  defaults to ``model.generation_config.eos_token_id`` (the first one if a list)
+    eos_token_id:  an id or a list of ids that end a sequence; defaults to every id of
+                   ``model.generation_config.eos_token_id`` (instruct models often list several).
+                   ``eos_token_ids`` holds them all, ``eos_token_id`` the first.
     batch_size:    sequences per forward pass
     use_runner:    score through a paged :class:`powerfast.runner.ModelRunner` (a ragged
                    prefill of up to ``batch_size`` sequences per forward, then free);
@@ -117,7 +147,7 @@ class HFLanguageModel:
     def __init__(
         self,
         model,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         batch_size: int = 64,
         use_runner: bool | None = None,
         **runner_kwargs,
@@ -126,13 +156,8 @@ class HFLanguageModel:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.vocab_size = int(model.config.vocab_size)
-        if eos_token_id is None:
-            generation_config = getattr(model, "generation_config", None)
-            eos = getattr(generation_config, "eos_token_id", None)
-            if eos is None:
-                eos = getattr(model.config, "eos_token_id", None)
-            eos_token_id = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
-        self.eos_token_id = None if eos_token_id is None else int(eos_token_id)
+        self.eos_token_ids = hf_eos_token_ids(model) if eos_token_id is None else stop_token_ids(eos_token_id)
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.batch_size = batch_size
         if use_runner is None:
             use_runner = bool(getattr(model, "_supports_attention_backend", False)) and hasattr(

@@ -2,7 +2,7 @@
 
 :class:`LMRunner` offers the five calls the samplers make of a
 :class:`~powerfast.runner.ModelRunner` (``prefill``, ``decode``, ``fork``, ``free`` and
-the facts ``vocab_size`` / ``eos_token_id`` / ``context_length``) for a model that only
+the facts ``vocab_size`` / ``eos_token_ids`` / ``context_length``) for a model that only
 scores token lists, such as the paper's toy (:mod:`powerfast.toy`). Each call rescores
 the sequences' full token lists, so it is for small models and exactness tests, not speed.
 Logits are the model's log-probabilities (float32; -inf for impossible tokens).
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from powerfast.lm import LanguageModel
+from powerfast.lm import LanguageModel, eos_token_ids
 
 __all__ = ["LMRunner", "TokenSequence"]
 
@@ -38,7 +38,8 @@ class LMRunner:
     def __init__(self, lm: LanguageModel, context_length: int | None = None) -> None:
         self.lm = lm
         self.vocab_size = int(lm.vocab_size)
-        self.eos_token_id = lm.eos_token_id
+        self.eos_token_ids = eos_token_ids(lm)
+        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.context_length = context_length
         self.live_sequences = 0
         self.num_forwards = 0  # prefill / decode calls, and the rows over them, as ModelRunner counts

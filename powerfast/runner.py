@@ -44,7 +44,7 @@ from powerfast import attention, ops
 from powerfast.attention import CONTEXT_KWARG, PagedAttentionContext
 from powerfast.cache import CacheConfig, PagedKVCache, Sequence
 
-__all__ = ["BATCH_BUCKETS", "DecodeBatch", "ModelRunner", "RunnerConfig", "Sequence"]
+__all__ = ["BATCH_BUCKETS", "DecodeBatch", "ModelRunner", "RunnerConfig", "Sequence", "check_supported"]
 
 _MIN_SHARED_PREFIX = 64  # positions; shorter shared prefixes are not worth a cascade
 
@@ -130,13 +130,31 @@ def _model_geometry(model) -> tuple[int, int, int, int]:
     return num_layers, num_heads, kv_heads, head_dim
 
 
+def check_supported(model) -> None:
+    """ValueError, in one line, for a model the runner cannot drive.
+
+    The paged context travels to the attention function through the forward's keyword
+    arguments; models whose layers drop them (transformers marks those
+    ``_supports_attention_backend = False``, e.g. StableLM) never see it.
+    """
+    if not getattr(model, "_supports_attention_backend", False):
+        model_type = getattr(model.config, "model_type", "?")
+        raise ValueError(
+            f"{type(model).__name__} (model_type {model_type!r}) cannot run on the paged runtime: its layers do not "
+            f"pass attention keyword arguments through to the attention function (transformers marks it "
+            f"_supports_attention_backend = False)"
+        )
+
+
 class ModelRunner:
     """Prefill, decode, extend, fork and free sequences of an HF causal LM on a paged KV cache.
 
     model:       a ``transformers`` causal LM whose attention layers go through
-                 ``AttentionInterface`` (Llama, Qwen2, Qwen3, Mistral, ...). The runner
-                 switches it to the paged attention implementation; ``restore_attention()``
-                 switches it back (and the next runner call switches it again).
+                 ``AttentionInterface`` and pass keyword arguments through (Llama, Qwen2,
+                 Qwen3, Mistral, Gemma 2/3, ...; others raise ValueError here). The runner
+                 switches it to the paged attention implementation; calling the model
+                 directly (or ``model.generate``) without the runner switches it back to its
+                 own attention first, and so does ``restore_attention()``.
     block_size, num_blocks, max_memory, gpu_memory_fraction, backend, compile, cuda_graphs:
                  see :class:`RunnerConfig`.
 
@@ -164,6 +182,7 @@ class ModelRunner:
         )
         if not hasattr(model, "set_attn_implementation"):
             raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+        check_supported(model)
         self.model = model
         first_param = next(model.parameters())
         self.device = first_param.device
@@ -184,8 +203,8 @@ class ModelRunner:
                 gpu_memory_fraction=gpu_memory_fraction,
             )
         )
-        self._original_attention = model.config._attn_implementation
         attention.register()
+        attention.install_dense_fallback(model)
         self._attach()
 
         self.upload_bytes = 0
@@ -219,9 +238,11 @@ class ModelRunner:
             self.model.set_attn_implementation(attention.ATTENTION_NAME)
 
     def restore_attention(self) -> None:
-        """Give the model its original attention implementation back (for dense use)."""
-        if self.model.config._attn_implementation != self._original_attention:
-            self.model.set_attn_implementation(self._original_attention)
+        """Give the model its original attention implementation back now. Optional: a call
+        of the model without the runner's context switches back by itself (see
+        :func:`powerfast.attention.install_dense_fallback`); the next runner call switches
+        to the paged attention again."""
+        attention.restore_original(self.model)
 
     # ------------------------------------------------------------------ sequences
 
@@ -328,7 +349,7 @@ class ModelRunner:
         padded = batch_bucket(num_seqs) if self.bucketing else None
         rows = self._batch_rows(seqs, padded or num_seqs)
         max_seq_len = max(start_lengths) + 1
-        fixed_shapes = self._capture or self._decode_fn is not self._decode_core
+        fixed_shapes = self._capture or self._decode_fn != self._decode_core
         if fixed_shapes:  # compiled / captured: a bucket, so that it rarely changes
             capacity = self._table_width * self.cache.block_size
             max_seq_len = min(capacity, max(_MIN_ATTN_LEN, 1 << (max_seq_len - 1).bit_length()))
@@ -359,7 +380,7 @@ class ModelRunner:
         try:
             logits = self._decode_fn(input_ids, batch.rows, batch.max_seq_len, batch.shared_prefix_blocks)
         except torch._dynamo.exc.TorchDynamoException as error:
-            if self._decode_fn is self._decode_core:
+            if self._decode_fn == self._decode_core:
                 raise
             # compilation fails before the step runs: nothing was written, run it eagerly
             warnings.warn(

@@ -38,6 +38,8 @@ from powerfast.generation import (
     GenerationResult,
     GenerationStats,
     RunnerSampler,
+    appended_blocks,
+    blocks_for,
     check_no_nan,
     phase,
     sample_continuations,
@@ -123,7 +125,7 @@ class PowerSampler(RunnerSampler):
                     stats[i].blocks.append(record)
                     stats[i].num_blocks += 1
                     heads[i] = (seq, last_logits)
-                    if not (eos is not None and chosen and chosen[-1] == eos) and len(generated[i]) < max_new_tokens:
+                    if not (chosen and chosen[-1] in eos) and len(generated[i]) < max_new_tokens:
                         still_open.append(i)
                 keep = {id(heads[i][0]) for i in heads}
                 keep.update(id(c) for d in reused.values() for c in d.candidate_seqs)
@@ -171,6 +173,27 @@ class PowerSampler(RunnerSampler):
             self.runner.free(live)
         return [decided[i][1] for i in range(len(prompt_ids))]
 
+    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
+        """Most KV blocks a ``generate`` holds at once: at each decision, per prompt, the
+        sequence so far, L candidate blocks (K next tokens at token level) and K x M rollouts
+        (a rollout of H tokens decodes H - 1: its last token's KV is never needed)."""
+        cfg = self.config
+        num_candidates = min(cfg.top_k, self.vocab_size) if cfg.token_level else cfg.num_candidates
+        num_rollouts = min(cfg.top_k, num_candidates) * cfg.num_rollouts
+        peak_of_prompt = {}
+        for length in set(prompt_lengths):
+            peak = 0
+            for done in range(0, max_new_tokens, cfg.block_size):  # tokens generated before each decision
+                block = min(cfg.block_size, max_new_tokens - done)
+                horizon = min(cfg.horizon, max_new_tokens - done - block)
+                here = length + done
+                need = (blocks_for(here, block_size)
+                        + num_candidates * appended_blocks(here, block, block_size)
+                        + num_rollouts * appended_blocks(here + block, horizon - 1, block_size))
+                peak = max(peak, need)
+            peak_of_prompt[length] = peak
+        return sum(peak_of_prompt[length] for length in prompt_lengths)
+
     # --------------------------------------------------------------- one decision
 
     def _decide(self, prompts: list[int], heads: dict, budget: int, eos, stats, live: list, select: bool = True,
@@ -181,6 +204,7 @@ class PowerSampler(RunnerSampler):
         candidate set taken from the previous decision's rollouts. Returns, per prompt,
         (chosen tokens, BlockRecord, the chosen candidate's sequence, its next-token
         logits, the next decision's candidates from the rollouts or None).
+        ``eos`` is the tuple of ids that end a sequence (empty with ignore_eos).
         """
         cfg = self.config
         block = min(cfg.block_size, budget)
@@ -294,7 +318,7 @@ class PowerSampler(RunnerSampler):
             chosen, record, _, _, _ = out[i]
             row = rollout_rows.get((i, record.choice))
             remaining = budget - len(chosen)
-            if row is None or remaining <= 0 or (eos is not None and chosen and chosen[-1] == eos):
+            if row is None or remaining <= 0 or (chosen and chosen[-1] in eos):
                 continue
             block = min(cfg.block_size, remaining)
             seen: dict[tuple[int, ...], int] = {}
@@ -319,7 +343,7 @@ class PowerSampler(RunnerSampler):
             start = 0
             for i, candidates, logliks, seqs in pending:
                 n = len(candidates)
-                decision = Decision(candidates, seqs, logliks, [eos is not None and c[-1] == eos for c in candidates],
+                decision = Decision(candidates, seqs, logliks, [c[-1] in eos for c in candidates],
                                     last_logits[start : start + n])
                 start += n
                 stats[i].add("refresh", n)
@@ -345,7 +369,7 @@ class PowerSampler(RunnerSampler):
             all_seqs.extend(children)
             all_tokens.extend(ids)
             decisions[i] = Decision([[t] for t in ids], children, logprobs[row][keep],
-                                    [eos is not None and t == eos for t in ids], None)
+                                    [t in eos for t in ids], None)
             stats[i].add("candidates", len(ids))
         last_logits = self.runner.decode(all_seqs, torch.tensor(all_tokens, device=logits.device))
         check_no_nan(last_logits, "candidates")
@@ -385,7 +409,7 @@ class PowerSampler(RunnerSampler):
                 candidates,
                 [seqs[j] for j in unique],
                 logliks[unique],
-                [eos is not None and len(c) > 0 and c[-1] == eos for c in candidates],
+                [len(c) > 0 and c[-1] in eos for c in candidates],
                 sampled.last_logits[torch.tensor(unique, device=sampled.last_logits.device)],
             )
             stats[i].add("candidates", sum(lengths[row * num : (row + 1) * num]))

@@ -27,7 +27,15 @@ import torch
 
 from powerfast import ops, resampling
 from powerfast.config import SMCConfig
-from powerfast.generation import GenerationResult, GenerationStats, RunnerSampler, check_no_nan, phase, sample_step
+from powerfast.generation import (
+    GenerationResult,
+    GenerationStats,
+    RunnerSampler,
+    check_no_nan,
+    forked_peak_blocks,
+    phase,
+    sample_step,
+)
 
 __all__ = ["SMCSampler"]
 
@@ -115,6 +123,12 @@ class SMCSampler(RunnerSampler):
             raise ValueError(f"config must be an SMCConfig, got {type(self.config).__name__}")
         super().__init__(model, tokenizer, seed, **runner_kwargs)
 
+    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
+        """Most KV blocks a ``generate`` holds: per prompt, N particles forked from the prompt,
+        each decoding the whole budget but its last token. Resampling only shares blocks
+        (a copy is a fork), so it never raises the count past that."""
+        return forked_peak_blocks(prompt_lengths, self.config.num_particles, max_new_tokens - 1, block_size)
+
     def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
                  chat_template: bool = True, progress=None) -> list[GenerationResult]:
         """One completion per prompt, drawn by weight from its N particles; the particles of
@@ -166,6 +180,8 @@ class SMCSampler(RunnerSampler):
                     source_rows.extend([i] * cfg.num_particles)
             logits = prompt_logits[ops.upload_ints(source_rows, torch.long, prompt_logits.device)]
             device = logits.device
+            first_eos = eos[0] if eos else None  # the sampling op stops rows on it; the others below
+            other_eos = torch.tensor(eos[1:], dtype=torch.long, device=device) if len(eos) > 1 else None
             rows = _Rows(running, device, max_new_tokens)
             # the sampling step's seed and counter live on the device (sample_step); a fresh
             # seed per batch of rows keeps every (step, row) draw distinct
@@ -178,7 +194,9 @@ class SMCSampler(RunnerSampler):
                     if alpha_t != alpha_prev:  # catch-up: the target moves from p^alpha_prev to p^alpha_t
                         rows.log_weights += (alpha_t - alpha_prev) * rows.logliks.double()
                     was_active = rows.active.clone()
-                    out = sample_step(logits, seed, counter, rows.active, rows.logliks, 1.0 / alpha_t, eos)
+                    out = sample_step(logits, seed, counter, rows.active, rows.logliks, 1.0 / alpha_t, first_eos)
+                    if other_eos is not None:  # the op stopped rows on the first id; the others here
+                        rows.active.logical_and_(~torch.isin(out.tokens, other_eos))
                     rows.log_weights += out.log_power_sums.double()  # 0 for inactive rows and at alpha_t = 1
                     rows.record(out.tokens, was_active)
                 alpha_prev = alpha_t

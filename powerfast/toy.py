@@ -240,16 +240,12 @@ def toy_report(alpha: float = 4.0, rollout_counts: Sequence[int] = (2, 4, 8, 16,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="powerfast toy", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``powerfast toy`` (its arguments are defined with the command's, in :mod:`powerfast.cli`)."""
+    import sys
 
+    from powerfast.cli import main as command
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--alpha", type=float, default=4.0, help="exponent (default 4)")
-    parser.add_argument("--seeds", type=int, default=2000, help="Monte Carlo repetitions per M (default 2000)")
-    parser.add_argument("--bias", action="store_true", help="also print the measured bias table (plain vs jackknife)")
-    parser.add_argument("--replicates", type=int, default=1 << 20, help="replicates per bias cell (default 2^20)")
+    return command(["toy", *(sys.argv[1:] if argv is None else argv)])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,7 +61,8 @@ def test_attention_and_kv_write_are_custom_operators():
     args = (torch.randn(2, heads, dim), key_cache, value_cache, tables, seq_lens,
             torch.tensor([0, 9, 16], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32),
             torch.tensor([0, 1]), torch.tensor([8, 6]), 0.3, 1, 9, 0, "torch")
-    torch.library.opcheck(torch.ops.powerfast.paged_attention, args)
+    torch.library.opcheck(torch.ops.powerfast.paged_attention, args + (0.0,))
+    torch.library.opcheck(torch.ops.powerfast.paged_attention, args + (5.0,))  # soft-capped (Gemma 2)
     logits = torch.randn(3, 11)
     torch.library.opcheck(
         torch.ops.powerfast.sample_tokens,

@@ -256,15 +256,50 @@ def test_bad_inputs_are_refused(runner):
         ModelRunner(runner.model, backend="cuda-magic")
 
 
-def test_model_outside_the_runner_needs_restore():
-    model = tiny_model("llama")
+def test_model_outside_the_runner_uses_its_own_attention():
+    """No restore_attention() needed: a call without the paged context runs the model's own
+    attention (same logits as before the runner existed), and the runner switches back."""
+    model = tiny_model("llama", seed=random.randrange(2**31))
+    tokens = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = model(input_ids=tokens).logits
+        generated_before = model.generate(tokens, max_new_tokens=4, do_sample=False)
     runner = ModelRunner(model, num_blocks=8)
-    with pytest.raises(RuntimeError, match="restore_attention"):
-        model(input_ids=torch.tensor([[1, 2, 3]]))
-    runner.restore_attention()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=tokens).logits, before, atol=0, rtol=0)
     assert model.config._attn_implementation == "sdpa"
-    runner.prefill([[1, 2, 3]])  # switches back by itself
+    seqs, logits = runner.prefill([tokens[0].tolist()])  # switches to the paged attention by itself
     assert model.config._attn_implementation == "powerfast_paged"
+    assert_close(logits[0], before[0, -1])
+    with torch.no_grad():
+        assert model.generate(tokens, max_new_tokens=4, do_sample=False).tolist() == generated_before.tolist()
+    runner.free(seqs)
+    runner.prefill([[1, 2]])
+    runner.restore_attention()  # the explicit switch still works
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_dense_fallback_keeps_an_eager_model_eager():
+    torch.manual_seed(random.randrange(2**31))
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).eval()
+    model.set_attn_implementation("eager")
+    # a left-padded batch needs the model's own mask: the fallback must rebuild it as eager would
+    tokens = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        before = model(input_ids=tokens, attention_mask=mask).logits
+    runner = ModelRunner(model, num_blocks=8)
+    runner.prefill([[1, 2, 3]])
+    with torch.no_grad():
+        after = model(input_ids=tokens, attention_mask=mask).logits
+    assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(after, before, atol=0, rtol=0)
+    second = ModelRunner(model, num_blocks=8)  # a second runner keeps the first's record of "eager"
+    second.prefill([[1]])
+    second.restore_attention()
+    assert model.config._attn_implementation == "eager"
 
 
 # ------------------------------------------------------------------ randomized against dense
