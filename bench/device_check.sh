@@ -4,6 +4,7 @@
 #   tests    cuda-marked tests (kernels, runner, Triton variants)   150 s
 #   kernels  kernel timings (bench/device_kernels.py)                 90 s
 #   runtime  runner vs model.generate (bench/device_runner.py)        90 s
+#   decode   decode step eager vs graphs (bench/device_decode.py)      75 s
 #   e2e      end to end, Qwen2.5-1.5B shapes (bench/e2e.py)           what is left
 #
 # All of it fits in SCRIPT_BUDGET_S (480 s: one 600-s call with room to spare). Each stage
@@ -20,7 +21,7 @@
 # SMOKE=1 runs the same stages on a machine without a GPU (kernels under the interpreter,
 # a tiny random Llama for runtime and end-to-end) and fails unless every stage finished
 # ok, printed its table and the files fit what comes back. CI runs it. Its timings are not
-# measurements. Limits: TESTS_S, KERNELS_S, RUNTIME_S, E2E_S (seconds; 0: what is left of
+# measurements. Limits: TESTS_S, KERNELS_S, RUNTIME_S, DECODE_S, E2E_S (seconds; 0: what is left of
 # SCRIPT_BUDGET_S, the default for e2e), SCRIPT_BUDGET_S;
 # E2E_LONG=1 adds a 3072-token case to e2e. ONLY="tests kernels" runs those stages alone (two
 # calls instead of one: ONLY="tests kernels", then ONLY="runtime e2e", each with the whole budget).
@@ -50,10 +51,12 @@ rm -f "$RESULTS"
 if [[ "$SMOKE" == 1 ]]; then
     # generous limits: a smoke run takes 1-2 minutes, more on a busy machine
     SCRIPT_BUDGET_S="${SCRIPT_BUDGET_S:-600}"
-    STAGES=("tests:${TESTS_S:-180}" "kernels:${KERNELS_S:-120}" "runtime:${RUNTIME_S:-120}" "e2e:${E2E_S:-120}")
+    STAGES=("tests:${TESTS_S:-180}" "kernels:${KERNELS_S:-120}" "runtime:${RUNTIME_S:-120}" "decode:${DECODE_S:-120}"
+            "e2e:${E2E_S:-120}")
 else
     SCRIPT_BUDGET_S="${SCRIPT_BUDGET_S:-480}"
-    STAGES=("tests:${TESTS_S:-150}" "kernels:${KERNELS_S:-90}" "runtime:${RUNTIME_S:-90}" "e2e:${E2E_S:-0}")
+    STAGES=("tests:${TESTS_S:-150}" "kernels:${KERNELS_S:-90}" "runtime:${RUNTIME_S:-90}" "decode:${DECODE_S:-75}"
+            "e2e:${E2E_S:-0}")
 fi
 MIN_STAGE_S=20   # a stage with less time left is skipped
 
@@ -96,6 +99,16 @@ stage_runtime() {
     local smoke=()
     [[ "$SMOKE" == 1 ]] && smoke=(--smoke)
     run_limited "$PYTHON" -u bench/device_runner.py --json "$STAGE_JSON" --budget-s "$(inner_budget 30)" "${smoke[@]}"
+}
+
+# Decode step: eager vs CUDA graphs (DECODE_MODES adds compiled, compiled+graphs: inductor
+# on 28 layers takes minutes, give it its own call), ms per step at batch 1, 8, 64, 256 over
+# a shared 2,000-token prefix (Qwen2.5-1.5B shapes, random weights, bf16), metadata bytes
+# uploaded per step, plain decoding's tokens/s vs model.generate.
+stage_decode() {
+    local args=(--modes "${DECODE_MODES:-eager,graphs}")
+    [[ "$SMOKE" == 1 ]] && args=(--smoke --modes eager,graphs,compiled)
+    run_limited "$PYTHON" -u bench/device_decode.py "${args[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 30)"
 }
 
 # Qwen2.5-1.5B configuration, random weights, bf16, EOS ignored, paper settings (alpha 4,

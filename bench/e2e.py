@@ -187,6 +187,9 @@ class MethodResult:
     decoded_tokens:   tokens the model decoded for each call (candidates, rollouts,
                       proposals; for recompute-mcmc the re-prefilled prefixes are apart,
                       in ``extra['recomputed_tokens']``)
+    forwards:         model forwards of each call (prefill and decode steps; for
+                      model.generate one per generated token; none for recompute-mcmc)
+    mean_batch:       sequences per forward of each call, averaged over its forwards
     """
 
     method: str
@@ -195,6 +198,8 @@ class MethodResult:
     seconds: list[float] = field(default_factory=list)
     generated_tokens: list[int] = field(default_factory=list)
     decoded_tokens: list[int] = field(default_factory=list)
+    forwards: list[int] = field(default_factory=list)
+    mean_batch: list[float] = field(default_factory=list)
     skipped: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -401,7 +406,7 @@ def _call(method: str, model, runner: ModelRunner, settings: Settings, prompt: l
         out = hf_generate(model, prompt, max_new_tokens)
         _sync(device)
         seconds = time.perf_counter() - started
-        return seconds, int(out.shape[1]), int(out.shape[1]), {}
+        return seconds, int(out.shape[1]), int(out.shape[1]), {"forwards": int(out.shape[1]), "mean_batch": 1.0}
     if method == "recompute-mcmc":
         out = RecomputeMCMC(model, settings.mcmc_config(), settings.seed).generate(prompt, max_new_tokens)
         _sync(device)
@@ -416,6 +421,8 @@ def _call(method: str, model, runner: ModelRunner, settings: Settings, prompt: l
     if result.stats.acceptance_rate is not None:
         extra["acceptance_rate"] = result.stats.acceptance_rate
     extra["tokens_by_phase"] = dict(result.stats.tokens_by_phase)
+    extra["forwards"] = result.stats.num_forwards
+    extra["mean_batch"] = result.stats.mean_batch_size
     return seconds, result.num_tokens, result.stats.tokens_total, extra
 
 
@@ -432,6 +439,9 @@ def run_method(method: str, model, runner: ModelRunner, settings: Settings, prom
             result.seconds.append(seconds)
             result.generated_tokens.append(generated)
             result.decoded_tokens.append(decoded)
+            if "forwards" in extra:
+                result.forwards.append(extra.pop("forwards"))
+                result.mean_batch.append(extra.pop("mean_batch"))
             for key, value in extra.items():
                 result.extra.setdefault(key, []).append(value)
     if runner.cache.blocks_in_use != in_use:
@@ -544,14 +554,29 @@ def ratios(results: list[MethodResult]) -> dict[str, float]:
     return out
 
 
+def forward_ratios(results: list[MethodResult]) -> dict[str, float]:
+    """The ratios of :func:`ratios` computed from model forwards instead of seconds: a
+    projection of the GPU ratios, where a decode step costs about the same at batch 1 and
+    at batch 64 (not measured: it assumes every forward costs the same)."""
+    measured = {(r.max_new_tokens, r.method): r for r in results if r.forwards}
+    lengths = sorted({t for t, _ in measured})
+    out = {}
+    for t in lengths:
+        for top, bottom in RATIOS:
+            if (t, top) in measured and (t, bottom) in measured:
+                key = f"{top}/{bottom}" + (f"@{t}" if len(lengths) > 1 else "")
+                out[key] = statistics.fmean(measured[t, top].forwards) / statistics.fmean(measured[t, bottom].forwards)
+    return out
+
+
 def summary(results: list[MethodResult], title: str = "") -> str:
     """The table (one row per method and length) and the ratios below it.
 
     Columns: seconds per prompt (mean), generated tokens and tokens decoded in all per
-    prompt (mean), milliseconds per decoded token, and seconds relative to ``plain`` at
-    the same length."""
+    prompt (mean), milliseconds per decoded token, seconds relative to ``plain`` at the
+    same length, model forwards per prompt and their mean batch size."""
     header = (f"{'T':>5} {'method':<15} {'settings':<38} {'s/prompt':>9} {'gen tok':>8} "
-              f"{'decoded':>8} {'ms/dec':>7} {'x plain':>8}")
+              f"{'decoded':>8} {'ms/dec':>7} {'x plain':>8} {'forwards':>8} {'batch':>6}")
     lines = [title] if title else []
     lines += [header, "-" * len(header)]
     plain = {r.max_new_tokens: r.seconds_per_prompt for r in results if r.method == "plain" and r.seconds}
@@ -563,14 +588,20 @@ def summary(results: list[MethodResult], title: str = "") -> str:
             continue
         base = plain.get(r.max_new_tokens)
         x_plain = f"{r.seconds_per_prompt / base:8.2f}" if base else f"{'-':>8}"
+        forwards = (f"{statistics.fmean(r.forwards):>8.0f} {statistics.fmean(r.mean_batch):>6.1f}"
+                    if r.forwards else f"{'-':>8} {'-':>6}")
         lines.append(
             f"{r.max_new_tokens:>5} {r.method:<15} {r.settings:<38} {r.seconds_per_prompt:>9.3f} "
             f"{statistics.fmean(r.generated_tokens):>8.0f} {statistics.fmean(r.decoded_tokens):>8.0f} "
-            f"{1e3 * sum(r.seconds) / max(sum(r.decoded_tokens), 1):>7.2f} {x_plain}"
+            f"{1e3 * sum(r.seconds) / max(sum(r.decoded_tokens), 1):>7.2f} {x_plain} {forwards}"
         )
     found = ratios(results)
     if found:
         lines.append("ratios (seconds per prompt): " + ", ".join(f"{k} {v:.2f}" for k, v in found.items()))
+    projected = forward_ratios(results)
+    if projected:
+        lines.append("projected GPU ratios (model forwards, assuming equal step cost): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in projected.items()))
     return "\n".join(lines)
 
 
@@ -590,7 +621,8 @@ def _environment() -> dict:
 
 
 def write_report(path: Path, results: list[MethodResult], meta: dict) -> None:
-    report = {**meta, "results": [r.to_dict() for r in results], "ratios": ratios(results)}
+    report = {**meta, "results": [r.to_dict() for r in results], "ratios": ratios(results),
+              "projected_forward_ratios": forward_ratios(results)}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
 

@@ -27,13 +27,14 @@ the paged context (a plain forward, ``model.generate``) runs with that implement
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from powerfast import ops
+from powerfast import library
 
 __all__ = [
     "ATTENTION_NAME",
@@ -395,25 +396,63 @@ def paged_attention_forward(
     queries = query.transpose(1, 2).reshape(num_tokens, num_heads, head_dim)
     keys = key.transpose(1, 2).reshape(num_tokens, kv_heads, head_dim)
     values = value.transpose(1, 2).reshape(num_tokens, kv_heads, head_dim)
-    if ctx.backend == "torch" and not key_cache.is_cuda:
-        # the pure-torch CPU path; ops.write_kv would run its Triton kernel under
-        # TRITON_INTERPRET=1, in every layer of every forward
-        key_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, keys.to(key_cache.dtype))
-        value_cache.view(-1, kv_heads, head_dim).index_copy_(0, ctx.slot_mapping, values.to(value_cache.dtype))
-    else:
-        ops.write_kv(key_cache, value_cache, keys, values, ctx.slot_mapping)
+    # two custom operators (powerfast.library): torch.compile and graph capture see each
+    # as one opaque op. On the CPU the torch backend writes with plain torch (the Triton
+    # kernel would run under TRITON_INTERPRET=1 in every layer of every forward).
+    library.write_kv(key_cache, value_cache, keys, values, ctx.slot_mapping, ctx.backend != "torch")
     if queries.dtype != key_cache.dtype:
         queries = queries.to(key_cache.dtype)
-    out = _BACKEND_FUNCTIONS[ctx.backend](queries, key_cache, value_cache, ctx, scaling, softcap)
+    out = library.paged_attention(
+        queries, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_k, ctx.query_start_loc,
+        ctx.query_seq_index, ctx.query_positions, float(scaling), ctx.max_query_len, ctx.max_seq_len,
+        ctx.shared_prefix_blocks, ctx.backend, 0.0 if softcap is None else float(softcap),
+    )
     return out.to(query.dtype).reshape(batch, q_len, num_heads, head_dim), None
 
 
+def no_mask(*args, **kwargs) -> None:
+    """The mask function of :data:`ATTENTION_NAME`: no mask (causality comes from the paged context)."""
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _transformers_skips_unknown_masks() -> bool:
+    """Whether transformers builds no mask for an attention name without a mask function.
+
+    5.17 through 5.24 do (``_preprocess_mask_arguments`` returns None early for a name
+    missing from ``AttentionMaskInterface``); registering :func:`no_mask` there would only
+    make them run their packed-sequence detection first, a data-dependent check (a host
+    sync per forward on CUDA) before calling it.
+    """
+    import inspect
+
+    from transformers import masking_utils
+
+    preprocess = getattr(masking_utils, "_preprocess_mask_arguments", None)
+    try:
+        source = inspect.getsource(preprocess) if preprocess is not None else ""
+    except (OSError, TypeError):
+        return False
+    return "ALL_MASK_ATTENTION_FUNCTIONS._global_mapping" in source
+
+
 def register() -> str:
-    """Register :func:`paged_attention_forward` with transformers (idempotent). Returns its name."""
+    """Register :func:`paged_attention_forward` with transformers' ``AttentionInterface``
+    (idempotent) and the custom operators of :mod:`powerfast.library`. Returns the name.
+
+    The model must build no attention mask under this implementation (no mask tensors,
+    no data-dependent checks): :func:`no_mask` is registered with transformers'
+    ``AttentionMaskInterface`` for the name unless this transformers already skips mask
+    creation for names it has no mask function for (see
+    :func:`_transformers_skips_unknown_masks`).
+    """
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     if AttentionInterface._global_mapping.get(ATTENTION_NAME) is not paged_attention_forward:
         AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+    if ATTENTION_NAME not in AttentionMaskInterface._global_mapping and not _transformers_skips_unknown_masks():
+        AttentionMaskInterface.register(ATTENTION_NAME, no_mask)
     return ATTENTION_NAME
 
 

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from powerfast import ops
+from powerfast import library, ops
 from powerfast.lm import hf_eos_token_ids, stop_token_ids
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "SeedStream",
     "Continuations",
     "sample_continuations",
+    "sample_step",
     "encode_prompts",
     "check_no_nan",
     "phase",
@@ -67,6 +68,12 @@ class GenerationStats:
     tokens_by_phase: tokens decoded by the model per phase ("prefill", "candidates",
                      "rollouts", "sample", "proposals", ...); ``tokens_total`` adds them
                      up except the prompt's prefill
+    num_forwards:    model forwards (prefill, decode steps, extends) of the ``generate``
+                     call up to this result: on a GPU a decode step costs about the same at
+                     batch 1 and 64, so forwards, not tokens, bound the latency. Prompts
+                     generated together share forwards and all count them.
+    forward_rows:    sequences summed over those forwards (``mean_batch_size`` =
+                     forward_rows / num_forwards)
     """
 
     method: str
@@ -76,6 +83,12 @@ class GenerationStats:
     blocks: list[BlockRecord] = field(default_factory=list)
     acceptance_rate: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    num_forwards: int = 0
+    forward_rows: int = 0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.forward_rows / self.num_forwards if self.num_forwards else 0.0
 
     @property
     def tokens_total(self) -> int:
@@ -92,6 +105,8 @@ class GenerationStats:
             "num_blocks": self.num_blocks,
             "wall_seconds": self.wall_seconds,
             "acceptance_rate": self.acceptance_rate,
+            "num_forwards": self.num_forwards,
+            "mean_batch_size": self.mean_batch_size,
             "blocks": [vars(b) if not hasattr(b, "__slots__") else {s: getattr(b, s) for s in b.__slots__} for b in self.blocks],
             **self.extra,
         }
@@ -245,6 +260,45 @@ class Continuations(NamedTuple):
     log_power_sums: torch.Tensor | None = None
 
 
+_SEED_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (wrapping multiply)
+
+
+def sample_step(
+    logits: torch.Tensor,
+    seed: torch.Tensor,
+    counter: torch.Tensor,
+    active: torch.Tensor,
+    logliks: torch.Tensor,
+    temperature: float,
+    eos_token_id: int | None,
+) -> ops.SampleOutput:
+    """One step's sampling as a function of device tensors: sample (temperature 0:
+    argmax), score, accumulate, in one fused operator; no Python value read from the device.
+
+    logits:  (N, V) the next-token logits of N rows
+    seed:    () int64 device tensor, fixed for a decode loop
+    counter: () int64 device tensor, the step counter; incremented in place
+    active:  (N,) bool, updated in place (a row that samples EOS becomes inactive)
+    logliks: (N,) float32 running base log-likelihoods, updated in place for active rows
+
+    Row i of a step draws from the kernel's counter-based generator at offset
+    ``seed * 0x9E3779B97F4A7C15 + counter * N + i`` (int64, wrapping): distinct for every
+    row and step of a loop, and a pure function of tensors, so the step compiles with
+    ``torch.compile(fullgraph=True)`` and can be captured as a CUDA graph.
+    Returns SampleOutput(tokens (N,) int64, base_logprobs (N,), tempered_logprobs (N,),
+    log_power_sums (N,); the tempered log-probs equal the base ones and the log power sums
+    are 0 at temperature 0 or 1).
+    """
+    rows = logits.shape[0]
+    offsets = seed * _SEED_MIX + counter * rows + torch.arange(rows, device=logits.device)
+    eos = -1 if eos_token_id is None else int(eos_token_id)
+    tokens, base, tempered, log_power_sums = library.sample_tokens(
+        logits, offsets, active, logliks, float(temperature), eos
+    )
+    counter.add_(1)
+    return ops.SampleOutput(tokens, base, tempered, log_power_sums)
+
+
 def sample_continuations(
     runner,
     seqs: list,
@@ -262,10 +316,11 @@ def sample_continuations(
     """Sample ``num_steps`` tokens for every sequence in one batched decode loop.
 
     first_logits: (N, V) logits of the next token of each sequence. Every step samples
-    all rows (a row that sampled EOS keeps being fed EOS, its statistics frozen), then
-    decodes the batch through ``runner`` so the sequences hold the new tokens' KV. No
-    host sync per token: whether every row has finished is looked at every
-    ``stop_check_every`` steps. Temperature 0 is greedy decoding. ``want_log_power_sums``
+    all rows with :func:`sample_step` (a row that sampled EOS keeps being fed EOS, its
+    statistics frozen), then decodes the batch through ``runner`` so the sequences hold
+    the new tokens' KV. The seed and the step counter are device tensors (one seed drawn
+    from ``seeds`` per call): no host sync per token; whether every row has finished is
+    looked at every ``stop_check_every`` steps. Temperature 0 is greedy decoding. ``want_log_power_sums``
     accumulates each active row's ``log sum_x p(x)^(1/T)`` from the sampling op.
 
     eos_token_id: one id or several (a row stops at the first of them it samples); after
@@ -283,34 +338,29 @@ def sample_continuations(
     token_base = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
     token_tempered = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
     log_power_sums = torch.zeros(num_rows, dtype=torch.float32, device=device) if want_log_power_sums else None
+    if temperature != 0:
+        ops._check_temperature(temperature)
+    seed = torch.tensor(seeds.next(), dtype=torch.int64, device=device)
+    counter = torch.zeros((), dtype=torch.int64, device=device)
     logits = first_logits
     other_eos = torch.tensor(eos_ids[1:], dtype=torch.long, device=device) if len(eos_ids) > 1 else None
     steps_done = 0
     for step in range(num_steps):
         was_active = active.clone()
-        if temperature == 0:
-            chosen = ops.greedy_tokens(logits)
-            if eos_token_id is not None:
-                chosen = torch.where(was_active, chosen, torch.full_like(chosen, eos_token_id))
-            out = ops.score_tokens(logits, chosen, active=active, eos_token_id=eos_token_id, logliks=base)
-        else:
-            out = ops.sample_tokens(
-                logits, temperature, seed=seeds.next(), active=active, eos_token_id=eos_token_id, logliks=base
-            )
-            chosen = out.tokens
-            if log_power_sums is not None and out.log_power_sums is not None:
-                log_power_sums += out.log_power_sums  # 0 for inactive rows
-            if tempered is not None:
-                tempered += torch.where(was_active, out.tempered_logprobs, torch.zeros_like(out.tempered_logprobs))
-        if other_eos is not None:  # the ops stopped rows on the first id; the others here, on the device
+        out = sample_step(logits, seed, counter, active, base, temperature, eos_token_id)
+        chosen = out.tokens
+        if tempered is not None:
+            tempered += torch.where(was_active, out.tempered_logprobs, torch.zeros_like(out.tempered_logprobs))
+        if log_power_sums is not None:
+            log_power_sums += out.log_power_sums  # 0 for inactive rows, at T = 0 and at T = 1
+        if other_eos is not None:  # the op stopped rows on the first id; the others here, on the device
             active.logical_and_(~torch.isin(chosen, other_eos))
         tokens[:, step] = chosen
         lengths += was_active
         if per_token:
             zero = torch.zeros_like(out.base_logprobs)
             token_base[:, step] = torch.where(was_active, out.base_logprobs, zero)
-            step_tempered = out.base_logprobs if out.tempered_logprobs is None else out.tempered_logprobs
-            token_tempered[:, step] = torch.where(was_active, step_tempered, zero)
+            token_tempered[:, step] = torch.where(was_active, out.tempered_logprobs, zero)
         steps_done = step + 1
         last_step = step == num_steps - 1
         if eos_ids and not last_step and steps_done % stop_check_every == 0 and not bool(active.any()):
@@ -395,6 +445,7 @@ class RunnerSampler:
         the budget, and the KV pool checked against the generation's peak need
         (:meth:`check_kv_capacity`)."""
         check_max_new_tokens(max_new_tokens)
+        self._forward_mark = self._forward_counts()
         prompt_ids = encode_prompts(prompts, self.tokenizer, chat_template, self.context_length, max_new_tokens)
         self.check_kv_capacity([len(ids) for ids in prompt_ids], max_new_tokens)
         return prompt_ids
@@ -422,4 +473,12 @@ class RunnerSampler:
     def result(self, token_ids: list[int], stats: GenerationStats, loglik: float) -> GenerationResult:
         """A :class:`GenerationResult` for ``token_ids``, decoded to text when there is a tokenizer."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else None
+        mark = getattr(self, "_forward_mark", None)
+        if mark is not None:
+            forwards, rows = self._forward_counts()
+            stats.num_forwards, stats.forward_rows = forwards - mark[0], rows - mark[1]
         return GenerationResult(token_ids, text, stats, loglik)
+
+    def _forward_counts(self) -> tuple[int, int]:
+        """(forwards, rows over them) the runner has run so far."""
+        return getattr(self.runner, "num_forwards", 0), getattr(self.runner, "forward_rows", 0)

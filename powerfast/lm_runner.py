@@ -42,12 +42,16 @@ class LMRunner:
         self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.context_length = context_length
         self.live_sequences = 0
+        self.num_forwards = 0  # prefill / decode calls, and the rows over them, as ModelRunner counts
+        self.forward_rows = 0
 
     def _new(self, tokens: list[int]) -> TokenSequence:
         self.live_sequences += 1
         return TokenSequence(tokens)
 
     def _logits(self, seqs: Sequence[TokenSequence]) -> torch.Tensor:
+        self.num_forwards += 1
+        self.forward_rows += len(seqs)
         return self.lm.next_token_logprobs([s.tokens for s in seqs]).to(torch.float32)
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[TokenSequence], torch.Tensor]:

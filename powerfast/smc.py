@@ -34,6 +34,7 @@ from powerfast.generation import (
     check_no_nan,
     forked_peak_blocks,
     phase,
+    sample_step,
 )
 
 __all__ = ["SMCSampler"]
@@ -182,6 +183,10 @@ class SMCSampler(RunnerSampler):
             first_eos = eos[0] if eos else None  # the sampling op stops rows on it; the others below
             other_eos = torch.tensor(eos[1:], dtype=torch.long, device=device) if len(eos) > 1 else None
             rows = _Rows(running, device, max_new_tokens)
+            # the sampling step's seed and counter live on the device (sample_step); a fresh
+            # seed per batch of rows keeps every (step, row) draw distinct
+            seed = torch.tensor(self.seeds.next(), dtype=torch.int64, device=device)
+            counter = torch.zeros((), dtype=torch.int64, device=device)
             alpha_prev = 1.0
             for step in range(max_new_tokens):
                 alpha_t = cfg.alpha_at(step)
@@ -189,12 +194,10 @@ class SMCSampler(RunnerSampler):
                     if alpha_t != alpha_prev:  # catch-up: the target moves from p^alpha_prev to p^alpha_t
                         rows.log_weights += (alpha_t - alpha_prev) * rows.logliks.double()
                     was_active = rows.active.clone()
-                    out = ops.sample_tokens(logits, 1.0 / alpha_t, seed=self.seeds.next(), active=rows.active,
-                                            eos_token_id=first_eos, logliks=rows.logliks)
-                    if other_eos is not None:
+                    out = sample_step(logits, seed, counter, rows.active, rows.logliks, 1.0 / alpha_t, first_eos)
+                    if other_eos is not None:  # the op stopped rows on the first id; the others here
                         rows.active.logical_and_(~torch.isin(out.tokens, other_eos))
-                    if out.log_power_sums is not None:  # inactive rows add 0
-                        rows.log_weights += out.log_power_sums.double()
+                    rows.log_weights += out.log_power_sums.double()  # 0 for inactive rows and at alpha_t = 1
                     rows.record(out.tokens, was_active)
                 alpha_prev = alpha_t
                 last = step == max_new_tokens - 1
@@ -207,6 +210,8 @@ class SMCSampler(RunnerSampler):
                         break
                     logits = logits[ops.upload_ints(keep_rows, torch.long, device)]
                     rows = _Rows(running, device, max_new_tokens - step - 1)
+                    seed = torch.tensor(self.seeds.next(), dtype=torch.int64, device=device)
+                    counter.zero_()
                 if progress is not None:
                     progress(step + 1, max_new_tokens)
             for group in particles:
