@@ -77,7 +77,7 @@ def empirical_tv(results, target: dict) -> float:
 
 def test_mcmc_on_the_toy_approaches_the_power_distribution(torch_ops):
     target = toy_sequence_target(4.0)
-    runs = 600
+    runs = 1500  # at 600 a correct chain crossed the 0.12 bound about once in 25 runs
     distances = []
     for steps in (0, 4, 64):
         runner = LMRunner(toy.toy_model())
@@ -87,7 +87,7 @@ def test_mcmc_on_the_toy_approaches_the_power_distribution(torch_ops):
         distances.append(empirical_tv(results, target))
         if steps:
             assert 0 < results[0].stats.acceptance_rate <= 1
-    # the sampling noise of one TV is ~0.025 at 600 runs; the steps must buy far more than that
+    # the sampling noise of one TV is ~0.016 at 1500 runs; the steps must buy far more than that
     assert distances[0] > 0.3, distances  # N_MCMC = 0 is low-temperature sampling
     assert distances[1] < distances[0] - 0.06, distances
     assert distances[2] < distances[1] - 0.06, distances

@@ -294,9 +294,13 @@ def test_errors_leak_nothing():
 
 @pytest.mark.parametrize("spec", [(4, 4, 7), (5, 4, 8)], ids=["V4-T4-seed7", "V5-T4-seed8"])
 def test_smc_tv_shrinks_with_n_to_the_noise_floor(spec, torch_ops):
-    """TV of 600 SMC draws to the exact p^alpha sequence law of a random Llama (no EOS),
-    by N. Measured at sampler seed 3: N = 1 0.27 / 0.33, N = 8 0.20 / 0.26, N = 128 0.18 /
-    0.25, noise floors 0.18 / 0.26. (With an EOS the one-token completion [EOS] can carry
+    """TV of 1500 SMC draws to the exact p^alpha sequence law of a random Llama (no EOS),
+    by N. Measured at sampler seeds 0-3: N = 1 0.20-0.22 / 0.27-0.29, N = 8 0.10-0.13 /
+    0.17-0.18, N = 128 0.11-0.12 / 0.17-0.18, noise floors 0.12 / 0.17. N = 8 and N = 128 are
+    both at the floor here, so their difference is sampling noise (sd ~0.012): the test asks
+    that N = 8 and N = 128 each improve on N = 1 by far more than that, and that N = 128 is
+    not worse than N = 8 beyond the noise. (At 600 draws the old N = 8 > N = 128 - 0.03
+    check sat within a few noise sd and failed on a random seed.) (With an EOS the one-token completion [EOS] can carry
     a large share of p^alpha while the prefix-only proposal almost never draws it: there
     SMC plateaus above the floor; see the fidelity table in the README.)"""
     from powerfast import fidelity
@@ -304,9 +308,10 @@ def test_smc_tv_shrinks_with_n_to_the_noise_floor(spec, torch_ops):
     vocab, num_tokens, model_seed = spec
     model = fidelity.ModelSpec(vocab, num_tokens, False, model_seed)
     grid = fidelity.method_grid(4.0, num_tokens, particles=(1, 8, 128), include=["smc"])
-    rows = fidelity.measure(model, 4.0, grid, 600, seed=SEED % 10000)
+    rows = fidelity.measure(model, 4.0, grid, 1500, seed=SEED % 10000)
     tv = {row.setting: row.tv for row in rows}
     floor = rows[0].noise_floor
+    assert tv["N=1"] > tv["N=8"] + 0.03, (tv, floor, SEED)
     assert tv["N=1"] > tv["N=128"] + 0.03, (tv, floor, SEED)
-    assert tv["N=8"] > tv["N=128"] - 0.03, (tv, floor, SEED)
+    assert tv["N=128"] < tv["N=8"] + 0.05, (tv, floor, SEED)
     assert tv["N=128"] < 2 * floor, (tv, floor, SEED)
