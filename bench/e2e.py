@@ -539,34 +539,32 @@ def run_benchmark(model, prompts: list[list[int]], cases: list[tuple[int, list[s
 # ------------------------------------------------------------------------ report
 
 
-def ratios(results: list[MethodResult]) -> dict[str, float]:
-    """power/plain, mcmc/power, recompute-mcmc/mcmc, plain/hf-generate (seconds per prompt)
-    at each length where both were measured; keys ``"power/plain"`` (one length) or
-    ``"power/plain@T"`` (several)."""
-    measured = {(r.max_new_tokens, r.method): r for r in results if r.seconds}
+def _ratio_table(results: list[MethodResult], value) -> dict[str, float]:
+    """value(top) / value(bottom) for each pair of RATIOS at each length where both have a
+    value (``value`` returns None when a result has none); keys ``"power/plain"`` (one
+    length) or ``"power/plain@T"`` (several)."""
+    measured = {(r.max_new_tokens, r.method): r for r in results if value(r) is not None}
     lengths = sorted({t for t, _ in measured})
     out = {}
     for t in lengths:
         for top, bottom in RATIOS:
             if (t, top) in measured and (t, bottom) in measured:
                 key = f"{top}/{bottom}" + (f"@{t}" if len(lengths) > 1 else "")
-                out[key] = measured[t, top].seconds_per_prompt / measured[t, bottom].seconds_per_prompt
+                out[key] = value(measured[t, top]) / value(measured[t, bottom])
     return out
+
+
+def ratios(results: list[MethodResult]) -> dict[str, float]:
+    """power/plain, mcmc/power, recompute-mcmc/mcmc, plain/hf-generate (seconds per prompt)
+    at each length where both were measured (keys as in :func:`_ratio_table`)."""
+    return _ratio_table(results, lambda r: r.seconds_per_prompt if r.seconds else None)
 
 
 def forward_ratios(results: list[MethodResult]) -> dict[str, float]:
     """The ratios of :func:`ratios` computed from model forwards instead of seconds: a
     projection of the GPU ratios, where a decode step costs about the same at batch 1 and
     at batch 64 (not measured: it assumes every forward costs the same)."""
-    measured = {(r.max_new_tokens, r.method): r for r in results if r.forwards}
-    lengths = sorted({t for t, _ in measured})
-    out = {}
-    for t in lengths:
-        for top, bottom in RATIOS:
-            if (t, top) in measured and (t, bottom) in measured:
-                key = f"{top}/{bottom}" + (f"@{t}" if len(lengths) > 1 else "")
-                out[key] = statistics.fmean(measured[t, top].forwards) / statistics.fmean(measured[t, bottom].forwards)
-    return out
+    return _ratio_table(results, lambda r: statistics.fmean(r.forwards) if r.forwards else None)
 
 
 def summary(results: list[MethodResult], title: str = "") -> str:
