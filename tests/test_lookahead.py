@@ -12,6 +12,7 @@ from powerfast.lm import TableLM
 from powerfast.lm_runner import LMRunner
 from powerfast.runner import ModelRunner
 from powerfast.sampler import PowerSampler
+from test_sampler import tiny_llama
 
 SEED = int.from_bytes(os.urandom(4), "little")
 PROMPT = list(toy.TOY_PROMPT)
@@ -135,19 +136,6 @@ def test_zeta_hat_is_unbiased_for_both_proposals(horizon, torch_ops):
 # ------------------------------------------------------------------------- reuse
 
 
-def tiny_llama(vocab=6, seed=0, eos=5, sharpen=3.0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         eos_token_id=eos, bos_token_id=0, pad_token_id=0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(sharpen)
-    return model
-
-
 def dense_logprobs(model, ids):
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
@@ -156,7 +144,7 @@ def dense_logprobs(model, ids):
 
 @pytest.mark.parametrize("proposal", ["base", "tempered"])
 def test_reuse_bookkeeping(proposal):
-    model = tiny_llama(seed=SEED % 1000)
+    model = tiny_llama(seed=SEED % 1000, sharpen=3.0)
     runner = ModelRunner(model, block_size=4)
     config = PowerConfig(alpha=3.0, block_size=2, num_candidates=5, top_k=3, num_rollouts=3, horizon=3,
                          rollout_proposal=proposal, reuse_rollouts=True)

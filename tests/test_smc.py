@@ -13,6 +13,7 @@ from powerfast.lm import TableLM
 from powerfast.lm_runner import LMRunner
 from powerfast.runner import ModelRunner
 from powerfast.smc import SMCSampler
+from test_sampler import tiny_llama
 
 SEED = int.from_bytes(os.urandom(4), "little")
 ETA = 3 + math.sqrt(8)
@@ -231,22 +232,9 @@ def test_stats_and_resampling_on_the_toy(torch_ops):
 # ------------------------------------------------------------ runtime: leaks
 
 
-def tiny_llama(vocab=6, seed=0, eos=5):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         eos_token_id=eos, bos_token_id=0, pad_token_id=0)
-    model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(3.0)
-    return model
-
-
 @pytest.mark.parametrize("resampler", ["systematic", "chopthin"])
 def test_no_leaks_batched_prompts_and_reproducible(resampler):
-    runner = ModelRunner(tiny_llama(seed=SEED % 1000), block_size=4)
+    runner = ModelRunner(tiny_llama(seed=SEED % 1000, sharpen=3.0), block_size=4)
     config = SMCConfig(num_particles=6, resample_every=2, ess_threshold=1.0, resampler=resampler, ramp_tokens=3)
     prompts = [[0, 1, 2], [0, 3], [0, 1, 2, 3, 4, 1]]
     a = SMCSampler(runner, config=config, seed=7).generate(prompts, 9)
@@ -260,7 +248,7 @@ def test_no_leaks_batched_prompts_and_reproducible(resampler):
 
 
 def test_errors_leak_nothing():
-    model = tiny_llama(seed=5)
+    model = tiny_llama(seed=5, sharpen=3.0)
     runner = ModelRunner(model, block_size=4)
     sampler = SMCSampler(runner, config=SMCConfig(num_particles=4, resample_every=2))
     with pytest.raises(ValueError, match="prompt 1 is empty"):
