@@ -186,7 +186,7 @@ class SamplingParams:
 
 SamplingParams.FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
-_CONFIG_WORDS = {"jackknife": "num_rollouts", "eta": "resampler"}
+_CONFIG_WORDS = {"eta": "resampler"}
 
 
 def _field_named_in(message: str) -> str:
