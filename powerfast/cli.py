@@ -317,7 +317,8 @@ def _run_eval(args) -> int:
 
         summary = run_evaluation_on_ray(task, functools.partial(eval_methods, args, methods, chat), methods,
                                         args.out, limit=args.limit, seeds=seeds, address=args.ray or None,
-                                        workers=args.workers, cpus_per_worker=args.cpus_per_worker, progress=True)
+                                        workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                                        units_per_call=args.concurrency, progress=True)
     print(summary)
     return 0
 

@@ -117,8 +117,9 @@ def run_evaluation_on_ray(
                      or, without GPUs, the cluster's CPUs // ``cpus_per_worker``
     cpus_per_worker: CPUs reserved per actor (torch in the actor uses that many threads)
     gpus_per_worker: GPUs per actor; None: 1 when the cluster has GPUs, else 0
-    units_per_call:  units of one method sent in one call (they run one after another; a
-                     dead worker's unreturned calls are redone)
+    units_per_call:  units of one method sent in one call (with ``powerfast.cli.eval_methods``
+                     they decode together in the worker's engine; a dead worker's
+                     unreturned calls are redone)
     max_worker_failures: workers that may die before the run gives up (default
                      ``max(4, 2 * workers)``): a unit that kills every worker stops the run
     ray_init_kwargs: extra ``ray.init`` arguments when this call starts Ray
