@@ -224,7 +224,8 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_token_time: float | None = None
     finish_time: float | None = None
-    result: Any = None  # the GenerationResult (with stats) when the program ended by itself
+    result: Any = None  # the sampler's GenerationResult (with stats) when its program ran to its end;
+    # None when the engine ended it first (an EOS or stop string streamed by a decode loop, an abort)
 
 
 @dataclass
@@ -266,6 +267,8 @@ class _Request:
         self.arrival = time.monotonic()
         self.first_token: float | None = None
         self.stopped_by_string = False
+        self.eos: tuple[int, ...] = ()
+        self.streamed: list[Tokens] = []  # this step's sampled tokens, still on the device
 
 
 # --------------------------------------------------------------------------- engine
@@ -445,6 +448,7 @@ class Engine:
             if decodes:
                 forwards += 1
                 self._run_decode(decodes, outputs)
+            self._collect_streamed(outputs)
             self.last_step_forwards = forwards
             self.num_steps += 1
             self._apply_deferred_aborts(outputs)
@@ -488,8 +492,9 @@ class Engine:
                 self._reserved += request.need
             sampler = request.sampler
             sampler._forward_mark = sampler._forward_counts()
-            eos = sampler.eos_token_id(request.params.ignore_eos)
-            request.program = sampler.program([request.prompt_ids], request.params.max_tokens, eos, stream=True)
+            request.eos = sampler.eos_token_id(request.params.ignore_eos)
+            request.program = sampler.program([request.prompt_ids], request.params.max_tokens, request.eos,
+                                              stream=True)
             self._advance(request, None, outputs, first=True)
 
     def _run_prefill(self, requests: list[_Request], outputs: list[RequestOutput]) -> None:
@@ -541,10 +546,8 @@ class Engine:
         try:
             message = next(program) if first else program.send(reply)
             while isinstance(message, (Tokens, Final)):
-                if isinstance(message, Tokens):
-                    if bool(message.live[0]):
-                        request.token_ids.append(int(message.tokens[0]))
-                        streamed = True
+                if isinstance(message, Tokens):  # read after the step, all requests' at once
+                    request.streamed.append(message)
                 elif message.index == 0 and message.token_ids:
                     request.token_ids.extend(message.token_ids)
                     streamed = True
@@ -560,8 +563,7 @@ class Engine:
             ended_on_eos = bool(result.token_ids) and result.token_ids[-1] in request.sampler.eos_token_id(
                 request.params.ignore_eos)
             reason = "stop" if stopped or ended_on_eos or len(result.token_ids) < request.params.max_tokens else "length"
-            for phase_name, count in result.stats.tokens_by_phase.items():
-                self._tokens_by_phase[phase_name] = self._tokens_by_phase.get(phase_name, 0) + count
+            self._count_phases(result.stats.tokens_by_phase)
             request.decoded = result.stats.tokens_total
             outputs.append(self._end(request, reason, result))
             return
@@ -575,6 +577,35 @@ class Engine:
         request.pending = message
         if streamed:
             outputs.append(self._output(request, finished=False))
+
+    def _count_phases(self, counts: dict[str, int]) -> None:
+        with self._lock:
+            for phase_name, count in counts.items():
+                self._tokens_by_phase[phase_name] = self._tokens_by_phase.get(phase_name, 0) + count
+
+    def _collect_streamed(self, outputs: list[RequestOutput]) -> None:
+        """Append the tokens the running decode loops sampled this step (one device-to-host
+        copy for all requests) and report them; a request whose token is one of its EOS ids
+        or completes a stop string ends here, without decoding further."""
+        flat = [(r, m) for r in self._running for m in r.streamed]
+        if not flat:
+            return
+        tokens = torch.stack([m.tokens[0] for _, m in flat]).tolist()
+        live = torch.stack([m.live[0] for _, m in flat]).tolist()
+        touched: dict[str, _Request] = {}
+        for (request, _), token, alive in zip(flat, tokens, live):
+            request.streamed = []
+            if alive and not (request.token_ids and request.token_ids[-1] in request.eos):
+                request.token_ids.append(int(token))
+                touched[request.id] = request
+        for request in touched.values():
+            ended = request.token_ids[-1] in request.eos
+            if self._hit_stop_string(request) or ended:
+                request.program.close()  # frees its sequences; the tokens so far are the output
+                self._count_phases({"prefill": len(request.prompt_ids), "sample": len(request.token_ids)})
+                outputs.append(self._end(request, "stop"))
+            else:
+                outputs.append(self._output(request, finished=False))
 
     # ------------------------------------------------------------------ endings and text
 

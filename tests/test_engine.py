@@ -89,7 +89,9 @@ def test_requests_alone_and_together_give_the_recorded_tokens(model):
     for name in names:
         [out] = engine.run([recorded.PROMPTS[0]], params_of(name))
         assert out.token_ids == WANT[name]["alone"][0], name
-        assert out.finish_reason in ("stop", "length") and out.result is not None
+        assert out.finish_reason in ("stop", "length")
+        if recorded.CASES[name]["method"] in ("power", "mcmc", "smc", "best-of-n"):
+            assert out.result is not None and out.result.token_ids == out.token_ids
     prompts = [p for _ in names for p in recorded.PROMPTS]
     params = [params_of(name) for name in names for _ in recorded.PROMPTS]
     order = list(range(len(prompts)))
@@ -169,7 +171,7 @@ def test_streamed_tokens_add_up_to_the_final_tokens(model):
         assert streamed[i] == final[i].token_ids, name
         assert texts[i] == final[i].text == CharTokenizer().decode(final[i].token_ids), name
     by_name = {name: (updates[i], len(final[i].token_ids)) for i, name in ids.items()}
-    assert by_name["plain"][0] >= by_name["plain"][1]  # a token a step
+    assert by_name["plain"][0] >= by_name["plain"][1] - 1  # a token a step (two in its first step)
     assert by_name["power"][0] >= -(-by_name["power"][1] // 3)  # a block (3 tokens) at a time
     assert by_name["mcmc"][0] == 1  # nothing is final before its end
 
