@@ -288,18 +288,12 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, max_queue: int = 256, max_branches: int = 4096,
                  **runner_kwargs) -> None:
-        from powerfast.lm_runner import LMRunner
-        from powerfast.runner import ModelRunner
+        from powerfast.generation import as_runner
 
         for name, value in (("max_queue", max_queue), ("max_branches", max_branches)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(model, (ModelRunner, LMRunner)):
-            if runner_kwargs:
-                raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready runner")
-            self.runner = model
-        else:
-            self.runner = ModelRunner(model, **runner_kwargs)
+        self.runner = as_runner(model, **runner_kwargs)
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.max_branches = max_branches

@@ -418,6 +418,19 @@ def forked_peak_blocks(prompt_lengths: list[int], num_branches: int, count: int,
 # ------------------------------------------------------------------- sampler base
 
 
+def as_runner(model, **runner_kwargs):
+    """``model`` itself if it is a ModelRunner or an LMRunner (then no runner settings may
+    be given), else a :class:`powerfast.runner.ModelRunner` around it with ``runner_kwargs``."""
+    from powerfast.lm_runner import LMRunner
+    from powerfast.runner import ModelRunner
+
+    if isinstance(model, (ModelRunner, LMRunner)):
+        if runner_kwargs:
+            raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready runner")
+        return model
+    return ModelRunner(model, **runner_kwargs)
+
+
 class RunnerSampler:
     """What every sampler holds: a runner around the model, a tokenizer, a seed stream.
 
@@ -432,14 +445,8 @@ class RunnerSampler:
 
     def __init__(self, model, tokenizer=None, seed: int | None = None, **runner_kwargs) -> None:
         from powerfast.lm_runner import LMRunner
-        from powerfast.runner import ModelRunner
 
-        if isinstance(model, (ModelRunner, LMRunner)):
-            if runner_kwargs:
-                raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready runner")
-            self.runner = model
-        else:
-            self.runner = ModelRunner(model, **runner_kwargs)
+        self.runner = as_runner(model, **runner_kwargs)
         self.tokenizer = tokenizer
         self.seeds = SeedStream(seed)
         if isinstance(self.runner, LMRunner):
