@@ -368,7 +368,7 @@ class Engine:
             request = self._ids.get(request_id)
             if request is None:
                 return False
-            if request.program is None:  # still waiting: nothing to free
+            if request in self._waiting:  # not admitted: nothing to free
                 self._waiting.remove(request)
                 self._ready.append(self._finish(request, "abort"))
                 return True
