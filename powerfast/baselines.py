@@ -14,20 +14,18 @@ from __future__ import annotations
 import math
 import time
 
-import torch
-
 from powerfast.config import METHODS, MCMCConfig, SamplingConfig, method_config
 from powerfast.generation import (
-    GenerationResult,
     GenerationStats,
     RunnerSampler,
     appended_blocks,
     blocks_for,
     check_no_nan,
     forked_peak_blocks,
+    continuations_program,
     phase,
-    sample_continuations,
 )
+from powerfast.program import Decode, Prefill
 from powerfast.sampler import PowerSampler
 from powerfast.smc import SMCSampler
 
@@ -51,17 +49,16 @@ class AncestralSampler(RunnerSampler):
         self.method = method
         super().__init__(model, tokenizer, seed, **runner_kwargs)
 
-    def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
-                 chat_template: bool = True, progress=None) -> list[GenerationResult]:
-        """Sample a completion per prompt (all prompts and samples in one decode batch)."""
-        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
-        eos = self.eos_token_id(ignore_eos)
+    def program(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress=None,
+                stream: bool = False):
+        """Sample a completion per prompt, all prompts and samples in one decode batch (a step
+        program; with ``stream`` and one sample per prompt, each step's tokens are yielded)."""
         n = self.config.num_samples
         started = time.perf_counter()
         live: list = []
         try:
             with phase("prefill"):
-                seqs, logits = self.runner.prefill(prompt_ids)
+                seqs, logits = yield Prefill(prompt_ids)
             live.extend(seqs)
             if n > 1:
                 with phase("fork"):
@@ -71,8 +68,9 @@ class AncestralSampler(RunnerSampler):
                 live = children
                 seqs, logits = children, logits.repeat_interleave(n, dim=0)
             with phase("sample"):
-                out = sample_continuations(self.runner, seqs, logits, max_new_tokens, self.seeds,
-                                           temperature=self.config.temperature, eos_token_id=eos)
+                out = yield from continuations_program(seqs, logits, max_new_tokens, self.seeds,
+                                                       temperature=self.config.temperature, eos_token_id=eos,
+                                                       stream=stream and n == 1)
         finally:
             self.runner.free(live)
         check_no_nan(out.base_logliks, "sampling")
@@ -123,19 +121,19 @@ class MCMCSampler(RunnerSampler):
             raise ValueError(f"config must be an MCMCConfig, got {type(self.config).__name__}")
         super().__init__(model, tokenizer, seed, **runner_kwargs)
 
-    def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
-                 chat_template: bool = True, progress=None) -> list[GenerationResult]:
-        """MH power sampling of a completion per prompt. Blocks and MH rounds run batched
-        over the open prompts; ``stats.acceptance_rate`` reports accepted / proposed."""
-        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
-        eos = self.eos_token_id(ignore_eos)
+    def program(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress=None,
+                stream: bool = False):
+        """MH power sampling of a completion per prompt (a step program). Blocks and MH rounds
+        run batched over the open prompts; ``stats.acceptance_rate`` reports accepted /
+        proposed. A later MH step can rewrite any generated token: nothing is final before
+        the end, so ``stream`` yields nothing."""
         started = time.perf_counter()
         chains = [_Chain(ids) for ids in prompt_ids]
         stats = [GenerationStats(self.method) for _ in prompt_ids]
         live: list = []
         try:
             with phase("prefill"):
-                seqs, logits = self.runner.prefill(prompt_ids)
+                seqs, logits = yield Prefill(prompt_ids)
             live.extend(seqs)
             for chain, seq, stat in zip(chains, seqs, stats):
                 chain.seq = seq
@@ -145,13 +143,13 @@ class MCMCSampler(RunnerSampler):
             while open_chains:
                 if logits is None:  # the chains' next-token logits after the last MH round
                     with phase("fork"):
-                        logits = self._next_token_logits([chains[i] for i in open_chains], live)
+                        logits = yield from self._next_token_logits([chains[i] for i in open_chains], live)
                     for i in open_chains:
                         stats[i].add("refresh", 1)
                 block = min(self.config.block_size, max_new_tokens - block_end)  # open chains reach block_end
                 with phase("candidates"):
-                    out = sample_continuations(
-                        self.runner, [chains[i].seq for i in open_chains], logits, block, self.seeds,
+                    out = yield from continuations_program(
+                        [chains[i].seq for i in open_chains], logits, block, self.seeds,
                         temperature=1.0 / self.config.alpha, eos_token_id=eos, per_token=True,
                     )
                 check_no_nan(out.base_logliks, "MCMC")
@@ -165,7 +163,7 @@ class MCMCSampler(RunnerSampler):
                 block_end += block
                 for _ in range(self.config.mcmc_steps):
                     with phase("mcmc-step"):
-                        self._mh_round([chains[i] for i in open_chains], [stats[i] for i in open_chains],
+                        yield from self._mh_round([chains[i] for i in open_chains], [stats[i] for i in open_chains],
                                        block_end, eos, live)
                 logits = None
                 open_chains = [i for i in open_chains
@@ -188,8 +186,8 @@ class MCMCSampler(RunnerSampler):
         return sum(blocks_for(length + max_new_tokens, block_size)
                    + appended_blocks(length - 1, max_new_tokens + 1, block_size) for length in prompt_lengths)
 
-    def _next_token_logits(self, chains: list[_Chain], live: list) -> torch.Tensor:
-        """(N, V) next-token logits of each chain's sequence: fork it one token short and
+    def _next_token_logits(self, chains: list[_Chain], live: list):
+        """(Step program returning) the (N, V) next-token logits of each chain's sequence: fork it one token short and
         decode its last token again (the runner returns logits only for new tokens)."""
         children = []
         for chain in chains:
@@ -197,13 +195,13 @@ class MCMCSampler(RunnerSampler):
             live.append(child)
             children.append(child)
         last = [chain.token_at(chain.length - 1) for chain in chains]  # the runner uploads them, no sync
-        logits = self.runner.decode(children, last)
+        logits = yield Decode(children, last)
         for chain, child in zip(chains, children):
             self._replace(chain, child, live)
         return logits
 
-    def _mh_round(self, chains: list[_Chain], stats: list[GenerationStats], block_end: int, eos, live: list) -> None:
-        """One MH step for every chain, the proposals decoded as one batch.
+    def _mh_round(self, chains: list[_Chain], stats: list[GenerationStats], block_end: int, eos, live: list):
+        """One MH step for every chain, the proposals decoded as one batch (a step program).
 
         A proposal resamples from m up to the end of the current block (``block_end``
         generated tokens) or to EOS, whatever the current sequence's length: a chain
@@ -217,10 +215,10 @@ class MCMCSampler(RunnerSampler):
             live.append(child)
             children.append(child)
         fed = [chain.token_at(len(chain.prompt) + m - 1) for chain, m in zip(chains, starts)]  # uploaded, no sync
-        logits = self.runner.decode(children, fed)
+        logits = yield Decode(children, fed)
         wanted = [block_end - m for m in starts]
-        proposal = sample_continuations(self.runner, children, logits, max(wanted), self.seeds,
-                                        temperature=1.0 / alpha, eos_token_id=eos, per_token=True)
+        proposal = yield from continuations_program(children, logits, max(wanted), self.seeds,
+                                                    temperature=1.0 / alpha, eos_token_id=eos, per_token=True)
         check_no_nan(proposal.base_logliks, "MCMC")
         lengths = proposal.lengths.cpu().tolist()
         tokens, logp, logq = proposal.tokens.cpu(), proposal.token_logprobs.cpu(), proposal.token_tempered.cpu()

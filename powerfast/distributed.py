@@ -117,8 +117,10 @@ def run_evaluation_on_ray(
                      or, without GPUs, the cluster's CPUs // ``cpus_per_worker``
     cpus_per_worker: CPUs reserved per actor (torch in the actor uses that many threads)
     gpus_per_worker: GPUs per actor; None: 1 when the cluster has GPUs, else 0
-    units_per_call:  units of one method sent in one call (they run one after another; a
-                     dead worker's unreturned calls are redone)
+    units_per_call:  most units of one method sent in one call (fewer when the units left
+                     would not keep every worker busy; with ``powerfast.cli.eval_methods``
+                     they decode together in the worker's engine; a dead worker's
+                     unreturned calls are redone)
     max_worker_failures: workers that may die before the run gives up (default
                      ``max(4, 2 * workers)``): a unit that kills every worker stops the run
     ray_init_kwargs: extra ``ray.init`` arguments when this call starts Ray
@@ -166,7 +168,9 @@ def run_evaluation_on_ray(
                 workers = max(1, int(resources.get("CPU", 1) // cpus_per_worker))
         if max_worker_failures is None:
             max_worker_failures = max(4, 2 * workers)
-        queue = deque(unit_batches(run.pending, units_per_call))
+        # no more per call than keeps every worker busy
+        per_call = max(1, min(units_per_call, -(-len(run.pending) // workers)))
+        queue = deque(unit_batches(run.pending, per_call))
         workers = min(workers, len(queue))
         print(f"powerfast: {len(run.pending)} units on {workers} Ray worker(s)"
               f" ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU each)", file=sys.stderr)

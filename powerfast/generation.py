@@ -16,6 +16,7 @@ import torch
 
 from powerfast import library, ops
 from powerfast.lm import hf_eos_token_ids, stop_token_ids
+from powerfast.program import Decode, Tokens, drive
 
 __all__ = [
     "BlockRecord",
@@ -24,6 +25,7 @@ __all__ = [
     "SeedStream",
     "Continuations",
     "sample_continuations",
+    "continuations_program",
     "sample_step",
     "encode_prompts",
     "check_no_nan",
@@ -299,8 +301,7 @@ def sample_step(
     return ops.SampleOutput(tokens, base, tempered, log_power_sums)
 
 
-def sample_continuations(
-    runner,
+def continuations_program(
     seqs: list,
     first_logits: torch.Tensor,
     num_steps: int,
@@ -312,12 +313,15 @@ def sample_continuations(
     per_token: bool = False,
     stop_check_every: int = 32,
     want_log_power_sums: bool = False,
-) -> Continuations:
-    """Sample ``num_steps`` tokens for every sequence in one batched decode loop.
+    stream: bool = False,
+):
+    """Sample ``num_steps`` tokens for every sequence in one batched decode loop, as a
+    step program (it yields its decodes, see :mod:`powerfast.program`; with ``stream``
+    also each step's tokens as ``Tokens``); :func:`sample_continuations` runs it on a runner.
 
     first_logits: (N, V) logits of the next token of each sequence. Every step samples
     all rows with :func:`sample_step` (a row that sampled EOS keeps being fed EOS, its
-    statistics frozen), then decodes the batch through ``runner`` so the sequences hold
+    statistics frozen), then decodes the batch (a Decode yield) so the sequences hold
     the new tokens' KV. The seed and the step counter are device tensors (one seed drawn
     from ``seeds`` per call): no host sync per token; whether every row has finished is
     looked at every ``stop_check_every`` steps. Temperature 0 is greedy decoding. ``want_log_power_sums``
@@ -368,10 +372,25 @@ def sample_continuations(
             if per_token:
                 token_base, token_tempered = token_base[:, :steps_done], token_tempered[:, :steps_done]
             break
+        if stream:
+            yield Tokens(chosen, was_active)
         if not last_step or want_last_logits:
-            logits = runner.decode(seqs, chosen)
+            logits = yield Decode(seqs, chosen)
     return Continuations(tokens, lengths, base, tempered, logits if want_last_logits else None,
                          token_base, token_tempered, log_power_sums)
+
+
+def sample_continuations(
+    runner,
+    seqs: list,
+    first_logits: torch.Tensor,
+    num_steps: int,
+    seeds: SeedStream,
+    **options,
+) -> Continuations:
+    """Sample ``num_steps`` tokens for every sequence in one batched decode loop on
+    ``runner``: :func:`continuations_program` run alone (see there for the options)."""
+    return drive(continuations_program(seqs, first_logits, num_steps, seeds, **options), runner)
 
 
 # ------------------------------------------------------------------ KV budget
@@ -399,6 +418,19 @@ def forked_peak_blocks(prompt_lengths: list[int], num_branches: int, count: int,
 # ------------------------------------------------------------------- sampler base
 
 
+def as_runner(model, **runner_kwargs):
+    """``model`` itself if it is a ModelRunner or an LMRunner (then no runner settings may
+    be given), else a :class:`powerfast.runner.ModelRunner` around it with ``runner_kwargs``."""
+    from powerfast.lm_runner import LMRunner
+    from powerfast.runner import ModelRunner
+
+    if isinstance(model, (ModelRunner, LMRunner)):
+        if runner_kwargs:
+            raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready runner")
+        return model
+    return ModelRunner(model, **runner_kwargs)
+
+
 class RunnerSampler:
     """What every sampler holds: a runner around the model, a tokenizer, a seed stream.
 
@@ -413,14 +445,8 @@ class RunnerSampler:
 
     def __init__(self, model, tokenizer=None, seed: int | None = None, **runner_kwargs) -> None:
         from powerfast.lm_runner import LMRunner
-        from powerfast.runner import ModelRunner
 
-        if isinstance(model, (ModelRunner, LMRunner)):
-            if runner_kwargs:
-                raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready runner")
-            self.runner = model
-        else:
-            self.runner = ModelRunner(model, **runner_kwargs)
+        self.runner = as_runner(model, **runner_kwargs)
         self.tokenizer = tokenizer
         self.seeds = SeedStream(seed)
         if isinstance(self.runner, LMRunner):
@@ -449,6 +475,25 @@ class RunnerSampler:
         prompt_ids = encode_prompts(prompts, self.tokenizer, chat_template, self.context_length, max_new_tokens)
         self.check_kv_capacity([len(ids) for ids in prompt_ids], max_new_tokens)
         return prompt_ids
+
+    def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
+                 chat_template: bool = True, progress=None) -> list[GenerationResult]:
+        """A completion per prompt (strings or token-id lists; the prompts of a call share
+        decode batches): the sampler's step program (:meth:`program`) run alone on the runner.
+
+        ignore_eos:    generate the whole budget whatever the model samples
+        chat_template: wrap string prompts in the tokenizer's chat template
+        progress:      optional callable ``(tokens_done, max_new_tokens)``
+        """
+        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
+        return drive(self.program(prompt_ids, max_new_tokens, self.eos_token_id(ignore_eos), progress), self.runner)
+
+    def program(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress=None,
+                stream: bool = False):
+        """The step program (:mod:`powerfast.program`) of a generation: checked prompts, the
+        budget, the ids that end a completion; returns a GenerationResult per prompt. With
+        ``stream``, output that became final is yielded on the way (``Tokens`` / ``Final``)."""
+        raise NotImplementedError
 
     def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int | None:
         """Most KV blocks of ``block_size`` positions a ``generate`` of prompts of these

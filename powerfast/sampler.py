@@ -35,15 +35,15 @@ from powerfast import ops
 from powerfast.config import PowerConfig
 from powerfast.generation import (
     BlockRecord,
-    GenerationResult,
     GenerationStats,
     RunnerSampler,
     appended_blocks,
     blocks_for,
     check_no_nan,
+    continuations_program,
     phase,
-    sample_continuations,
 )
+from powerfast.program import Decode, Final, Prefill, drive
 
 __all__ = ["PowerSampler", "Decision"]
 
@@ -87,15 +87,11 @@ class PowerSampler(RunnerSampler):
 
     # ------------------------------------------------------------------ public API
 
-    def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
-                 chat_template: bool = True, progress=None) -> list[GenerationResult]:
-        """Power-sample a completion for each prompt (strings or token-id lists); the
-        prompts of the batch share decode batches. Returns one result per prompt.
-
-        progress: optional callable ``(tokens_done, max_new_tokens)`` called after each block.
-        """
-        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
-        eos = self.eos_token_id(ignore_eos)
+    def program(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress=None,
+                stream: bool = False):
+        """Power-sample a completion for each prompt (a step program); the prompts share
+        decode batches. ``progress`` is called after each block; with ``stream`` each chosen
+        block is yielded as ``Final``."""
         started = time.perf_counter()
         stats = [GenerationStats(self.method) for _ in prompt_ids]
         generated: list[list[int]] = [[] for _ in prompt_ids]
@@ -103,7 +99,7 @@ class PowerSampler(RunnerSampler):
         live: list = []  # every sequence this call holds, freed at the end whatever happens
         try:
             with phase("prefill"):
-                seqs, logits = self.runner.prefill(prompt_ids)
+                seqs, logits = yield Prefill(prompt_ids)
             live.extend(seqs)
             check_no_nan(logits, "prefill")
             for i, ids in enumerate(prompt_ids):
@@ -113,7 +109,7 @@ class PowerSampler(RunnerSampler):
             reused: dict[int, Decision] = {}  # next decision's candidates taken from rollouts
             while open_prompts:
                 budget = max_new_tokens - len(generated[open_prompts[0]])
-                decisions = self._decide(open_prompts, heads, budget, eos, stats, live, reused=reused)
+                decisions = yield from self._decide(open_prompts, heads, budget, eos, stats, live, reused=reused)
                 still_open = []
                 reused = {}
                 for i in open_prompts:
@@ -121,6 +117,8 @@ class PowerSampler(RunnerSampler):
                     if next_candidates is not None:
                         reused[i] = next_candidates
                     generated[i].extend(chosen)
+                    if stream and chosen:
+                        yield Final(i, list(chosen))
                     logliks[i] += record.candidate_logprobs[record.choice]
                     stats[i].blocks.append(record)
                     stats[i].num_blocks += 1
@@ -160,18 +158,21 @@ class PowerSampler(RunnerSampler):
         rollouts) and not taken: candidates with their log-probs, p_hat, the configured
         probabilities and log zeta. Prompts may repeat: each copy is a fresh estimate."""
         prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
-        eos = self.eos_token_id(ignore_eos)
+        decided = drive(self._first_decisions(prompt_ids, max_new_tokens, self.eos_token_id(ignore_eos)), self.runner)
+        return [decided[i][1] for i in range(len(prompt_ids))]
+
+    def _first_decisions(self, prompt_ids: list[list[int]], max_new_tokens: int, eos):
+        """The step program of :meth:`decisions`."""
         live: list = []
         try:
-            seqs, logits = self.runner.prefill(prompt_ids)
+            seqs, logits = yield Prefill(prompt_ids)
             live.extend(seqs)
             check_no_nan(logits, "prefill")
             stats = [GenerationStats(self.method) for _ in prompt_ids]
             heads = {i: (seqs[i], logits[i]) for i in range(len(prompt_ids))}
-            decided = self._decide(list(heads), heads, max_new_tokens, eos, stats, live, select=False)
+            return (yield from self._decide(list(heads), heads, max_new_tokens, eos, stats, live, select=False))
         finally:
             self.runner.free(live)
-        return [decided[i][1] for i in range(len(prompt_ids))]
 
     def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
         """Most KV blocks a ``generate`` holds at once: at each decision, per prompt, the
@@ -198,7 +199,7 @@ class PowerSampler(RunnerSampler):
 
     def _decide(self, prompts: list[int], heads: dict, budget: int, eos, stats, live: list, select: bool = True,
                 reused: dict | None = None):
-        """Candidates, rollouts, estimate and choice for every open prompt at once.
+        """Candidates, rollouts, estimate and choice for every open prompt at once (a step program).
 
         heads[i] = (sequence, next-token logits (V,)); reused[i], where given, is prompt i's
         candidate set taken from the previous decision's rollouts. Returns, per prompt,
@@ -216,9 +217,9 @@ class PowerSampler(RunnerSampler):
             if not fresh:
                 pass
             elif cfg.token_level:
-                decisions.update(self._token_candidates(fresh, heads, eos, stats, live))
+                decisions.update((yield from self._token_candidates(fresh, heads, eos, stats, live)))
             else:
-                decisions.update(self._block_candidates(fresh, heads, block, eos, stats, live))
+                decisions.update((yield from self._block_candidates(fresh, heads, block, eos, stats, live)))
 
         # rollouts from every candidate that has a future (not ended, budget left)
         needs_rollouts = [(i, k) for i in prompts for k in range(len(decisions[i].candidates))
@@ -239,8 +240,8 @@ class PowerSampler(RunnerSampler):
             tempered = cfg.rollout_proposal == "tempered"
             reuse = cfg.reuse_rollouts and select
             with phase("rollouts"):
-                rollouts = sample_continuations(
-                    self.runner, rollout_seqs, torch.cat(first_logits), horizon, self.seeds, eos_token_id=eos,
+                rollouts = yield from continuations_program(
+                    rollout_seqs, torch.cat(first_logits), horizon, self.seeds, eos_token_id=eos,
                     temperature=1.0 / cfg.alpha if tempered else 1.0, want_log_power_sums=tempered, per_token=reuse,
                 )
             if not reuse:  # with reuse they live on until the choice (the chosen ones become candidates)
@@ -296,7 +297,7 @@ class PowerSampler(RunnerSampler):
                 out[i] = (d.candidates[choice], record, d.candidate_seqs[choice], d.last_logits[choice], None)
         if rollouts is not None and cfg.reuse_rollouts and select:
             with phase("reuse"):
-                self._reuse(out, prompts, rollouts, rollout_seqs, rollout_rows, rollout_starts, budget, eos, stats, live)
+                yield from self._reuse(out, prompts, rollouts, rollout_seqs, rollout_rows, rollout_starts, budget, eos, stats, live)
         return out
 
     def _reuse(self, out: dict, prompts: list[int], rollouts, rollout_seqs: list, rollout_rows: dict,
@@ -308,6 +309,7 @@ class PowerSampler(RunnerSampler):
         KV is already cached; duplicates merge, the Top-K by base log-likelihood stay. A
         kept one is forked one token short and that token decoded again, which gives its
         next-token logits (the rollout did not keep them): one decode step at batch K.
+        A step program.
         """
         cfg = self.config
         num = cfg.num_rollouts
@@ -338,7 +340,7 @@ class PowerSampler(RunnerSampler):
         if pending:
             all_seqs = [s for _, _, _, seqs in pending for s in seqs]
             last_tokens = [c[-1] for _, cands, _, _ in pending for c in cands]  # the runner uploads them, no sync
-            last_logits = self.runner.decode(all_seqs, last_tokens)
+            last_logits = yield Decode(all_seqs, last_tokens)
             check_no_nan(last_logits, "reused candidates")
             start = 0
             for i, candidates, logliks, seqs in pending:
@@ -354,7 +356,7 @@ class PowerSampler(RunnerSampler):
         live[:] = [s for s in live if id(s) not in drop]
 
     def _token_candidates(self, prompts, heads, eos, stats, live) -> dict[int, Decision]:
-        """Token level: the Top-K next tokens (those with probability > 0) of each prompt."""
+        """Token level: the Top-K next tokens (those with probability > 0) of each prompt (a step program)."""
         k = min(self.config.top_k, self.vocab_size)
         logits = torch.stack([heads[i][1] for i in prompts])
         token_ids, logprobs = ops.topk_logprobs(logits, k)
@@ -371,7 +373,7 @@ class PowerSampler(RunnerSampler):
             decisions[i] = Decision([[t] for t in ids], children, logprobs[row][keep],
                                     [t in eos for t in ids], None)
             stats[i].add("candidates", len(ids))
-        last_logits = self.runner.decode(all_seqs, torch.tensor(all_tokens, device=logits.device))
+        last_logits = yield Decode(all_seqs, torch.tensor(all_tokens, device=logits.device))
         check_no_nan(last_logits, "candidates")
         start = 0
         for i in prompts:
@@ -381,7 +383,7 @@ class PowerSampler(RunnerSampler):
         return decisions
 
     def _block_candidates(self, prompts, heads, block, eos, stats, live) -> dict[int, Decision]:
-        """Block level: L sampled blocks per prompt, duplicates merged, Top-K kept."""
+        """Block level: L sampled blocks per prompt, duplicates merged, Top-K kept (a step program)."""
         num = self.config.num_candidates
         seqs, first_logits = [], []
         for i in prompts:
@@ -389,8 +391,8 @@ class PowerSampler(RunnerSampler):
             live.extend(children)
             seqs.extend(children)
             first_logits.append(heads[i][1].expand(num, -1))
-        sampled = sample_continuations(
-            self.runner, seqs, torch.cat(first_logits), block, self.seeds, eos_token_id=eos, want_last_logits=True
+        sampled = yield from continuations_program(
+            seqs, torch.cat(first_logits), block, self.seeds, eos_token_id=eos, want_last_logits=True
         )
         check_no_nan(sampled.base_logliks, "candidates")
         tokens = sampled.tokens.cpu()

@@ -28,7 +28,6 @@ import torch
 from powerfast import ops, resampling
 from powerfast.config import SMCConfig
 from powerfast.generation import (
-    GenerationResult,
     GenerationStats,
     RunnerSampler,
     check_no_nan,
@@ -36,6 +35,7 @@ from powerfast.generation import (
     phase,
     sample_step,
 )
+from powerfast.program import Decode, Prefill, drive
 
 __all__ = ["SMCSampler"]
 
@@ -129,11 +129,12 @@ class SMCSampler(RunnerSampler):
         (a copy is a fork), so it never raises the count past that."""
         return forked_peak_blocks(prompt_lengths, self.config.num_particles, max_new_tokens - 1, block_size)
 
-    def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
-                 chat_template: bool = True, progress=None) -> list[GenerationResult]:
+    def program(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress=None,
+                stream: bool = False):
         """One completion per prompt, drawn by weight from its N particles; the particles of
-        every prompt decode as one batch."""
-        groups, stats = self._run(prompts, max_new_tokens, ignore_eos, chat_template, progress)
+        every prompt decode as one batch (a step program). Nothing is final before the
+        draw at the end, so ``stream`` yields nothing."""
+        groups, stats = yield from self._run(prompt_ids, max_new_tokens, eos, progress)
         results = []
         for group, stat in zip(groups, stats):
             log_weights = torch.tensor([p.log_weight for p in group], dtype=torch.float64)
@@ -146,14 +147,14 @@ class SMCSampler(RunnerSampler):
         """Every final particle of each prompt instead of one draw: per prompt, N tuples
         (token ids, base log-likelihood, log-weight). The weighted particles estimate the
         power distribution; normalised, the weights are the probabilities of a draw."""
-        groups, _ = self._run(prompts, max_new_tokens, ignore_eos, chat_template, None)
+        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
+        groups, _ = drive(self._run(prompt_ids, max_new_tokens, self.eos_token_id(ignore_eos), None), self.runner)
         return [[(p.tokens, p.loglik, p.log_weight) for p in group] for group in groups]
 
-    def _run(self, prompts, max_new_tokens: int, ignore_eos: bool, chat_template: bool, progress):
-        """The particle system to the end; returns (the final particles of each prompt, stats)."""
+    def _run(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress):
+        """The particle system to the end (a step program); returns (the final particles of
+        each prompt, stats)."""
         cfg = self.config
-        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
-        eos = self.eos_token_id(ignore_eos)
         started = time.perf_counter()
         stats = [GenerationStats(self.method) for _ in prompt_ids]
         for stat, ids in zip(stats, prompt_ids):
@@ -163,7 +164,7 @@ class SMCSampler(RunnerSampler):
         live: dict[int, object] = {}  # id -> sequence: everything this call holds, freed at the end
         try:
             with phase("prefill"):
-                seqs, prompt_logits = self.runner.prefill(prompt_ids)
+                seqs, prompt_logits = yield Prefill(prompt_ids)
             live.update((id(s), s) for s in seqs)
             check_no_nan(prompt_logits, "prefill")
             particles: list[list[_Particle]] = []
@@ -202,7 +203,7 @@ class SMCSampler(RunnerSampler):
                 alpha_prev = alpha_t
                 last = step == max_new_tokens - 1
                 if not last:
-                    logits = self.runner.decode(rows.seqs(), out.tokens)
+                    logits = yield Decode(rows.seqs(), out.tokens)
                 if last or (step + 1) % cfg.resample_every == 0:
                     with phase("resample"):
                         running, keep_rows = self._check(particles, rows, alpha_t, last, eos, stats, live)

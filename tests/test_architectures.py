@@ -126,7 +126,7 @@ def test_gemma_runner_matches_the_dense_forward(family, backend):
         set_softcap(model, None)
         uncapped = dense(model, prompt)[-1]
         set_softcap(model, model.config.attn_logit_softcapping)
-        assert (uncapped - reference[-1]).abs().max() > 1e-2, seed
+        assert (uncapped - reference[-1]).abs().max() > 1e-3, seed  # 10x the tolerance of the match above
     children = runner.fork(seq, 3)
     next_tokens = [rng.randrange(256) for _ in children]
     step = runner.decode(children, next_tokens)

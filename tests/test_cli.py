@@ -123,6 +123,38 @@ def test_eval_on_a_fixture_and_resume(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "math3" / "greedy-seed0.jsonl").read_text().splitlines() == lines
 
 
+def test_eval_concurrency_gives_the_samples_of_one_unit_at_a_time(tiny_model_dir, tmp_path, capsys):
+    """Units submitted to the engine together decode together, yet each record is the one a
+    unit run alone gives (per-request seeds), and the plain sample is ``generate`` of that
+    prompt alone with the unit's seed."""
+    from powerfast import evaluation as ev
+    from powerfast.baselines import make_sampler
+    from powerfast.models import load_model
+
+    fixture = Path(__file__).parent / "fixtures" / "math3.jsonl"
+    base = ["eval", "--task", str(fixture), "--methods", "plain,power,mcmc", "--seeds", "0,3", "--model",
+            str(tiny_model_dir), "--max-new-tokens", "6", "--block-size", "2", "--candidates", "3", "--top-k", "2",
+            "--rollouts", "2", "--horizon", "2", "--mcmc-steps", "1", "--no-chat-template"]
+    found = {}
+    for concurrency in ("1", "6"):
+        out = tmp_path / concurrency
+        assert cli.main(base + ["--out", str(out), "--concurrency", concurrency]) == 0
+        found[concurrency] = {
+            path.name: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                        for line in path.read_text().splitlines()]
+            for path in sorted((out / "math3").glob("*.jsonl"))
+        }
+    assert len(found["1"]) == 6 and found["1"] == found["6"]
+    model, tokenizer = load_model(str(tiny_model_dir))
+    problem = ev.load_task(fixture).problems[1]
+    sampler = make_sampler("plain", model, tokenizer, seed=ev.unit_seed(problem.id, 3, "plain"))
+    [alone] = sampler.generate([problem.prompt], 6, chat_template=False)
+    [record] = [r for r in found["6"]["plain-seed3.jsonl"] if r["id"] == problem.id]
+    assert record["completion"] == alone.text and record["num_tokens"] == alone.num_tokens
+    assert cli.main(base + ["--out", str(tmp_path / "x"), "--concurrency", "0"]) == 2
+    assert "--concurrency must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_profile_writes_a_chrome_trace(tiny_model_dir, tmp_path):
     trace = tmp_path / "trace.json"
     assert cli.main(["profile", "a b", "--model", str(tiny_model_dir), "--trace", str(trace), *SMALL]) == 0

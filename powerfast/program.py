@@ -1,0 +1,88 @@
+"""Step programs: samplers written as generators of the forwards they need (DESIGN.md section 8).
+
+A sampler's work on a set of prompts is a *program*: a generator that yields one
+request for a forward at a time and receives its result,
+
+    seqs, logits = yield Prefill(prompt_ids)      # new sequences, (N, V) last-position logits
+    logits = yield Decode(seqs, tokens)           # one token appended to each, (N, V) logits
+
+and returns the results when done. Forks and frees are no forwards: a program calls the
+runner for them directly. A program may also yield what became final, for streaming:
+
+    yield Tokens(tokens, live)      # a decode loop's sampled tokens (device tensors, no sync)
+    yield Final(index, token_ids)   # host token ids of prompt ``index`` that can no longer change
+
+(the driver sends None back for those). :func:`drive` runs one program alone on a runner,
+which is what every ``generate`` does; :class:`powerfast.engine.Engine` runs many at once
+and merges their decodes into one forward per step. A program holds sequences only inside
+``try/finally``: closing it (``program.close()``, what an abort does) frees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = ["Prefill", "Decode", "Tokens", "Final", "Program", "drive"]
+
+
+class Prefill(NamedTuple):
+    """Prefill these prompts (N lists of token ids); the program receives (N sequences, (N, V) logits)."""
+
+    prompts: list[list[int]]
+
+
+class Decode(NamedTuple):
+    """Append ``tokens[i]`` to ``seqs[i]``; the program receives the (N, V) logits after them.
+
+    tokens: (N,) int64 device tensor or a list of N ints.
+    """
+
+    seqs: list
+    tokens: Any
+
+
+class Tokens(NamedTuple):
+    """The tokens a decode loop sampled this step: ``tokens`` (N,) int64 and ``live`` (N,)
+    bool (rows that had not ended before this step; only their tokens are appended).
+    Row i is the program's output i (yielded by programs whose rows are their outputs)."""
+
+    tokens: torch.Tensor
+    live: torch.Tensor
+
+
+class Final(NamedTuple):
+    """Host token ids appended to prompt ``index``'s output that can no longer change."""
+
+    index: int
+    token_ids: list[int]
+
+
+Program = Generator[Any, Any, Any]
+
+
+def drive(program: Program, runner) -> Any:
+    """Run ``program`` alone on ``runner`` to its end and return its value.
+
+    Prefills and decodes go to the runner one by one, exactly as the program yields them;
+    streaming yields are ignored. If the runner raises, the program is closed (its
+    ``finally`` blocks free what it holds) and the error propagates.
+    """
+    try:
+        request = next(program)
+        while True:
+            if isinstance(request, Decode):
+                reply = runner.decode(request.seqs, request.tokens)
+            elif isinstance(request, Prefill):
+                reply = runner.prefill(request.prompts)
+            elif isinstance(request, (Tokens, Final)):
+                reply = None
+            else:
+                raise TypeError(f"a step program yielded {type(request).__name__}, not a Prefill, Decode, Tokens or Final")
+            request = program.send(reply)
+    except StopIteration as done:
+        return done.value
+    finally:
+        program.close()
