@@ -311,6 +311,26 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
+class _CountResponses:
+    """ASGI middleware: counts the responses of the ``/v1/`` endpoints by status in ``metrics``
+    (plain ASGI, so that streamed responses and their cancellation pass through untouched)."""
+
+    def __init__(self, app, metrics: ServingMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.response(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def _event(payload) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -351,6 +371,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     app = FastAPI(title="powerfast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.model_name = engine, metrics, model_name
+    app.add_middleware(_CountResponses, metrics=metrics)
 
     async def check_key(request: Request) -> None:
         if api_key is None:
