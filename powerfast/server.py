@@ -296,6 +296,30 @@ async def _merged(streams: list[AsyncIterator[RequestOutput]], firsts: list[Requ
         await _close_streams(streams, list(tasks))
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+async def _unless_disconnected(request: Request, work, poll_seconds: float = 0.1):
+    """The result of the coroutine ``work``, or _ClientGone once the client disconnects (then
+    ``work`` is cancelled: its streams close and the engine aborts their requests)."""
+    async def disconnected() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(poll_seconds)
+
+    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait([task, watcher], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise _ClientGone()
+
+
 class _EventStream(StreamingResponse):
     """Server-sent events whose body iterator is closed however the response ends (a client
     that disconnects included), so that the engine requests behind it are aborted."""
@@ -431,7 +455,9 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             streams = [engine.generate(prompt, p, f"{response_id}-{len(params) * i + j}")
                        for i, prompt in enumerate(prompts) for j, p in enumerate(params)]
-            firsts = await _first_outputs(streams)
+            firsts = await _unless_disconnected(request, _first_outputs(streams))
+        except _ClientGone:
+            return Response(status_code=499)  # nobody reads it
         except Exception as error:  # noqa: BLE001 - every error is answered in OpenAI's shape
             error = _api_error(error)
             if chat and error.param == "max_tokens" and "max_tokens" not in body:
@@ -442,11 +468,15 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
             events = _chat_events if chat else _completion_events
             return _EventStream(events(head, streams, firsts, len(params), include_usage))
         try:
-            return await _collect(request, head, streams, firsts, len(params), chat)
+            return await _unless_disconnected(request, _collect(head, streams, firsts, len(params), chat))
+        except _ClientGone:
+            for output in firsts:
+                metrics.forget(output.request_id)
+            return Response(status_code=499)
         except Exception as error:  # noqa: BLE001
             return _api_error(error).response()
 
-    async def _collect(request, head, streams, firsts, n, chat):
+    async def _collect(head, streams, firsts, n, chat):
         finals: dict[int, RequestOutput] = {}
         outputs = _merged(streams, firsts)
         try:
@@ -454,10 +484,6 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 metrics.observe(output)
                 if output.finished:
                     finals[index] = output
-                elif await request.is_disconnected():
-                    for out in firsts:
-                        metrics.forget(out.request_id)
-                    return Response(status_code=499)
         finally:
             await outputs.aclose()
         for output in finals.values():

@@ -564,3 +564,16 @@ def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
     assert cli.main(["serve"]) == 2
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "pip install 'powerfast[serve]'" in error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_before_any_output_aborts_its_request(server, stream):
+    """MCMC yields nothing before its end: the server watches the connection meanwhile."""
+    aborted = server.engine.stats().requests_finished.get("abort", 0)
+    body = {"prompt": "Wait", "max_tokens": 240, "seed": 0, "ignore_eos": True, "stream": stream, **MCMC}
+    with server.http() as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    assert server.engine.stats().num_running == 1  # still running when the client left
+    stats = server.wait_idle(timeout=5)
+    assert stats.requests_finished.get("abort", 0) == aborted + 1
