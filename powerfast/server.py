@@ -359,16 +359,14 @@ def _event(payload) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _finish_reason(output: RequestOutput) -> str | None:
-    return output.finish_reason if output.finished else None
-
-
 def _usage(finals: dict[int, RequestOutput], n: int) -> dict:
+    """OpenAI's usage of the finished choices (the prompt of each of their prompts counted
+    once) and ``decoded_tokens``: every token decoded for them, at least the completion's."""
     prompt_tokens = sum(out.prompt_tokens for index, out in finals.items() if index % n == 0)
     completion_tokens = sum(len(out.token_ids) for out in finals.values())
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "decoded_tokens": sum(out.decoded_tokens for out in finals.values())}
+            "decoded_tokens": sum(max(out.decoded_tokens, len(out.token_ids)) for out in finals.values())}
 
 
 # ------------------------------------------------------------------------------ the app

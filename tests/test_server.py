@@ -186,6 +186,7 @@ def test_token_id_prompts_n_choices_and_stop_strings(server):
     cut = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=10, seed=8, stop=[stop, "\x00never"])
     assert cut.choices[0].text == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    assert cut.usage.model_extra["decoded_tokens"] >= cut.usage.completion_tokens >= 1
     server.wait_idle()
 
 
