@@ -326,6 +326,22 @@ def test_other_errors_have_openai_shape(server):
     server.wait_idle()
 
 
+def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_server_stays_up(server, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("something nobody expected")
+
+    monkeypatch.setattr(server.engine, "add_request", broken)
+    with server.http() as http:
+        for stream in (False, True):
+            response = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": stream})
+            assert response.status_code == 500
+            error = response.json()["error"]
+            assert error["type"] == "server_error" and "something nobody expected" in error["message"]
+        monkeypatch.undo()
+        assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    assert any("unexpected error" in record.getMessage() for record in caplog.records)
+
+
 # ------------------------------------------------------------------------------ scheduling
 
 
