@@ -256,7 +256,7 @@ def test_models_health_metrics_and_auth(server):
 def test_a_dropped_stream_aborts_its_request_and_frees_its_blocks(server):
     aborted = server.engine.stats().requests_finished.get("abort", 0)
     client = server.client()
-    stream = client.completions.create(model=MODEL_NAME, prompt="Tell me", max_tokens=200, seed=0, stream=True,
+    stream = client.completions.create(model=MODEL_NAME, prompt="Tell me", max_tokens=240, seed=0, stream=True,
                                        extra_body={"ignore_eos": True})
     received = 0
     for chunk in stream:
@@ -348,7 +348,7 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_server_stays_up(se
 def test_a_pool_for_one_power_request_runs_two_in_turn_and_a_full_queue_answers_429(tokenizer):
     prompt = "Count with me"
     power = {**POWER, "ignore_eos": True}
-    params = SamplingParams(**power, max_tokens=48)
+    params = SamplingParams(**power, max_tokens=160)
     prompt_len = len(tokenizer(prompt)["input_ids"])
     sampler = make_sampler("power", ModelRunner(tiny_model(len(tokenizer), 2), num_blocks=8), tokenizer,
                            power_config=PowerConfig(**{k: v for k, v in POWER.items() if k != "method"}))
@@ -361,7 +361,7 @@ def test_a_pool_for_one_power_request_runs_two_in_turn_and_a_full_queue_answers_
             try:
                 with live.http() as http:
                     response = http.post("/v1/completions",
-                                         json={"prompt": prompt, "max_tokens": 48, "seed": 1, **power})
+                                         json={"prompt": prompt, "max_tokens": 160, "seed": 1, **power})
                 results[name] = response
             except Exception as error:  # noqa: BLE001
                 errors[name] = error
