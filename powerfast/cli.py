@@ -1,4 +1,4 @@
-"""The ``powerfast`` command: sample, eval, profile, toy, fidelity."""
+"""The ``powerfast`` command: sample, eval, profile, toy, fidelity, serve."""
 
 from __future__ import annotations
 
@@ -115,6 +115,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     toy_parser = commands.add_parser("toy", help="the paper's PLAN/GUESS toy: exact values and Monte Carlo estimates")
     _add_toy_arguments(toy_parser)
     toy_parser.set_defaults(handler=_run_toy)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat) over the engine")
+    _add_serve_arguments(serve)
+    _add_model_arguments(serve)
+    serve.set_defaults(handler=_run_serve)
 
     fidelity_parser = commands.add_parser(
         "fidelity", help="TV of every method to the exact p^alpha on small random models, next to the noise floor")
@@ -336,6 +341,62 @@ def _run_profile(args) -> int:
                          chat_template=not args.no_chat_template)
     prof.export_chrome_trace(args.trace)
     print(f"trace written to {args.trace}")
+    return 0
+
+
+def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    parser.add_argument("--max-queue", type=int, default=256, metavar="N",
+                        help="requests waiting for admission before 429 answers (default 256)")
+    parser.add_argument("--api-key", default=None, metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' (default: $POWERFAST_API_KEY; none when unset)")
+    parser.add_argument("--served-model-name", default=None, metavar="NAME",
+                        help="the model name of the API (default: the model folder's or file's name)")
+
+
+def _served_model_name(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        from powerfast.models import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    path = Path(args.model)
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def _run_serve(args) -> int:
+    import importlib.util
+    import os
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ImportError(f"serving needs {' and '.join(missing)}: pip install 'powerfast[serve]'")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.kv_memory is not None and args.kv_memory < 1:
+        raise ValueError(f"--kv-memory must be >= 1 MiB, got {args.kv_memory}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("POWERFAST_API_KEY") or None
+    import uvicorn
+
+    from powerfast.engine import AsyncEngine, Engine
+    from powerfast.server import build_app
+
+    model, tokenizer = _load(args)
+    if tokenizer is None:
+        raise ValueError(f"--model {args.model} has no tokenizer files: the server needs one for text prompts")
+    runner_kwargs = {} if args.kv_memory is None else {"max_memory": args.kv_memory << 20}
+    engine = Engine(model, tokenizer, max_queue=args.max_queue, **runner_kwargs)
+    engine.model_name = _served_model_name(args)
+    app = build_app(AsyncEngine(engine), engine.model_name, api_key=api_key)
+    print(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 "
+          f"({'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 

