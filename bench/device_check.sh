@@ -5,6 +5,7 @@
 #   kernels  kernel timings (bench/device_kernels.py)                 90 s
 #   runtime  runner vs model.generate (bench/device_runner.py)        90 s
 #   decode   decode step eager vs graphs (bench/device_decode.py)      75 s
+#   engine   continuous batching vs one call at a time (bench/device_engine.py)  60 s
 #   e2e      end to end, Qwen2.5-1.5B shapes (bench/e2e.py)           what is left
 #
 # All of it fits in SCRIPT_BUDGET_S (480 s: one 600-s call with room to spare). Each stage
@@ -21,10 +22,11 @@
 # SMOKE=1 runs the same stages on a machine without a GPU (kernels under the interpreter,
 # a tiny random Llama for runtime and end-to-end) and fails unless every stage finished
 # ok, printed its table and the files fit what comes back. CI runs it. Its timings are not
-# measurements. Limits: TESTS_S, KERNELS_S, RUNTIME_S, DECODE_S, E2E_S (seconds; 0: what is left of
+# measurements. Limits: TESTS_S, KERNELS_S, RUNTIME_S, DECODE_S, ENGINE_S, E2E_S (seconds; 0: what is left of
 # SCRIPT_BUDGET_S, the default for e2e), SCRIPT_BUDGET_S;
 # E2E_LONG=1 adds a 3072-token case to e2e. ONLY="tests kernels" runs those stages alone (two
-# calls instead of one: ONLY="tests kernels", then ONLY="runtime e2e", each with the whole budget).
+# calls instead of one: ONLY="tests kernels", then ONLY="runtime decode engine e2e", each with the
+# whole budget).
 #
 # Adding a stage: write a function stage_NAME that prints its table on stdout (progress on
 # stderr, numbers into "$STAGE_JSON", its long command under run_limited) and add NAME
@@ -52,11 +54,11 @@ if [[ "$SMOKE" == 1 ]]; then
     # generous limits: a smoke run takes 1-2 minutes, more on a busy machine
     SCRIPT_BUDGET_S="${SCRIPT_BUDGET_S:-600}"
     STAGES=("tests:${TESTS_S:-180}" "kernels:${KERNELS_S:-120}" "runtime:${RUNTIME_S:-120}" "decode:${DECODE_S:-120}"
-            "e2e:${E2E_S:-120}")
+            "engine:${ENGINE_S:-120}" "e2e:${E2E_S:-120}")
 else
     SCRIPT_BUDGET_S="${SCRIPT_BUDGET_S:-480}"
     STAGES=("tests:${TESTS_S:-150}" "kernels:${KERNELS_S:-90}" "runtime:${RUNTIME_S:-90}" "decode:${DECODE_S:-75}"
-            "e2e:${E2E_S:-0}")
+            "engine:${ENGINE_S:-60}" "e2e:${E2E_S:-0}")
 fi
 MIN_STAGE_S=20   # a stage with less time left is skipped
 
@@ -109,6 +111,15 @@ stage_decode() {
     local args=(--modes "${DECODE_MODES:-eager,graphs}")
     [[ "$SMOKE" == 1 ]] && args=(--smoke --modes eager,graphs,compiled)
     run_limited "$PYTHON" -u bench/device_decode.py "${args[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 30)"
+}
+
+# Continuous batching: requests/s and tokens/s through the engine at 1, 8, 16 concurrent
+# requests vs the same 16 requests one generate call at a time (Qwen2.5-1.5B shapes, random
+# weights, bf16, 48 tokens each, EOS ignored; plain, and power at B = H = 16, L = 8, K = M = 4).
+stage_engine() {
+    local smoke=()
+    [[ "$SMOKE" == 1 ]] && smoke=(--smoke)
+    run_limited "$PYTHON" -u bench/device_engine.py "${smoke[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 20)"
 }
 
 # Qwen2.5-1.5B configuration, random weights, bf16, EOS ignored, paper settings (alpha 4,
