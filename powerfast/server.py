@@ -59,7 +59,7 @@ POWER_FIELDS = {
     "num_particles": int, "ess_threshold": float, "resample_every": int, "ramp_tokens": int, "resampler": str,
     "num_samples": int,
 }
-#: OpenAI fields with the same meaning here.
+#: OpenAI's sampling fields with the same meaning here, and ``ignore_eos``.
 _OPENAI_FIELDS = {"max_tokens": int, "temperature": float, "seed": int, "ignore_eos": bool}
 #: OpenAI fields accepted only at the value that changes nothing (or null).
 _NEUTRAL_FIELDS = {"top_p": (1,), "logprobs": (False,), "top_logprobs": (0,), "presence_penalty": (0,),
