@@ -1,4 +1,4 @@
-"""Serving throughput: requests/s and generated tokens/s through ``AsyncEngine`` at each
+"""Serving throughput: requests/s and generated tokens/s through the engine at each
 concurrency, against the same prompts run one ``make_sampler(...).generate([prompt])``
 call at a time (what a server without the engine would do).
 
@@ -11,13 +11,13 @@ problems (``powerfast/data``, the eval harness's template, the chat template app
 the pytest suite a tiny random Llama on random token prompts. EOS is ignored, so every
 request generates ``max_tokens`` and both sides do the same work; request i has seed i on
 both sides. Power sampling uses the scaled-down CPU settings of bench/RESULTS.md unless
-flags say otherwise. One CPU thread unless --threads / POWERFAST_BENCH_THREADS says more.
+flags say otherwise. The pytest suite runs on one CPU thread (POWERFAST_BENCH_THREADS for
+more), the script on torch's default (``--threads`` to set it).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import time
@@ -34,7 +34,7 @@ from e2e import make_prompts, tiny_llama  # noqa: E402
 
 from powerfast.baselines import make_sampler  # noqa: E402
 from powerfast.config import MCMCConfig, PowerConfig, SMCConfig  # noqa: E402
-from powerfast.engine import AsyncEngine, Engine, SamplingParams  # noqa: E402
+from powerfast.engine import Engine, SamplingParams  # noqa: E402
 from powerfast.runner import ModelRunner  # noqa: E402
 
 #: Power sampling on a CPU (bench/RESULTS.md's scaled-down settings, shorter blocks).
@@ -99,33 +99,31 @@ def run_sequential(runner, tokenizer, prompts: list[list[int]], method: str, max
 
 def run_engine(runner, tokenizer, prompts: list[list[int]], method: str, max_tokens: int, settings: dict,
                concurrency: int) -> Measurement:
-    """The prompts through a fresh Engine on ``runner``, at most ``concurrency`` in flight
-    (clients that send their next request when the last one is answered)."""
+    """The prompts through a fresh Engine on ``runner`` with ``concurrency`` clients, each
+    sending its next request when its last one is answered (a closed loop).
 
-    async def run() -> Measurement:
-        engine = AsyncEngine(Engine(runner, tokenizer, max_queue=max(len(prompts), 1)))
-        await engine.start()
-        gate = asyncio.Semaphore(concurrency)
-        finals = []
-
-        async def one(seed: int, prompt: list[int]) -> None:
-            async with gate:
-                last = None
-                async for last in engine.generate(prompt, sampling_params(method, max_tokens, seed, settings)):
-                    pass
-                assert last is not None and last.finished and last.finish_reason == "length", last
-                finals.append(last)
-
-        try:
-            started = time.perf_counter()
-            await asyncio.gather(*(one(seed, prompt) for seed, prompt in enumerate(prompts)))
-            seconds = time.perf_counter() - started
-        finally:
-            await engine.shutdown()
-        return Measurement(method, concurrency, len(prompts), seconds, sum(len(f.token_ids) for f in finals),
-                           sum(f.decoded_tokens for f in finals))
-
-    return asyncio.run(run())
+    The engine is stepped in this thread, as the one-at-a-time baseline runs: on a CPU,
+    torch's intra-op threads behave differently in a second thread (the server's
+    AsyncEngine steps in one), which would measure the threads, not the batching.
+    """
+    engine = Engine(runner, tokenizer, max_queue=max(len(prompts), 1))
+    queue = list(enumerate(prompts))
+    finals = []
+    in_flight = 0
+    started = time.perf_counter()
+    while queue or in_flight:
+        while queue and in_flight < concurrency:
+            seed, prompt = queue.pop(0)
+            engine.add_request(prompt, sampling_params(method, max_tokens, seed, settings))
+            in_flight += 1
+        for out in engine.step():
+            if out.finished:
+                assert out.finish_reason == "length", out
+                finals.append(out)
+                in_flight -= 1
+    seconds = time.perf_counter() - started
+    return Measurement(method, concurrency, len(prompts), seconds, sum(len(f.token_ids) for f in finals),
+                       sum(f.decoded_tokens for f in finals))
 
 
 def table(measurements: list[Measurement], title: str = "") -> str:
