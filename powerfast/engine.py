@@ -145,8 +145,9 @@ class SamplingParams:
             raise InvalidRequestError("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequestError("max_tokens", f"max_tokens must be an int > 0, got {self.max_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InvalidRequestError("seed", f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise InvalidRequestError("seed", f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
             raise InvalidRequestError("stop", f"stop must be a non-empty string or a list of them, got {self.stop!r}")
@@ -230,7 +231,13 @@ class RequestOutput:
 
 @dataclass
 class EngineStats:
-    """A snapshot of the engine's state and counters (cumulative since it started)."""
+    """A snapshot of the engine's state and counters (cumulative since it started).
+
+    tokens_by_phase counts the requests that have ended: a program that ran to its end
+    reports its own phases (prefill, sample, candidates, rollouts, proposals, refresh...);
+    one the engine ended counts its prompt as prefill and what it decoded as "sample" (a
+    decode loop ended at its EOS or stop string), "stopped early" (a stop string inside a
+    power block), "aborted" or "failed"."""
 
     num_waiting: int
     num_running: int
@@ -547,6 +554,7 @@ class Engine:
                     streamed = True
                 if streamed and self._hit_stop_string(request):
                     program.close()
+                    self._count_phases({"prefill": len(request.prompt_ids), "stopped early": request.decoded})
                     outputs.append(self._end(request, "stop"))
                     return
                 message = program.send(None)
@@ -596,6 +604,7 @@ class Engine:
             ended = request.token_ids[-1] in request.eos
             if self._hit_stop_string(request) or ended:
                 request.program.close()  # frees its sequences; the tokens so far are the output
+                request.decoded = max(request.decoded, len(request.token_ids))  # each token was sampled
                 self._count_phases({"prefill": len(request.prompt_ids), "sample": len(request.token_ids)})
                 outputs.append(self._end(request, "stop"))
             else:
@@ -635,8 +644,12 @@ class Engine:
         """Record the end (call with ``_lock`` held) and make the last output."""
         self._finished[reason] += 1
         self._ids.pop(request.id, None)
-        if reason == "abort":
-            self._tokens_by_phase["aborted"] = self._tokens_by_phase.get("aborted", 0) + request.decoded
+        if reason in ("abort", "error"):  # the program reported no phases: count what the engine saw
+            counts = {"aborted" if reason == "abort" else "failed": request.decoded}
+            if request.program is not None:
+                counts["prefill"] = len(request.prompt_ids)
+            for phase_name, count in counts.items():  # (``_lock`` is held: not _count_phases)
+                self._tokens_by_phase[phase_name] = self._tokens_by_phase.get(phase_name, 0) + count
         out = self._output(request, finished=True, reason=reason)
         out.result, out.error = result, error
         return out

@@ -4,6 +4,7 @@ abort, stop strings, and the asyncio front (powerfast.engine, powerfast.program)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -388,3 +389,36 @@ def test_a_program_yields_its_forwards_and_frees_everything_when_closed(model):
     assert sampler.runner.cache.blocks_in_use > 0
     program.close()
     assert sampler.runner.cache.blocks_in_use == 0
+
+
+def test_seeds_past_63_bits_are_refused_not_folded():
+    for bad in (-1, 2**63, 2**70):
+        with pytest.raises(InvalidRequestError) as caught:
+            SamplingParams(seed=bad)
+        assert caught.value.field == "seed" and str(bad) in str(caught.value)
+    assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
+
+
+def test_requests_the_engine_ends_still_count_their_tokens(model):
+    """decoded_tokens covers every sampled token, and tokens_by_phase every ended request,
+    whoever ended it (its EOS or a stop string streamed, a stop string in a block, an abort)."""
+    tokenizer = CharTokenizer()
+    engine = new_engine(model, tokenizer=tokenizer)
+    [full] = engine.run(["adh"], SamplingParams(max_tokens=16, seed=SEED, ignore_eos=True))
+    [cut] = engine.run(["adh"], SamplingParams(max_tokens=16, seed=SEED, ignore_eos=True, stop=[full.text[2:4]]))
+    assert cut.finish_reason == "stop" and cut.decoded_tokens >= len(cut.token_ids) >= 1
+    before = engine.stats().tokens_by_phase
+    power = SamplingParams(max_tokens=12, seed=SEED, ignore_eos=True, **SMALL_POWER)
+    [whole] = engine.run(["adh"], power)
+    middle = len(whole.text) // 2
+    assert len(whole.text) >= 2, (whole.token_ids, SEED)
+    [stopped] = engine.run(["adh"], dataclasses.replace(power, stop=(whole.text[middle - 1 : middle + 1],)))
+    after = engine.stats().tokens_by_phase
+    assert stopped.finish_reason == "stop" and stopped.result is None
+    assert after.get("stopped early", 0) - before.get("stopped early", 0) == stopped.decoded_tokens > 0
+    assert after["prefill"] - before["prefill"] == 2 * 3  # both power requests' prompts
+    request = engine.add_request("adh", SamplingParams(max_tokens=30, ignore_eos=True, **SMALL_POWER))
+    engine.step()
+    engine.step()
+    engine.abort(request)
+    assert engine.stats().tokens_by_phase["aborted"] > 0
