@@ -153,7 +153,7 @@ def render(stats, metrics: ServingMetrics | None = None) -> str:
                      [({"reason": reason}, count) for reason, count in sorted(stats.requests_finished.items())])
     lines += _family("requests_rejected_total", "counter", "Requests refused at admission, by reason.",
                      [({"reason": reason}, count) for reason, count in sorted(stats.requests_rejected.items())])
-    lines += _family("tokens_total", "counter", "Tokens by phase as the engine counts them (prefill: prompt tokens).",
+    lines += _family("tokens_total", "counter", "Tokens by phase of the requests that ended (prefill: prompt tokens).",
                      [({"phase": phase}, count) for phase, count in sorted(stats.tokens_by_phase.items())])
     lines += _family("kv_blocks", "gauge", "KV cache blocks by state.",
                      [({"state": "used"}, stats.kv_blocks_used), ({"state": "free"}, stats.kv_blocks_free),
