@@ -32,8 +32,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2e import make_prompts, tiny_llama  # noqa: E402
 
-from powerfast.baselines import make_sampler  # noqa: E402
-from powerfast.config import MCMCConfig, PowerConfig, SMCConfig  # noqa: E402
 from powerfast.engine import Engine, SamplingParams  # noqa: E402
 from powerfast.runner import ModelRunner  # noqa: E402
 
@@ -68,22 +66,6 @@ def sampling_params(method: str, max_tokens: int, seed: int, settings: dict) -> 
     return SamplingParams(method=method, max_tokens=max_tokens, seed=seed, ignore_eos=True, **settings)
 
 
-def offline_sampler(runner, tokenizer, params: SamplingParams):
-    """The ``make_sampler`` sampler that computes what the engine computes for ``params``."""
-    power = mcmc = smc = None
-    if params.method == "power":
-        power = PowerConfig(params.alpha, params.block_size, params.num_candidates, params.top_k, params.num_rollouts,
-                            params.horizon, params.jackknife, params.rollout_proposal, params.reuse_rollouts)
-    elif params.method == "mcmc":
-        mcmc = MCMCConfig(params.alpha, params.block_size, params.mcmc_steps)
-    elif params.method == "smc":
-        smc = SMCConfig(params.alpha, params.num_particles, params.ess_threshold, params.resample_every,
-                        params.ramp_tokens, params.resampler)
-    return make_sampler(params.method, runner, tokenizer, alpha=params.alpha, seed=params.seed,
-                        temperature=params.temperature, num_samples=params.num_samples, power_config=power,
-                        mcmc_config=mcmc, smc_config=smc)
-
-
 def run_sequential(runner, tokenizer, prompts: list[list[int]], method: str, max_tokens: int,
                    settings: dict) -> Measurement:
     """Every prompt by its own ``generate([prompt])`` call, one after the other."""
@@ -91,7 +73,7 @@ def run_sequential(runner, tokenizer, prompts: list[list[int]], method: str, max
     started = time.perf_counter()
     for seed, prompt in enumerate(prompts):
         params = sampling_params(method, max_tokens, seed, settings)
-        [result] = offline_sampler(runner, tokenizer, params).generate([prompt], max_tokens, ignore_eos=True)
+        [result] = params.sampler(runner, tokenizer).generate([prompt], max_tokens, ignore_eos=True)
         generated += result.num_tokens
         decoded += result.stats.tokens_total
     return Measurement(method, 0, len(prompts), time.perf_counter() - started, generated, decoded)

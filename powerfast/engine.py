@@ -173,6 +173,18 @@ class SamplingParams:
         return method_config(self.method, alpha=self.alpha, temperature=self.temperature,
                              num_samples=self.num_samples, power_config=power, mcmc_config=mcmc, smc_config=smc)
 
+    def sampler(self, runner, tokenizer=None):
+        """The sampler (``make_sampler``) that does what these params ask, with its own seed
+        stream: what the engine runs for a request, and ``sampler.generate([prompt])`` the
+        same computation outside the engine."""
+        from powerfast.baselines import make_sampler
+
+        config = self.config()
+        slot = {"power": "power_config", "mcmc": "mcmc_config", "smc": "smc_config"}.get(self.method)
+        settings = {slot: config} if slot else {}
+        return make_sampler(self.method, runner, tokenizer, alpha=self.alpha, seed=self.seed,
+                            temperature=self.temperature, num_samples=self.num_samples, **settings)
+
     def branches(self) -> tuple[int, str]:
         """(most sequences the request decodes at once, the field that sets it)."""
         if self.method == "power":
@@ -307,10 +319,7 @@ class Engine:
         self.model_name = getattr(getattr(getattr(self.runner, "model", None), "config", None), "name_or_path", "") or "model"
         self.cache = getattr(self.runner, "cache", None)
         self.device = getattr(self.runner, "device", torch.device("cpu"))
-        from powerfast.baselines import make_sampler
-
-        self._make_sampler = make_sampler
-        probe = make_sampler("greedy", self.runner, tokenizer)
+        probe = SamplingParams(method="greedy").sampler(self.runner, tokenizer)
         self.context_length = probe.context_length
         self.vocab_size = probe.vocab_size
         self.eos_token_ids = probe.eos_token_id(False)
@@ -733,11 +742,7 @@ class Engine:
         if branches > self.max_branches:
             raise RequestTooLargeError(which, f"the request decodes up to {branches} sequences at once ({which}); "
                                               f"this engine allows {self.max_branches} (max_branches)")
-        config = params.config()
-        kwargs = {"power": "power_config", "mcmc": "mcmc_config", "smc": "smc_config"}
-        settings = {kwargs[params.method]: config} if params.method in kwargs else {}
-        sampler = self._make_sampler(params.method, self.runner, self.tokenizer, alpha=params.alpha, seed=params.seed,
-                                     temperature=params.temperature, num_samples=params.num_samples, **settings)
+        sampler = params.sampler(self.runner, self.tokenizer)
         if self.cache is None:
             return sampler, 0
         need = sampler.peak_kv_blocks([len(prompt_ids)], params.max_tokens, self.cache.block_size) or 0
