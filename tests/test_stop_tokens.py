@@ -104,6 +104,8 @@ def tiny_llama_two_eos(seed: int):
                          eos_token_id=[4, 5], bos_token_id=0, pad_token_id=0)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = [4, 5]
+    with torch.no_grad():  # the two ids equally likely: a random model could all but never pick one
+        model.lm_head.weight[5] = model.lm_head.weight[4]
     return model
 
 
