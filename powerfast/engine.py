@@ -280,6 +280,7 @@ class _Request:
         self.pending = None  # the Prefill / Decode the program waits on
         self.token_ids: list[int] = []
         self.text = ""
+        self.text_of = 0  # how many of token_ids ``text`` was decoded from
         self.sent_tokens = 0
         self.sent_text = 0
         self.decoded = 0
@@ -569,7 +570,7 @@ class Engine:
                 message = program.send(None)
         except StopIteration as done:
             [result] = done.value
-            request.token_ids = list(result.token_ids)
+            request.token_ids, request.text_of = list(result.token_ids), -1  # the text is decoded anew
             stopped = self._hit_stop_string(request)
             ended_on_eos = bool(result.token_ids) and result.token_ids[-1] in request.sampler.eos_token_id(
                 request.params.ignore_eos)
@@ -625,7 +626,7 @@ class Engine:
         """Refresh the request's text; True (and the text cut) when a stop string appeared."""
         if self.tokenizer is None:
             return False
-        request.text = self.tokenizer.decode(request.token_ids, skip_special_tokens=True)
+        self._refresh_text(request)
         cuts = [request.text.find(s) for s in request.params.stop]
         cuts = [c for c in cuts if c >= 0]
         if cuts:
@@ -666,7 +667,7 @@ class Engine:
     def _output(self, request: _Request, finished: bool, reason: str | None = None) -> RequestOutput:
         now = time.monotonic()
         if self.tokenizer is not None and not request.stopped_by_string:
-            request.text = self.tokenizer.decode(request.token_ids, skip_special_tokens=True)
+            self._refresh_text(request)
         shown = len(request.text) if finished else self._safe_text_length(request)
         new_tokens = request.token_ids[request.sent_tokens :]
         new_text = request.text[request.sent_text : shown] if shown > request.sent_text else ""
@@ -680,6 +681,12 @@ class Engine:
             prompt_tokens=len(request.prompt_ids), decoded_tokens=request.decoded, arrival_time=request.arrival,
             first_token_time=request.first_token, finish_time=now if finished else None,
         )
+
+    def _refresh_text(self, request: _Request) -> None:
+        """Decode the request's tokens into ``text`` unless it is already of these tokens."""
+        if request.text_of != len(request.token_ids) or not request.token_ids:
+            request.text = self.tokenizer.decode(request.token_ids, skip_special_tokens=True)
+            request.text_of = len(request.token_ids)
 
     @staticmethod
     def _safe_text_length(request: _Request) -> int:
