@@ -392,9 +392,9 @@ def _run_serve(args) -> int:
         raise ValueError(f"--model {args.model} has no tokenizer files: the server needs one for text prompts")
     runner_kwargs = {} if args.kv_memory is None else {"max_memory": args.kv_memory << 20}
     engine = Engine(model, tokenizer, max_queue=args.max_queue, **runner_kwargs)
-    engine.model_name = _served_model_name(args)
-    app = build_app(AsyncEngine(engine), engine.model_name, api_key=api_key)
-    print(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 "
+    model_name = _served_model_name(args)
+    app = build_app(AsyncEngine(engine), model_name, api_key=api_key)
+    print(f"serving {model_name} on http://{args.host}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -317,13 +317,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.max_branches = max_branches
-        self.model_name = getattr(getattr(getattr(self.runner, "model", None), "config", None), "name_or_path", "") or "model"
         self.cache = getattr(self.runner, "cache", None)
         self.device = getattr(self.runner, "device", torch.device("cpu"))
         probe = SamplingParams(method="greedy").sampler(self.runner, tokenizer)
         self.context_length = probe.context_length
         self.vocab_size = probe.vocab_size
-        self.eos_token_ids = probe.eos_token_id(False)
         self._lock = threading.Lock()  # guards the queues and counters (short holds only)
         self._step_lock = threading.Lock()  # held for a whole step
         self._waiting: deque[_Request] = deque()
