@@ -27,7 +27,9 @@ def run_in_root(code: str, *args: str, env_extra: dict | None = None, timeout: f
 
 
 def inside_repository(path: str) -> bool:
-    return Path(path).resolve().is_relative_to(ROOT) and ".venv" not in Path(path).resolve().relative_to(ROOT).parts
+    """Whether ``path`` is the repository's own code (an environment inside the checkout is not)."""
+    resolved = Path(path).resolve()
+    return resolved.is_relative_to(ROOT) and not resolved.is_relative_to(Path(sys.prefix).resolve())
 
 
 def test_hugging_face_kernels_is_installed_here():
@@ -86,7 +88,7 @@ def test_cli_module_runs_in_repository_root():
     result = run_in_root("", "-m", "powerfast.cli", "fidelity", "--help")
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower()
-    code = "import transformers, powerfast.runner, transformers.models.llama.modeling_llama as m; print(m.__name__)"
+    code = "import transformers, powerfast.runtime.runner, transformers.models.llama.modeling_llama as m; print(m.__name__)"
     result = run_in_root(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("modeling_llama")
