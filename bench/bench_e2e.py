@@ -38,7 +38,7 @@ from e2e import (  # noqa: E402
     warm_up_long_context,
 )
 
-from powerfast.runner import ModelRunner  # noqa: E402
+from powerfast.runtime.runner import ModelRunner  # noqa: E402
 
 # tiny random Llama: every phase of every method runs, in seconds
 TINY_TOKENS = 32

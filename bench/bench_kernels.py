@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from device_kernels import torch_sample  # the same torch baseline the GPU script times
 
-from powerfast import estimators, ops
+from powerfast.core import estimators, ops
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

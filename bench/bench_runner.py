@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from powerfast.runner import ModelRunner
+from powerfast.runtime.runner import ModelRunner
 
 try:
     import pytest

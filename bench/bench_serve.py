@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from e2e import make_prompts, tiny_llama  # noqa: E402
 
-from powerfast.engine import Engine, SamplingParams  # noqa: E402
-from powerfast.runner import ModelRunner  # noqa: E402
+from powerfast.runtime.runner import ModelRunner  # noqa: E402
+from powerfast.serving.engine import Engine, SamplingParams  # noqa: E402
 
 #: Power sampling on a CPU (bench/RESULTS.md's scaled-down settings, shorter blocks).
 CPU_SETTINGS = {"block_size": 16, "horizon": 16, "num_candidates": 8, "top_k": 4, "num_rollouts": 4,
@@ -141,7 +141,7 @@ def measure(runner, tokenizer, prompts, methods, concurrencies, max_tokens, sett
 
 def math500_prompts(tokenizer, count: int) -> list[list[int]]:
     from powerfast.evaluation import load_task
-    from powerfast.generation import encode_prompts
+    from powerfast.samplers.prompts import encode_prompts
 
     problems = load_task("math500").problems
     texts = [problems[i % len(problems)].prompt for i in range(count)]
@@ -214,7 +214,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def main(argv=None) -> int:
-    from powerfast.config import METHODS
+    from powerfast.core.config import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="a Hugging Face folder or .gguf (default: the embedded model)")
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available():
         os.environ["POWERFAST_INTERPRET_OPS"] = "0"
 
-    from powerfast.models import load_model
+    from powerfast.runtime.models import load_model
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

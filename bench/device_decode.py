@@ -7,7 +7,7 @@ after ``--warmup`` steps (which compile and capture). A step is the runner's who
 metadata bytes uploaded per timed step (0 when no step crosses a block boundary) next to
 what the previous runner uploaded per step (block tables, lengths, slots and positions of
 every sequence, every step: computed from its layout), and tokens/s of plain decoding at
-batch 1 (:func:`powerfast.generation.sample_continuations`) against ``model.generate``.
+batch 1 (:func:`powerfast.samplers.decoding.sample_continuations`) against ``model.generate``.
 
 Modes: ``eager`` (compile off, graphs off), ``compiled`` (``torch.compile`` of the decode
 forward), ``graphs`` (CUDA graphs per batch bucket), ``compiled+graphs``. On a CPU,
@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from e2e import build_model, hf_generate  # noqa: E402
 
-from powerfast.generation import SeedStream, sample_continuations  # noqa: E402
-from powerfast.runner import ModelRunner  # noqa: E402
+from powerfast.runtime.runner import ModelRunner  # noqa: E402
+from powerfast.samplers.decoding import SeedStream, sample_continuations  # noqa: E402
 
 MODES = ("eager", "graphs", "compiled", "compiled+graphs")
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_serve import TINY_SETTINGS, run_engine, run_sequential, table  # noqa: E402
 from e2e import build_model, make_prompts  # noqa: E402
 
-from powerfast.runner import ModelRunner  # noqa: E402
+from powerfast.runtime.runner import ModelRunner  # noqa: E402
 
 DEVICE_SETTINGS = {"block_size": 16, "horizon": 16, "num_candidates": 8, "top_k": 4, "num_rollouts": 4}
 

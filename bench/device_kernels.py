@@ -24,9 +24,9 @@ import time
 import torch
 import triton
 import triton.testing
-
-from powerfast import estimators, ops
 from powerfast.kernels import sampling as sampling_kernels
+
+from powerfast.core import estimators, ops
 
 VOCAB_SHAPES = [(64, 32000), (64, 151936), (512, 151936)]
 ESTIMATE_SHAPES = [(1, 8, 8), (64, 8, 8)]

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_runner import HEADER, run_hf, run_runner, summary, tiny_llama  # noqa: E402
 from e2e import qwen25_1p5b_config  # noqa: E402
 
-from powerfast.runner import ModelRunner  # noqa: E402
+from powerfast.runtime.runner import ModelRunner  # noqa: E402
 
 
 def build_model(dtype: torch.dtype, device: str):

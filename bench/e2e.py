@@ -6,7 +6,7 @@ prompt per call, EOS ignored (every completion is ``max_new_tokens`` long):
 - ``hf-generate``: ``model.generate`` of transformers with its own cache, temperature 1
   (the plain-decoding anchor);
 - ``plain``, ``low-temp`` (T = 1/alpha), ``best-of-n``, ``power``, ``mcmc``, ``smc``: the
-  samplers of ``powerfast.baselines.make_sampler``, all on one shared :class:`ModelRunner`;
+  samplers of ``powerfast.samplers.factory.make_sampler``, all on one shared :class:`ModelRunner`;
 - ``power-tr``: power sampling with the tempered rollout proposal and rollout reuse
   (``PowerConfig(rollout_proposal="tempered", reuse_rollouts=True)``);
 - ``recompute-mcmc``: :class:`RecomputeMCMC`, the same Metropolis-Hastings chain written
@@ -55,10 +55,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-from powerfast.baselines import make_sampler  # noqa: E402
-from powerfast.config import MCMCConfig, PowerConfig, SMCConfig  # noqa: E402
-from powerfast.generation import encode_prompts  # noqa: E402
-from powerfast.runner import ModelRunner  # noqa: E402
+from powerfast.core.config import MCMCConfig, PowerConfig, SMCConfig  # noqa: E402
+from powerfast.runtime.runner import ModelRunner  # noqa: E402
+from powerfast.samplers.factory import make_sampler  # noqa: E402
+from powerfast.samplers.prompts import encode_prompts  # noqa: E402
 
 __all__ = [
     "METHODS",
@@ -248,7 +248,7 @@ def build_model(name: str, device: str | None = None, num_layers: int | None = N
     if name == "tiny":
         return tiny_llama(device), None, "tiny random Llama (2 layers, hidden 64, vocab 512), float32"
     if name == "smollm2":
-        from powerfast.models import load_model
+        from powerfast.runtime.models import load_model
 
         model, tokenizer = load_model(device=device, verbose=True)
         return model, tokenizer, f"SmolLM2-135M-Instruct, {next(model.parameters()).dtype}"
@@ -323,7 +323,7 @@ class RecomputeMCMC:
     Every block and every proposal is one ``model.generate`` call on the full prefix at
     temperature 1/alpha, with the logits returned per step (``output_logits``) for the
     base log-probs and the warped ``scores`` for the proposal's: the prefix is prefilled
-    again by every call. The chain is :class:`powerfast.baselines.MCMCSampler`'s: blocks
+    again by every call. The chain is :class:`powerfast.samplers.mcmc.MCMCSampler`'s: blocks
     of B tokens, then ``mcmc_steps`` proposals each resampling from a uniform position m
     to the block's end, accepted with
 

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     import torch
 
     from powerfast import cli, evaluation
-    from powerfast.distributed import run_evaluation_on_ray
+    from powerfast.evaluation.distributed import run_evaluation_on_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="powerfast-ray-bench-"))
     model = tiny_model_folder(tmp / "model")

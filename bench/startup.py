@@ -32,7 +32,7 @@ t1 = time.perf_counter()
 import transformers
 from transformers.models.llama import modeling_llama
 t2 = time.perf_counter()
-from powerfast.models import load_model
+from powerfast.runtime.models import load_model
 model, tokenizer = load_model(verbose=False)
 t3 = time.perf_counter()
 print(f"{t1 - t0:.3f} {t2 - t1:.3f} {t3 - t2:.3f}")

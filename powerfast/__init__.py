@@ -2,45 +2,45 @@
 
 Everything imports on first use, so ``import powerfast`` (and the ``powerfast`` command's
 argument checks) cost no torch import: the names below (``PowerSampler``,
-``power_distribution``, ...) and the submodules (``powerfast.exact.power_conditional(...)``)
+``power_distribution``, ...) and the submodules (``powerfast.evaluation.exact.power_conditional(...)``)
 load their module when first touched.
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MCMCConfig": "powerfast.config",
-    "PowerConfig": "powerfast.config",
-    "SamplingConfig": "powerfast.config",
-    "SMCConfig": "powerfast.config",
-    "PowerEstimate": "powerfast.estimators",
-    "leave_one_out_log_scaling_factors": "powerfast.estimators",
-    "log_scaling_factors": "powerfast.estimators",
-    "power_distribution": "powerfast.estimators",
-    "power_estimates": "powerfast.estimators",
-    "HFLanguageModel": "powerfast.lm",
-    "LanguageModel": "powerfast.lm",
-    "TableLM": "powerfast.lm",
-    "PowerSampler": "powerfast.sampler",
-    "ModelRunner": "powerfast.runner",
-    "AncestralSampler": "powerfast.baselines",
-    "MCMCSampler": "powerfast.baselines",
-    "SMCSampler": "powerfast.smc",
-    "make_sampler": "powerfast.baselines",
-    "GenerationResult": "powerfast.generation",
-    "GenerationStats": "powerfast.generation",
-    "BlockRecord": "powerfast.generation",
-    "LMRunner": "powerfast.lm_runner",
-    "CacheConfig": "powerfast.cache",
-    "OutOfBlocksError": "powerfast.cache",
-    "KVCacheTooSmallError": "powerfast.cache",
+    "MCMCConfig": "powerfast.core.config",
+    "PowerConfig": "powerfast.core.config",
+    "SamplingConfig": "powerfast.core.config",
+    "SMCConfig": "powerfast.core.config",
+    "PowerEstimate": "powerfast.core.estimators",
+    "leave_one_out_log_scaling_factors": "powerfast.core.estimators",
+    "log_scaling_factors": "powerfast.core.estimators",
+    "power_distribution": "powerfast.core.estimators",
+    "power_estimates": "powerfast.core.estimators",
+    "HFLanguageModel": "powerfast.runtime.lm",
+    "LanguageModel": "powerfast.runtime.lm",
+    "TableLM": "powerfast.runtime.lm",
+    "PowerSampler": "powerfast.samplers.power",
+    "ModelRunner": "powerfast.runtime.runner",
+    "AncestralSampler": "powerfast.samplers.ancestral",
+    "MCMCSampler": "powerfast.samplers.mcmc",
+    "SMCSampler": "powerfast.samplers.smc",
+    "make_sampler": "powerfast.samplers.factory",
+    "GenerationResult": "powerfast.samplers.results",
+    "GenerationStats": "powerfast.samplers.results",
+    "BlockRecord": "powerfast.samplers.results",
+    "LMRunner": "powerfast.runtime.lm_runner",
+    "CacheConfig": "powerfast.runtime.cache",
+    "OutOfBlocksError": "powerfast.runtime.cache",
+    "KVCacheTooSmallError": "powerfast.runtime.cache",
+    "Engine": "powerfast.serving.engine",
+    "AsyncEngine": "powerfast.serving.engine",
+    "SamplingParams": "powerfast.serving.engine",
 }
 
-# submodules reachable as attributes (``powerfast.exact.power_conditional``), imported on first use
-_SUBMODULES = (
-    "attention", "baselines", "cache", "cli", "config", "estimators", "evaluation", "exact", "generation",
-    "fidelity", "kernels", "lm", "lm_runner", "models", "ops", "resampling", "runner", "sampler", "smc", "toy",
-)
+# the layers, reachable as attributes (``powerfast.evaluation.exact.power_conditional``), imported on first use
+_SUBMODULES = ("cli", "core", "evaluation", "kernels", "runtime", "samplers", "serving")
 
 __all__ = list(_LAZY)
 

@@ -58,7 +58,7 @@ def _add_toy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_toy(args) -> int:
-    from powerfast import toy
+    from powerfast.evaluation import toy
 
     return toy.run(args)
 
@@ -66,7 +66,7 @@ def _run_toy(args) -> int:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The command's parser. Given the arguments to parse, it imports nothing heavy (no
     torch) unless they may name the fidelity command, so bad settings fail at once."""
-    from powerfast.config import METHODS
+    from powerfast.core.config import METHODS
 
     parser = argparse.ArgumentParser(
         prog="powerfast", description="Sample from the power distribution p(x)^alpha of a language model."
@@ -124,7 +124,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     fidelity_parser = commands.add_parser(
         "fidelity", help="TV of every method to the exact p^alpha on small random models, next to the noise floor")
     if argv is None or "fidelity" in argv:  # its arguments' module imports torch: only when it may be the command
-        from powerfast import fidelity
+        from powerfast.evaluation import fidelity
 
         fidelity.add_arguments(fidelity_parser)
         fidelity_parser.set_defaults(handler=fidelity.run)
@@ -133,7 +133,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def build_runner(model, args: argparse.Namespace):
     """The paged runner around ``model`` with the command line's KV budget."""
-    from powerfast.runner import ModelRunner
+    from powerfast.runtime.runner import ModelRunner
 
     if args.kv_memory is None:
         return ModelRunner(model)
@@ -143,7 +143,7 @@ def build_runner(model, args: argparse.Namespace):
 def method_settings(method: str, args: argparse.Namespace):
     """The validated config of ``method`` from parsed settings (ValueError naming the bad
     value); pure Python, so the command checks its settings before loading the model."""
-    from powerfast.config import MCMCConfig, PowerConfig, SMCConfig, method_config
+    from powerfast.core.config import MCMCConfig, PowerConfig, SMCConfig, method_config
 
     power = mcmc = smc = None
     if method == "power":
@@ -170,7 +170,7 @@ def _check_settings(args: argparse.Namespace, methods: Sequence[str]) -> None:
 
 def build_sampler(method: str, runner, tokenizer, args: argparse.Namespace, seed: int | None):
     """A sampler from parsed command-line settings, on ``runner`` (shared by all methods)."""
-    from powerfast.baselines import make_sampler
+    from powerfast.samplers.factory import make_sampler
 
     config = method_settings(method, args)
     power = config if method == "power" else None
@@ -181,8 +181,8 @@ def build_sampler(method: str, runner, tokenizer, args: argparse.Namespace, seed
 
 
 def sampling_params(method: str, args: argparse.Namespace, seed: int | None = None):
-    """The engine's :class:`~powerfast.engine.SamplingParams` of ``method`` from parsed settings."""
-    from powerfast.engine import SamplingParams
+    """The engine's :class:`~powerfast.serving.engine.SamplingParams` of ``method`` from parsed settings."""
+    from powerfast.serving.engine import SamplingParams
 
     return SamplingParams(
         method=method, max_tokens=args.max_new_tokens, temperature=args.temperature, seed=seed,
@@ -197,7 +197,7 @@ def sampling_params(method: str, args: argparse.Namespace, seed: int | None = No
 def _load(args):
     import torch
 
-    from powerfast.models import load_model
+    from powerfast.runtime.models import load_model
 
     return load_model(args.model, dtype=getattr(torch, args.dtype))
 
@@ -267,7 +267,7 @@ def _parse_list(text: str, kind, what: str) -> list:
 def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: bool) -> dict:
     """Load the model of ``args`` once and return ``{name: generate(prompts, sample_seeds)}``.
 
-    A call submits its prompts to one :class:`~powerfast.engine.Engine` as requests with
+    A call submits its prompts to one :class:`~powerfast.serving.engine.Engine` as requests with
     their own seeds (``SamplingParams.seed = sample_seed``) and steps until all have
     finished: they decode together as the KV pool admits, and each sample depends on its
     unit alone, never on the prompts beside it (per-request random streams; the same
@@ -277,8 +277,8 @@ def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: 
     """
     import dataclasses
 
-    from powerfast.engine import Engine
     from powerfast.evaluation import Generation
+    from powerfast.serving.engine import Engine
 
     model, tokenizer = _load(args)
     engine = Engine(build_runner(model, args), tokenizer, max_queue=max(256, getattr(args, "concurrency", 1) or 1))
@@ -318,7 +318,7 @@ def _run_eval(args) -> int:
         summary = run_evaluation(task, eval_methods(args, methods, chat), args.out, limit=args.limit,
                                  seeds=seeds, progress=True, batch_size=args.concurrency)
     else:
-        from powerfast.distributed import run_evaluation_on_ray
+        from powerfast.evaluation.distributed import run_evaluation_on_ray
 
         summary = run_evaluation_on_ray(task, functools.partial(eval_methods, args, methods, chat), methods,
                                         args.out, limit=args.limit, seeds=seeds, address=args.ray or None,
@@ -361,7 +361,7 @@ def _served_model_name(args: argparse.Namespace) -> str:
     if args.served_model_name:
         return args.served_model_name
     if args.model is None:
-        from powerfast.models import DEFAULT_MODEL_NAME
+        from powerfast.runtime.models import DEFAULT_MODEL_NAME
 
         return DEFAULT_MODEL_NAME
     path = Path(args.model)
@@ -384,8 +384,8 @@ def _run_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("POWERFAST_API_KEY") or None
     import uvicorn
 
-    from powerfast.engine import AsyncEngine, Engine
-    from powerfast.server import build_app
+    from powerfast.serving.engine import AsyncEngine, Engine
+    from powerfast.serving.server import build_app
 
     model, tokenizer = _load(args)
     if tokenizer is None:
@@ -401,12 +401,12 @@ def _run_serve(args) -> int:
 
 
 def _is_kv_too_small(error: BaseException) -> bool:
-    cache = sys.modules.get("powerfast.cache")  # only imported once a model was loaded
+    cache = sys.modules.get("powerfast.runtime.cache")  # only imported once a model was loaded
     return cache is not None and isinstance(error, cache.KVCacheTooSmallError)
 
 
 def _is_out_of_blocks(error: BaseException) -> bool:
-    cache = sys.modules.get("powerfast.cache")
+    cache = sys.modules.get("powerfast.runtime.cache")
     return cache is not None and isinstance(error, cache.OutOfBlocksError)
 
 

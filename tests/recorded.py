@@ -56,7 +56,7 @@ def tiny_model():
 
 def case_kwargs(case: dict) -> dict:
     """make_sampler keyword arguments of a case."""
-    from powerfast.config import MCMCConfig, PowerConfig, SMCConfig
+    from powerfast.core.config import MCMCConfig, PowerConfig, SMCConfig
 
     kwargs = {k: v for k, v in case.items() if k in ("alpha", "num_samples")}
     if "power" in case:
@@ -70,7 +70,7 @@ def case_kwargs(case: dict) -> dict:
 
 def run_generate(model, name: str, prompts, seed: int = SEED) -> list[list[int]]:
     """Token ids of ``make_sampler(...).generate(prompts)`` for a case (a fresh runner)."""
-    from powerfast.baselines import make_sampler
+    from powerfast.samplers.factory import make_sampler
 
     case = CASES[name]
     sampler = make_sampler(case["method"], model, seed=seed, block_size=4, num_blocks=512, **case_kwargs(case))

@@ -17,6 +17,7 @@ import random
 
 import pytest
 import torch
+from powerfast.kernels.paged_attention import paged_attention
 from test_paged_attention import make_case
 from transformers import (
     Gemma2Config,
@@ -27,9 +28,8 @@ from transformers import (
     StableLmForCausalLM,
 )
 
-from powerfast.attention import torch_paged_attention
-from powerfast.kernels.paged_attention import paged_attention
-from powerfast.runner import ModelRunner
+from powerfast.runtime.attention import torch_paged_attention
+from powerfast.runtime.runner import ModelRunner
 
 
 def softcapped_reference(query, key_cache, value_cache, ctx, scale, softcap) -> torch.Tensor:

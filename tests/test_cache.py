@@ -14,7 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, rule
 
-from powerfast.cache import BlockAllocator, CacheConfig, OutOfBlocksError, PagedKVCache
+from powerfast.runtime.cache import BlockAllocator, CacheConfig, OutOfBlocksError, PagedKVCache
 
 
 def make_cache(num_blocks=32, block_size=4, num_layers=2, kv_heads=1, head_dim=2) -> PagedKVCache:
@@ -324,7 +324,7 @@ def no_sync_allowed(device: str):
 
 
 def copy_on_write_copies_without_sync(device: str) -> None:
-    from powerfast import ops
+    from powerfast.core import ops
 
     values = [5, -1, 2**40, 0, 7]
     with no_sync_allowed(device):

@@ -128,8 +128,8 @@ def test_eval_concurrency_gives_the_samples_of_one_unit_at_a_time(tiny_model_dir
     unit run alone gives (per-request seeds), and the plain sample is ``generate`` of that
     prompt alone with the unit's seed."""
     from powerfast import evaluation as ev
-    from powerfast.baselines import make_sampler
-    from powerfast.models import load_model
+    from powerfast.runtime.models import load_model
+    from powerfast.samplers.factory import make_sampler
 
     fixture = Path(__file__).parent / "fixtures" / "math3.jsonl"
     base = ["eval", "--task", str(fixture), "--methods", "plain,power,mcmc", "--seeds", "0,3", "--model",
@@ -170,7 +170,7 @@ def test_toy_subcommand(capsys):
 def test_fidelity_reports_the_measured_numbers(capsys, monkeypatch):
     """The command prints the TV it measured (the same number ``measure`` returns for the
     same seeds), not a verdict."""
-    from powerfast import fidelity
+    from powerfast.evaluation import fidelity
 
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
     args = ["--draws", "60", "--models", "4:4:noeos:3", "--methods", "smc,power-tempered+reuse",

@@ -12,7 +12,8 @@ import torch
 from test_cli import tiny_model_dir  # noqa: F401  (fixture)
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from powerfast import cli, models
+from powerfast import cli
+from powerfast.runtime import models
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -53,7 +54,7 @@ def test_kv_memory_too_small_is_one_line_with_the_least_that_would_do(tiny_model
 
 
 def test_out_of_blocks_during_a_run_is_still_one_line(tiny_model_dir, capsys, monkeypatch):  # noqa: F811
-    from powerfast.baselines import AncestralSampler
+    from powerfast.samplers.ancestral import AncestralSampler
 
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
     monkeypatch.setattr(AncestralSampler, "peak_kv_blocks", lambda self, *args: 0)  # a check that missed

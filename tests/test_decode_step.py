@@ -14,11 +14,11 @@ import random
 
 import pytest
 import torch
-
-from powerfast import attention
-from powerfast.generation import SeedStream, sample_continuations, sample_step
-from powerfast.runner import BATCH_BUCKETS, PAD_ROW, ModelRunner, batch_bucket
 from test_runner import tiny_model
+
+from powerfast.runtime import attention
+from powerfast.runtime.runner import BATCH_BUCKETS, PAD_ROW, ModelRunner, batch_bucket
+from powerfast.samplers.decoding import SeedStream, sample_continuations, sample_step
 
 ATOL = RTOL = 1e-4
 
@@ -297,7 +297,7 @@ def test_cuda_graph_decode_equals_eager_on_cuda():
 
 
 def test_forward_counts_in_stats():
-    from powerfast.baselines import AncestralSampler
+    from powerfast.samplers.ancestral import AncestralSampler
 
     sampler = AncestralSampler(tiny_model("llama"), seed=0, block_size=8, num_blocks=64, backend="torch")
     [result] = sampler.generate([[1, 2, 3]], max_new_tokens=5, ignore_eos=True)
@@ -308,7 +308,7 @@ def test_forward_counts_in_stats():
 
 
 def test_metadata_rows_grow_past_their_initial_count():
-    from powerfast.runner import _INITIAL_ROWS
+    from powerfast.runtime.runner import _INITIAL_ROWS
 
     runner = ModelRunner(tiny_model("llama"), block_size=8, num_blocks=2 * _INITIAL_ROWS + 64, backend="torch")
     prompt = list(range(1, 12))
@@ -327,7 +327,7 @@ def test_metadata_rows_grow_past_their_initial_count():
 def test_metadata_grown_in_a_forward_can_be_forked_outside_inference_mode():
     """Rows grown inside a forward (inference mode) stay normal tensors: a later fork,
     outside inference mode, updates them in place."""
-    from powerfast.runner import _INITIAL_ROWS
+    from powerfast.runtime.runner import _INITIAL_ROWS
 
     runner = ModelRunner(tiny_model("llama"), block_size=8, num_blocks=_INITIAL_ROWS + 64, backend="torch")
     seqs, _ = runner.prefill([[1 + i % 7] for i in range(_INITIAL_ROWS + 2)])  # grows the rows in a forward

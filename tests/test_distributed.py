@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from powerfast import cli, evaluation as ev
-
-from powerfast.distributed import run_evaluation_on_ray
 from test_cli import tiny_model_dir  # noqa: F401  (the fixture: a tiny Llama folder)
+
+from powerfast import cli
+from powerfast import evaluation as ev
+from powerfast.evaluation.distributed import run_evaluation_on_ray
 
 MATH3 = Path(__file__).parent / "fixtures" / "math3.jsonl"
 METHODS = ["plain", "power"]
@@ -237,7 +237,7 @@ def test_workers_without_ray_is_an_error(tmp_path, capsys):
 
 
 def test_importing_powerfast_never_imports_ray():
-    code = "import sys, powerfast, powerfast.cli, powerfast.evaluation, powerfast.distributed\nassert 'ray' not in sys.modules\n"
+    code = "import sys, powerfast, powerfast.cli, powerfast.evaluation, powerfast.evaluation.distributed\nassert 'ray' not in sys.modules\n"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

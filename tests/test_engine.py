@@ -1,5 +1,5 @@
 """The engine: step programs, continuous batching, per-request random streams, admission,
-abort, stop strings, and the asyncio front (powerfast.engine, powerfast.program)."""
+abort, stop strings, and the asyncio front (powerfast.serving.engine, powerfast.samplers.program)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import os
 import random
 
 import pytest
+import recorded
 import torch
 
-import recorded
-from powerfast.baselines import make_sampler
-from powerfast.engine import (
+from powerfast.samplers.factory import make_sampler
+from powerfast.samplers.program import Decode, Prefill, Tokens, drive
+from powerfast.serving.engine import (
     AsyncEngine,
     Engine,
     EngineClosedError,
@@ -23,7 +24,6 @@ from powerfast.engine import (
     RequestTooLargeError,
     SamplingParams,
 )
-from powerfast.program import Decode, Prefill, Tokens, drive
 
 SEED = int.from_bytes(os.urandom(4), "little")
 WANT = json.loads(recorded.PATH.read_text())

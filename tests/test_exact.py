@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from powerfast import HFLanguageModel, TableLM, exact
+from powerfast import HFLanguageModel, TableLM
+from powerfast.evaluation import exact
 
 SEED = int.from_bytes(os.urandom(4), "little")
 

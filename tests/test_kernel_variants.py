@@ -23,9 +23,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
 from powerfast.kernels import paged_attention as paged_attention_module
-from powerfast.runner import ModelRunner
+
+from powerfast.runtime.runner import ModelRunner
 
 KERNEL_NAMES = ("_paged_attention_kernel", "_merge_splits_kernel")
 

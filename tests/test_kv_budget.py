@@ -15,10 +15,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from powerfast.baselines import make_sampler
-from powerfast.cache import KVCacheTooSmallError
-from powerfast.config import MCMCConfig, PowerConfig, SMCConfig
-from powerfast.runner import ModelRunner
+from powerfast.core.config import MCMCConfig, PowerConfig, SMCConfig
+from powerfast.runtime.cache import KVCacheTooSmallError
+from powerfast.runtime.runner import ModelRunner
+from powerfast.samplers.factory import make_sampler
 
 SEED = int.from_bytes(os.urandom(4), "little")
 

@@ -5,14 +5,14 @@ import os
 
 import pytest
 import torch
-
-from powerfast import exact, toy
-from powerfast.config import PowerConfig
-from powerfast.lm import TableLM
-from powerfast.lm_runner import LMRunner
-from powerfast.runner import ModelRunner
-from powerfast.sampler import PowerSampler
 from test_sampler import tiny_llama
+
+from powerfast.core.config import PowerConfig
+from powerfast.evaluation import exact, toy
+from powerfast.runtime.lm import TableLM
+from powerfast.runtime.lm_runner import LMRunner
+from powerfast.runtime.runner import ModelRunner
+from powerfast.samplers.power import PowerSampler
 
 SEED = int.from_bytes(os.urandom(4), "little")
 PROMPT = list(toy.TOY_PROMPT)

@@ -1,5 +1,5 @@
 """ops.power_estimates / power_distribution (one-launch kernel) against the float64
-estimator (powerfast.estimators.power_estimates) on the same input values.
+estimator (powerfast.core.estimators.power_estimates) on the same input values.
 
 Tolerances: float32 inputs (fp32 compute) probs / p_hat atol 2e-5 + rtol 1e-4,
 log_zeta atol 1e-4 + rtol 1e-6 (log-likelihoods down to -2000 times alpha - 1 = 7 are
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from powerfast import estimators, ops
+from powerfast.core import estimators, ops
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 TOL = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from powerfast import ops
+from powerfast.core import ops
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from scipy import stats
 
-from powerfast import ops
+from powerfast.core import ops
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

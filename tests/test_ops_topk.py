@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from powerfast import ops
+from powerfast.core import ops
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 SHAPES = [(1, 1, 1), (3, 7, 3), (64, 1000, 8), (3, 5003, 32), (3, 32000, 8), (1, 151936, 8), (3, 151936, 4)]

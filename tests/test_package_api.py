@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from powerfast import HFLanguageModel, exact
+from powerfast import HFLanguageModel
+from powerfast.evaluation import exact
 
 
 def run_python(program: str) -> subprocess.CompletedProcess:
@@ -22,9 +23,9 @@ def test_submodules_are_attributes_of_the_package():
         "import sys, powerfast\n"
         "assert 'torch' not in sys.modules, 'import powerfast imported torch'\n"
         "lm = powerfast.TableLM(lambda prefix: {0: 0.25, 1: 0.75}, vocab_size=2, eos_token_id=0)\n"
-        "probs = powerfast.exact.power_conditional(lm, [1], 2.0, 1)\n"
+        "probs = powerfast.evaluation.exact.power_conditional(lm, [1], 2.0, 1)\n"
         "assert abs(float(probs[1]) - 0.9) < 1e-12, probs\n"  # 0.75^2 / (0.25^2 + 0.75^2)
-        "assert powerfast.toy.PLAN == 0 and callable(powerfast.cli.main)\n"
+        "assert powerfast.evaluation.toy.PLAN == 0 and callable(powerfast.cli.main)\n"
         "from powerfast import PowerSampler, power_distribution\n"
         "try:\n    powerfast.nothing\nexcept AttributeError as e:\n    print(e)\n"
     )

@@ -17,9 +17,9 @@ import os
 
 import pytest
 import torch
-
-from powerfast.attention import PagedAttentionContext, torch_paged_attention
 from powerfast.kernels.paged_attention import paged_attention
+
+from powerfast.runtime.attention import PagedAttentionContext, torch_paged_attention
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -139,7 +139,7 @@ def runner_on_triton_matches_dense(device: str, prompt_lengths: tuple[int, int])
 
     from test_runner import assert_close, dense_logits, random_tokens, tiny_model
 
-    from powerfast.runner import ModelRunner
+    from powerfast.runtime.runner import ModelRunner
 
     runner = ModelRunner(tiny_model("qwen2", seed=random.randrange(2**31)).to(device), num_blocks=128, backend="triton")
     assert runner.backend == "triton"

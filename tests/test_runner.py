@@ -27,8 +27,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from powerfast.cache import OutOfBlocksError
-from powerfast.runner import ModelRunner
+from powerfast.runtime.cache import OutOfBlocksError
+from powerfast.runtime.runner import ModelRunner
 
 ATOL = RTOL = 1e-4
 VOCAB = 384
@@ -356,7 +356,7 @@ def test_random_fork_extend_free_never_leaks_and_matches_dense(seed):
 
 
 def test_hf_language_model_scores_through_the_runner():
-    from powerfast.lm import HFLanguageModel
+    from powerfast.runtime.lm import HFLanguageModel
 
     model = tiny_model("qwen2", seed=random.randrange(2**31))
     rng = random.Random()

@@ -8,13 +8,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from powerfast import exact, toy
-from powerfast.baselines import AncestralSampler, MCMCSampler, make_sampler
-from powerfast.config import MCMCConfig, PowerConfig, SamplingConfig
-from powerfast.lm import HFLanguageModel
-from powerfast.lm_runner import LMRunner
-from powerfast.runner import ModelRunner
-from powerfast.sampler import PowerSampler
+from powerfast.core.config import MCMCConfig, PowerConfig, SamplingConfig
+from powerfast.evaluation import exact, toy
+from powerfast.runtime.lm import HFLanguageModel
+from powerfast.runtime.lm_runner import LMRunner
+from powerfast.runtime.runner import ModelRunner
+from powerfast.samplers.ancestral import AncestralSampler
+from powerfast.samplers.factory import make_sampler
+from powerfast.samplers.mcmc import MCMCSampler
+from powerfast.samplers.power import PowerSampler
 
 SEED = int.from_bytes(os.urandom(4), "little")
 PROMPT = list(toy.TOY_PROMPT)

@@ -29,12 +29,12 @@ httpx = pytest.importorskip("httpx")
 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from powerfast.baselines import make_sampler  # noqa: E402
-from powerfast.config import PowerConfig  # noqa: E402
-from powerfast.engine import AsyncEngine, Engine, SamplingParams  # noqa: E402
-from powerfast.metrics import ServingMetrics, render  # noqa: E402
-from powerfast.runner import ModelRunner  # noqa: E402
-from powerfast.server import build_app  # noqa: E402
+from powerfast.core.config import PowerConfig  # noqa: E402
+from powerfast.runtime.runner import ModelRunner  # noqa: E402
+from powerfast.samplers.factory import make_sampler  # noqa: E402
+from powerfast.serving.engine import AsyncEngine, Engine, SamplingParams  # noqa: E402
+from powerfast.serving.metrics import ServingMetrics, render  # noqa: E402
+from powerfast.serving.server import build_app  # noqa: E402
 
 KEY = "test-key"
 MODEL_NAME = "tiny-llama"
@@ -66,7 +66,7 @@ def _torch_ops():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from powerfast.models import default_model_dir
+    from powerfast.runtime.models import default_model_dir
 
     try:
         folder = default_model_dir(verbose=False)

@@ -5,15 +5,16 @@ import os
 
 import pytest
 import torch
-
-from powerfast import resampling, toy
-from powerfast.baselines import make_sampler
-from powerfast.config import SMCConfig
-from powerfast.lm import TableLM
-from powerfast.lm_runner import LMRunner
-from powerfast.runner import ModelRunner
-from powerfast.smc import SMCSampler
 from test_sampler import tiny_llama
+
+from powerfast.core.config import SMCConfig
+from powerfast.evaluation import toy
+from powerfast.runtime.lm import TableLM
+from powerfast.runtime.lm_runner import LMRunner
+from powerfast.runtime.runner import ModelRunner
+from powerfast.samplers import resampling
+from powerfast.samplers.factory import make_sampler
+from powerfast.samplers.smc import SMCSampler
 
 SEED = int.from_bytes(os.urandom(4), "little")
 ETA = 3 + math.sqrt(8)
@@ -291,7 +292,7 @@ def test_smc_tv_shrinks_with_n_to_the_noise_floor(spec, torch_ops):
     check sat within a few noise sd and failed on a random seed.) (With an EOS the one-token completion [EOS] can carry
     a large share of p^alpha while the prefix-only proposal almost never draws it: there
     SMC plateaus above the floor; see the fidelity table in the README.)"""
-    from powerfast import fidelity
+    from powerfast.evaluation import fidelity
 
     vocab, num_tokens, model_seed = spec
     model = fidelity.ModelSpec(vocab, num_tokens, False, model_seed)

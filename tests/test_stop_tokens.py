@@ -14,13 +14,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from powerfast import exact
-from powerfast.baselines import make_sampler
-from powerfast.config import MCMCConfig, PowerConfig, SMCConfig
-from powerfast.generation import SeedStream, sample_continuations
-from powerfast.lm import HFLanguageModel, TableLM
-from powerfast.lm_runner import LMRunner
-from powerfast.runner import ModelRunner
+from powerfast.core.config import MCMCConfig, PowerConfig, SMCConfig
+from powerfast.evaluation import exact
+from powerfast.runtime.lm import HFLanguageModel, TableLM
+from powerfast.runtime.lm_runner import LMRunner
+from powerfast.runtime.runner import ModelRunner
+from powerfast.samplers.decoding import SeedStream, sample_continuations
+from powerfast.samplers.factory import make_sampler
 
 SEED = int.from_bytes(os.urandom(4), "little")
 A, B, C, END1, END2, BOS = range(6)

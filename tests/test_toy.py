@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from powerfast import exact, toy
+from powerfast.evaluation import exact, toy
 
 
 def test_toy_exact_values():
@@ -77,7 +77,7 @@ def test_both_estimators_nearly_unbiased_on_the_toy(bias_rows):
 
 def test_toy_command_prints_the_table():
     out = subprocess.run(
-        [sys.executable, "-m", "powerfast.toy", "--seeds", "200"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "powerfast.cli", "toy", "--seeds", "200"], capture_output=True, text=True, check=True
     ).stdout
     assert "low-temperature P(PLAN)  0.1649" in out
     assert "power (exact)   P(PLAN)  0.5484" in out

@@ -1,4 +1,4 @@
-"""Settings of the samplers, validated on construction (DESIGN.md section 2)."""
+"""Settings of the samplers, validated on construction (powerfast/DESIGN.md section 2)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ __all__ = ["METHODS", "PowerConfig", "MCMCConfig", "SMCConfig", "SamplingConfig"
            "method_config"]
 
 METHODS = ("power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n")
-"""The sampling methods by name (:func:`powerfast.baselines.make_sampler`)."""
+"""The sampling methods by name (:func:`powerfast.samplers.factory.make_sampler`)."""
 ROLLOUT_PROPOSALS = ("base", "tempered")
 RESAMPLERS = ("systematic", "chopthin")
 
@@ -38,7 +38,7 @@ class PowerConfig:
     jackknife:      bias-corrected estimate (needs M >= 2) instead of the plain one
     rollout_proposal: "base" (the paper's: rollouts from p, weight p(s)^(alpha-1)) or
                     "tempered" (rollouts from p at temperature 1/alpha, weight prod_t
-                    sum_x p(x|h_t)^alpha; DESIGN.md section 6)
+                    sum_x p(x|h_t)^alpha; powerfast/DESIGN.md section 6)
     reuse_rollouts: the chosen candidate's rollouts (H >= B) become the next decision's
                     candidates, their KV already computed: the candidate phase is skipped
     """
@@ -103,7 +103,7 @@ class MCMCConfig:
 
 @dataclass(slots=True, frozen=True)
 class SMCConfig:
-    """Power-SMC (Azizi et al.): N particles, tempered proposal, resampling (DESIGN.md section 6).
+    """Power-SMC (Azizi et al.): N particles, tempered proposal, resampling (powerfast/DESIGN.md section 6).
 
     alpha:          exponent of the target; each step samples p at temperature 1 / alpha_t
     num_particles:  N, particles per prompt (forked from the prompt, no KV copied)

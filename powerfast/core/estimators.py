@@ -1,7 +1,7 @@
 """The Monte Carlo power-sampling estimators, in log space, in plain torch.
 
 This module is the reference for every kernel and the CPU path of the runtime
-(DESIGN.md section 2). Notation, for one decision with K candidates and M rollouts
+(powerfast/DESIGN.md section 2). Notation, for one decision with K candidates and M rollouts
 per candidate:
 
     w[k, r]          = (alpha - 1) * l[k, r]          l: rollout log-likelihoods
@@ -16,7 +16,7 @@ per candidate:
 estimate ``p_hat`` is returned instead.
 
 The public functions validate their input (and so synchronise with the device to look
-for NaNs); :func:`power_estimates` is the unchecked core that ``powerfast.ops`` and the
+for NaNs); :func:`power_estimates` is the unchecked core that ``powerfast.core.ops`` and the
 sampler call on the hot path.
 """
 

@@ -5,7 +5,7 @@ Every op here has two implementations with one contract:
 - the Triton kernel in ``powerfast.kernels`` (one module per op), used for CUDA tensors,
   and for CPU tensors when ``TRITON_INTERPRET=1`` is set (that is how CI runs the kernels:
   under the interpreter, on CPU);
-- a plain torch reference (``_torch_*`` below, and ``powerfast.estimators`` for the
+- a plain torch reference (``_torch_*`` below, and ``powerfast.core.estimators`` for the
   power-distribution estimate), used for CPU tensors otherwise.
 
 The dispatch is decided per call by :func:`_use_triton`. No op synchronises with the
@@ -28,8 +28,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from powerfast import estimators
-from powerfast.estimators import PowerEstimate
+from powerfast.core import estimators
+from powerfast.core.estimators import PowerEstimate
 
 __all__ = [
     "PowerEstimate",
@@ -59,7 +59,7 @@ class SampleOutput(NamedTuple):
     log_power_sums: Optional[torch.Tensor] = None
     """(N,) float32 ``log sum_x p(x)^(1/T)`` with p = softmax(logits): the normaliser of the
     tempered distribution relative to the base one (so ``tempered_logprob = base_logprob / T
-    - log_power_sum``); the per-step weight of Power-SMC and of tempered rollouts (DESIGN.md
+    - log_power_sum``); the per-step weight of Power-SMC and of tempered rollouts (powerfast/DESIGN.md
     section 6). None when T == 1 (where it is 0); 0 for inactive rows."""
 
 
@@ -363,7 +363,7 @@ def power_estimates(
     alpha: float,
     jackknife: bool = True,
 ) -> PowerEstimate:
-    """The estimate of :func:`powerfast.estimators.power_estimates`, in one kernel launch.
+    """The estimate of :func:`powerfast.core.estimators.power_estimates`, in one kernel launch.
 
     candidate_logprobs: (..., K)    base log p(candidate | prefix); -inf allowed
     rollout_logliks:    (..., K, M) base log-likelihood of each rollout
@@ -371,7 +371,7 @@ def power_estimates(
     returns PowerEstimate(probs (..., K), p_hat (..., K), log_zeta (..., K)), in the
     promoted dtype of the inputs (the kernel computes in float64 when an input is
     float64, float32 otherwise). Rows with no possible candidate come back as zeros
-    (the checked :func:`powerfast.estimators.power_distribution` refuses them).
+    (the checked :func:`powerfast.core.estimators.power_distribution` refuses them).
     """
     alpha = estimators.check_power_args(candidate_logprobs, rollout_logliks, alpha, jackknife)
     if _use_triton(rollout_logliks):
@@ -387,7 +387,7 @@ def power_distribution(
     alpha: float,
     jackknife: bool = True,
 ) -> torch.Tensor:
-    """:func:`powerfast.estimators.power_distribution` without host sync.
+    """:func:`powerfast.core.estimators.power_distribution` without host sync.
 
     candidate_logprobs: (..., K); rollout_logliks: (..., K, M); returns probs (..., K).
     Checks alpha, shapes, dtypes and M >= 2 (jackknife); checks that need the values (NaN,

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from powerfast.lm import HFLanguageModel, LanguageModel, eos_token_ids, stop_token_ids
+from powerfast.runtime.lm import HFLanguageModel, LanguageModel, eos_token_ids, stop_token_ids
 
 __all__ = ["MAX_SEQUENCES", "as_language_model", "continuations", "power_conditional", "scaling_factor",
            "sequence_distribution"]

@@ -2,20 +2,20 @@
 
 On small random Llama models (vocabulary 4-6, completions of 4-6 tokens, with and without
 an EOS token) every completion can be enumerated, so the exact sequence distribution
-``p(x)^alpha / Z`` (:func:`powerfast.exact.sequence_distribution`) is the ground truth.
+``p(x)^alpha / Z`` (:func:`powerfast.evaluation.exact.sequence_distribution`) is the ground truth.
 Each method draws many complete sequences; the table reports the total-variation distance
 between their empirical distribution and the exact one, next to the noise floor (the mean
 TV of the same number of draws from the exact distribution itself), and the tokens the
 model decoded per returned sequence.
 
 Runtimes: ``tabulated`` (default) runs every sampler unchanged on an
-:class:`~powerfast.lm_runner.LMRunner` over the model's exact next-token tables (computed
+:class:`~powerfast.runtime.lm_runner.LMRunner` over the model's exact next-token tables (computed
 once by the network through the paged runner), which is what makes thousands of draws per
 cell affordable on a CPU; ``paged`` runs the network itself on the
-:class:`~powerfast.runner.ModelRunner` for every draw (same numbers up to float rounding,
+:class:`~powerfast.runtime.runner.ModelRunner` for every draw (same numbers up to float rounding,
 much slower).
 
-``python -m powerfast.fidelity`` (or ``powerfast fidelity``) prints the table;
+``python -m powerfast.evaluation.fidelity`` (or ``powerfast fidelity``) prints the table;
 ``--zeta-variance`` the variance of log zeta_hat of both rollout proposals on the toy
 and the synthetic cases of ``powerfast toy --bias``; ``--rollout-ess`` the rollout ESS of
 both proposals on the embedded SmolLM2 model.
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from powerfast import exact
-from powerfast.lm import TableLM
+from powerfast.evaluation import exact
+from powerfast.runtime.lm import TableLM
 
 __all__ = [
     "ModelSpec", "MethodSpec", "FidelityRow", "DEFAULT_MODELS", "random_llama", "tabulate", "method_grid",
@@ -99,7 +99,7 @@ def tabulate(model, spec: ModelSpec, prompt: Sequence[int] = PROMPT) -> TableLM:
     ``num_tokens`` (whose logits a sampler may compute but never samples from) get the
     uniform law.
     """
-    from powerfast.lm import HFLanguageModel
+    from powerfast.runtime.lm import HFLanguageModel
 
     scorer = HFLanguageModel(model, eos_token_id=spec.eos_token_id, batch_size=512)
     eos = spec.eos_token_id
@@ -142,10 +142,11 @@ def method_grid(alpha: float, num_tokens: int, *, mcmc_steps=(2, 8, 32), rollout
     rollouts to the end of the budget; MCMC appends blocks of ceil(T / 2) tokens; SMC
     checks the ESS after every token (with the default of 16 it would never resample
     within a few tokens)."""
-    from powerfast.baselines import AncestralSampler, MCMCSampler
-    from powerfast.config import MCMCConfig, PowerConfig, SamplingConfig, SMCConfig
-    from powerfast.sampler import PowerSampler
-    from powerfast.smc import SMCSampler
+    from powerfast.core.config import MCMCConfig, PowerConfig, SamplingConfig, SMCConfig
+    from powerfast.samplers.ancestral import AncestralSampler
+    from powerfast.samplers.mcmc import MCMCSampler
+    from powerfast.samplers.power import PowerSampler
+    from powerfast.samplers.smc import SMCSampler
 
     grid = [
         MethodSpec("plain", "T=1", lambda r, s: AncestralSampler(r, config=SamplingConfig(1.0), seed=s, method="plain")),
@@ -212,8 +213,8 @@ def measure(spec: ModelSpec, alpha: float, methods: Sequence[MethodSpec], draws:
             runtime: str = "tabulated", batch: int = 250, progress: Callable[[str], None] | None = None
             ) -> list[FidelityRow]:
     """TV to the exact p^alpha of ``draws`` sequences from each method, on one model."""
-    from powerfast.lm_runner import LMRunner
-    from powerfast.runner import ModelRunner
+    from powerfast.runtime.lm_runner import LMRunner
+    from powerfast.runtime.runner import ModelRunner
 
     if runtime not in ("tabulated", "paged"):
         raise ValueError(f"runtime must be 'tabulated' or 'paged', got {runtime!r}")
@@ -267,7 +268,7 @@ def zeta_variance_rows(alpha: float = 4.0, rollout_counts: Sequence[int] = (1, 2
     with weight c = sum_j p_j^alpha. returns rows (case, candidate, M, exact log zeta,
     variance base, variance tempered).
     """
-    from powerfast import toy
+    from powerfast.evaluation import toy
 
     generator = torch.Generator().manual_seed(seed)
     rows = []
@@ -307,10 +308,10 @@ def rollout_ess_rows(horizons: Sequence[int] = (32, 64, 192), *, model_path: str
     on the embedded SmolLM2-135M-Instruct (or ``model_path``), with a KV pool of
     ``kv_memory_mib`` (K x M rollouts of H tokens must fit). returns rows (proposal, H,
     [ESS per candidate], [log zeta per candidate], seconds)."""
-    from powerfast.config import PowerConfig
-    from powerfast.models import load_model
-    from powerfast.runner import ModelRunner
-    from powerfast.sampler import PowerSampler
+    from powerfast.core.config import PowerConfig
+    from powerfast.runtime.models import load_model
+    from powerfast.runtime.runner import ModelRunner
+    from powerfast.samplers.power import PowerSampler
 
     model, tokenizer = load_model(model_path)
     runner = ModelRunner(model, max_memory=kv_memory_mib << 20)

@@ -9,7 +9,7 @@ At alpha = 4 low-temperature sampling picks PLAN with probability 0.165; the pow
 distribution picks it with probability 0.548, because zeta(PLAN) = 0.95^4 + 0.05^4 ≈ 0.8145
 is much larger than zeta(GUESS) = 0.55^4 + 0.45^4 ≈ 0.1325.
 
-``python -m powerfast.toy`` (or ``powerfast toy``) prints those numbers and the Monte
+``python -m powerfast.evaluation.toy`` (or ``powerfast toy``) prints those numbers and the Monte
 Carlo estimates at several M; ``--bias`` prints the measured bias of the plain and the
 jackknife estimator on the toy and on two harder synthetic cases.
 """
@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from powerfast import exact
-from powerfast.estimators import power_estimates
-from powerfast.lm import TableLM
+from powerfast.core.estimators import power_estimates
+from powerfast.evaluation import exact
+from powerfast.runtime.lm import TableLM
 
 __all__ = [
     "PLAN", "GUESS", "CALC", "A4", "A5", "EOS", "BOS", "TOKEN_NAMES", "TOY_PROMPT",
     "DecisionCase", "toy_model", "toy_case", "synthetic_cases",
-    "simulate", "bias_table", "main",
+    "simulate", "bias_table",
 ]
 
 PLAN, GUESS, CALC, A4, A5, EOS, BOS = range(7)
@@ -239,15 +239,6 @@ def toy_report(alpha: float = 4.0, rollout_counts: Sequence[int] = (2, 4, 8, 16,
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``powerfast toy`` (its arguments are defined with the command's, in :mod:`powerfast.cli`)."""
-    import sys
-
-    from powerfast.cli import main as command
-
-    return command(["toy", *(sys.argv[1:] if argv is None else argv)])
-
-
 def run(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.alpha) and args.alpha > 1):
         raise SystemExit(f"--alpha must be a finite number > 1, got {args.alpha}")
@@ -260,6 +251,3 @@ def run(args: argparse.Namespace) -> int:
         print(format_bias_table(bias_table([toy_case(), *synthetic_cases()], args.alpha, replicates=args.replicates)))
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,19 +13,20 @@ one per child, instead of 64 x 63. Freeing decrements refcounts; a block returns
 the free list at refcount 0, so parents and children can be freed in any order.
 
 Only Python lists are touched here; tensors are the pools and the block copies, which
-go through :func:`powerfast.ops.copy_blocks` on CUDA and plain torch on the CPU.
+go through :func:`powerfast.core.ops.copy_blocks` on CUDA and plain torch on the CPU.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable, Sequence as SequenceABC
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 
 import torch
 
-from powerfast import ops
+from powerfast.core import ops
 
 __all__ = ["BlockAllocator", "CacheConfig", "KVCacheTooSmallError", "OutOfBlocksError", "PagedKVCache", "Sequence"]
 
@@ -360,6 +361,6 @@ class PagedKVCache:
     @staticmethod
     def _check_live(seq: Sequence) -> None:
         if not isinstance(seq, Sequence):
-            raise TypeError(f"expected a powerfast.cache.Sequence, got {type(seq).__name__}")
+            raise TypeError(f"expected a powerfast.runtime.cache.Sequence, got {type(seq).__name__}")
         if seq.freed:
             raise ValueError(f"{seq} was freed")

@@ -9,12 +9,12 @@ host-side branch or a ``.tolist()`` of the torch references behind them.
   ``use_triton``): the Triton kernel of :mod:`powerfast.kernels.kv_cache`.
 - ``powerfast::paged_attention(query, key_cache, value_cache, <paged metadata>, scale,
   max_query_len, max_seq_len, shared_prefix_blocks, backend, softcap) -> out``: one backend of
-  :mod:`powerfast.attention` ("torch" on the CPU, "triton" / "flash" on CUDA).
+  :mod:`powerfast.runtime.paged_attention` ("torch" on the CPU, "triton" / "flash" on CUDA).
 - ``powerfast::sample_tokens(logits, offsets, active!, logliks!, temperature,
   eos_token_id) -> (tokens, base_logprobs, tempered_logprobs, log_power_sums)``: the fused sampling kernel
   (or its torch reference) with the RNG counter as a device tensor (``offsets``) and a
   fixed kernel key, so that no Python value changes between steps; temperature 0 is
-  greedy. See :func:`powerfast.generation.sample_step` for how offsets are derived from a
+  greedy. See :func:`powerfast.samplers.decoding.sample_step` for how offsets are derived from a
   device seed and a device step counter.
 
 Importing this module registers the operators (once per process). The functions of
@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import torch
 
-from powerfast import ops
+from powerfast.core import ops
+from powerfast.runtime.paged_attention import BACKEND_FUNCTIONS, PagedAttentionContext
 
 __all__ = ["paged_attention", "sample_tokens", "write_kv"]
 
@@ -89,12 +90,10 @@ def _paged_attention(
 ) -> torch.Tensor:
     """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim), in query's dtype.
 
-    The metadata are those of :class:`powerfast.attention.PagedAttentionContext`;
+    The metadata are those of :class:`powerfast.runtime.paged_attention.PagedAttentionContext`;
     softcap: attention-logit soft-capping (Gemma 2), 0.0 for none.
     """
-    from powerfast import attention
-
-    ctx = attention.PagedAttentionContext(
+    ctx = PagedAttentionContext(
         key_caches=[key_cache],
         value_caches=[value_cache],
         slot_mapping=query_positions,  # unused by the backends
@@ -109,7 +108,7 @@ def _paged_attention(
         backend=backend,
         shared_prefix_blocks=shared_prefix_blocks,
     )
-    out = attention._BACKEND_FUNCTIONS[backend](query, key_cache, value_cache, ctx, scale, softcap or None)
+    out = BACKEND_FUNCTIONS[backend](query, key_cache, value_cache, ctx, scale, softcap or None)
     return out.to(query.dtype).contiguous()
 
 
@@ -137,7 +136,7 @@ def _sample_tokens(
 
     logits: (N, V); offsets: (N,) int64 per-row RNG counters (the kernel key is fixed at 0);
     active: (N,) bool and logliks: (N,) float32, updated in place as by
-    :func:`powerfast.ops.sample_tokens`; eos_token_id: -1 for none.
+    :func:`powerfast.core.ops.sample_tokens`; eos_token_id: -1 for none.
     Returns (tokens (N,) int64, base_logprobs (N,) float32, tempered_logprobs (N,) float32,
     equal to base_logprobs at temperature 0 or 1, log_power_sums (N,) float32
     ``log sum_x p(x)^(1/T)``, 0 at temperature 0 or 1 and for inactive rows).

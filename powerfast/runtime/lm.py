@@ -5,7 +5,7 @@
 
 - :class:`TableLM` — a toy model defined by a Python function ``prefix -> {token: prob}``;
 - :class:`HFLanguageModel` — any Hugging Face causal LM, scored through the paged
-  runtime (:class:`powerfast.runner.ModelRunner`) when it can be, densely otherwise.
+  runtime (:class:`powerfast.runtime.runner.ModelRunner`) when it can be, densely otherwise.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class HFLanguageModel:
                    ``model.generation_config.eos_token_id`` (instruct models often list several).
                    ``eos_token_ids`` holds them all, ``eos_token_id`` the first.
     batch_size:    sequences per forward pass
-    use_runner:    score through a paged :class:`powerfast.runner.ModelRunner` (a ragged
+    use_runner:    score through a paged :class:`powerfast.runtime.runner.ModelRunner` (a ragged
                    prefill of up to ``batch_size`` sequences per forward, then free);
                    None (default) uses it when the model's attention goes through
                    transformers' AttentionInterface, False always uses dense forwards
@@ -196,7 +196,7 @@ class HFLanguageModel:
 
     def _runner_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """Ragged prefills of up to ``batch_size`` sequences through the paged runner, then free."""
-        from powerfast.runner import ModelRunner
+        from powerfast.runtime.runner import ModelRunner
 
         block_size = self.runner_kwargs.get("block_size", 16)
         blocks = [-(-len(seq) // block_size) for seq in sequences]

@@ -1,9 +1,9 @@
 """Any :class:`~powerfast.LanguageModel` behind the runner interface, without a KV cache.
 
 :class:`LMRunner` offers the five calls the samplers make of a
-:class:`~powerfast.runner.ModelRunner` (``prefill``, ``decode``, ``fork``, ``free`` and
+:class:`~powerfast.runtime.runner.ModelRunner` (``prefill``, ``decode``, ``fork``, ``free`` and
 the facts ``vocab_size`` / ``eos_token_ids`` / ``context_length``) for a model that only
-scores token lists, such as the paper's toy (:mod:`powerfast.toy`). Each call rescores
+scores token lists, such as the paper's toy (:mod:`powerfast.evaluation.toy`). Each call rescores
 the sequences' full token lists, so it is for small models and exactness tests, not speed.
 Logits are the model's log-probabilities (float32; -inf for impossible tokens).
 """
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from powerfast.lm import LanguageModel, eos_token_ids
+from powerfast.runtime.lm import LanguageModel, eos_token_ids
 
 __all__ = ["LMRunner", "TokenSequence"]
 

@@ -1,8 +1,8 @@
 """ModelRunner: drives any Hugging Face causal LM over the paged KV cache.
 
 The model runs with ``use_cache=False`` and no cache argument: its attention layers call
-the registered paged attention function (:mod:`powerfast.attention`), which reads and
-writes the runner's pools through two custom operators (:mod:`powerfast.library`). Each
+the registered paged attention function (:mod:`powerfast.runtime.attention`), which reads and
+writes the runner's pools through two custom operators (:mod:`powerfast.runtime.custom_ops`). Each
 forward gets explicit ``position_ids`` and the paged context through the forward's
 keyword arguments.
 
@@ -10,7 +10,7 @@ keyword arguments.
 - prefill / extend: the new tokens of all sequences packed into ``input_ids (1, T)``
   (ragged, no padding), ``logits_to_keep`` = the positions wanted.
 
-Sequences are handles (:class:`powerfast.cache.Sequence`); ``fork`` shares the KV
+Sequences are handles (:class:`powerfast.runtime.cache.Sequence`); ``fork`` shares the KV
 blocks of a prefix, ``free`` releases them.
 
 **Device-resident metadata.** Each live sequence owns a row of two persistent device
@@ -35,14 +35,16 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence as SequenceABC
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 
 import torch
 
-from powerfast import attention, ops
-from powerfast.attention import CONTEXT_KWARG, PagedAttentionContext
-from powerfast.cache import CacheConfig, PagedKVCache, Sequence
+from powerfast.core import ops
+from powerfast.runtime import attention
+from powerfast.runtime.attention import CONTEXT_KWARG, PagedAttentionContext
+from powerfast.runtime.cache import CacheConfig, PagedKVCache, Sequence
 
 __all__ = ["BATCH_BUCKETS", "DecodeBatch", "ModelRunner", "RunnerConfig", "Sequence", "check_supported"]
 
@@ -75,7 +77,7 @@ class DecodeBatch:
     num_seqs:     the real entries (the first ``num_seqs`` of ``rows``)
     max_seq_len:  host int >= every sequence's length after the step (bucketed when
                   compiled or captured, so that it changes rarely)
-    shared_prefix_blocks: host int, see :class:`powerfast.attention.PagedAttentionContext`
+    shared_prefix_blocks: host int, see :class:`powerfast.runtime.attention.PagedAttentionContext`
     """
 
     rows: torch.Tensor
@@ -240,7 +242,7 @@ class ModelRunner:
     def restore_attention(self) -> None:
         """Give the model its original attention implementation back now. Optional: a call
         of the model without the runner's context switches back by itself (see
-        :func:`powerfast.attention.install_dense_fallback`); the next runner call switches
+        :func:`powerfast.runtime.attention.install_dense_fallback`); the next runner call switches
         to the paged attention again."""
         attention.restore_original(self.model)
 

@@ -1,181 +1,21 @@
-"""What every sampler shares: prompt handling, seeds, the batched decode loop, results.
+"""The one decode loop: seeds, the sampling step and the batched loop of continuations.
 
-The power sampler (``powerfast.sampler``) and the baselines (``powerfast.baselines``)
-are written on top of these pieces and of :class:`powerfast.runner.ModelRunner`; none of
-them touches KV tensors.
+Every sampler decodes through :func:`continuations_program` (or, one token at a time,
+:func:`sample_step`): the product's sampling op, its device-side seeds and stop rules.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-from powerfast import library, ops
-from powerfast.lm import hf_eos_token_ids, stop_token_ids
-from powerfast.program import Decode, Tokens, drive
-
-__all__ = [
-    "BlockRecord",
-    "GenerationResult",
-    "GenerationStats",
-    "SeedStream",
-    "Continuations",
-    "sample_continuations",
-    "continuations_program",
-    "sample_step",
-    "encode_prompts",
-    "check_no_nan",
-    "phase",
-    "stop_token_ids",
-    "blocks_for",
-    "appended_blocks",
-]
-
-
-# ------------------------------------------------------------------------- results
-
-
-@dataclass(slots=True)
-class BlockRecord:
-    """One power-sampling decision (one block, or one token at block_size 1).
-
-    candidates:         the distinct candidate blocks scored (token ids)
-    candidate_logprobs: base log p(block | prefix) of each
-    p_hat:              plain Monte Carlo estimate over the candidates
-    probs:              the distribution sampled from (jackknife or plain)
-    log_zeta:           estimated log scaling factor of each candidate
-    choice:             index into ``candidates`` of the block appended
-    rollout_ess:        effective sample size (1 / sum w_r^2) of each candidate's normalised
-                        rollout weights, in [1, M]; None for a candidate without rollouts
-                        (it ended, or no budget was left). Near 1: one rollout decided zeta
-    """
-
-    candidates: list[list[int]]
-    candidate_logprobs: list[float]
-    p_hat: list[float]
-    probs: list[float]
-    log_zeta: list[float]
-    choice: int
-    rollout_ess: list[float | None] | None = None
-
-
-@dataclass(slots=True)
-class GenerationStats:
-    """Counts and timings of one prompt's generation.
-
-    tokens_by_phase: tokens decoded by the model per phase ("prefill", "candidates",
-                     "rollouts", "sample", "proposals", ...); ``tokens_total`` adds them
-                     up except the prompt's prefill
-    num_forwards:    model forwards (prefill, decode steps, extends) of the ``generate``
-                     call up to this result: on a GPU a decode step costs about the same at
-                     batch 1 and 64, so forwards, not tokens, bound the latency. Prompts
-                     generated together share forwards and all count them.
-    forward_rows:    sequences summed over those forwards (``mean_batch_size`` =
-                     forward_rows / num_forwards)
-    """
-
-    method: str
-    tokens_by_phase: dict[str, int] = field(default_factory=dict)
-    num_blocks: int = 0
-    wall_seconds: float = 0.0
-    blocks: list[BlockRecord] = field(default_factory=list)
-    acceptance_rate: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    num_forwards: int = 0
-    forward_rows: int = 0
-
-    @property
-    def mean_batch_size(self) -> float:
-        return self.forward_rows / self.num_forwards if self.num_forwards else 0.0
-
-    @property
-    def tokens_total(self) -> int:
-        return sum(v for k, v in self.tokens_by_phase.items() if k != "prefill")
-
-    def add(self, phase_name: str, count: int) -> None:
-        self.tokens_by_phase[phase_name] = self.tokens_by_phase.get(phase_name, 0) + int(count)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "tokens_total": self.tokens_total,
-            "tokens_by_phase": dict(self.tokens_by_phase),
-            "num_blocks": self.num_blocks,
-            "wall_seconds": self.wall_seconds,
-            "acceptance_rate": self.acceptance_rate,
-            "num_forwards": self.num_forwards,
-            "mean_batch_size": self.mean_batch_size,
-            "blocks": [vars(b) if not hasattr(b, "__slots__") else {s: getattr(b, s) for s in b.__slots__} for b in self.blocks],
-            **self.extra,
-        }
-
-
-@dataclass(slots=True)
-class GenerationResult:
-    """One prompt's completion: the generated token ids (prompt excluded; an EOS that
-    ended the generation is included), their text when a tokenizer was given, and stats."""
-
-    token_ids: list[int]
-    text: str | None
-    stats: GenerationStats
-    log_likelihood: float = 0.0
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-# -------------------------------------------------------------------------- prompts
-
-
-def encode_prompts(prompts, tokenizer=None, chat_template: bool = True, context_length: int | None = None,
-                   max_new_tokens: int | None = None) -> list[list[int]]:
-    """Prompts (a string, a list of strings, or token-id lists) -> token-id lists.
-
-    Strings need a tokenizer; with ``chat_template`` and a tokenizer that has one, each
-    string becomes a one-turn user conversation with the generation prompt appended.
-    Raises ValueError for an empty prompt, ids that are not ints, or a prompt that does
-    not leave room for ``max_new_tokens`` in ``context_length``.
-    """
-    if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
-        prompts = [prompts]
-    if not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise ValueError(f"prompts must be a non-empty list of strings or token-id lists, got {prompts!r}")
-    encoded = []
-    for index, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
-            if tokenizer is None:
-                raise ValueError(f"prompt {index} is a string but no tokenizer was given")
-            if not prompt:
-                raise ValueError(f"prompt {index} is empty")
-            if chat_template and getattr(tokenizer, "chat_template", None):
-                ids = tokenizer.apply_chat_template(
-                    [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-                )
-                if hasattr(ids, "keys") and "input_ids" in ids:  # BatchEncoding in newer versions
-                    ids = ids["input_ids"]
-            else:
-                ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            ids = [int(t) for t in ids]
-        else:
-            ids = list(prompt)
-            if any(isinstance(t, bool) or not isinstance(t, int) for t in ids):
-                raise ValueError(f"prompt {index} must hold int token ids, got {ids[:8]!r}...")
-        if len(ids) == 0:
-            raise ValueError(f"prompt {index} is empty")
-        if context_length is not None:
-            need = len(ids) + (max_new_tokens or 0)
-            if need > context_length:
-                raise ValueError(
-                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is {need}, "
-                    f"more than the model's context of {context_length} positions"
-                )
-        encoded.append(ids)
-    return encoded
+from powerfast.core import ops
+from powerfast.runtime import custom_ops as library
+from powerfast.runtime.lm import stop_token_ids
+from powerfast.samplers.program import Decode, Tokens, drive
 
 
 def check_no_nan(values: torch.Tensor, where: str) -> None:
@@ -184,12 +24,6 @@ def check_no_nan(values: torch.Tensor, where: str) -> None:
     if bool(torch.isnan(values).any()):
         raise FloatingPointError(f"the model returned NaN logits during {where}")
 
-
-def check_max_new_tokens(max_new_tokens) -> int:
-    """``max_new_tokens`` itself if it is an int > 0; ValueError naming the value otherwise."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be an int > 0, got {max_new_tokens!r}")
-    return max_new_tokens
 
 
 # ---------------------------------------------------------------------------- seeds
@@ -248,7 +82,7 @@ class Continuations(NamedTuple):
     token_logprobs:   (N, S) float32 base log-prob of each token (0 after the end), or None
     token_tempered:   (N, S) float32 tempered log-prob of each token, or None
     log_power_sums:   (N,) float32 sum over the row's steps of log sum_x p(x | h_t)^(1/T)
-                      (the tempered rollout weight of DESIGN.md section 6), or None unless
+                      (the tempered rollout weight of powerfast/DESIGN.md section 6), or None unless
                       asked for; 0 at T = 1
     """
 
@@ -316,7 +150,7 @@ def continuations_program(
     stream: bool = False,
 ):
     """Sample ``num_steps`` tokens for every sequence in one batched decode loop, as a
-    step program (it yields its decodes, see :mod:`powerfast.program`; with ``stream``
+    step program (it yields its decodes, see :mod:`powerfast.samplers.program`; with ``stream``
     also each step's tokens as ``Tokens``); :func:`sample_continuations` runs it on a runner.
 
     first_logits: (N, V) logits of the next token of each sequence. Every step samples
@@ -391,139 +225,3 @@ def sample_continuations(
     """Sample ``num_steps`` tokens for every sequence in one batched decode loop on
     ``runner``: :func:`continuations_program` run alone (see there for the options)."""
     return drive(continuations_program(seqs, first_logits, num_steps, seeds, **options), runner)
-
-
-# ------------------------------------------------------------------ KV budget
-
-
-def blocks_for(length: int, block_size: int) -> int:
-    """KV blocks holding ``length`` positions."""
-    return -(-length // block_size)
-
-
-def appended_blocks(length: int, count: int, block_size: int) -> int:
-    """Blocks a sequence forked at ``length`` positions allocates to append ``count`` more:
-    its own copy of a shared, partly filled last block and the new blocks (an upper bound)."""
-    return blocks_for(length + count, block_size) - length // block_size if count > 0 else 0
-
-
-def forked_peak_blocks(prompt_lengths: list[int], num_branches: int, count: int, block_size: int) -> int:
-    """Most blocks held when each prompt is forked into ``num_branches`` sequences that each
-    append ``count`` positions: the prompt's blocks once, and every branch's own blocks
-    (an upper bound whatever the branches share later, e.g. after resampling)."""
-    return sum(blocks_for(length, block_size) + num_branches * appended_blocks(length, count, block_size)
-               for length in prompt_lengths)
-
-
-# ------------------------------------------------------------------- sampler base
-
-
-def as_runner(model, **runner_kwargs):
-    """``model`` itself if it is a ModelRunner or an LMRunner (then no runner settings may
-    be given), else a :class:`powerfast.runner.ModelRunner` around it with ``runner_kwargs``."""
-    from powerfast.lm_runner import LMRunner
-    from powerfast.runner import ModelRunner
-
-    if isinstance(model, (ModelRunner, LMRunner)):
-        if runner_kwargs:
-            raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready runner")
-        return model
-    return ModelRunner(model, **runner_kwargs)
-
-
-class RunnerSampler:
-    """What every sampler holds: a runner around the model, a tokenizer, a seed stream.
-
-    model:         a Hugging Face causal LM, a :class:`powerfast.runner.ModelRunner`, or
-                   a :class:`powerfast.lm_runner.LMRunner` (any LanguageModel, e.g. the toy)
-    tokenizer:     optional; needed for string prompts and for ``text`` in the results
-    seed:          makes ``generate`` reproducible (None: fresh randomness)
-    runner_kwargs: passed to the ModelRunner built around ``model``
-    """
-
-    method = "base"
-
-    def __init__(self, model, tokenizer=None, seed: int | None = None, **runner_kwargs) -> None:
-        from powerfast.lm_runner import LMRunner
-
-        self.runner = as_runner(model, **runner_kwargs)
-        self.tokenizer = tokenizer
-        self.seeds = SeedStream(seed)
-        if isinstance(self.runner, LMRunner):
-            self.vocab_size = self.runner.vocab_size
-            self.context_length = self.runner.context_length
-            self._eos_ids = self.runner.eos_token_ids
-        else:
-            model = self.runner.model
-            self.vocab_size = int(self.runner.vocab_size)
-            self.context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-            self._eos_ids = hf_eos_token_ids(model)
-
-    def eos_token_id(self, ignore_eos: bool) -> tuple[int, ...]:
-        """Every id that ends a completion (all the model declares), or () with ignore_eos.
-
-        Pass it as ``eos_token_id`` of :func:`sample_continuations`; test a token with ``in``.
-        """
-        return () if ignore_eos else self._eos_ids
-
-    def encode(self, prompts, max_new_tokens: int, chat_template: bool = True) -> list[list[int]]:
-        """Checked token-id lists of ``prompts`` (see :func:`encode_prompts`), leaving room for
-        the budget, and the KV pool checked against the generation's peak need
-        (:meth:`check_kv_capacity`)."""
-        check_max_new_tokens(max_new_tokens)
-        self._forward_mark = self._forward_counts()
-        prompt_ids = encode_prompts(prompts, self.tokenizer, chat_template, self.context_length, max_new_tokens)
-        self.check_kv_capacity([len(ids) for ids in prompt_ids], max_new_tokens)
-        return prompt_ids
-
-    def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
-                 chat_template: bool = True, progress=None) -> list[GenerationResult]:
-        """A completion per prompt (strings or token-id lists; the prompts of a call share
-        decode batches): the sampler's step program (:meth:`program`) run alone on the runner.
-
-        ignore_eos:    generate the whole budget whatever the model samples
-        chat_template: wrap string prompts in the tokenizer's chat template
-        progress:      optional callable ``(tokens_done, max_new_tokens)``
-        """
-        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
-        return drive(self.program(prompt_ids, max_new_tokens, self.eos_token_id(ignore_eos), progress), self.runner)
-
-    def program(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress=None,
-                stream: bool = False):
-        """The step program (:mod:`powerfast.program`) of a generation: checked prompts, the
-        budget, the ids that end a completion; returns a GenerationResult per prompt. With
-        ``stream``, output that became final is yielded on the way (``Tokens`` / ``Final``)."""
-        raise NotImplementedError
-
-    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int | None:
-        """Most KV blocks of ``block_size`` positions a ``generate`` of prompts of these
-        lengths can hold at once with this sampler's settings (an upper bound: every row
-        decodes its whole budget). Each sampler overrides it; None (here): not known, no check."""
-        return None
-
-    def check_kv_capacity(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
-        """KVCacheTooSmallError (a ValueError) before any work when the pool's free blocks
-        cannot hold :meth:`peak_kv_blocks`; nothing for runners without a paged pool."""
-        from powerfast.cache import KVCacheTooSmallError
-
-        cache = getattr(self.runner, "cache", None)
-        if cache is None:
-            return
-        needed = self.peak_kv_blocks(prompt_lengths, max_new_tokens, cache.block_size)
-        if needed is not None and needed > cache.blocks_free:
-            what = f"{self.method} sampling of {len(prompt_lengths)} prompt(s) with max_new_tokens={max_new_tokens}"
-            raise KVCacheTooSmallError(what, needed, cache.blocks_free, cache.num_blocks, cache.block_size,
-                                       cache.bytes_per_block)
-
-    def result(self, token_ids: list[int], stats: GenerationStats, loglik: float) -> GenerationResult:
-        """A :class:`GenerationResult` for ``token_ids``, decoded to text when there is a tokenizer."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else None
-        mark = getattr(self, "_forward_mark", None)
-        if mark is not None:
-            forwards, rows = self._forward_counts()
-            stats.num_forwards, stats.forward_rows = forwards - mark[0], rows - mark[1]
-        return GenerationResult(token_ids, text, stats, loglik)
-
-    def _forward_counts(self) -> tuple[int, int]:
-        """(forwards, rows over them) the runner has run so far."""
-        return getattr(self.runner, "num_forwards", 0), getattr(self.runner, "forward_rows", 0)

@@ -1,4 +1,4 @@
-"""Power sampling by Monte Carlo lookahead and jackknife (DESIGN.md section 2).
+"""Power sampling by Monte Carlo lookahead and jackknife (powerfast/DESIGN.md section 2).
 
 Per block of B tokens, for every prompt of the batch at once:
 
@@ -8,7 +8,7 @@ Per block of B tokens, for every prompt of the batch at once:
 3. rollouts: fork each kept candidate into M children and sample H tokens each from p
    (H decode steps at batch K x M x prompts); with ``rollout_proposal="tempered"`` from p
    at temperature 1/alpha, each rollout weighted by the product of its steps'
-   ``sum_x p(x)^alpha`` (DESIGN.md section 6);
+   ``sum_x p(x)^alpha`` (powerfast/DESIGN.md section 6);
 4. estimate: ``ops.power_estimates`` turns candidate log-probs and rollout
    log-likelihoods into p_hat / jackknife probabilities over the candidates;
 5. select: draw one candidate, which already holds the block's KV: it becomes the
@@ -31,19 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from powerfast import ops
-from powerfast.config import PowerConfig
-from powerfast.generation import (
-    BlockRecord,
-    GenerationStats,
-    RunnerSampler,
-    appended_blocks,
-    blocks_for,
-    check_no_nan,
-    continuations_program,
-    phase,
-)
-from powerfast.program import Decode, Final, Prefill, drive
+from powerfast.core import ops
+from powerfast.core.config import PowerConfig
+from powerfast.samplers.base import RunnerSampler, appended_blocks, blocks_for
+from powerfast.samplers.decoding import check_no_nan, continuations_program, phase
+from powerfast.samplers.program import Decode, Final, Prefill, drive
+from powerfast.samplers.results import BlockRecord, GenerationStats
 
 __all__ = ["PowerSampler", "Decision"]
 
@@ -67,7 +60,7 @@ class Decision:
 class PowerSampler(RunnerSampler):
     """Samples from p(x)^alpha with the Monte Carlo lookahead of the paper.
 
-    model:     a Hugging Face causal LM, or a :class:`powerfast.runner.ModelRunner`
+    model:     a Hugging Face causal LM, or a :class:`powerfast.runtime.runner.ModelRunner`
     tokenizer: optional; needed for string prompts and for ``text`` in the results
     config:    :class:`PowerConfig`
     seed:      makes ``generate`` reproducible (None: fresh randomness)

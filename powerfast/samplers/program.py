@@ -1,4 +1,4 @@
-"""Step programs: samplers written as generators of the forwards they need (DESIGN.md section 8).
+"""Step programs: samplers written as generators of the forwards they need (powerfast/DESIGN.md section 8).
 
 A sampler's work on a set of prompts is a *program*: a generator that yields one
 request for a forward at a time and receives its result,
@@ -13,7 +13,7 @@ runner for them directly. A program may also yield what became final, for stream
     yield Final(index, token_ids)   # host token ids of prompt ``index`` that can no longer change
 
 (the driver sends None back for those). :func:`drive` runs one program alone on a runner,
-which is what every ``generate`` does; :class:`powerfast.engine.Engine` runs many at once
+which is what every ``generate`` does; :class:`powerfast.serving.engine.Engine` runs many at once
 and merges their decodes into one forward per step. A program holds sequences only inside
 ``try/finally``: closing it (``program.close()``, what an abort does) frees them.
 """

@@ -1,4 +1,4 @@
-"""Particle weights and resampling for Power-SMC (DESIGN.md section 6), in float64 on the host.
+"""Particle weights and resampling for Power-SMC (powerfast/DESIGN.md section 6), in float64 on the host.
 
 Every function takes unnormalised log-weights ``(n,)`` (any real numbers; -inf is a
 particle of weight 0) and works on their normalised weights ``w = softmax(log_weights)``.

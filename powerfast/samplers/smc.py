@@ -1,4 +1,4 @@
-"""Power-SMC (Azizi et al., arXiv 2602.10273) on the paged runtime (DESIGN.md section 6).
+"""Power-SMC (Azizi et al., arXiv 2602.10273) on the paged runtime (powerfast/DESIGN.md section 6).
 
 N particles per prompt are forked from the prompt (no KV copied). Step t samples every
 live particle from p at temperature 1/alpha_t and multiplies its weight by
@@ -12,7 +12,7 @@ to alpha over ``ramp_tokens``), a change of alpha_t adds the catch-up
 
 Every ``resample_every`` tokens (a host sync) the effective sample size of each prompt's
 normalised weights is checked; below ``ess_threshold * N`` the prompt's particles are
-resampled (:mod:`powerfast.resampling`): a particle with k > 0 offspring keeps its
+resampled (:mod:`powerfast.samplers.resampling`): a particle with k > 0 offspring keeps its
 sequence and is forked k - 1 times, one with none is freed: KV is shared, never copied.
 A particle that samples EOS is frozen with its weight (its KV freed at the next check;
 resampling may duplicate it). At the end one particle per prompt is drawn by weight.
@@ -25,17 +25,13 @@ import time
 
 import torch
 
-from powerfast import ops, resampling
-from powerfast.config import SMCConfig
-from powerfast.generation import (
-    GenerationStats,
-    RunnerSampler,
-    check_no_nan,
-    forked_peak_blocks,
-    phase,
-    sample_step,
-)
-from powerfast.program import Decode, Prefill, drive
+from powerfast.core import ops
+from powerfast.core.config import SMCConfig
+from powerfast.samplers import resampling
+from powerfast.samplers.base import RunnerSampler, forked_peak_blocks
+from powerfast.samplers.decoding import check_no_nan, phase, sample_step
+from powerfast.samplers.program import Decode, Prefill, drive
+from powerfast.samplers.results import GenerationStats
 
 __all__ = ["SMCSampler"]
 

@@ -1,6 +1,6 @@
-"""The serving engine: requests that come and go between decode steps (DESIGN.md section 8).
+"""The serving engine: requests that come and go between decode steps (powerfast/DESIGN.md section 8).
 
-Every sampler is a *step program* (:mod:`powerfast.program`): a generator that yields
+Every sampler is a *step program* (:mod:`powerfast.samplers.program`): a generator that yields
 the forwards it needs (prefill these prompts, decode these sequences with these tokens)
 and receives their logits; forks and frees it does itself, at once. :class:`Engine`
 keeps a set of running programs, one per request, and at each :meth:`Engine.step`
@@ -45,8 +45,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from powerfast.config import METHODS, MCMCConfig, PowerConfig, SMCConfig, method_config
-from powerfast.program import Decode, Final, Prefill, Tokens
+from powerfast.core.config import METHODS, MCMCConfig, PowerConfig, SMCConfig, method_config
+from powerfast.samplers.program import Decode, Final, Prefill, Tokens
 
 __all__ = [
     "AsyncEngine",
@@ -97,7 +97,7 @@ class SamplingParams:
     """What a request asks for: the method and its settings, validated on construction
     (:class:`InvalidRequestError` naming the field). Settings of other methods are ignored.
 
-    method:      one of :data:`powerfast.config.METHODS`
+    method:      one of :data:`powerfast.core.config.METHODS`
     max_tokens:  the token budget (> 0)
     temperature: of "plain" and "best-of-n" (0: greedy)
     seed:        the request's own random stream (None: a fresh one)
@@ -105,7 +105,7 @@ class SamplingParams:
     ignore_eos:  generate the whole budget whatever the model samples
     alpha:       the exponent of "power", "mcmc" and "smc"; T = 1 / alpha of "low-temp"
     block_size, num_candidates, top_k, num_rollouts, horizon, jackknife, rollout_proposal,
-    reuse_rollouts:  "power" (B, L, K, M, H; see :class:`powerfast.config.PowerConfig`);
+    reuse_rollouts:  "power" (B, L, K, M, H; see :class:`powerfast.core.config.PowerConfig`);
                  block_size is also "mcmc"'s B
     mcmc_steps:  "mcmc"'s N_MCMC
     num_particles, ess_threshold, resample_every, ramp_tokens, resampler: "smc"
@@ -177,7 +177,7 @@ class SamplingParams:
         """The sampler (``make_sampler``) that does what these params ask, with its own seed
         stream: what the engine runs for a request, and ``sampler.generate([prompt])`` the
         same computation outside the engine."""
-        from powerfast.baselines import make_sampler
+        from powerfast.samplers.factory import make_sampler
 
         config = self.config()
         slot = {"power": "power_config", "mcmc": "mcmc_config", "smc": "smc_config"}.get(self.method)
@@ -295,7 +295,7 @@ class _Request:
 
 
 class Engine:
-    """Continuous batching of step programs over one :class:`powerfast.runner.ModelRunner`.
+    """Continuous batching of step programs over one :class:`powerfast.runtime.runner.ModelRunner`.
 
     model:        a Hugging Face causal LM or a ready ModelRunner (or an LMRunner)
     tokenizer:    for string and chat prompts, stop strings and ``text`` (optional)
@@ -308,7 +308,7 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, max_queue: int = 256, max_branches: int = 4096,
                  **runner_kwargs) -> None:
-        from powerfast.generation import as_runner
+        from powerfast.samplers.base import as_runner
 
         for name, value in (("max_queue", max_queue), ("max_branches", max_branches)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -543,7 +543,7 @@ class Engine:
     def _token_tensor(self, tokens) -> torch.Tensor:
         if isinstance(tokens, torch.Tensor):
             return tokens.reshape(-1).to(device=self.device, dtype=torch.long)
-        from powerfast import ops
+        from powerfast.core import ops
 
         return ops.upload_ints([int(t) for t in tokens], torch.long, self.device)
 

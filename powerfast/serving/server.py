@@ -1,6 +1,6 @@
 """The HTTP server: OpenAI's completions and chat formats over :class:`AsyncEngine`.
 
-A thin layer (DESIGN.md section 8): each request body is checked field by field, mapped
+A thin layer (powerfast/DESIGN.md section 8): each request body is checked field by field, mapped
 to one :class:`SamplingParams` per choice (``n`` choices run as ``n`` independent engine
 requests with seeds ``seed, seed + 1, ...``), and answered from the engine's
 :class:`RequestOutput` stream, at once or as server-sent events. Endpoints:
@@ -9,7 +9,7 @@ requests with seeds ``seed, seed + 1, ...``), and answered from the engine's
     POST /v1/chat/completions   messages: [{"role": ..., "content": ...}, ...]
     GET  /v1/models             the one served model
     GET  /health                no authentication
-    GET  /metrics               Prometheus text format (powerfast.metrics)
+    GET  /metrics               Prometheus text format (powerfast.serving.metrics)
 
 The power-sampling settings are extra body fields with the names of
 :class:`SamplingParams` (``method``, ``alpha``, ``block_size``, ...). Errors have OpenAI's
@@ -34,7 +34,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from powerfast.engine import (
+from powerfast.serving.engine import (
     AsyncEngine,
     EngineClosedError,
     InvalidRequestError,
@@ -43,11 +43,11 @@ from powerfast.engine import (
     RequestTooLargeError,
     SamplingParams,
 )
-from powerfast.metrics import CONTENT_TYPE, ServingMetrics, render
+from powerfast.serving.metrics import CONTENT_TYPE, ServingMetrics, render
 
 __all__ = ["APIError", "MAX_CHOICES", "POWER_FIELDS", "build_app", "parse_sampling_params"]
 
-logger = logging.getLogger("powerfast.server")
+logger = logging.getLogger("powerfast.serving.server")
 
 #: Most choices (prompts x n) one request may ask for.
 MAX_CHOICES = 64

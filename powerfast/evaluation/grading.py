@@ -1,0 +1,164 @@
+"""Answer extraction and grading: boxed answers, math-verify equality, choice letters, and
+HumanEval programs run in a subprocess with a time limit.
+
+The graders need the ``eval`` extra: ``pip install 'powerfast[eval]'``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Iterable
+
+# ---------------------------------------------------------------------------------------
+# Optional dependencies (the eval extra)
+
+EVAL_EXTRA_HINT = "pip install 'powerfast[eval]'"
+
+
+def _require(module: str):
+    """Import an optional dependency of the ``eval`` extra, with an install hint."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"powerfast.evaluation needs {module!r}: {EVAL_EXTRA_HINT}") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# Answer extraction and grading
+
+#: A code completion is cut at the first of these (all at column 0): whatever follows the
+#: function body (another function, a class, a main block, a print, a comment) is dropped.
+CODE_STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+
+
+@dataclass(frozen=True)
+class Grade:
+    """The answer extracted from a completion and whether it is correct."""
+
+    answer: str | None
+    correct: bool
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``, ``\\boxed x``) in text.
+
+    Braces are matched with nesting, so ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``.
+    ``\\boxed 5`` (no braces) gives the token up to the next space or ``$``. Returns None
+    when there is no box or the last one is never closed (a truncated generation).
+    """
+    matches = list(_BOXED.finditer(text))
+    if not matches:
+        return None
+    i = j = matches[-1].end()
+    while j < len(text) and text[j].isspace():
+        j += 1
+    if j < len(text) and text[j] == "{":
+        depth = 0
+        for k in range(j, len(text)):
+            if text[k] == "{" and text[k - 1] != "\\":
+                depth += 1
+            elif text[k] == "}" and text[k - 1] != "\\":
+                depth -= 1
+                if depth == 0:
+                    return text[j + 1 : k].strip()
+        return None
+    if j == i:  # neither a brace nor a space after the command
+        return None
+    token = re.match(r"[^\s$]+", text[j:])
+    return token.group(0) if token else None
+
+
+def _math_verify_kwargs() -> tuple[dict, dict]:
+    # math-verify's timeouts use signal.alarm, which only works in the main thread.
+    if threading.current_thread() is threading.main_thread():
+        return {}, {}
+    return {"parsing_timeout": None}, {"timeout_seconds": None}
+
+
+def _normalise_plain(s: str) -> str:
+    s = re.sub(r"\\text\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"\\[,;!: ]|\\left|\\right|\\displaystyle|[\s$]", "", s)
+    return s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
+
+
+def math_equal(answer: str, reference: str) -> bool:
+    """Whether an extracted answer equals the reference (both LaTeX), by math-verify.
+
+    Identical strings after removing spacing, ``$`` and ``\\left``/``\\right`` count as equal
+    first (for answers math-verify cannot parse, like plain words).
+    """
+    if _normalise_plain(answer) == _normalise_plain(reference):
+        return True
+    mv = _require("math_verify")
+    parse_kw, verify_kw = _math_verify_kwargs()
+    try:
+        gold = mv.parse("$" + reference + "$", **parse_kw)
+        pred = mv.parse("\\boxed{" + answer + "}", **parse_kw)
+        return bool(gold) and bool(pred) and bool(mv.verify(gold, pred, **verify_kw))
+    except Exception:  # a grader crash is a wrong answer, never a crashed run
+        return False
+
+
+def choice_letter(answer: str | None) -> str | None:
+    """The letter A-D of a boxed multiple-choice answer (``B``, ``(B)``, ``\\text{B}``, ``B) ...``)."""
+    if answer is None:
+        return None
+    s = re.sub(r"\\text(?:bf)?\{([^{}]*)\}", r"\1", answer).strip().strip("$").strip()
+    m = re.fullmatch(r"\(?([A-Da-d])\)?(?:[.):]\s*.*)?", s, flags=re.DOTALL)
+    return m.group(1).upper() if m else None
+
+
+def truncate_code(completion: str, stops: Iterable[str] = CODE_STOP_SEQUENCES) -> str:
+    """Cut a code completion at the first stop sequence (see :data:`CODE_STOP_SEQUENCES`)."""
+    cut = min((i for i in (completion.find(s) for s in stops) if i >= 0), default=len(completion))
+    return completion[:cut]
+
+
+def run_python(program: str, timeout: float = 10.0) -> bool:
+    """Run ``program`` in a fresh ``python`` subprocess in a temporary directory.
+
+    True when it runs to its end within ``timeout`` seconds: the exit status is 0 and a
+    random marker printed after the program's last line is the last line of its output
+    (so an early ``sys.exit(0)`` inside the code under test is a failure, not a pass).
+    On timeout the whole process group is killed. This isolates a run from the caller
+    (own process, own directory, minimal environment) but it is not a sandbox: the code
+    runs with the caller's permissions.
+    """
+    marker = "powerfast-done-" + os.urandom(8).hex()
+    with tempfile.TemporaryDirectory(prefix="powerfast-exec-") as tmp:
+        path = os.path.join(tmp, "program.py")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(program + f"\n\nprint({marker!r}, flush=True)\n")
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+        with open(os.path.join(tmp, "stdout.txt"), "w+b") as stdout:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", path], cwd=tmp, env=env, stdin=subprocess.DEVNULL,
+                stdout=stdout, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+            try:
+                status = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                return False
+            finally:
+                if proc.poll() is None:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    proc.wait()
+            stdout.seek(max(0, os.fstat(stdout.fileno()).st_size - 256))
+            tail = stdout.read().decode("utf-8", "replace").rstrip().splitlines()
+        return status == 0 and bool(tail) and tail[-1] == marker
+
+

@@ -1,0 +1,146 @@
+"""The base of every sampler on the runtime: the KV budget of a request and
+:class:`RunnerSampler` (a model wrapped in a runner, seeds, ``generate`` as its step program
+run alone)."""
+
+from __future__ import annotations
+
+from powerfast.runtime.lm import hf_eos_token_ids
+from powerfast.samplers.decoding import SeedStream
+from powerfast.samplers.program import drive
+from powerfast.samplers.prompts import check_max_new_tokens, encode_prompts
+from powerfast.samplers.results import GenerationResult, GenerationStats
+
+# ------------------------------------------------------------------ KV budget
+
+
+def blocks_for(length: int, block_size: int) -> int:
+    """KV blocks holding ``length`` positions."""
+    return -(-length // block_size)
+
+
+def appended_blocks(length: int, count: int, block_size: int) -> int:
+    """Blocks a sequence forked at ``length`` positions allocates to append ``count`` more:
+    its own copy of a shared, partly filled last block and the new blocks (an upper bound)."""
+    return blocks_for(length + count, block_size) - length // block_size if count > 0 else 0
+
+
+def forked_peak_blocks(prompt_lengths: list[int], num_branches: int, count: int, block_size: int) -> int:
+    """Most blocks held when each prompt is forked into ``num_branches`` sequences that each
+    append ``count`` positions: the prompt's blocks once, and every branch's own blocks
+    (an upper bound whatever the branches share later, e.g. after resampling)."""
+    return sum(blocks_for(length, block_size) + num_branches * appended_blocks(length, count, block_size)
+               for length in prompt_lengths)
+
+
+# ------------------------------------------------------------------- sampler base
+
+
+def as_runner(model, **runner_kwargs):
+    """``model`` itself if it is a ModelRunner or an LMRunner (then no runner settings may
+    be given), else a :class:`powerfast.runtime.runner.ModelRunner` around it with ``runner_kwargs``."""
+    from powerfast.runtime.lm_runner import LMRunner
+    from powerfast.runtime.runner import ModelRunner
+
+    if isinstance(model, (ModelRunner, LMRunner)):
+        if runner_kwargs:
+            raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready runner")
+        return model
+    return ModelRunner(model, **runner_kwargs)
+
+
+class RunnerSampler:
+    """What every sampler holds: a runner around the model, a tokenizer, a seed stream.
+
+    model:         a Hugging Face causal LM, a :class:`powerfast.runtime.runner.ModelRunner`, or
+                   a :class:`powerfast.runtime.lm_runner.LMRunner` (any LanguageModel, e.g. the toy)
+    tokenizer:     optional; needed for string prompts and for ``text`` in the results
+    seed:          makes ``generate`` reproducible (None: fresh randomness)
+    runner_kwargs: passed to the ModelRunner built around ``model``
+    """
+
+    method = "base"
+
+    def __init__(self, model, tokenizer=None, seed: int | None = None, **runner_kwargs) -> None:
+        from powerfast.runtime.lm_runner import LMRunner
+
+        self.runner = as_runner(model, **runner_kwargs)
+        self.tokenizer = tokenizer
+        self.seeds = SeedStream(seed)
+        if isinstance(self.runner, LMRunner):
+            self.vocab_size = self.runner.vocab_size
+            self.context_length = self.runner.context_length
+            self._eos_ids = self.runner.eos_token_ids
+        else:
+            model = self.runner.model
+            self.vocab_size = int(self.runner.vocab_size)
+            self.context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+            self._eos_ids = hf_eos_token_ids(model)
+
+    def eos_token_id(self, ignore_eos: bool) -> tuple[int, ...]:
+        """Every id that ends a completion (all the model declares), or () with ignore_eos.
+
+        Pass it as ``eos_token_id`` of :func:`sample_continuations`; test a token with ``in``.
+        """
+        return () if ignore_eos else self._eos_ids
+
+    def encode(self, prompts, max_new_tokens: int, chat_template: bool = True) -> list[list[int]]:
+        """Checked token-id lists of ``prompts`` (see :func:`encode_prompts`), leaving room for
+        the budget, and the KV pool checked against the generation's peak need
+        (:meth:`check_kv_capacity`)."""
+        check_max_new_tokens(max_new_tokens)
+        self._forward_mark = self._forward_counts()
+        prompt_ids = encode_prompts(prompts, self.tokenizer, chat_template, self.context_length, max_new_tokens)
+        self.check_kv_capacity([len(ids) for ids in prompt_ids], max_new_tokens)
+        return prompt_ids
+
+    def generate(self, prompts, max_new_tokens: int = 3072, *, ignore_eos: bool = False,
+                 chat_template: bool = True, progress=None) -> list[GenerationResult]:
+        """A completion per prompt (strings or token-id lists; the prompts of a call share
+        decode batches): the sampler's step program (:meth:`program`) run alone on the runner.
+
+        ignore_eos:    generate the whole budget whatever the model samples
+        chat_template: wrap string prompts in the tokenizer's chat template
+        progress:      optional callable ``(tokens_done, max_new_tokens)``
+        """
+        prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
+        return drive(self.program(prompt_ids, max_new_tokens, self.eos_token_id(ignore_eos), progress), self.runner)
+
+    def program(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress=None,
+                stream: bool = False):
+        """The step program (:mod:`powerfast.samplers.program`) of a generation: checked prompts, the
+        budget, the ids that end a completion; returns a GenerationResult per prompt. With
+        ``stream``, output that became final is yielded on the way (``Tokens`` / ``Final``)."""
+        raise NotImplementedError
+
+    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int | None:
+        """Most KV blocks of ``block_size`` positions a ``generate`` of prompts of these
+        lengths can hold at once with this sampler's settings (an upper bound: every row
+        decodes its whole budget). Each sampler overrides it; None (here): not known, no check."""
+        return None
+
+    def check_kv_capacity(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
+        """KVCacheTooSmallError (a ValueError) before any work when the pool's free blocks
+        cannot hold :meth:`peak_kv_blocks`; nothing for runners without a paged pool."""
+        from powerfast.runtime.cache import KVCacheTooSmallError
+
+        cache = getattr(self.runner, "cache", None)
+        if cache is None:
+            return
+        needed = self.peak_kv_blocks(prompt_lengths, max_new_tokens, cache.block_size)
+        if needed is not None and needed > cache.blocks_free:
+            what = f"{self.method} sampling of {len(prompt_lengths)} prompt(s) with max_new_tokens={max_new_tokens}"
+            raise KVCacheTooSmallError(what, needed, cache.blocks_free, cache.num_blocks, cache.block_size,
+                                       cache.bytes_per_block)
+
+    def result(self, token_ids: list[int], stats: GenerationStats, loglik: float) -> GenerationResult:
+        """A :class:`GenerationResult` for ``token_ids``, decoded to text when there is a tokenizer."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else None
+        mark = getattr(self, "_forward_mark", None)
+        if mark is not None:
+            forwards, rows = self._forward_counts()
+            stats.num_forwards, stats.forward_rows = forwards - mark[0], rows - mark[1]
+        return GenerationResult(token_ids, text, stats, loglik)
+
+    def _forward_counts(self) -> tuple[int, int]:
+        """(forwards, rows over them) the runner has run so far."""
+        return getattr(self.runner, "num_forwards", 0), getattr(self.runner, "forward_rows", 0)
