@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from e2e import make_prompts, tiny_llama  # noqa: E402
 
 from powerfast.runtime.runner import ModelRunner  # noqa: E402
-from powerfast.serving.engine import Engine, SamplingParams  # noqa: E402
+from powerfast.serving.engine import Engine  # noqa: E402
+from powerfast.serving.params import SamplingParams
 
 #: Power sampling on a CPU (bench/RESULTS.md's scaled-down settings, shorter blocks).
 CPU_SETTINGS = {"block_size": 16, "horizon": 16, "num_candidates": 8, "top_k": 4, "num_rollouts": 4,

@@ -35,8 +35,8 @@ _LAZY = {
     "OutOfBlocksError": "powerfast.runtime.cache",
     "KVCacheTooSmallError": "powerfast.runtime.cache",
     "Engine": "powerfast.serving.engine",
-    "AsyncEngine": "powerfast.serving.engine",
-    "SamplingParams": "powerfast.serving.engine",
+    "AsyncEngine": "powerfast.serving.async_engine",
+    "SamplingParams": "powerfast.serving.params",
 }
 
 # the layers, reachable as attributes (``powerfast.evaluation.exact.power_conditional``), imported on first use

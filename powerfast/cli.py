@@ -181,8 +181,8 @@ def build_sampler(method: str, runner, tokenizer, args: argparse.Namespace, seed
 
 
 def sampling_params(method: str, args: argparse.Namespace, seed: int | None = None):
-    """The engine's :class:`~powerfast.serving.engine.SamplingParams` of ``method`` from parsed settings."""
-    from powerfast.serving.engine import SamplingParams
+    """The engine's :class:`~powerfast.serving.params.SamplingParams` of ``method`` from parsed settings."""
+    from powerfast.serving.params import SamplingParams
 
     return SamplingParams(
         method=method, max_tokens=args.max_new_tokens, temperature=args.temperature, seed=seed,
@@ -384,7 +384,8 @@ def _run_serve(args) -> int:
     api_key = args.api_key if args.api_key is not None else os.environ.get("POWERFAST_API_KEY") or None
     import uvicorn
 
-    from powerfast.serving.engine import AsyncEngine, Engine
+    from powerfast.serving.async_engine import AsyncEngine
+    from powerfast.serving.engine import Engine
     from powerfast.serving.server import build_app
 
     model, tokenizer = _load(args)

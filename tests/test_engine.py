@@ -15,15 +15,10 @@ import torch
 
 from powerfast.samplers.factory import make_sampler
 from powerfast.samplers.program import Decode, Prefill, Tokens, drive
-from powerfast.serving.engine import (
-    AsyncEngine,
-    Engine,
-    EngineClosedError,
-    InvalidRequestError,
-    QueueFullError,
-    RequestTooLargeError,
-    SamplingParams,
-)
+from powerfast.serving.async_engine import AsyncEngine
+from powerfast.serving.engine import Engine
+from powerfast.serving.errors import EngineClosedError, InvalidRequestError, QueueFullError, RequestTooLargeError
+from powerfast.serving.params import SamplingParams
 
 SEED = int.from_bytes(os.urandom(4), "little")
 WANT = json.loads(recorded.PATH.read_text())

@@ -32,8 +32,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast 
 from powerfast.core.config import PowerConfig  # noqa: E402
 from powerfast.runtime.runner import ModelRunner  # noqa: E402
 from powerfast.samplers.factory import make_sampler  # noqa: E402
-from powerfast.serving.engine import AsyncEngine, Engine, SamplingParams  # noqa: E402
+from powerfast.serving.async_engine import AsyncEngine  # noqa: E402
+from powerfast.serving.engine import Engine
 from powerfast.serving.metrics import ServingMetrics, render  # noqa: E402
+from powerfast.serving.params import SamplingParams
 from powerfast.serving.server import build_app  # noqa: E402
 
 KEY = "test-key"

@@ -32,216 +32,24 @@ steps in a background thread and serves ``async for`` streams to asyncio tasks.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Sequence
 
 import torch
 
-from powerfast.core.config import METHODS, MCMCConfig, PowerConfig, SMCConfig, method_config
 from powerfast.samplers.program import Decode, Final, Prefill, Tokens
+from powerfast.serving.errors import InvalidRequestError, QueueFullError, RequestTooLargeError
+from powerfast.serving.params import SamplingParams
+from powerfast.serving.request import FINISH_REASONS, Request, RequestOutput
 
-__all__ = [
-    "AsyncEngine",
-    "Engine",
-    "EngineClosedError",
-    "EngineStats",
-    "FINISH_REASONS",
-    "InvalidRequestError",
-    "QueueFullError",
-    "RequestOutput",
-    "RequestTooLargeError",
-    "SamplingParams",
-]
-
-FINISH_REASONS = ("stop", "length", "abort", "error")
-"""Why a request ended: EOS or a stop string, the token budget, an abort, an error."""
+__all__ = ["Engine", "EngineStats"]
 
 
-# --------------------------------------------------------------------------- errors
-
-
-class InvalidRequestError(ValueError):
-    """A request the engine refuses as given; ``field`` names the bad field (the message its value)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-class RequestTooLargeError(InvalidRequestError):
-    """A request that could never run: its peak KV need exceeds the whole pool, or its
-    settings exceed the engine's limits. The message gives the need and the limit."""
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is full; try again later."""
-
-
-class EngineClosedError(RuntimeError):
-    """The engine is shutting down, or its step loop stopped on an error."""
-
-
-# ------------------------------------------------------------------------- requests
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What a request asks for: the method and its settings, validated on construction
-    (:class:`InvalidRequestError` naming the field). Settings of other methods are ignored.
-
-    method:      one of :data:`powerfast.core.config.METHODS`
-    max_tokens:  the token budget (> 0)
-    temperature: of "plain" and "best-of-n" (0: greedy)
-    seed:        the request's own random stream (None: a fresh one)
-    stop:        stop strings: the text is cut before the first one found
-    ignore_eos:  generate the whole budget whatever the model samples
-    alpha:       the exponent of "power", "mcmc" and "smc"; T = 1 / alpha of "low-temp"
-    block_size, num_candidates, top_k, num_rollouts, horizon, jackknife, rollout_proposal,
-    reuse_rollouts:  "power" (B, L, K, M, H; see :class:`powerfast.core.config.PowerConfig`);
-                 block_size is also "mcmc"'s B
-    mcmc_steps:  "mcmc"'s N_MCMC
-    num_particles, ess_threshold, resample_every, ramp_tokens, resampler: "smc"
-    num_samples: "best-of-n"'s N
-
-    The defaults of power, MCMC and SMC are scaled for serving (small blocks, few
-    branches), not the papers' settings.
-    """
-
-    method: str = "plain"
-    max_tokens: int = 256
-    temperature: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    alpha: float = 4.0
-    block_size: int = 16
-    num_candidates: int = 8
-    top_k: int = 4
-    num_rollouts: int = 4
-    horizon: int = 16
-    jackknife: bool = True
-    rollout_proposal: str = "base"
-    reuse_rollouts: bool = False
-    mcmc_steps: int = 2
-    num_particles: int = 8
-    ess_threshold: float = 0.5
-    resample_every: int = 16
-    ramp_tokens: int = 0
-    resampler: str = "systematic"
-    num_samples: int = 4
-
-    FIELDS: ClassVar[tuple[str, ...]] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.method, str) or self.method not in METHODS:
-            raise InvalidRequestError("method", f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise InvalidRequestError("max_tokens", f"max_tokens must be an int > 0, got {self.max_tokens!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not 0 <= self.seed < 2**63):
-            raise InvalidRequestError("seed", f"seed must be an int in [0, 2**63) or None, got {self.seed!r}")
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
-            raise InvalidRequestError("stop", f"stop must be a non-empty string or a list of them, got {self.stop!r}")
-        object.__setattr__(self, "stop", tuple(stop))
-        if not isinstance(self.ignore_eos, bool):
-            raise InvalidRequestError("ignore_eos", f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        try:
-            self.config()
-        except (ValueError, TypeError) as error:
-            raise InvalidRequestError(_field_named_in(str(error)), str(error)) from None
-
-    def config(self):
-        """The method's validated config (PowerConfig, MCMCConfig, SMCConfig or SamplingConfig)."""
-        power = mcmc = smc = None
-        if self.method == "power":
-            power = PowerConfig(self.alpha, self.block_size, self.num_candidates, self.top_k, self.num_rollouts,
-                                self.horizon, self.jackknife, self.rollout_proposal, self.reuse_rollouts)
-        elif self.method == "mcmc":
-            mcmc = MCMCConfig(self.alpha, self.block_size, self.mcmc_steps)
-        elif self.method == "smc":
-            smc = SMCConfig(self.alpha, self.num_particles, self.ess_threshold, self.resample_every, self.ramp_tokens,
-                            self.resampler)
-        return method_config(self.method, alpha=self.alpha, temperature=self.temperature,
-                             num_samples=self.num_samples, power_config=power, mcmc_config=mcmc, smc_config=smc)
-
-    def sampler(self, runner, tokenizer=None):
-        """The sampler (``make_sampler``) that does what these params ask, with its own seed
-        stream: what the engine runs for a request, and ``sampler.generate([prompt])`` the
-        same computation outside the engine."""
-        from powerfast.samplers.factory import make_sampler
-
-        config = self.config()
-        slot = {"power": "power_config", "mcmc": "mcmc_config", "smc": "smc_config"}.get(self.method)
-        settings = {slot: config} if slot else {}
-        return make_sampler(self.method, runner, tokenizer, alpha=self.alpha, seed=self.seed,
-                            temperature=self.temperature, num_samples=self.num_samples, **settings)
-
-    def branches(self) -> tuple[int, str]:
-        """(most sequences the request decodes at once, the field that sets it)."""
-        if self.method == "power":
-            first = self.top_k if self.block_size == 1 else self.num_candidates
-            return max(first, self.top_k * self.num_rollouts), "num_rollouts"
-        if self.method == "smc":
-            return self.num_particles, "num_particles"
-        if self.method == "best-of-n":
-            return self.num_samples, "num_samples"
-        return 1, "method"
-
-
-SamplingParams.FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-
-_CONFIG_WORDS = {"eta": "resampler"}
-
-
-def _field_named_in(message: str) -> str:
-    """The SamplingParams field a config error message is about (its first word naming one)."""
-    for word in message.replace("(", " ").replace(")", " ").replace(",", " ").split():
-        if word in SamplingParams.FIELDS:
-            return word
-        if word in _CONFIG_WORDS:
-            return _CONFIG_WORDS[word]
-    return "method"
-
-
-@dataclass
-class RequestOutput:
-    """What :meth:`Engine.step` reports of a request: tokens that became final since the
-    last output (plain and greedy: every step; power: every block; MCMC, SMC and
-    best-of-N: at the end) and everything so far.
-
-    new_text / text: incremental detokenisation (a tokenizer is needed; "" without one);
-    text that could be the start of a stop string or of a multi-byte character is held
-    back until it is not. decoded_tokens: every token decoded for the request so far
-    (candidates, rollouts, proposals, particles...), the prompt excluded.
-    """
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    token_ids: list[int]
-    text: str
-    finished: bool
-    finish_reason: str | None
-    prompt_tokens: int
-    decoded_tokens: int
-    error: str | None = None
-    arrival_time: float = 0.0
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    result: Any = None  # the sampler's GenerationResult (with stats) when its program ran to its end;
-    # None when the engine ended it first (an EOS or stop string streamed by a decode loop, an abort)
-
-
-@dataclass
 class EngineStats:
     """A snapshot of the engine's state and counters (cumulative since it started).
 
@@ -265,30 +73,6 @@ class EngineStats:
     requests_rejected: dict[str, int]
     tokens_by_phase: dict[str, int]
     max_queue: int
-
-
-class _Request:
-    """A request's state inside the engine."""
-
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sampler, need: int) -> None:
-        self.id = request_id
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.sampler = sampler
-        self.need = need  # KV blocks reserved while it runs
-        self.program = None
-        self.pending = None  # the Prefill / Decode the program waits on
-        self.token_ids: list[int] = []
-        self.text = ""
-        self.text_of = 0  # how many of token_ids ``text`` was decoded from
-        self.sent_tokens = 0
-        self.sent_text = 0
-        self.decoded = 0
-        self.arrival = time.monotonic()
-        self.first_token: float | None = None
-        self.stopped_by_string = False
-        self.eos: tuple[int, ...] = ()
-        self.streamed: list[Tokens] = []  # this step's sampled tokens, still on the device
 
 
 # --------------------------------------------------------------------------- engine
@@ -324,9 +108,9 @@ class Engine:
         self.vocab_size = probe.vocab_size
         self._lock = threading.Lock()  # guards the queues and counters (short holds only)
         self._step_lock = threading.Lock()  # held for a whole step
-        self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []
-        self._ids: dict[str, _Request] = {}
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._ids: dict[str, Request] = {}
         self._deferred_aborts: set[str] = set()
         self._ready: list[RequestOutput] = []  # outputs produced outside a step, returned by the next
         self._reserved = 0
@@ -370,7 +154,7 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 self._rejected["queue_full"] += 1
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); try again later")
-            request = _Request(request_id, prompt_ids, params, sampler, need)
+            request = Request(request_id, prompt_ids, params, sampler, need)
             self._waiting.append(request)
             self._ids[request_id] = request
         return request_id
@@ -478,7 +262,7 @@ class Engine:
                 if out is not None:
                     outputs.append(out)
 
-    def _abort_running(self, request: _Request) -> RequestOutput | None:
+    def _abort_running(self, request: Request) -> RequestOutput | None:
         """Close a running request's program (its finally blocks free every sequence it
         holds) and end it; None if it has already ended. Call with ``_step_lock`` held."""
         if request not in self._running:
@@ -506,7 +290,7 @@ class Engine:
                                               stream=True)
             self._advance(request, None, outputs, first=True)
 
-    def _run_prefill(self, requests: list[_Request], outputs: list[RequestOutput]) -> None:
+    def _run_prefill(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
         prompts = [p for r in requests for p in r.pending.prompts]
         try:
             seqs, logits = self.runner.prefill(prompts)
@@ -520,7 +304,7 @@ class Engine:
             self._advance(request, (seqs[start : start + n], logits[start : start + n]), outputs)
             start += n
 
-    def _run_decode(self, requests: list[_Request], outputs: list[RequestOutput]) -> None:
+    def _run_decode(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
         if len(requests) == 1:  # alone: exactly the program's own call (what ``drive`` makes)
             seqs, tokens = requests[0].pending
         else:
@@ -547,7 +331,7 @@ class Engine:
 
         return ops.upload_ints([int(t) for t in tokens], torch.long, self.device)
 
-    def _advance(self, request: _Request, reply, outputs: list[RequestOutput], first: bool = False) -> None:
+    def _advance(self, request: Request, reply, outputs: list[RequestOutput], first: bool = False) -> None:
         """Send ``reply`` to the program and run it to its next forward (or its end),
         collecting what it streams; report new tokens or the end in ``outputs``."""
         program = request.program
@@ -602,7 +386,7 @@ class Engine:
             return
         tokens = torch.stack([m.tokens[0] for _, m in flat]).tolist()
         live = torch.stack([m.live[0] for _, m in flat]).tolist()
-        touched: dict[str, _Request] = {}
+        touched: dict[str, Request] = {}
         for (request, _), token, alive in zip(flat, tokens, live):
             request.streamed = []
             if alive and not (request.token_ids and request.token_ids[-1] in request.eos):
@@ -620,7 +404,7 @@ class Engine:
 
     # ------------------------------------------------------------------ endings and text
 
-    def _hit_stop_string(self, request: _Request) -> bool:
+    def _hit_stop_string(self, request: Request) -> bool:
         """Refresh the request's text; True (and the text cut) when a stop string appeared."""
         if self.tokenizer is None:
             return False
@@ -633,13 +417,13 @@ class Engine:
             return True
         return False
 
-    def _end(self, request: _Request, reason: str, result=None) -> RequestOutput:
+    def _end(self, request: Request, reason: str, result=None) -> RequestOutput:
         with self._lock:
             self._running.remove(request)
             self._reserved -= request.need
             return self._finish(request, reason, result=result)
 
-    def _fail(self, request: _Request, error: BaseException) -> RequestOutput:
+    def _fail(self, request: Request, error: BaseException) -> RequestOutput:
         if request.program is not None:
             request.program.close()
         with self._lock:
@@ -648,7 +432,7 @@ class Engine:
                 self._reserved -= request.need
             return self._finish(request, "error", error=f"{type(error).__name__}: {error}")
 
-    def _finish(self, request: _Request, reason: str, result=None, error: str | None = None) -> RequestOutput:
+    def _finish(self, request: Request, reason: str, result=None, error: str | None = None) -> RequestOutput:
         """Record the end (call with ``_lock`` held) and make the last output."""
         self._finished[reason] += 1
         self._ids.pop(request.id, None)
@@ -662,7 +446,7 @@ class Engine:
         out.result, out.error = result, error
         return out
 
-    def _output(self, request: _Request, finished: bool, reason: str | None = None) -> RequestOutput:
+    def _output(self, request: Request, finished: bool, reason: str | None = None) -> RequestOutput:
         now = time.monotonic()
         if self.tokenizer is not None and not request.stopped_by_string:
             self._refresh_text(request)
@@ -680,14 +464,14 @@ class Engine:
             first_token_time=request.first_token, finish_time=now if finished else None,
         )
 
-    def _refresh_text(self, request: _Request) -> None:
+    def _refresh_text(self, request: Request) -> None:
         """Decode the request's tokens into ``text`` unless it is already of these tokens."""
         if request.text_of != len(request.token_ids) or not request.token_ids:
             request.text = self.tokenizer.decode(request.token_ids, skip_special_tokens=True)
             request.text_of = len(request.token_ids)
 
     @staticmethod
-    def _safe_text_length(request: _Request) -> int:
+    def _safe_text_length(request: Request) -> int:
         """Characters of the text that can be shown while running: not a trailing partial
         character, nor what could be the start of a stop string."""
         text = request.text
@@ -761,111 +545,3 @@ class Engine:
     def _count_rejected(self, why: str) -> None:
         with self._lock:
             self._rejected[why] += 1
-
-
-# --------------------------------------------------------------------- async engine
-
-
-class AsyncEngine:
-    """An :class:`Engine` stepped by one background thread, for asyncio servers.
-
-    ``async for out in engine.generate(prompt, params)`` streams a request's outputs; many
-    asyncio tasks may do so at once. The thread starts on the first request (or
-    :meth:`start`) and steps while there is work; :meth:`shutdown` aborts everything
-    and stops it. A consumer that stops iterating (``aclose``, a cancelled task, a
-    client that disconnected) aborts its request, which frees its blocks within a step.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._wake = threading.Event()
-        self._closed = False
-        self._error: BaseException | None = None
-
-    async def start(self) -> None:
-        """Start the step thread (idempotent)."""
-        if self._closed:
-            raise EngineClosedError("the engine was shut down")
-        if self._thread is None:
-            self._loop = asyncio.get_running_loop()
-            self._thread = threading.Thread(target=self._run, name="powerfast-engine", daemon=True)
-            self._thread.start()
-
-    async def shutdown(self) -> None:
-        """Abort every request, stop the thread and refuse new requests."""
-        self._closed = True
-        with self.engine._lock:
-            ids = list(self.engine._ids)
-        for request_id in ids:
-            self.engine.abort(request_id)
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-        for queue in list(self._queues.values()):
-            queue.put_nowait(EngineClosedError("the engine was shut down"))
-
-    def stats(self) -> EngineStats:
-        return self.engine.stats()
-
-    async def abort(self, request_id: str) -> None:
-        self.engine.abort(request_id)
-        self._wake.set()
-
-    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """The request's outputs as they come, the last with ``finished=True``. Raises
-        InvalidRequestError / RequestTooLargeError / QueueFullError / EngineClosedError
-        before yielding anything."""
-        if self._closed or self._error is not None:
-            raise EngineClosedError(f"the engine is not running{f': {self._error}' if self._error else ''}")
-        await self.start()
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        finished = False
-        try:
-            self.engine.add_request(prompt, params, request_id)
-            self._wake.set()
-            while True:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.engine.abort(request_id)
-                self._wake.set()
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:  # runs on the event loop
-            queue = self._queues.get(out.request_id)
-            if queue is not None:
-                queue.put_nowait(out)
-
-    def _run(self) -> None:
-        """The step thread."""
-        engine = self.engine
-        while not self._closed or engine.has_unfinished():
-            if not engine.has_unfinished():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            try:
-                outputs = engine.step()
-            except BaseException as error:  # noqa: BLE001 - reported to every waiting request
-                self._error = error
-                failure = EngineClosedError(f"the engine's step failed: {type(error).__name__}: {error}")
-                self._loop.call_soon_threadsafe(self._fail_all, failure)
-                return
-            if outputs:
-                self._loop.call_soon_threadsafe(self._deliver, outputs)
-
-    def _fail_all(self, error: BaseException) -> None:
-        for queue in self._queues.values():
-            queue.put_nowait(error)

@@ -1,6 +1,6 @@
 """Prometheus metrics of the server, in the text exposition format 0.0.4, written by hand.
 
-:class:`ServingMetrics` observes the :class:`powerfast.serving.engine.RequestOutput` stream of
+:class:`ServingMetrics` observes the :class:`powerfast.serving.request.RequestOutput` stream of
 every request the server answers (time to first token, latency) and counts the HTTP
 responses by status; :func:`render` turns an :class:`powerfast.serving.engine.EngineStats`
 (requests by state, tokens by phase, KV blocks, queue depth) plus those observations into

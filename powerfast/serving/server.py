@@ -34,16 +34,11 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from powerfast.serving.engine import (
-    AsyncEngine,
-    EngineClosedError,
-    InvalidRequestError,
-    QueueFullError,
-    RequestOutput,
-    RequestTooLargeError,
-    SamplingParams,
-)
+from powerfast.serving.async_engine import AsyncEngine
+from powerfast.serving.errors import EngineClosedError, InvalidRequestError, QueueFullError, RequestTooLargeError
 from powerfast.serving.metrics import CONTENT_TYPE, ServingMetrics, render
+from powerfast.serving.params import SamplingParams
+from powerfast.serving.request import RequestOutput
 
 __all__ = ["APIError", "MAX_CHOICES", "POWER_FIELDS", "build_app", "parse_sampling_params"]
 
