@@ -39,6 +39,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -50,6 +51,7 @@ from powerfast.serving.request import FINISH_REASONS, Request, RequestOutput
 __all__ = ["Engine", "EngineStats"]
 
 
+@dataclass
 class EngineStats:
     """A snapshot of the engine's state and counters (cumulative since it started).
 

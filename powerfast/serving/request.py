@@ -44,9 +44,6 @@ class RequestOutput:
     # None when the engine ended it first (an EOS or stop string streamed by a decode loop, an abort)
 
 
-@dataclass
-
-
 class Request:
     """A request's state inside the engine."""
 
