@@ -1,7 +1,7 @@
 """Triton kernels of powerfast, installed as ``powerfast.kernels``.
 
 One module per op: the ``@triton.jit`` kernel and a thin launcher. Dispatch between the
-kernels and the torch references lives in ``powerfast.ops``; import from there.
+kernels and the torch references lives in ``powerfast.core.ops``; import from there.
 
 This folder sits at the top of the repository, so whenever the repository root is on
 ``sys.path`` (``python -m pytest`` or ``python -m powerfast.cli`` run there, a Python shell

@@ -12,7 +12,7 @@ Per row, with the (K, M) tile of rollout log-likelihoods ``l`` in registers:
     p_jk             = M * p_hat - (M - 1) / M * sum_s softmax_k(alpha * c + log zeta^(-s))
 
 clamped at 0 and renormalised, falling back to p_hat when everything clamps (the
-contract of ``powerfast.estimators.power_estimates``). Shifting by the row maxima before
+contract of ``powerfast.core.estimators.power_estimates``). Shifting by the row maxima before
 multiplying by alpha keeps the weights' rounding error proportional to their spread, not
 to the log-likelihoods' size (down to -2000 and beyond).
 """
@@ -144,7 +144,7 @@ def power_estimates(
     alpha: float,
     jackknife: bool = True,
 ):
-    """Launcher (arguments checked by ``powerfast.ops.power_estimates``).
+    """Launcher (arguments checked by ``powerfast.core.ops.power_estimates``).
 
     candidate_logprobs: (..., K); rollout_logliks: (..., K, M); alpha > 0
     returns (probs, p_hat, log_zeta), each (..., K), in the promoted input dtype when it is

@@ -265,7 +265,7 @@ def sample_logprob(
     num_warps: Optional[int] = None,
 ):
     """Sample from softmax(logits / temperature), score, accumulate (arguments checked by
-    ``powerfast.ops.sample_tokens``).
+    ``powerfast.core.ops.sample_tokens``).
 
     logits: (N, V); offsets: (N,) int or None (arange(N)); active: (N,) bool or None;
     logliks: (N,) fp32 or None, updated in place; returns (tokens (N,) int64,
