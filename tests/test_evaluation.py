@@ -454,4 +454,4 @@ def test_bad_method_name(math3, tmp_path):
 
 def test_missing_optional_dependency_names_the_extra():
     with pytest.raises(ImportError, match=r"pip install 'powerfast\[eval\]'"):
-        ev._require("powerfast_no_such_module")
+        ev.grading._require("powerfast_no_such_module")
