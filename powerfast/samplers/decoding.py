@@ -84,6 +84,7 @@ class Continuations(NamedTuple):
     log_power_sums:   (N,) float32 sum over the row's steps of log sum_x p(x | h_t)^(1/T)
                       (the tempered rollout weight of powerfast/DESIGN.md section 6), or None unless
                       asked for; 0 at T = 1
+    active:           (N,) bool rows that have not ended (no EOS sampled)
     """
 
     tokens: torch.Tensor
@@ -94,6 +95,7 @@ class Continuations(NamedTuple):
     token_logprobs: torch.Tensor | None = None
     token_tempered: torch.Tensor | None = None
     log_power_sums: torch.Tensor | None = None
+    active: torch.Tensor | None = None
 
 
 _SEED_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (wrapping multiply)
@@ -141,13 +143,15 @@ def continuations_program(
     num_steps: int,
     seeds: SeedStream,
     *,
-    temperature: float = 1.0,
+    temperature: float | Sequence[float] = 1.0,
     eos_token_id: int | Sequence[int] | None = None,
     want_last_logits: bool = False,
     per_token: bool = False,
     stop_check_every: int = 32,
     want_log_power_sums: bool = False,
     stream: bool = False,
+    logliks: torch.Tensor | None = None,
+    log_weights: torch.Tensor | None = None,
 ):
     """Sample ``num_steps`` tokens for every sequence in one batched decode loop, as a
     step program (it yields its decodes, see :mod:`powerfast.samplers.program`; with ``stream``
@@ -163,21 +167,33 @@ def continuations_program(
 
     eos_token_id: one id or several (a row stops at the first of them it samples); after
     its end a row is fed the first id.
+    temperature:  one for every step, or one per step (a schedule of ``num_steps`` values,
+                  e.g. Power-SMC's ramp of 1/alpha_t)
+    logliks:      (N,) float32 running base log-likelihoods to continue from (default 0);
+                  ``base_logliks`` of the result are then these plus the new tokens'
+    log_weights:  (N,) float64 importance weights updated in place: every step adds each
+                  active row's log sum_x p(x | h_t)^(1/T_t) (the incremental weight of a
+                  tempered proposal; Power-SMC's particle weights)
     """
     eos_ids = stop_token_ids(eos_token_id)
     eos_token_id = eos_ids[0] if eos_ids else None  # the sampling ops handle the first id
     num_rows = first_logits.shape[0]
     device = first_logits.device
+    schedule = [temperature] * max(num_steps, 0) if isinstance(temperature, (int, float)) else list(temperature)
+    if len(schedule) != max(num_steps, 0):
+        raise ValueError(f"a temperature schedule needs one value per step ({num_steps}), got {len(schedule)}")
     tokens = torch.zeros(num_rows, max(num_steps, 0), dtype=torch.long, device=device)
     lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
-    base = torch.zeros(num_rows, dtype=torch.float32, device=device)
-    tempered = torch.zeros(num_rows, dtype=torch.float32, device=device) if temperature not in (0, 1.0) else None
+    base = torch.zeros(num_rows, dtype=torch.float32, device=device) if logliks is None else logliks
+    tempered = (torch.zeros(num_rows, dtype=torch.float32, device=device)
+                if any(t not in (0, 1.0) for t in schedule) else None)
     active = torch.ones(num_rows, dtype=torch.bool, device=device)
     token_base = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
     token_tempered = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
     log_power_sums = torch.zeros(num_rows, dtype=torch.float32, device=device) if want_log_power_sums else None
-    if temperature != 0:
-        ops._check_temperature(temperature)
+    for value in set(schedule):
+        if value != 0:
+            ops._check_temperature(value)
     seed = torch.tensor(seeds.next(), dtype=torch.int64, device=device)
     counter = torch.zeros((), dtype=torch.int64, device=device)
     logits = first_logits
@@ -185,12 +201,14 @@ def continuations_program(
     steps_done = 0
     for step in range(num_steps):
         was_active = active.clone()
-        out = sample_step(logits, seed, counter, active, base, temperature, eos_token_id)
+        out = sample_step(logits, seed, counter, active, base, schedule[step], eos_token_id)
         chosen = out.tokens
         if tempered is not None:
             tempered += torch.where(was_active, out.tempered_logprobs, torch.zeros_like(out.tempered_logprobs))
         if log_power_sums is not None:
             log_power_sums += out.log_power_sums  # 0 for inactive rows, at T = 0 and at T = 1
+        if log_weights is not None:
+            log_weights += out.log_power_sums.double()
         if other_eos is not None:  # the op stopped rows on the first id; the others here, on the device
             active.logical_and_(~torch.isin(chosen, other_eos))
         tokens[:, step] = chosen
@@ -211,7 +229,7 @@ def continuations_program(
         if not last_step or want_last_logits:
             logits = yield Decode(seqs, chosen)
     return Continuations(tokens, lengths, base, tempered, logits if want_last_logits else None,
-                         token_base, token_tempered, log_power_sums)
+                         token_base, token_tempered, log_power_sums, active)
 
 
 def sample_continuations(

@@ -29,8 +29,8 @@ from powerfast.core import ops
 from powerfast.core.config import SMCConfig
 from powerfast.samplers import resampling
 from powerfast.samplers.base import RunnerSampler, forked_peak_blocks
-from powerfast.samplers.decoding import check_no_nan, phase, sample_step
-from powerfast.samplers.program import Decode, Prefill, drive
+from powerfast.samplers.decoding import check_no_nan, continuations_program, phase
+from powerfast.samplers.program import Prefill, drive
 from powerfast.samplers.results import GenerationStats
 
 __all__ = ["SMCSampler"]
@@ -65,36 +65,6 @@ def _effective_sample_sizes(particles: list[list[_Particle]]) -> torch.Tensor:
     """(P,) float64 ESS = 1 / sum w^2 of each prompt's normalised particle weights."""
     log_w = torch.tensor([[p.log_weight for p in group] for group in particles], dtype=torch.float64)
     return torch.exp(2 * torch.logsumexp(log_w, -1) - torch.logsumexp(2 * log_w, -1))
-
-
-class _Rows:
-    """The decode batch between two checks: the running particles and their device state.
-
-    active (R,) bool, logliks (R,) float32 (updated in place by the sampling op),
-    log_weights (R,) float64, tokens (R, steps) int64, lengths (R,) int64.
-    """
-
-    def __init__(self, particles: list[_Particle], device, steps: int) -> None:
-        self.particles = particles
-        count = len(particles)
-        self.active = torch.ones(count, dtype=torch.bool, device=device)
-        self.logliks = torch.tensor([p.loglik for p in particles], dtype=torch.float32, device=device)
-        self.log_weights = torch.tensor([p.log_weight for p in particles], dtype=torch.float64, device=device)
-        self.tokens = torch.zeros(count, max(steps, 1), dtype=torch.long, device=device)
-        self.lengths = torch.zeros(count, dtype=torch.long, device=device)
-        self.step = 0
-
-    def seqs(self) -> list:
-        return [p.seq for p in self.particles]
-
-    def record(self, tokens: torch.Tensor, was_active: torch.Tensor) -> None:
-        self.tokens[:, self.step] = tokens
-        self.lengths += was_active
-        self.step += 1
-
-    def to_host(self):
-        return (self.tokens[:, : self.step].cpu(), self.lengths.cpu().tolist(), self.active.cpu(),
-                self.logliks.cpu(), self.log_weights.cpu())
 
 
 class SMCSampler(RunnerSampler):
@@ -177,40 +147,35 @@ class SMCSampler(RunnerSampler):
                     source_rows.extend([i] * cfg.num_particles)
             logits = prompt_logits[ops.upload_ints(source_rows, torch.long, prompt_logits.device)]
             device = logits.device
-            first_eos = eos[0] if eos else None  # the sampling op stops rows on it; the others below
-            other_eos = torch.tensor(eos[1:], dtype=torch.long, device=device) if len(eos) > 1 else None
-            rows = _Rows(running, device, max_new_tokens)
-            # the sampling step's seed and counter live on the device (sample_step); a fresh
-            # seed per batch of rows keeps every (step, row) draw distinct
-            seed = torch.tensor(self.seeds.next(), dtype=torch.int64, device=device)
-            counter = torch.zeros((), dtype=torch.int64, device=device)
-            alpha_prev = 1.0
-            for step in range(max_new_tokens):
-                alpha_t = cfg.alpha_at(step)
-                with phase("sample"):
-                    if alpha_t != alpha_prev:  # catch-up: the target moves from p^alpha_prev to p^alpha_t
-                        rows.log_weights += (alpha_t - alpha_prev) * rows.logliks.double()
-                    was_active = rows.active.clone()
-                    out = sample_step(logits, seed, counter, rows.active, rows.logliks, 1.0 / alpha_t, first_eos)
-                    if other_eos is not None:  # the op stopped rows on the first id; the others here
-                        rows.active.logical_and_(~torch.isin(out.tokens, other_eos))
-                    rows.log_weights += out.log_power_sums.double()  # 0 for inactive rows and at alpha_t = 1
-                    rows.record(out.tokens, was_active)
-                alpha_prev = alpha_t
-                last = step == max_new_tokens - 1
-                if not last:
-                    logits = yield Decode(rows.seqs(), out.tokens)
-                if last or (step + 1) % cfg.resample_every == 0:
-                    with phase("resample"):
-                        running, keep_rows = self._check(particles, rows, alpha_t, last, eos, stats, live)
-                    if not running:
-                        break
-                    logits = logits[ops.upload_ints(keep_rows, torch.long, device)]
-                    rows = _Rows(running, device, max_new_tokens - step - 1)
-                    seed = torch.tensor(self.seeds.next(), dtype=torch.int64, device=device)
-                    counter.zero_()
+            step, alpha_prev = 0, 1.0
+            while step < max_new_tokens:  # one segment of R tokens (the last may be shorter), then a check
+                length = min(cfg.resample_every, max_new_tokens - step)
+                last = step + length == max_new_tokens
+                alphas = [cfg.alpha_at(t) for t in range(step, step + length)]
+                ramping = any(a != b for a, b in zip(alphas, [alpha_prev, *alphas[:-1]]))
+                logliks = torch.tensor([p.loglik for p in running], dtype=torch.float32, device=device)
+                log_weights = torch.tensor([p.log_weight for p in running], dtype=torch.float64, device=device)
+                start_logliks = logliks.clone()
+                # the product's decode loop: tempered proposal, weights sum_x p(x|h_t)^alpha_t on the device
+                out = yield from continuations_program(
+                    [p.seq for p in running], logits, length, self.seeds, temperature=[1.0 / a for a in alphas],
+                    eos_token_id=eos, want_last_logits=not last, per_token=ramping, stop_check_every=length + 1,
+                    logliks=logliks, log_weights=log_weights)
+                if ramping:  # catch-up: at each step the target moves from p^alpha_(t-1) to p^alpha_t
+                    deltas = torch.tensor([a - b for a, b in zip(alphas, [alpha_prev, *alphas[:-1]])],
+                                          dtype=torch.float64, device=device)
+                    before = torch.cumsum(out.token_logprobs.double(), dim=1) - out.token_logprobs.double()
+                    log_weights += ((before + start_logliks.double()[:, None]) * deltas).sum(dim=1)
+                alpha_prev = alphas[-1]
+                step += length
+                with phase("resample"):
+                    running, keep_rows = self._check(particles, running, out, log_weights, alpha_prev, last, stats,
+                                                     live)
+                if not running:
+                    break
+                logits = out.last_logits[ops.upload_ints(keep_rows, torch.long, device)]
                 if progress is not None:
-                    progress(step + 1, max_new_tokens)
+                    progress(step, max_new_tokens)
             for group in particles:
                 for particle in group:  # a ramp longer than the budget: the result still targets p^alpha
                     particle.log_weight += (cfg.alpha - particle.weight_alpha) * particle.loglik
@@ -222,17 +187,19 @@ class SMCSampler(RunnerSampler):
             stat.wall_seconds = elapsed
         return particles, stats
 
-    def _check(self, particles: list[list[_Particle]], rows: _Rows, alpha: float, last: bool, eos,
-               stats: list[GenerationStats], live: dict) -> tuple[list[_Particle], list[int]]:
-        """Sync the rows to the particles, free finished ones, resample where the ESS is low.
+    def _check(self, particles: list[list[_Particle]], rows: list[_Particle], out, log_weights: torch.Tensor,
+               alpha: float, last: bool, stats: list[GenerationStats], live: dict) -> tuple[list[_Particle], list[int]]:
+        """Sync the segment's rows (``out``: its Continuations, ``log_weights`` the rows'
+        weights) to the particles, free finished ones, resample where the ESS is low.
 
         Returns the particles still running (in a new row order) and, for each, the row of
         the old batch whose next-token logits it continues from.
         """
         cfg = self.config
-        tokens, lengths, active, logliks, log_weights = rows.to_host()
+        tokens, active, logliks = out.tokens.cpu(), out.active.cpu(), out.base_logliks.cpu()
+        lengths, log_weights = out.lengths.cpu().tolist(), log_weights.cpu()
         check_no_nan(logliks, "SMC")
-        for row, particle in enumerate(rows.particles):
+        for row, particle in enumerate(rows):
             particle.tokens.extend(tokens[row, : lengths[row]].tolist())
             particle.loglik = float(logliks[row])
             particle.log_weight = float(log_weights[row])
