@@ -42,12 +42,12 @@ from powerfast.runtime.runner import ModelRunner  # noqa: E402
 
 # tiny random Llama: every phase of every method runs, in seconds
 TINY_TOKENS = 32
-TINY_SETTINGS = Settings(block_size=8, horizon=8, num_candidates=8, top_k=4, num_rollouts=4,
-                         mcmc_block_size=8, mcmc_steps=10, num_samples=4)
+TINY_SETTINGS = Settings(block_size=8, horizon=8, num_candidates=8, top_k=4, num_rollouts=4, mcmc_steps=10,
+                         num_samples=4)
 # SmolLM2-135M on a CPU: the scaled-down settings of bench/RESULTS.md
 SMOLLM2_TOKENS = 128
-SMOLLM2_SETTINGS = Settings(block_size=32, horizon=32, num_candidates=8, top_k=4, num_rollouts=4,
-                            mcmc_block_size=32, mcmc_steps=10, num_samples=4)
+SMOLLM2_SETTINGS = Settings(block_size=32, horizon=32, num_candidates=8, top_k=4, num_rollouts=4, mcmc_steps=10,
+                            num_samples=4)
 SMOLLM2 = os.environ.get("POWERFAST_BENCH_SMOLLM2") == "1"
 
 

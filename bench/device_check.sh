@@ -136,8 +136,8 @@ stage_e2e() {
     local args
     if [[ "$SMOKE" == 1 ]]; then
         args=(--model tiny --case 16:hf-generate,plain,power,smc,power-tr --case 8:plain,power,mcmc,recompute-mcmc
-              --case 16:low-temp,best-of-n --prompt-len 8 --block-size 4 --horizon 4 --num-candidates 4
-              --top-k 2 --num-rollouts 2 --mcmc-block-size 4 --mcmc-steps 2 --num-samples 2 --warmup-tokens 4)
+              --case 16:low-temp,best-of-n --prompt-len 8 --block-size 4 --horizon 4 --candidates 4
+              --top-k 2 --rollouts 2 --mcmc-steps 2 --num-samples 2 --warmup-tokens 4)
     else
         args=(--model qwen2.5-1.5b --case 768:hf-generate,plain,power,smc,power-tr --case 384:plain,power,mcmc,recompute-mcmc
               --case 768:low-temp,best-of-n,mcmc --prompt-len 128 --kv-memory-mib 16384)

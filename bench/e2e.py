@@ -45,6 +45,7 @@ import signal
 import statistics
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-from powerfast.core.config import MCMCConfig, PowerConfig, SMCConfig  # noqa: E402
+from powerfast.core.config import (  # noqa: E402
+    SETTINGS,
+    MCMCConfig,
+    add_arguments,
+    method_config,
+    setting_fields,
+    settings_from_arguments,
+)
 from powerfast.runtime.runner import ModelRunner  # noqa: E402
 from powerfast.samplers.factory import make_sampler  # noqa: E402
 from powerfast.samplers.prompts import encode_prompts  # noqa: E402
@@ -88,42 +96,20 @@ PROMPTS = (
 # ------------------------------------------------------------------------ settings
 
 
-@dataclass(slots=True)
-class Settings:
-    """What every method is run with (paper defaults; scale them down on a CPU).
+class _SettingsMethods:
+    """What every method is run with: ``seed`` and every setting of
+    :data:`powerfast.core.config.SETTINGS` by name, the paper's defaults (scale them down on a
+    CPU). MCMC shares power sampling's ``block_size``; ``power-tr`` is power sampling with
+    tempered rollouts and reuse."""
 
-    alpha:          exponent of the target p^alpha (low-temp uses T = 1/alpha)
-    block_size, horizon, num_candidates, top_k, num_rollouts, jackknife: power sampling's B, H, L, K, M
-    mcmc_block_size, mcmc_steps: the MCMC baselines' B and N_MCMC
-    num_samples:    N of best-of-N
-    seed:           one seed for every method
-    num_particles, resample_every: Power-SMC's N and R
-    """
+    __slots__ = ()
 
-    alpha: float = 4.0
-    block_size: int = 192
-    horizon: int = 192
-    num_candidates: int = 32
-    top_k: int = 8
-    num_rollouts: int = 8
-    jackknife: bool = True
-    mcmc_block_size: int = 192
-    mcmc_steps: int = 10
-    num_samples: int = 8
-    seed: int = 0
-    num_particles: int = 32
-    resample_every: int = 16
-
-    def power_config(self, method: str = "power") -> PowerConfig:
-        tempered_reuse = method == "power-tr"
-        return PowerConfig(self.alpha, self.block_size, self.num_candidates, self.top_k, self.num_rollouts,
-                           self.horizon, self.jackknife, "tempered" if tempered_reuse else "base", tempered_reuse)
-
-    def smc_config(self) -> SMCConfig:
-        return SMCConfig(self.alpha, self.num_particles, resample_every=self.resample_every)
-
-    def mcmc_config(self) -> MCMCConfig:
-        return MCMCConfig(self.alpha, self.mcmc_block_size, self.mcmc_steps)
+    def config(self, method: str):
+        """The validated config of ``method`` (a bench method name) with these settings."""
+        settings = {name: getattr(self, name) for name in SETTINGS}
+        if method == "power-tr":
+            return method_config("power", **{**settings, "rollout_proposal": "tempered", "reuse_rollouts": True})
+        return method_config({"recompute-mcmc": "mcmc", "hf-generate": "plain"}.get(method, method), **settings)
 
     def describe(self, method: str) -> str:
         a = f"a={self.alpha:g}"
@@ -141,16 +127,14 @@ class Settings:
         if method == "smc":
             return f"{a} N={self.num_particles} R={self.resample_every}"
         if method in ("mcmc", "recompute-mcmc"):
-            return f"{a} B={self.mcmc_block_size} N_MCMC={self.mcmc_steps}"
+            return f"{a} B={self.block_size} N_MCMC={self.mcmc_steps}"
         raise ValueError(f"unknown method {method!r}")
 
     def scaled_for_warmup(self, tokens: int) -> "Settings":
         """The same batch shapes on short blocks: every phase runs, briefly."""
         half = max(1, tokens // 2)
-        return Settings(self.alpha, min(self.block_size, half), min(self.horizon, half), self.num_candidates,
-                        self.top_k, self.num_rollouts, self.jackknife, min(self.mcmc_block_size, half),
-                        min(self.mcmc_steps, 2), self.num_samples, self.seed + 1, self.num_particles,
-                        self.resample_every)
+        return dataclasses.replace(self, block_size=min(self.block_size, half), horizon=min(self.horizon, half),
+                                   mcmc_steps=min(self.mcmc_steps, 2), seed=self.seed + 1)
 
     def decode_steps(self, method: str, max_new_tokens: int) -> int:
         """Sequential forwards of one prompt (EOS ignored): what a GPU's latency scales with."""
@@ -170,12 +154,17 @@ class Settings:
             calls = 1 + self.mcmc_steps  # forwards per block that (re)start from a prefix
             steps, block_end = 0, 0
             while block_end < t:
-                block = min(self.mcmc_block_size, t - block_end)
+                block = min(self.block_size, t - block_end)
                 block_end += block
                 # the block, then N proposals of (block_end - m) tokens, m uniform in [0, block_end)
                 steps += block + self.mcmc_steps * (block_end + 1) // 2 + calls
             return steps
         raise ValueError(f"unknown method {method!r}")
+
+
+Settings = dataclasses.make_dataclass(
+    "Settings", [("seed", int, dataclasses.field(default=0)), *setting_fields()], bases=(_SettingsMethods,),
+    frozen=True, kw_only=True, slots=True, namespace={"__doc__": _SettingsMethods.__doc__, "__module__": __name__})
 
 
 @dataclass(slots=True)
@@ -391,9 +380,8 @@ class Interrupted(Exception):
 
 
 def _make_sampler(method: str, runner: ModelRunner, settings: Settings):
-    return make_sampler("power" if method == "power-tr" else method, runner, alpha=settings.alpha, seed=settings.seed,
-                        num_samples=settings.num_samples, power_config=settings.power_config(method),
-                        mcmc_config=settings.mcmc_config(), smc_config=settings.smc_config())
+    return make_sampler("power" if method == "power-tr" else method, runner, seed=settings.seed,
+                        config=settings.config(method))
 
 
 def _call(method: str, model, runner: ModelRunner, settings: Settings, prompt: list[int], max_new_tokens: int):
@@ -408,7 +396,7 @@ def _call(method: str, model, runner: ModelRunner, settings: Settings, prompt: l
         seconds = time.perf_counter() - started
         return seconds, int(out.shape[1]), int(out.shape[1]), {"forwards": int(out.shape[1]), "mean_batch": 1.0}
     if method == "recompute-mcmc":
-        out = RecomputeMCMC(model, settings.mcmc_config(), settings.seed).generate(prompt, max_new_tokens)
+        out = RecomputeMCMC(model, settings.config("mcmc"), settings.seed).generate(prompt, max_new_tokens)
         _sync(device)
         seconds = time.perf_counter() - started
         return seconds, len(out["tokens"]), out["decoded"], {
@@ -649,19 +637,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=1, help="passes over the prompts per method")
     parser.add_argument("--warmup-tokens", type=int, default=16)
     parser.add_argument("--budget-s", type=float, default=0.0, help="skip methods projected past this (0: none)")
-    defaults = Settings()
-    parser.add_argument("--alpha", type=float, default=defaults.alpha)
-    parser.add_argument("--block-size", type=int, default=defaults.block_size, help="power sampling B")
-    parser.add_argument("--horizon", type=int, default=defaults.horizon, help="power sampling H")
-    parser.add_argument("--num-candidates", type=int, default=defaults.num_candidates, help="power sampling L")
-    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="power sampling K")
-    parser.add_argument("--num-rollouts", type=int, default=defaults.num_rollouts, help="power sampling M")
-    parser.add_argument("--no-jackknife", action="store_true")
-    parser.add_argument("--mcmc-block-size", type=int, default=defaults.mcmc_block_size)
-    parser.add_argument("--mcmc-steps", type=int, default=defaults.mcmc_steps)
-    parser.add_argument("--num-samples", type=int, default=defaults.num_samples, help="best-of-N")
-    parser.add_argument("--num-particles", type=int, default=defaults.num_particles, help="Power-SMC N")
-    parser.add_argument("--resample-every", type=int, default=defaults.resample_every, help="Power-SMC R")
+    add_arguments(parser.add_argument_group("settings (powerfast.core.config.SETTINGS, the paper's defaults)"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-layers", type=int, default=None, help="qwen2.5-1.5b: fewer layers (smoke runs)")
     parser.add_argument("--kv-memory-mib", type=int, default=None, help="KV pool size (default: the runner's)")
@@ -679,9 +655,13 @@ def main(argv=None) -> int:
         for m in methods:
             if m not in METHODS:
                 parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    settings = Settings(args.alpha, args.block_size, args.horizon, args.num_candidates, args.top_k,
-                        args.num_rollouts, not args.no_jackknife, args.mcmc_block_size, args.mcmc_steps,
-                        args.num_samples, args.seed, args.num_particles, args.resample_every)
+    try:
+        settings = Settings(seed=args.seed, **settings_from_arguments(args))
+        for _, methods in cases:
+            for m in methods:
+                settings.config(m)
+    except ValueError as error:
+        parser.error(str(error))
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

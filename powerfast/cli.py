@@ -22,32 +22,28 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="KV cache budget in MiB (default: 256 MiB on the CPU, half the free memory on CUDA)")
 
 
-def _add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--alpha", type=float, default=4.0, help="exponent of p^alpha (default 4)")
-    group.add_argument("--block-size", type=int, default=192, help="B: tokens per decision, 1 = token level (default 192)")
-    group.add_argument("--candidates", type=int, default=32, help="L: candidate blocks sampled per decision (default 32)")
-    group.add_argument("--top-k", type=int, default=8, help="K: candidates scored (default 8)")
-    group.add_argument("--rollouts", type=int, default=8, help="M: rollouts per candidate (default 8)")
-    group.add_argument("--horizon", type=int, default=192, help="H: rollout length (default 192)")
-    group.add_argument("--no-jackknife", action="store_true", help="use the plain Monte Carlo estimate")
-    group.add_argument("--rollout-proposal", default="base", choices=["base", "tempered"],
-                       help="rollouts from p (base, the paper's) or from p at T = 1/alpha (tempered) (default base)")
-    group.add_argument("--reuse-rollouts", action="store_true",
-                       help="the chosen candidate's rollouts become the next candidates (needs H >= B)")
-    group.add_argument("--mcmc-steps", type=int, default=10, help="N_MCMC: MH steps per block for --method mcmc (default 10)")
-    group.add_argument("--particles", type=int, default=32, help="N: particles of --method smc (default 32)")
-    group.add_argument("--ess-threshold", type=float, default=0.5,
-                       help="smc: resample when ESS < this * N (default 0.5)")
-    group.add_argument("--resample-every", type=int, default=16, help="smc: tokens between ESS checks (default 16)")
-    group.add_argument("--ramp-tokens", type=int, default=0, help="smc: alpha ramps from 1 over this many tokens (default 0)")
-    group.add_argument("--resampler", default="systematic", choices=["systematic", "chopthin"],
-                       help="smc resampling scheme (default systematic)")
-    group.add_argument("--temperature", type=float, default=1.0, help="temperature of plain / best-of-n (default 1)")
-    group.add_argument("--num-samples", type=int, default=8, help="N of best-of-n (default 8)")
+def _add_method_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
+    from powerfast.core.config import PRESETS, add_arguments
+
+    group = parser.add_argument_group("sampling (every method's settings; each method reads its own)")
+    group.add_argument("--preset", default="paper", choices=tuple(PRESETS),
+                       help="the settings' defaults: the paper's, or 'serving' (small blocks, few branches) "
+                            "(default paper)")
+    add_arguments(group, preset)
     group.add_argument("--max-new-tokens", type=int, default=3072, help="generation budget (default 3072)")
     group.add_argument("--ignore-eos", action="store_true", help="always generate the whole budget (benchmarks)")
     group.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+
+
+def _preset_in(argv: Sequence[str] | None) -> str:
+    """The --preset named in ``argv`` (its defaults are the flags' defaults), else paper."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for index, word in enumerate(argv):
+        if word == "--preset" and index + 1 < len(argv):
+            return argv[index + 1]
+        if word.startswith("--preset="):
+            return word.split("=", 1)[1]
+    return "paper"
 
 
 def _add_toy_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,8 +62,11 @@ def _run_toy(args) -> int:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The command's parser. Given the arguments to parse, it imports nothing heavy (no
     torch) unless they may name the fidelity command, so bad settings fail at once."""
-    from powerfast.core.config import METHODS
+    from powerfast.core.config import METHODS, PRESETS
 
+    preset = _preset_in(argv)
+    if preset not in PRESETS:
+        preset = "paper"  # argparse reports the bad --preset with its choices
     parser = argparse.ArgumentParser(
         prog="powerfast", description="Sample from the power distribution p(x)^alpha of a language model."
     )
@@ -79,7 +78,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
     sample.add_argument("--json", action="store_true", help="print the result as JSON (tokens, text, stats)")
     _add_model_arguments(sample)
-    _add_method_arguments(sample)
+    _add_method_arguments(sample, preset)
     sample.set_defaults(handler=_run_sample)
 
     evaluate = commands.add_parser("eval", help="evaluate methods on HumanEval, MATH500 or a JSON/JSONL file")
@@ -101,7 +100,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     scale.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
                        help="CPUs reserved per Ray worker (default 1)")
     _add_model_arguments(evaluate)
-    _add_method_arguments(evaluate)
+    _add_method_arguments(evaluate, preset)
     evaluate.set_defaults(handler=_run_eval)
 
     profile = commands.add_parser("profile", help="write a torch profiler trace (chrome JSON) of one power-sampling run")
@@ -109,7 +108,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     profile.add_argument("--trace", default="powerfast-trace.json", help="output file (default powerfast-trace.json)")
     profile.add_argument("--seed", type=int, default=0)
     _add_model_arguments(profile)
-    _add_method_arguments(profile)
+    _add_method_arguments(profile, preset)
     profile.set_defaults(handler=_run_profile)
 
     toy_parser = commands.add_parser("toy", help="the paper's PLAN/GUESS toy: exact values and Monte Carlo estimates")
@@ -141,21 +140,11 @@ def build_runner(model, args: argparse.Namespace):
 
 
 def method_settings(method: str, args: argparse.Namespace):
-    """The validated config of ``method`` from parsed settings (ValueError naming the bad
+    """The validated config of ``method`` from parsed settings (SettingError naming the bad
     value); pure Python, so the command checks its settings before loading the model."""
-    from powerfast.core.config import MCMCConfig, PowerConfig, SMCConfig, method_config
+    from powerfast.core.config import method_config, settings_from_arguments
 
-    power = mcmc = smc = None
-    if method == "power":
-        power = PowerConfig(args.alpha, args.block_size, args.candidates, args.top_k, args.rollouts, args.horizon,
-                            not args.no_jackknife, args.rollout_proposal, args.reuse_rollouts)
-    elif method == "mcmc":
-        mcmc = MCMCConfig(args.alpha, args.block_size, args.mcmc_steps)
-    elif method == "smc":
-        smc = SMCConfig(args.alpha, args.particles, args.ess_threshold, args.resample_every, args.ramp_tokens,
-                        args.resampler)
-    return method_config(method, alpha=args.alpha, temperature=args.temperature, num_samples=args.num_samples,
-                         power_config=power, mcmc_config=mcmc, smc_config=smc)
+    return method_config(method, **settings_from_arguments(args))
 
 
 def _check_settings(args: argparse.Namespace, methods: Sequence[str]) -> None:
@@ -172,26 +161,16 @@ def build_sampler(method: str, runner, tokenizer, args: argparse.Namespace, seed
     """A sampler from parsed command-line settings, on ``runner`` (shared by all methods)."""
     from powerfast.samplers.factory import make_sampler
 
-    config = method_settings(method, args)
-    power = config if method == "power" else None
-    mcmc = config if method == "mcmc" else None
-    smc = config if method == "smc" else None
-    return make_sampler(method, runner, tokenizer, alpha=args.alpha, seed=seed, temperature=args.temperature,
-                        num_samples=args.num_samples, power_config=power, mcmc_config=mcmc, smc_config=smc)
+    return make_sampler(method, runner, tokenizer, seed=seed, config=method_settings(method, args))
 
 
 def sampling_params(method: str, args: argparse.Namespace, seed: int | None = None):
     """The engine's :class:`~powerfast.serving.params.SamplingParams` of ``method`` from parsed settings."""
+    from powerfast.core.config import settings_from_arguments
     from powerfast.serving.params import SamplingParams
 
-    return SamplingParams(
-        method=method, max_tokens=args.max_new_tokens, temperature=args.temperature, seed=seed,
-        ignore_eos=args.ignore_eos, alpha=args.alpha, block_size=args.block_size, num_candidates=args.candidates,
-        top_k=args.top_k, num_rollouts=args.rollouts, horizon=args.horizon, jackknife=not args.no_jackknife,
-        rollout_proposal=args.rollout_proposal, reuse_rollouts=args.reuse_rollouts, mcmc_steps=args.mcmc_steps,
-        num_particles=args.particles, ess_threshold=args.ess_threshold, resample_every=args.resample_every,
-        ramp_tokens=args.ramp_tokens, resampler=args.resampler, num_samples=args.num_samples,
-    )
+    return SamplingParams(method=method, max_tokens=args.max_new_tokens, seed=seed, ignore_eos=args.ignore_eos,
+                          **settings_from_arguments(args))
 
 
 def _load(args):
@@ -282,14 +261,12 @@ def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: 
 
     model, tokenizer = _load(args)
     engine = Engine(build_runner(model, args), tokenizer, max_queue=max(256, getattr(args, "concurrency", 1) or 1))
-    templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
-
     def method_fn(name):
         params = sampling_params(name, args)
 
         def generate(prompts: list[str], sample_seeds: list[int]) -> list:
-            requests = [[{"role": "user", "content": p}] if templated else p for p in prompts]
-            outs = engine.run(requests, [dataclasses.replace(params, seed=seed) for seed in sample_seeds])
+            outs = engine.run(prompts, [dataclasses.replace(params, seed=seed) for seed in sample_seeds],
+                              chat_template=chat_template)
             for out in outs:
                 if out.finish_reason == "error":
                     raise RuntimeError(f"method {name!r} failed: {out.error}")

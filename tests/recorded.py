@@ -55,16 +55,10 @@ def tiny_model():
 
 
 def case_kwargs(case: dict) -> dict:
-    """make_sampler keyword arguments of a case."""
-    from powerfast.core.config import MCMCConfig, PowerConfig, SMCConfig
-
+    """make_sampler settings of a case, by name."""
     kwargs = {k: v for k, v in case.items() if k in ("alpha", "num_samples")}
-    if "power" in case:
-        kwargs["power_config"] = PowerConfig(**case["power"])
-    if "mcmc" in case:
-        kwargs["mcmc_config"] = MCMCConfig(**case["mcmc"])
-    if "smc" in case:
-        kwargs["smc_config"] = SMCConfig(**case["smc"])
+    for method in ("power", "mcmc", "smc"):
+        kwargs.update(case.get(method, {}))
     return kwargs
 
 
@@ -73,7 +67,8 @@ def run_generate(model, name: str, prompts, seed: int = SEED) -> list[list[int]]
     from powerfast.samplers.factory import make_sampler
 
     case = CASES[name]
-    sampler = make_sampler(case["method"], model, seed=seed, block_size=4, num_blocks=512, **case_kwargs(case))
+    sampler = make_sampler(case["method"], model, seed=seed, runner_options=dict(block_size=4, num_blocks=512),
+                           **case_kwargs(case))
     return [r.token_ids for r in sampler.generate(prompts, MAX_NEW_TOKENS)]
 
 

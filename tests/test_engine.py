@@ -102,7 +102,7 @@ def test_requests_alone_and_together_give_the_recorded_tokens(model):
 
 def test_drive_closes_the_program_when_the_runner_fails(model):
     """A forward that raises closes the program, whose finally frees what it holds."""
-    sampler = make_sampler("plain", model, seed=1, block_size=4, num_blocks=64)
+    sampler = make_sampler("plain", model, seed=1, runner_options=dict(block_size=4, num_blocks=64))
     runner = sampler.runner
     calls = {"n": 0}
     real_decode = runner.decode
@@ -193,7 +193,7 @@ def test_abort_frees_every_block_at_once(model, method):
 
 def test_a_pool_too_small_for_two_power_requests_runs_them_one_after_the_other(model):
     params = SamplingParams(max_tokens=12, seed=4, ignore_eos=True, **SMALL_POWER)
-    sampler = make_sampler("power", model, block_size=4, num_blocks=512, power_config=params.config())
+    sampler = make_sampler("power", model, runner_options=dict(block_size=4, num_blocks=512), config=params.config())
     need = sampler.peak_kv_blocks([3], 12, 4)
     engine = new_engine(model, num_blocks=need + need // 2)  # one fits, two do not
     a = engine.add_request([0, 3, 7], params)
@@ -373,7 +373,7 @@ def test_out_of_blocks_never_reaches_a_request_through_admission(model):
 
 
 def test_a_program_yields_its_forwards_and_frees_everything_when_closed(model):
-    sampler = make_sampler("plain", model, seed=2, block_size=4, num_blocks=64)
+    sampler = make_sampler("plain", model, seed=2, runner_options=dict(block_size=4, num_blocks=64))
     program = sampler.program([[0, 3]], 3, (5,), stream=True)
     first = next(program)
     assert isinstance(first, Prefill) and first.prompts == [[0, 3]]

@@ -23,16 +23,16 @@ from powerfast.samplers.factory import make_sampler
 SEED = int.from_bytes(os.urandom(4), "little")
 
 SETTINGS = {
-    "power-block": dict(method="power", power_config=PowerConfig(alpha=2.0, block_size=5, num_candidates=4, top_k=3,
+    "power-block": dict(method="power", config=PowerConfig(alpha=2.0, block_size=5, num_candidates=4, top_k=3,
                                                                   num_rollouts=2, horizon=7)),
-    "power-token": dict(method="power", power_config=PowerConfig(alpha=2.0, block_size=1, top_k=4, num_rollouts=3,
+    "power-token": dict(method="power", config=PowerConfig(alpha=2.0, block_size=1, top_k=4, num_rollouts=3,
                                                                   horizon=6)),
-    "mcmc": dict(method="mcmc", mcmc_config=MCMCConfig(alpha=2.0, block_size=6, mcmc_steps=3)),
+    "mcmc": dict(method="mcmc", config=MCMCConfig(alpha=2.0, block_size=6, mcmc_steps=3)),
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=5),
     # no resampling within the budget, so the particles' blocks stay distinct and the bound is reached
-    "smc": dict(method="smc", smc_config=SMCConfig(alpha=2.0, num_particles=5, resample_every=64)),
-    "smc-resampling": dict(method="smc", smc_config=SMCConfig(alpha=4.0, num_particles=6, resample_every=2,
+    "smc": dict(method="smc", config=SMCConfig(alpha=2.0, num_particles=5, resample_every=64)),
+    "smc-resampling": dict(method="smc", config=SMCConfig(alpha=4.0, num_particles=6, resample_every=2,
                                                               ess_threshold=1.0)),
 }
 

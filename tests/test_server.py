@@ -139,7 +139,7 @@ def offline(tokenizer):
 def offline_text(runner, tokenizer, method: str, prompt, max_tokens: int, seed: int, chat: bool) -> str:
     settings = {k: v for k, v in POWER.items() if k != "method"}
     config = PowerConfig(**settings) if method == "power" else None
-    sampler = make_sampler(method, runner, tokenizer, seed=seed, power_config=config)
+    sampler = make_sampler(method, runner, tokenizer, seed=seed, config=config)
     [result] = sampler.generate([prompt], max_tokens, chat_template=chat)
     return result.text
 
@@ -293,6 +293,10 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
      "max_completion_tokens"),
+    # a setting the request's method does not use is checked all the same (method plain)
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "alpha": -1}, "alpha"),
+    ("/v1/completions", {"prompt": "x", "method": "plain", "num_rollouts": 0}, "num_rollouts"),
+    ("/v1/completions", {"prompt": "x", "eta": 2.0}, "eta"),
 ]
 
 
@@ -353,7 +357,7 @@ def test_a_pool_for_one_power_request_runs_two_in_turn_and_a_full_queue_answers_
     params = SamplingParams(**power, max_tokens=160)
     prompt_len = len(tokenizer(prompt)["input_ids"])
     sampler = make_sampler("power", ModelRunner(tiny_model(len(tokenizer), 2), num_blocks=8), tokenizer,
-                           power_config=PowerConfig(**{k: v for k, v in POWER.items() if k != "method"}))
+                           config=PowerConfig(**{k: v for k, v in POWER.items() if k != "method"}))
     peak = sampler.peak_kv_blocks([prompt_len], params.max_tokens, 16)
     live = LiveServer(tokenizer, api_key=None, num_blocks=peak + peak // 2, block_size=16, max_queue=1)
     try:
@@ -596,3 +600,34 @@ def test_a_client_gone_before_any_output_aborts_its_request(server, stream):
     assert server.engine.stats().num_running == 1  # still running when the client left
     stats = server.wait_idle(timeout=5)
     assert stats.requests_finished.get("abort", 0) == aborted + 1
+
+
+def test_one_prompt_rule_for_generate_the_engine_the_server_and_eval(server, offline, tokenizer, tmp_path):
+    """The same string gives the same prompt tokens, hence the same greedy completion, through
+    generate, Engine.add_request, the chat endpoint and the evaluation's methods."""
+    import argparse
+
+    from powerfast import cli
+
+    text = random.choice(["What is 2 + 3?", "Name a prime number.", "Say hello."])
+    sampler = make_sampler("greedy", offline, tokenizer, seed=0)
+    [templated] = sampler.encode([text], 6)
+    [raw] = sampler.encode([text], 6, chat_template=False)
+    assert templated != raw and len(templated) > len(raw)  # the rule matters for this tokenizer
+    [alone] = sampler.generate([text], 6)
+    engine = Engine(offline.model, tokenizer, num_blocks=64)
+    [out] = engine.run([text], SamplingParams(method="greedy", max_tokens=6))
+    assert out.prompt_tokens == len(templated) and out.token_ids == alone.token_ids
+    [out_raw] = engine.run([text], SamplingParams(method="greedy", max_tokens=6), chat_template=False)
+    assert out_raw.prompt_tokens == len(raw)
+    chat = server.client().chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": text}],
+                                                   max_tokens=6, extra_body={"method": "greedy"})
+    assert chat.choices[0].message.content == alone.text and chat.usage.prompt_tokens == len(templated)
+    folder = tmp_path / "model"
+    offline.model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    args = cli.build_parser(["eval"]).parse_args(["eval", "--task", "math500", "--model", str(folder),
+                                                   "--max-new-tokens", "6", "--methods", "greedy"])
+    assert isinstance(args, argparse.Namespace)
+    [generation] = cli.eval_methods(args, ["greedy"], chat_template=True)["greedy"]([text], [0])
+    assert generation.text == alone.text and generation.num_tokens == len(alone.token_ids)

@@ -240,7 +240,7 @@ def test_no_leaks_batched_prompts_and_reproducible(resampler):
     prompts = [[0, 1, 2], [0, 3], [0, 1, 2, 3, 4, 1]]
     a = SMCSampler(runner, config=config, seed=7).generate(prompts, 9)
     assert runner.cache.blocks_in_use == 0
-    b = make_sampler("smc", runner, smc_config=config, seed=7).generate(prompts, 9)
+    b = make_sampler("smc", runner, config=config, seed=7).generate(prompts, 9)
     assert runner.cache.blocks_in_use == 0
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     for r in a:

@@ -54,12 +54,12 @@ def assert_ends_at_first_stop(token_ids: list[int], max_new_tokens: int) -> None
 
 
 SAMPLERS = {
-    "power-token": dict(method="power", power_config=PowerConfig(alpha=2.0, block_size=1, top_k=3, num_rollouts=2,
+    "power-token": dict(method="power", config=PowerConfig(alpha=2.0, block_size=1, top_k=3, num_rollouts=2,
                                                                   horizon=3)),
-    "power-block": dict(method="power", power_config=PowerConfig(alpha=2.0, block_size=2, num_candidates=4, top_k=2,
+    "power-block": dict(method="power", config=PowerConfig(alpha=2.0, block_size=2, num_candidates=4, top_k=2,
                                                                   num_rollouts=2, horizon=2)),
-    "mcmc": dict(method="mcmc", mcmc_config=MCMCConfig(alpha=2.0, block_size=2, mcmc_steps=2)),
-    "smc": dict(method="smc", smc_config=SMCConfig(alpha=2.0, num_particles=4, resample_every=2)),
+    "mcmc": dict(method="mcmc", config=MCMCConfig(alpha=2.0, block_size=2, mcmc_steps=2)),
+    "smc": dict(method="smc", config=SMCConfig(alpha=2.0, num_particles=4, resample_every=2)),
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=3),
     "greedy": dict(method="greedy"),

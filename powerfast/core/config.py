@@ -1,12 +1,33 @@
-"""Settings of the samplers, validated on construction (powerfast/DESIGN.md section 2)."""
+"""Every setting of every method, declared once (powerfast/DESIGN.md section 3).
+
+A :class:`Setting` holds a setting's name, type, default, help text, command-line flag and
+check. The four config dataclasses (:class:`PowerConfig`, :class:`MCMCConfig`,
+:class:`SMCConfig`, :class:`SamplingConfig`) are built from them, are constructed by keyword
+and validate on construction. Everything else is derived from these declarations, never
+retyped: the engine's ``SamplingParams`` (every setting as a request field), the command's
+flags (:func:`add_arguments` / :func:`settings_from_arguments`), the server's extra body
+fields (:data:`SETTINGS`), the benchmarks' and the fidelity runs' settings.
+
+Defaults are the paper's. An entry point that wants other defaults names a *preset*
+(:data:`PRESETS`, declared here too): ``serving`` scales the lookahead down for requests
+that should answer in seconds. Errors are :class:`SettingError`, a ``ValueError`` whose
+``field`` attribute names the setting (the message carries the bad value).
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["METHODS", "PowerConfig", "MCMCConfig", "SMCConfig", "SamplingConfig", "ROLLOUT_PROPOSALS", "RESAMPLERS",
-           "method_config"]
+__all__ = [
+    "METHODS", "METHOD_SETTINGS", "PRESETS", "RESAMPLERS", "ROLLOUT_PROPOSALS", "SETTINGS", "MCMCConfig",
+    "PowerConfig", "SMCConfig", "SamplingConfig", "Setting", "SettingError", "add_arguments", "check_settings",
+    "method_config", "preset_defaults", "setting_fields", "settings_from_arguments",
+]
 
 METHODS = ("power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n")
 """The sampling methods by name (:func:`powerfast.samplers.factory.make_sampler`)."""
@@ -14,67 +35,204 @@ ROLLOUT_PROPOSALS = ("base", "tempered")
 RESAMPLERS = ("systematic", "chopthin")
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+class SettingError(ValueError):
+    """A setting out of range or of the wrong type; ``field`` names it, the message gives the value."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
-def _alpha(value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"alpha must be a positive finite number, got {value!r}")
+# ---------------------------------------------------------------------------- checks
+# Each returns None for a good value and otherwise the end of the message "<name> must be ...".
 
 
-@dataclass(slots=True, frozen=True)
-class PowerConfig:
-    """Power sampling by Monte Carlo lookahead (Algorithm 2 of the paper; Algorithm 1 at
-    ``block_size = 1``).
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
 
-    alpha:          exponent of the target p(x)^alpha (> 0; > 1 sharpens)
-    block_size:     B, tokens per decision; 1 is the token-level algorithm
-    num_candidates: L, candidate blocks sampled from p per decision (block level only)
-    top_k:          K, distinct candidates kept (by base log-likelihood) and scored
-    num_rollouts:   M, rollouts per candidate
-    horizon:        H, rollout length in tokens (0: no lookahead, choose by p^alpha alone)
-    jackknife:      bias-corrected estimate (needs M >= 2) instead of the plain one
-    rollout_proposal: "base" (the paper's: rollouts from p, weight p(s)^(alpha-1)) or
-                    "tempered" (rollouts from p at temperature 1/alpha, weight prod_t
-                    sum_x p(x|h_t)^alpha; powerfast/DESIGN.md section 6)
-    reuse_rollouts: the chosen candidate's rollouts (H >= B) become the next decision's
-                    candidates, their KV already computed: the candidate phase is skipped
+
+def int_at_least(minimum: int) -> Callable[[Any], str | None]:
+    def check(value) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            return f"an int >= {minimum}"
+        return None
+    return check
+
+
+def _positive_finite(value) -> str | None:
+    return None if _is_number(value) and math.isfinite(value) and value > 0 else "a positive finite number"
+
+
+def _non_negative_finite(value) -> str | None:
+    return None if _is_number(value) and math.isfinite(value) and value >= 0 else "a finite number >= 0"
+
+
+def _fraction(value) -> str | None:
+    return None if _is_number(value) and 0 < value <= 1 else "a number in (0, 1]"
+
+
+def _eta(value) -> str | None:
+    if _is_number(value) and math.isfinite(value) and value >= 4:
+        return None
+    return "a finite number >= 4 (chopthin needs it)"
+
+
+def _boolean(value) -> str | None:
+    return None if isinstance(value, bool) else "a bool"
+
+
+# -------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting, declared once.
+
+    name:    the keyword (config field, request field, JSON body field)
+    kind:    int, float, bool or str (the JSON and command-line type)
+    default: the paper's value (presets may name others)
+    help:    one line for ``--help``, docstrings and README
+    check:   value -> None, or what the value must be (None: one of ``choices``)
+    choices: the values a str setting takes
+    flag:    the command-line spelling (default ``--name-with-dashes``; a bool that defaults
+             to True is switched off by ``--no-...``)
     """
 
-    alpha: float = 4.0
-    block_size: int = 192
-    num_candidates: int = 32
-    top_k: int = 8
-    num_rollouts: int = 8
-    horizon: int = 192
-    jackknife: bool = True
-    rollout_proposal: str = "base"
-    reuse_rollouts: bool = False
+    name: str
+    kind: type
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple[str, ...] | None = None
+    flag: str | None = None
+
+    def validate(self, value) -> None:
+        """SettingError naming this setting unless ``value`` passes its check."""
+        if self.choices is not None:
+            problem = None if isinstance(value, str) and value in self.choices else f"one of {self.choices}"
+        else:
+            problem = self.check(value)
+        if problem is not None:
+            raise SettingError(self.name, f"{self.name} must be {problem}, got {value!r}")
+
+    def field(self):
+        """This setting as a dataclass field (a fresh one per class)."""
+        return dataclasses.field(default=self.default, metadata={"setting": self})
+
+    @property
+    def option(self) -> str:
+        if self.flag is not None:
+            return self.flag
+        dashed = self.name.replace("_", "-")
+        return f"--no-{dashed}" if self.kind is bool and self.default else f"--{dashed}"
+
+
+def _declare(*settings: Setting) -> dict[str, Setting]:
+    return {setting.name: setting for setting in settings}
+
+
+SETTINGS: dict[str, Setting] = _declare(
+    Setting("alpha", float, 4.0, "exponent of the target p(x)^alpha (> 1 sharpens); low-temp samples at T = 1/alpha",
+            _positive_finite),
+    Setting("block_size", int, 192, "B: tokens per decision of power and mcmc (1: power's token level)",
+            int_at_least(1)),
+    Setting("num_candidates", int, 32, "L: candidate blocks sampled from p per power decision", int_at_least(1),
+            flag="--candidates"),
+    Setting("top_k", int, 8, "K: distinct candidates kept (by base log-likelihood) and scored", int_at_least(1)),
+    Setting("num_rollouts", int, 8, "M: rollouts per candidate", int_at_least(1), flag="--rollouts"),
+    Setting("horizon", int, 192, "H: rollout length in tokens (0: choose by p^alpha alone)", int_at_least(0)),
+    Setting("jackknife", bool, True, "the jackknife (bias-corrected) estimate instead of the plain one (needs M >= 2)",
+            _boolean),
+    Setting("rollout_proposal", str, "base",
+            "rollouts from p ('base', the paper's) or from p at T = 1/alpha ('tempered')", choices=ROLLOUT_PROPOSALS),
+    Setting("reuse_rollouts", bool, False,
+            "the chosen candidate's rollouts become the next decision's candidates (needs H >= B)", _boolean),
+    Setting("mcmc_steps", int, 10, "N_MCMC: Metropolis-Hastings steps after each mcmc block", int_at_least(0)),
+    Setting("num_particles", int, 32, "N: particles of smc", int_at_least(1), flag="--particles"),
+    Setting("ess_threshold", float, 0.5, "smc resamples when ESS < this * N", _fraction),
+    Setting("resample_every", int, 16, "R: smc tokens between ESS checks (a host sync each)", int_at_least(1)),
+    Setting("ramp_tokens", int, 0, "smc's alpha rises linearly from 1 over this many tokens (0: no ramp)",
+            int_at_least(0)),
+    Setting("resampler", str, "systematic", "smc resampling: 'systematic' (weights reset) or 'chopthin'",
+            choices=RESAMPLERS),
+    Setting("eta", float, 3.0 + math.sqrt(8.0), "chopthin's bound on largest / smallest weight (>= 4)", _eta),
+    Setting("temperature", float, 1.0, "temperature of plain and best-of-n (0: greedy)", _non_negative_finite),
+    Setting("num_samples", int, 8, "N of best-of-n: samples drawn, the most likely kept", int_at_least(1)),
+)
+"""Every setting of every method, by name."""
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "serving": {"block_size": 16, "num_candidates": 8, "top_k": 4, "num_rollouts": 4, "horizon": 16,
+                "mcmc_steps": 2, "num_particles": 8, "num_samples": 4},
+}
+"""Named sets of defaults other than the paper's (``paper``: none). ``serving`` (the engine's
+requests and the HTTP server) scales the lookahead down so a request answers in seconds."""
+
+
+def preset_defaults(preset: str = "paper") -> dict[str, Any]:
+    """Every setting's default under ``preset``."""
+    if preset not in PRESETS:
+        raise SettingError("preset", f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return {name: PRESETS[preset].get(name, setting.default) for name, setting in SETTINGS.items()}
+
+
+def setting_fields(preset: str = "paper") -> list[tuple[str, type, Any]]:
+    """Every setting as a ``dataclasses.make_dataclass`` field with ``preset``'s default: how
+    a class holding all the settings (the engine's ``SamplingParams``, the benchmarks'
+    ``Settings``) is derived instead of retyped."""
+    defaults = preset_defaults(preset)
+    return [(name, setting.kind, dataclasses.field(default=defaults[name], metadata={"setting": setting}))
+            for name, setting in SETTINGS.items()]
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """SettingError for an unknown name or a value its setting refuses, whatever the method."""
+    for name, value in settings.items():
+        if name not in SETTINGS:
+            raise SettingError(name, f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+        SETTINGS[name].validate(value)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _validate_fields(config) -> None:
+    for field in dataclasses.fields(config):
+        field.metadata["setting"].validate(getattr(config, field.name))
+
+
+@dataclass(slots=True, frozen=True, kw_only=True)
+class PowerConfig:
+    """Power sampling by Monte Carlo lookahead (Algorithm 2 of the paper; Algorithm 1 at
+    ``block_size = 1``). Fields: alpha, block_size (B), num_candidates (L), top_k (K),
+    num_rollouts (M), horizon (H), jackknife, rollout_proposal ("base": rollouts from p,
+    weight p(s)^(alpha-1); "tempered": from p at T = 1/alpha, weight prod_t sum_x
+    p(x|h_t)^alpha, powerfast/DESIGN.md section 6), reuse_rollouts (:data:`SETTINGS` has each one's
+    help)."""
+
+    alpha: float = SETTINGS["alpha"].field()
+    block_size: int = SETTINGS["block_size"].field()
+    num_candidates: int = SETTINGS["num_candidates"].field()
+    top_k: int = SETTINGS["top_k"].field()
+    num_rollouts: int = SETTINGS["num_rollouts"].field()
+    horizon: int = SETTINGS["horizon"].field()
+    jackknife: bool = SETTINGS["jackknife"].field()
+    rollout_proposal: str = SETTINGS["rollout_proposal"].field()
+    reuse_rollouts: bool = SETTINGS["reuse_rollouts"].field()
 
     def __post_init__(self) -> None:
-        _alpha(self.alpha)
-        if self.rollout_proposal not in ROLLOUT_PROPOSALS:
-            raise ValueError(f"rollout_proposal must be one of {ROLLOUT_PROPOSALS}, got {self.rollout_proposal!r}")
-        if not isinstance(self.reuse_rollouts, bool):
-            raise ValueError(f"reuse_rollouts must be a bool, got {self.reuse_rollouts!r}")
+        _validate_fields(self)
         if self.reuse_rollouts and self.horizon < self.block_size:
-            raise ValueError(
-                f"reuse_rollouts needs horizon >= block_size (the rollouts become the next candidates), "
-                f"got horizon {self.horizon} < block_size {self.block_size}"
-            )
-        _positive_int("block_size", self.block_size)
-        _positive_int("num_candidates", self.num_candidates)
-        _positive_int("top_k", self.top_k)
-        _positive_int("num_rollouts", self.num_rollouts)
-        _positive_int("horizon", self.horizon, minimum=0)
+            raise SettingError("reuse_rollouts",
+                               f"reuse_rollouts needs horizon >= block_size (the rollouts become the next candidates), "
+                               f"got horizon {self.horizon} < block_size {self.block_size}")
         if self.jackknife and self.num_rollouts < 2:
-            raise ValueError(f"the jackknife needs num_rollouts >= 2, got {self.num_rollouts} (or set jackknife=False)")
+            raise SettingError("num_rollouts", f"the jackknife needs num_rollouts >= 2, got {self.num_rollouts} "
+                                               f"(or set jackknife=False)")
         if self.block_size > 1 and self.top_k > self.num_candidates:
-            raise ValueError(
-                f"top_k ({self.top_k}) cannot exceed num_candidates ({self.num_candidates}) at block level"
-            )
+            raise SettingError("top_k", f"top_k ({self.top_k}) cannot exceed num_candidates "
+                                        f"({self.num_candidates}) at block level")
 
     @property
     def token_level(self) -> bool:
@@ -82,60 +240,37 @@ class PowerConfig:
         return self.block_size == 1
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, frozen=True, kw_only=True)
 class MCMCConfig:
-    """Metropolis-Hastings power sampling of Karan & Du.
+    """Metropolis-Hastings power sampling of Karan & Du: alpha (the proposal is p at
+    temperature 1 / alpha), block_size (B, tokens appended before each round of MH steps),
+    mcmc_steps (N_MCMC)."""
 
-    alpha:      exponent of the target; the proposal is p at temperature 1 / alpha
-    block_size: B, tokens appended before each round of MH steps
-    mcmc_steps: N_MCMC, MH steps after each block
-    """
-
-    alpha: float = 4.0
-    block_size: int = 192
-    mcmc_steps: int = 10
+    alpha: float = SETTINGS["alpha"].field()
+    block_size: int = SETTINGS["block_size"].field()
+    mcmc_steps: int = SETTINGS["mcmc_steps"].field()
 
     def __post_init__(self) -> None:
-        _alpha(self.alpha)
-        _positive_int("block_size", self.block_size)
-        _positive_int("mcmc_steps", self.mcmc_steps, minimum=0)
+        _validate_fields(self)
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, frozen=True, kw_only=True)
 class SMCConfig:
-    """Power-SMC (Azizi et al.): N particles, tempered proposal, resampling (powerfast/DESIGN.md section 6).
+    """Power-SMC (Azizi et al.): N particles, tempered proposal, resampling (powerfast/DESIGN.md
+    section 6). Fields: alpha, num_particles (N), ess_threshold (kappa: resample when
+    ESS < kappa N), resample_every (R), ramp_tokens, resampler ("systematic" or "chopthin",
+    Gandy & Lau 2016), eta (chopthin's weight-ratio bound)."""
 
-    alpha:          exponent of the target; each step samples p at temperature 1 / alpha_t
-    num_particles:  N, particles per prompt (forked from the prompt, no KV copied)
-    ess_threshold:  kappa in (0, 1]: resample when ESS < kappa * N
-    resample_every: R, tokens between ESS checks (a host sync each)
-    ramp_tokens:    alpha_t rises linearly from 1 to alpha over this many tokens (0: no ramp)
-    resampler:      "systematic" (weights reset) or "chopthin" (Gandy & Lau 2016: weight
-                    ratio bounded by eta, unequal weights carried forward)
-    eta:            the chopthin bound on largest / smallest weight, >= 4 (default 3 + sqrt 8)
-    """
-
-    alpha: float = 4.0
-    num_particles: int = 32
-    ess_threshold: float = 0.5
-    resample_every: int = 16
-    ramp_tokens: int = 0
-    resampler: str = "systematic"
-    eta: float = 3.0 + math.sqrt(8.0)
+    alpha: float = SETTINGS["alpha"].field()
+    num_particles: int = SETTINGS["num_particles"].field()
+    ess_threshold: float = SETTINGS["ess_threshold"].field()
+    resample_every: int = SETTINGS["resample_every"].field()
+    ramp_tokens: int = SETTINGS["ramp_tokens"].field()
+    resampler: str = SETTINGS["resampler"].field()
+    eta: float = SETTINGS["eta"].field()
 
     def __post_init__(self) -> None:
-        _alpha(self.alpha)
-        _positive_int("num_particles", self.num_particles)
-        if isinstance(self.ess_threshold, bool) or not isinstance(self.ess_threshold, (int, float)) \
-                or not 0 < self.ess_threshold <= 1:
-            raise ValueError(f"ess_threshold must be a number in (0, 1], got {self.ess_threshold!r}")
-        _positive_int("resample_every", self.resample_every)
-        _positive_int("ramp_tokens", self.ramp_tokens, minimum=0)
-        if self.resampler not in RESAMPLERS:
-            raise ValueError(f"resampler must be one of {RESAMPLERS}, got {self.resampler!r}")
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta) \
-                or self.eta < 4:
-            raise ValueError(f"eta must be a finite number >= 4 (chopthin needs it), got {self.eta!r}")
+        _validate_fields(self)
 
     def alpha_at(self, step: int) -> float:
         """alpha_t of the token at 0-based position ``step``: the linear ramp from 1, then alpha."""
@@ -144,49 +279,95 @@ class SMCConfig:
         return 1.0 + (self.alpha - 1.0) * (step + 1) / self.ramp_tokens
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True, frozen=True, kw_only=True)
 class SamplingConfig:
-    """Ancestral sampling baselines.
+    """Ancestral sampling: temperature (> 0, or 0 for greedy) and num_samples (N of
+    best-of-N: keep the sample of highest base log-likelihood; 1 for the other methods)."""
 
-    temperature: > 0, or 0 for greedy decoding
-    num_samples: N for best-of-N (keep the sample of highest base log-likelihood); 1 otherwise
-    """
-
-    temperature: float = 1.0
+    temperature: float = SETTINGS["temperature"].field()
     num_samples: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        _positive_int("num_samples", self.num_samples)
+        SETTINGS["temperature"].validate(self.temperature)
+        SETTINGS["num_samples"].validate(self.num_samples)
 
 
-def method_config(method: str, *, alpha: float = 4.0, temperature: float = 1.0, num_samples: int = 8,
-                  power_config: PowerConfig | None = None, mcmc_config: MCMCConfig | None = None,
-                  smc_config: SMCConfig | None = None):
-    """The validated settings of a method by name (one of METHODS), without loading anything.
+METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
+    "power": tuple(f.name for f in dataclasses.fields(PowerConfig)),
+    "mcmc": tuple(f.name for f in dataclasses.fields(MCMCConfig)),
+    "smc": tuple(f.name for f in dataclasses.fields(SMCConfig)),
+    "plain": ("temperature",),
+    "low-temp": ("alpha",),
+    "greedy": (),
+    "best-of-n": ("temperature", "num_samples"),
+}
+"""The settings each method uses (the others are validated and ignored)."""
 
-    alpha:       the exponent of "power", "mcmc" and "smc", and T = 1 / alpha of "low-temp"
-    temperature: of "plain" and "best-of-n"; num_samples: N of "best-of-n"
-    power_config / mcmc_config / smc_config: full settings for "power" / "mcmc" / "smc"
-                 (then ``alpha`` is not used)
-    Returns a PowerConfig, MCMCConfig, SMCConfig or SamplingConfig; ValueError for bad
-    settings or an unknown method.
+
+def method_config(method: str, *, preset: str = "paper", **settings):
+    """The validated config of ``method`` (one of METHODS) from keyword settings; settings
+    not given take ``preset``'s defaults, settings the method does not use are still checked.
+    Returns a PowerConfig, MCMCConfig, SMCConfig or SamplingConfig; SettingError (a
+    ValueError naming the field) for an unknown method, an unknown setting or a bad value.
     """
+    if method not in METHODS:
+        raise SettingError("method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_settings(settings)
+    values = {**preset_defaults(preset), **settings}
+    used = {name: values[name] for name in METHOD_SETTINGS[method]}
     if method == "power":
-        return power_config if power_config is not None else PowerConfig(alpha=alpha)
+        return PowerConfig(**used)
     if method == "mcmc":
-        return mcmc_config if mcmc_config is not None else MCMCConfig(alpha=alpha)
+        return MCMCConfig(**used)
     if method == "smc":
-        return smc_config if smc_config is not None else SMCConfig(alpha=alpha)
+        return SMCConfig(**used)
     if method == "plain":
-        return SamplingConfig(temperature)
+        return SamplingConfig(**used)
     if method == "low-temp":
-        _alpha(alpha)
-        return SamplingConfig(1.0 / alpha)
+        return SamplingConfig(temperature=1.0 / values["alpha"])
     if method == "greedy":
-        return SamplingConfig(0.0)
-    if method == "best-of-n":
-        return SamplingConfig(temperature, num_samples)
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        return SamplingConfig(temperature=0.0)
+    return SamplingConfig(**used)  # best-of-n
+
+
+def config_settings(config) -> dict[str, Any]:
+    """The settings a config holds, by name (the inverse of :func:`method_config`)."""
+    return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def _parse(setting: Setting):
+    kind = setting.kind
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{setting.option} takes {kind.__name__} values, got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, preset: str = "paper",
+                  names: Iterable[str] | None = None) -> None:
+    """Add a flag per setting (all, or ``names``) with ``preset``'s defaults; read them back
+    with :func:`settings_from_arguments`."""
+    defaults = preset_defaults(preset)
+    for name in SETTINGS if names is None else names:
+        setting = SETTINGS[name]
+        default = defaults[name]
+        if setting.kind is bool:
+            action = "store_false" if default else "store_true"
+            parser.add_argument(setting.option, dest=name, action=action, default=default,
+                                help=f"turn off: {setting.help}" if default else setting.help)
+            continue
+        shown = f"{default:g}" if isinstance(default, float) else default
+        parser.add_argument(setting.option, dest=name, type=_parse(setting), default=default, choices=setting.choices,
+                            metavar=None if setting.choices else name.upper(), help=f"{setting.help} (default {shown})")
+
+
+def settings_from_arguments(args: argparse.Namespace, names: Iterable[str] | None = None) -> dict[str, Any]:
+    """The settings parsed by :func:`add_arguments`, by name."""
+    return {name: getattr(args, name) for name in (SETTINGS if names is None else names)}

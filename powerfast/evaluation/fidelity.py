@@ -142,35 +142,29 @@ def method_grid(alpha: float, num_tokens: int, *, mcmc_steps=(2, 8, 32), rollout
     rollouts to the end of the budget; MCMC appends blocks of ceil(T / 2) tokens; SMC
     checks the ESS after every token (with the default of 16 it would never resample
     within a few tokens)."""
-    from powerfast.core.config import MCMCConfig, PowerConfig, SamplingConfig, SMCConfig
-    from powerfast.samplers.ancestral import AncestralSampler
-    from powerfast.samplers.mcmc import MCMCSampler
-    from powerfast.samplers.power import PowerSampler
-    from powerfast.samplers.smc import SMCSampler
+    from powerfast.samplers.factory import make_sampler
 
-    grid = [
-        MethodSpec("plain", "T=1", lambda r, s: AncestralSampler(r, config=SamplingConfig(1.0), seed=s, method="plain")),
-        MethodSpec("low-temp", f"T=1/{alpha:g}",
-                   lambda r, s: AncestralSampler(r, config=SamplingConfig(1.0 / alpha), seed=s, method="low-temp")),
-    ]
+    def sampler(method: str, **settings):
+        return lambda runner, seed: make_sampler(method, runner, seed=seed, **settings)
+
+    grid = [MethodSpec("plain", "T=1", sampler("plain")),
+            MethodSpec("low-temp", f"T=1/{alpha:g}", sampler("low-temp", alpha=alpha))]
     block = max(1, math.ceil(num_tokens / 2))
     for steps in mcmc_steps:
-        grid.append(MethodSpec("mcmc", f"N_MCMC={steps}",
-                               lambda r, s, n=steps: MCMCSampler(r, config=MCMCConfig(alpha, block, n), seed=s)))
+        grid.append(MethodSpec("mcmc", f"N_MCMC={steps}", sampler("mcmc", alpha=alpha, block_size=block,
+                                                                   mcmc_steps=steps)))
     for proposal in ("base", "tempered"):
         for reuse in (False, True):
             for m in rollouts:
-                def build(r, s, m=m, proposal=proposal, reuse=reuse):
-                    config = PowerConfig(alpha=alpha, block_size=1, top_k=r.vocab_size, num_rollouts=m,
-                                         horizon=num_tokens, jackknife=m >= 2, rollout_proposal=proposal,
-                                         reuse_rollouts=reuse)
-                    return PowerSampler(r, config=config, seed=s)
+                def build(runner, seed, m=m, proposal=proposal, reuse=reuse):  # Top-K: the whole vocabulary
+                    return make_sampler("power", runner, seed=seed, alpha=alpha, block_size=1, top_k=runner.vocab_size,
+                                        num_rollouts=m, horizon=num_tokens, jackknife=m >= 2,
+                                        rollout_proposal=proposal, reuse_rollouts=reuse)
 
                 name = f"power-{proposal}" + ("+reuse" if reuse else "")
                 grid.append(MethodSpec(name, f"M={m}", build))
     for n in particles:
-        grid.append(MethodSpec("smc", f"N={n}", lambda r, s, n=n: SMCSampler(
-            r, config=SMCConfig(alpha=alpha, num_particles=n, resample_every=1), seed=s)))
+        grid.append(MethodSpec("smc", f"N={n}", sampler("smc", alpha=alpha, num_particles=n, resample_every=1)))
     if include:
         grid = [m for m in grid if any(m.method == name or m.method.startswith(name + "-") or
                                        f"{m.method} {m.setting}" == name for name in include)]
@@ -308,19 +302,17 @@ def rollout_ess_rows(horizons: Sequence[int] = (32, 64, 192), *, model_path: str
     on the embedded SmolLM2-135M-Instruct (or ``model_path``), with a KV pool of
     ``kv_memory_mib`` (K x M rollouts of H tokens must fit). returns rows (proposal, H,
     [ESS per candidate], [log zeta per candidate], seconds)."""
-    from powerfast.core.config import PowerConfig
     from powerfast.runtime.models import load_model
     from powerfast.runtime.runner import ModelRunner
-    from powerfast.samplers.power import PowerSampler
+    from powerfast.samplers.factory import make_sampler
 
     model, tokenizer = load_model(model_path)
     runner = ModelRunner(model, max_memory=kv_memory_mib << 20)
     rows = []
     for horizon in horizons:
         for proposal in proposals:
-            config = PowerConfig(alpha=alpha, block_size=1, top_k=top_k, num_rollouts=num_rollouts, horizon=horizon,
-                                 rollout_proposal=proposal)
-            sampler = PowerSampler(runner, tokenizer, config=config, seed=seed)
+            sampler = make_sampler("power", runner, tokenizer, seed=seed, alpha=alpha, block_size=1, top_k=top_k,
+                                   num_rollouts=num_rollouts, horizon=horizon, rollout_proposal=proposal)
             started = time.perf_counter()
             [record] = sampler.decisions([prompt], horizon + 1, ignore_eos=True)
             rows.append((proposal, horizon, record.rollout_ess, record.log_zeta, time.perf_counter() - started))

@@ -89,7 +89,8 @@ class RunnerSampler:
         (:meth:`check_kv_capacity`)."""
         check_max_new_tokens(max_new_tokens)
         self._forward_mark = self._forward_counts()
-        prompt_ids = encode_prompts(prompts, self.tokenizer, chat_template, self.context_length, max_new_tokens)
+        prompt_ids = encode_prompts(prompts, self.tokenizer, chat_template, self.context_length, max_new_tokens,
+                                    vocab_size=self.vocab_size)
         self.check_kv_capacity([len(ids) for ids in prompt_ids], max_new_tokens)
         return prompt_ids
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from powerfast.core.config import METHODS, method_config
+from powerfast.core.config import METHODS, SettingError, method_config
 from powerfast.samplers.ancestral import AncestralSampler
 from powerfast.samplers.mcmc import MCMCSampler
 from powerfast.samplers.power import PowerSampler
@@ -10,24 +10,28 @@ from powerfast.samplers.smc import SMCSampler
 
 __all__ = ["METHODS", "make_sampler"]
 
+_SAMPLERS = {"power": PowerSampler, "mcmc": MCMCSampler, "smc": SMCSampler}
 
-def make_sampler(method: str, model, tokenizer=None, *, alpha: float = 4.0, seed: int | None = None,
-                 temperature: float = 1.0, num_samples: int = 8, power_config=None, mcmc_config=None,
-                 smc_config=None, **runner_kwargs):
-    """A sampler by method name (one of METHODS) with the usual settings.
 
-    alpha:       the exponent of "power", "mcmc" and "smc", and T = 1 / alpha of "low-temp"
-    temperature: of "plain" and "best-of-n"; num_samples: N of "best-of-n"
-    power_config / mcmc_config / smc_config: full settings for "power" / "mcmc" / "smc"
-                 (then ``alpha`` is not used)
-    Raises ValueError for an unknown method or bad settings (see :func:`powerfast.core.config.method_config`).
+def make_sampler(method: str, model, tokenizer=None, *, seed: int | None = None, config=None, preset: str = "paper",
+                 runner_options: dict | None = None, **settings):
+    """A sampler by method name (one of METHODS).
+
+    config:  the method's full settings (a PowerConfig, MCMCConfig, SMCConfig or
+             SamplingConfig, as :func:`powerfast.core.config.method_config` makes them); or
+    settings: by name (``alpha=2.0, num_rollouts=16``; the names of
+             :data:`powerfast.core.config.SETTINGS`), the rest taking ``preset``'s defaults
+    runner_options: keywords of the :class:`~powerfast.runtime.runner.ModelRunner` made when
+             ``model`` is not a runner yet (``max_memory``, ``num_blocks``, ``block_size``: the
+             KV page size, not the sampler's block)
+    Raises SettingError (a ValueError naming the field) for an unknown method or bad settings.
     """
-    config = method_config(method, alpha=alpha, temperature=temperature, num_samples=num_samples,
-                           power_config=power_config, mcmc_config=mcmc_config, smc_config=smc_config)
-    if method == "power":
-        return PowerSampler(model, tokenizer, config, seed, **runner_kwargs)
-    if method == "mcmc":
-        return MCMCSampler(model, tokenizer, config, seed, **runner_kwargs)
-    if method == "smc":
-        return SMCSampler(model, tokenizer, config, seed, **runner_kwargs)
-    return AncestralSampler(model, tokenizer, config, seed, method, **runner_kwargs)
+    if method not in METHODS:
+        raise SettingError("method", f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if config is None:
+        config = method_config(method, preset=preset, **settings)
+    elif settings:
+        raise TypeError(f"give the settings either as config or by name, not both (got config and {sorted(settings)})")
+    if method in _SAMPLERS:
+        return _SAMPLERS[method](model, tokenizer, config, seed, **(runner_options or {}))
+    return AncestralSampler(model, tokenizer, config, seed, method, **(runner_options or {}))

@@ -66,7 +66,8 @@ class AsyncEngine:
         self.engine.abort(request_id)
         self._wake.set()
 
-    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None, *,
+                       chat_template: bool = True) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they come, the last with ``finished=True``. Raises
         InvalidRequestError / RequestTooLargeError / QueueFullError / EngineClosedError
         before yielding anything."""
@@ -78,7 +79,7 @@ class AsyncEngine:
         self._queues[request_id] = queue
         finished = False
         try:
-            self.engine.add_request(prompt, params, request_id)
+            self.engine.add_request(prompt, params, request_id, chat_template=chat_template)
             self._wake.set()
             while True:
                 out = await queue.get()

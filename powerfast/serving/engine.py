@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from powerfast.samplers.program import Decode, Final, Prefill, Tokens
+from powerfast.samplers.prompts import PromptError, check_fits, encode_prompt
 from powerfast.serving.errors import InvalidRequestError, QueueFullError, RequestTooLargeError
 from powerfast.serving.params import SamplingParams
 from powerfast.serving.request import FINISH_REASONS, Request, RequestOutput
@@ -127,19 +128,22 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, prompt, params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt, params: SamplingParams, request_id: str | None = None, *,
+                    chat_template: bool = True) -> str:
         """Queue a request; it is admitted at a step when its KV need fits. Thread-safe.
 
-        prompt: a string (tokenised as it is, no chat template), a list of token ids, or
-                chat messages ``[{"role": "user", "content": "..."}, ...]`` (the
-                tokenizer's chat template, with the generation prompt)
+        prompt: a string, chat messages ``[{"role": "user", "content": "..."}, ...]`` or a
+                list of token ids, read by the rule ``generate`` uses
+                (:func:`powerfast.samplers.prompts.encode_prompt`): a string becomes a one-turn
+                user conversation through the tokenizer's chat template when it has one and
+                ``chat_template`` is True, and is tokenised as it is otherwise
         Returns the request id. Raises InvalidRequestError (a bad prompt or params),
         RequestTooLargeError (could never fit), QueueFullError.
         """
         try:
             if not isinstance(params, SamplingParams):
                 raise InvalidRequestError("params", f"params must be SamplingParams, got {type(params).__name__}")
-            prompt_ids = self._encode(prompt, params.max_tokens)
+            prompt_ids = self._encode(prompt, params.max_tokens, chat_template)
             sampler, need = self._plan(prompt_ids, params)
         except RequestTooLargeError:
             self._count_rejected("too_large")
@@ -191,7 +195,8 @@ class Engine:
         with self._lock:
             return bool(self._waiting or self._running or self._ready)
 
-    def run(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams]) -> list[RequestOutput]:
+    def run(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams], *,
+            chat_template: bool = True) -> list[RequestOutput]:
         """Add every prompt (one params for all, or one each), step until all have finished;
         the final output of each, in order. What ``generate`` is for a fixed set of prompts,
         with the engine's per-request random streams (request i of a shared params gets
@@ -201,7 +206,7 @@ class Engine:
                       for i in range(len(prompts))]
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} params for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids = [self.add_request(p, sp, chat_template=chat_template) for p, sp in zip(prompts, params)]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.step():
@@ -489,42 +494,13 @@ class Engine:
 
     # ------------------------------------------------------------------ admission
 
-    def _encode(self, prompt, max_tokens: int) -> list[int]:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt", "the prompt is empty")
-            if self.tokenizer is None:
-                raise InvalidRequestError("prompt", "a text prompt needs a tokenizer; give token ids")
-            ids = [int(t) for t in self.tokenizer(prompt, add_special_tokens=True)["input_ids"]]
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-                raise InvalidRequestError("messages", "chat messages need a tokenizer with a chat template")
-            try:
-                ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-            except Exception as error:  # noqa: BLE001 - a template's own complaint about the messages
-                raise InvalidRequestError("messages", f"the chat template refused the messages: {error}") from None
-            if hasattr(ids, "keys") and "input_ids" in ids:
-                ids = ids["input_ids"]
-            ids = [int(t) for t in ids]
-        elif isinstance(prompt, (list, tuple)):
-            if any(isinstance(t, bool) or not isinstance(t, int) for t in prompt):
-                raise InvalidRequestError("prompt", f"a prompt must be text, token ids or chat messages, got {list(prompt)[:8]!r}")
-            ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidRequestError("prompt", f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        else:
-            raise InvalidRequestError("prompt", f"a prompt must be text, token ids or chat messages, got {type(prompt).__name__}")
-        if not ids:
-            raise InvalidRequestError("prompt", "the prompt is empty")
-        if self.context_length is not None:
-            if len(ids) >= self.context_length:
-                raise InvalidRequestError("prompt", f"the prompt has {len(ids)} tokens; the model's context is "
-                                                    f"{self.context_length} positions")
-            if len(ids) + max_tokens > self.context_length:
-                raise InvalidRequestError("max_tokens", f"the prompt has {len(ids)} tokens; with max_tokens={max_tokens} "
-                                                        f"that is {len(ids) + max_tokens}, more than the model's context "
-                                                        f"of {self.context_length} positions")
+    def _encode(self, prompt, max_tokens: int, chat_template: bool) -> list[int]:
+        """The prompt's token ids by the one rule of :func:`powerfast.samplers.prompts.encode_prompt`."""
+        try:
+            ids = encode_prompt(prompt, self.tokenizer, chat_template=chat_template, vocab_size=self.vocab_size)
+            check_fits(ids, self.context_length, max_tokens, budget_name="max_tokens")
+        except PromptError as error:
+            raise InvalidRequestError(error.field, str(error)) from None
         return ids
 
     def _plan(self, prompt_ids: list[int], params: SamplingParams):

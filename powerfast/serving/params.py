@@ -1,67 +1,47 @@
-"""What a request asks for: :class:`SamplingParams`, the method and its settings."""
+"""What a request asks for: :class:`SamplingParams`, the method and its settings.
+
+Its fields are derived, not retyped: the request's own fields (method, max_tokens, seed,
+stop, ignore_eos) and then every setting of :data:`powerfast.core.config.SETTINGS` with the
+``serving`` preset's defaults. Every field is validated on construction whether the
+request's method uses it or not; :class:`~powerfast.serving.errors.InvalidRequestError`
+names the field (``error.field``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import ClassVar
 
-from powerfast.core.config import METHODS, MCMCConfig, PowerConfig, SMCConfig, method_config
+from powerfast.core.config import (
+    METHOD_SETTINGS,
+    METHODS,
+    SETTINGS,
+    SettingError,
+    config_settings,
+    method_config,
+    preset_defaults,
+    setting_fields,
+)
 from powerfast.serving.errors import InvalidRequestError
 
-__all__ = ["SamplingParams"]
+__all__ = ["REQUEST_FIELDS", "SamplingParams", "SERVING_PRESET"]
+
+SERVING_PRESET = "serving"
+"""The preset whose defaults a request's settings take (:data:`powerfast.core.config.PRESETS`)."""
+
+REQUEST_FIELDS = {
+    "method": (str, "plain", "one of " + ", ".join(METHODS)),
+    "max_tokens": (int, 256, "the token budget (> 0)"),
+    "seed": (int | None, None, "the request's own random stream (None: a fresh one)"),
+    "stop": (tuple, (), "stop strings: the text is cut before the first one found"),
+    "ignore_eos": (bool, False, "generate the whole budget whatever the model samples"),
+}
+"""The fields of a request that are not a method's settings: (type, default, help)."""
 
 
-# ------------------------------------------------------------------------- requests
+class _Request:
+    """The behaviour of :class:`SamplingParams` (its fields are made below)."""
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """What a request asks for: the method and its settings, validated on construction
-    (:class:`InvalidRequestError` naming the field). Settings of other methods are ignored.
-
-    method:      one of :data:`powerfast.core.config.METHODS`
-    max_tokens:  the token budget (> 0)
-    temperature: of "plain" and "best-of-n" (0: greedy)
-    seed:        the request's own random stream (None: a fresh one)
-    stop:        stop strings: the text is cut before the first one found
-    ignore_eos:  generate the whole budget whatever the model samples
-    alpha:       the exponent of "power", "mcmc" and "smc"; T = 1 / alpha of "low-temp"
-    block_size, num_candidates, top_k, num_rollouts, horizon, jackknife, rollout_proposal,
-    reuse_rollouts:  "power" (B, L, K, M, H; see :class:`powerfast.core.config.PowerConfig`);
-                 block_size is also "mcmc"'s B
-    mcmc_steps:  "mcmc"'s N_MCMC
-    num_particles, ess_threshold, resample_every, ramp_tokens, resampler: "smc"
-    num_samples: "best-of-n"'s N
-
-    The defaults of power, MCMC and SMC are scaled for serving (small blocks, few
-    branches), not the papers' settings.
-    """
-
-    method: str = "plain"
-    max_tokens: int = 256
-    temperature: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    alpha: float = 4.0
-    block_size: int = 16
-    num_candidates: int = 8
-    top_k: int = 4
-    num_rollouts: int = 4
-    horizon: int = 16
-    jackknife: bool = True
-    rollout_proposal: str = "base"
-    reuse_rollouts: bool = False
-    mcmc_steps: int = 2
-    num_particles: int = 8
-    ess_threshold: float = 0.5
-    resample_every: int = 16
-    ramp_tokens: int = 0
-    resampler: str = "systematic"
-    num_samples: int = 4
-
-    FIELDS: ClassVar[tuple[str, ...]] = ()
+    __slots__ = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in METHODS:
@@ -78,23 +58,17 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise InvalidRequestError("ignore_eos", f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         try:
-            self.config()
-        except (ValueError, TypeError) as error:
-            raise InvalidRequestError(_field_named_in(str(error)), str(error)) from None
+            self.config()  # every setting, then the method's own constraints between them
+        except SettingError as error:
+            raise InvalidRequestError(error.field, str(error)) from None
+
+    def settings(self) -> dict:
+        """Every setting of the request, by name."""
+        return {name: getattr(self, name) for name in SETTINGS}
 
     def config(self):
         """The method's validated config (PowerConfig, MCMCConfig, SMCConfig or SamplingConfig)."""
-        power = mcmc = smc = None
-        if self.method == "power":
-            power = PowerConfig(self.alpha, self.block_size, self.num_candidates, self.top_k, self.num_rollouts,
-                                self.horizon, self.jackknife, self.rollout_proposal, self.reuse_rollouts)
-        elif self.method == "mcmc":
-            mcmc = MCMCConfig(self.alpha, self.block_size, self.mcmc_steps)
-        elif self.method == "smc":
-            smc = SMCConfig(self.alpha, self.num_particles, self.ess_threshold, self.resample_every, self.ramp_tokens,
-                            self.resampler)
-        return method_config(self.method, alpha=self.alpha, temperature=self.temperature,
-                             num_samples=self.num_samples, power_config=power, mcmc_config=mcmc, smc_config=smc)
+        return method_config(self.method, **self.settings())
 
     def sampler(self, runner, tokenizer=None):
         """The sampler (``make_sampler``) that does what these params ask, with its own seed
@@ -102,11 +76,7 @@ class SamplingParams:
         same computation outside the engine."""
         from powerfast.samplers.factory import make_sampler
 
-        config = self.config()
-        slot = {"power": "power_config", "mcmc": "mcmc_config", "smc": "smc_config"}.get(self.method)
-        settings = {slot: config} if slot else {}
-        return make_sampler(self.method, runner, tokenizer, alpha=self.alpha, seed=self.seed,
-                            temperature=self.temperature, num_samples=self.num_samples, **settings)
+        return make_sampler(self.method, runner, tokenizer, seed=self.seed, config=self.config())
 
     def branches(self) -> tuple[int, str]:
         """(most sequences the request decodes at once, the field that sets it)."""
@@ -119,17 +89,29 @@ class SamplingParams:
             return self.num_samples, "num_samples"
         return 1, "method"
 
+    @classmethod
+    def from_config(cls, method: str, config, **request) -> "SamplingParams":
+        """The params of ``method`` run with ``config`` (its settings), plus request fields."""
+        return cls(method=method, **request, **{k: v for k, v in config_settings(config).items()
+                                                  if k in METHOD_SETTINGS[method]})
 
-SamplingParams.FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 
-_CONFIG_WORDS = {"eta": "resampler"}
+def _fields() -> list[tuple]:
+    fields = [(name, kind, dataclasses.field(default=default)) for name, (kind, default, _) in REQUEST_FIELDS.items()]
+    return fields + setting_fields(SERVING_PRESET)
 
 
-def _field_named_in(message: str) -> str:
-    """The SamplingParams field a config error message is about (its first word naming one)."""
-    for word in message.replace("(", " ").replace(")", " ").replace(",", " ").split():
-        if word in SamplingParams.FIELDS:
-            return word
-        if word in _CONFIG_WORDS:
-            return _CONFIG_WORDS[word]
-    return "method"
+def _doc() -> str:
+    defaults = preset_defaults(SERVING_PRESET)
+    lines = ["What a request asks for: the method and its settings, validated on construction",
+             "(InvalidRequestError naming the field), keyword only. Fields:", ""]
+    lines += [f"    {name}: {help}" for name, (_, _, help) in REQUEST_FIELDS.items()]
+    lines += [f"    {name}: {setting.help} (default {defaults[name]!r})" for name, setting in SETTINGS.items()]
+    lines += ["", f"Settings take the {SERVING_PRESET!r} preset's defaults (scaled for serving, not the papers')."]
+    return "\n".join(lines)
+
+
+SamplingParams = dataclasses.make_dataclass(
+    "SamplingParams", _fields(), bases=(_Request,), frozen=True, kw_only=True, slots=True,
+    namespace={"__doc__": _doc(), "__module__": __name__},
+)

@@ -34,6 +34,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from powerfast.core.config import SETTINGS
 from powerfast.serving.async_engine import AsyncEngine
 from powerfast.serving.errors import EngineClosedError, InvalidRequestError, QueueFullError, RequestTooLargeError
 from powerfast.serving.metrics import CONTENT_TYPE, ServingMetrics, render
@@ -47,15 +48,12 @@ logger = logging.getLogger("powerfast.serving.server")
 #: Most choices (prompts x n) one request may ask for.
 MAX_CHOICES = 64
 
-#: Extra body fields passed to SamplingParams as they are, with their JSON type.
-POWER_FIELDS = {
-    "method": str, "alpha": float, "block_size": int, "num_candidates": int, "top_k": int, "num_rollouts": int,
-    "horizon": int, "jackknife": bool, "rollout_proposal": str, "reuse_rollouts": bool, "mcmc_steps": int,
-    "num_particles": int, "ess_threshold": float, "resample_every": int, "ramp_tokens": int, "resampler": str,
-    "num_samples": int,
-}
 #: OpenAI's sampling fields with the same meaning here, and ``ignore_eos``.
 _OPENAI_FIELDS = {"max_tokens": int, "temperature": float, "seed": int, "ignore_eos": bool}
+#: Extra body fields passed to SamplingParams as they are, with their JSON type: the method
+#: and every setting of every method (powerfast.core.config.SETTINGS), validated whatever the method.
+POWER_FIELDS = {"method": str,
+                **{name: setting.kind for name, setting in SETTINGS.items() if name not in _OPENAI_FIELDS}}
 #: OpenAI fields accepted only at the value that changes nothing (or null).
 _NEUTRAL_FIELDS = {"top_p": (1,), "logprobs": (False,), "top_logprobs": (0,), "presence_penalty": (0,),
                    "frequency_penalty": (0,), "echo": (False,)}
@@ -446,7 +444,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                 raise APIError(400, f"{len(prompts)} prompts x n={len(params)} is more than {MAX_CHOICES} choices",
                                param="n")
             response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-            streams = [engine.generate(prompt, p, f"{response_id}-{len(params) * i + j}")
+            # completions take the prompt as raw text (OpenAI's meaning); chat bodies are messages
+            streams = [engine.generate(prompt, p, f"{response_id}-{len(params) * i + j}", chat_template=False)
                        for i, prompt in enumerate(prompts) for j, p in enumerate(params)]
             firsts = await _unless_disconnected(request, _first_outputs(streams))
         except _ClientGone:
