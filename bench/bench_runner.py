@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from powerfast.runtime.runner import ModelRunner
+from powerfast.samplers.decoding import SeedStream, sample_continuations
 
 try:
     import pytest
@@ -103,24 +104,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sample(logits: torch.Tensor) -> torch.Tensor:
-    """Temperature-1 sampling without a host sync: argmax(probs / Exp(1))."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    return (probs / torch.empty_like(probs).exponential_()).argmax(dim=-1)
-
-
 def run_runner(model, prompt: list[int], batch: int, new_tokens: int, **runner_kwargs) -> BenchResult:
-    """Prefill ``prompt`` once, fork it ``batch`` ways (batch > 1), decode ``new_tokens`` steps."""
+    """Prefill ``prompt`` once, fork it ``batch`` ways (batch > 1), then ``new_tokens`` steps of
+    the product's decode loop (:func:`powerfast.samplers.decoding.sample_continuations`: its
+    sampling op, temperature 1, and a decode per step), EOS ignored."""
     device = next(model.parameters()).device
     runner = ModelRunner(model, **runner_kwargs)
     try:
         (root,), logits = runner.prefill([prompt])
         seqs = runner.fork(root, batch) if batch > 1 else [root]
-        tokens = _sample(logits.expand(len(seqs), -1))
+        first_logits = logits.expand(len(seqs), -1).contiguous()
         _sync(device)
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            tokens = _sample(runner.decode(seqs, tokens))
+        sample_continuations(runner, seqs, first_logits, new_tokens, SeedStream(0), want_last_logits=True)
         _sync(device)
         seconds = time.perf_counter() - start
         kv_bytes = runner.cache.bytes_in_use

@@ -45,6 +45,7 @@ import torch
 
 from powerfast.samplers.program import Decode, Final, Prefill, Tokens
 from powerfast.samplers.prompts import PromptError, check_fits, encode_prompt
+from powerfast.serving.detokenizer import IncrementalDetokenizer
 from powerfast.serving.errors import InvalidRequestError, QueueFullError, RequestTooLargeError
 from powerfast.serving.params import SamplingParams
 from powerfast.serving.request import FINISH_REASONS, Request, RequestOutput
@@ -160,7 +161,8 @@ class Engine:
             if len(self._waiting) >= self.max_queue:
                 self._rejected["queue_full"] += 1
                 raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); try again later")
-            request = Request(request_id, prompt_ids, params, sampler, need)
+            detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+            request = Request(request_id, prompt_ids, params, sampler, need, detokenizer)
             self._waiting.append(request)
             self._ids[request_id] = request
         return request_id
@@ -359,7 +361,11 @@ class Engine:
                 message = program.send(None)
         except StopIteration as done:
             [result] = done.value
-            request.token_ids, request.text_of = list(result.token_ids), -1  # the text is decoded anew
+            final_ids = list(result.token_ids)
+            if final_ids[: len(request.token_ids)] != request.token_ids and request.detokenizer is not None:
+                request.detokenizer = IncrementalDetokenizer(self.tokenizer)  # not a continuation: decode anew
+                request.text, request.stop_scan = "", 0
+            request.token_ids = final_ids
             stopped = self._hit_stop_string(request)
             ended_on_eos = bool(result.token_ids) and result.token_ids[-1] in request.sampler.eos_token_id(
                 request.params.ignore_eos)
@@ -391,8 +397,9 @@ class Engine:
         flat = [(r, m) for r in self._running for m in r.streamed]
         if not flat:
             return
-        tokens = torch.stack([m.tokens[0] for _, m in flat]).tolist()
-        live = torch.stack([m.live[0] for _, m in flat]).tolist()
+        # one device-to-host copy: every streamed row's token and whether it was live, side by side
+        tokens, live = torch.stack([torch.stack([m.tokens[0] for _, m in flat]),
+                                    torch.stack([m.live[0] for _, m in flat]).to(torch.long)]).tolist()
         touched: dict[str, Request] = {}
         for (request, _), token, alive in zip(flat, tokens, live):
             request.streamed = []
@@ -412,11 +419,18 @@ class Engine:
     # ------------------------------------------------------------------ endings and text
 
     def _hit_stop_string(self, request: Request) -> bool:
-        """Refresh the request's text; True (and the text cut) when a stop string appeared."""
+        """Refresh the request's text; True (and the text cut) when a stop string appeared.
+        Only the new text (and the few characters before it a stop string may start in) is
+        searched."""
         if self.tokenizer is None:
             return False
         self._refresh_text(request)
-        cuts = [request.text.find(s) for s in request.params.stop]
+        stops = request.params.stop
+        if not stops:
+            return False
+        start = max(0, request.stop_scan - max(len(s) for s in stops) + 1)
+        request.stop_scan = len(request.text)
+        cuts = [request.text.find(s, start) for s in stops]
         cuts = [c for c in cuts if c >= 0]
         if cuts:
             request.text = request.text[: min(cuts)]
@@ -456,7 +470,7 @@ class Engine:
     def _output(self, request: Request, finished: bool, reason: str | None = None) -> RequestOutput:
         now = time.monotonic()
         if self.tokenizer is not None and not request.stopped_by_string:
-            self._refresh_text(request)
+            self._refresh_text(request, final=finished)
         shown = len(request.text) if finished else self._safe_text_length(request)
         new_tokens = request.token_ids[request.sent_tokens :]
         new_text = request.text[request.sent_text : shown] if shown > request.sent_text else ""
@@ -471,11 +485,10 @@ class Engine:
             first_token_time=request.first_token, finish_time=now if finished else None,
         )
 
-    def _refresh_text(self, request: Request) -> None:
-        """Decode the request's tokens into ``text`` unless it is already of these tokens."""
-        if request.text_of != len(request.token_ids) or not request.token_ids:
-            request.text = self.tokenizer.decode(request.token_ids, skip_special_tokens=True)
-            request.text_of = len(request.token_ids)
+    def _refresh_text(self, request: Request, final: bool = False) -> None:
+        """The request's ``text`` after its new tokens (incremental: work in proportion to the
+        new tokens; ``final`` keeps an unfinished last character, as a full decode does)."""
+        request.text = request.detokenizer.update(request.token_ids, final)
 
     @staticmethod
     def _safe_text_length(request: Request) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from powerfast.samplers.program import Tokens
+from powerfast.serving.detokenizer import IncrementalDetokenizer
 from powerfast.serving.params import SamplingParams
 
 __all__ = ["FINISH_REASONS", "RequestOutput", "Request"]
@@ -47,7 +48,8 @@ class RequestOutput:
 class Request:
     """A request's state inside the engine."""
 
-    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sampler, need: int) -> None:
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sampler, need: int,
+                 detokenizer: IncrementalDetokenizer | None = None) -> None:
         self.id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -57,7 +59,8 @@ class Request:
         self.pending = None  # the Prefill / Decode the program waits on
         self.token_ids: list[int] = []
         self.text = ""
-        self.text_of = 0  # how many of token_ids ``text`` was decoded from
+        self.detokenizer = detokenizer  # None without a tokenizer: no text
+        self.stop_scan = 0  # characters of ``text`` already searched for stop strings
         self.sent_tokens = 0
         self.sent_text = 0
         self.decoded = 0
