@@ -349,7 +349,7 @@ def _run_serve(args) -> int:
     import importlib.util
     import os
 
-    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"serving needs {' and '.join(missing)}: pip install 'powerfast[serve]'")
     if not 0 <= args.port <= 65535:

@@ -26,6 +26,7 @@ fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
+pytest.importorskip("prometheus_client")
 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
@@ -239,6 +240,9 @@ def test_streams_have_openai_chunk_format(server):
 
 
 def test_models_health_metrics_and_auth(server):
+    server.wait_idle()
+    with server.http() as http:
+        before = check_exposition(http.get("/metrics").text)
     with server.http(api_key=None) as anonymous:
         assert anonymous.get("/health").status_code == 200
         for method, path in [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"),
@@ -249,10 +253,28 @@ def test_models_health_metrics_and_auth(server):
     with pytest.raises(openai.AuthenticationError):
         server.client(api_key="wrong").completions.create(model=MODEL_NAME, prompt="x", max_tokens=2)
     assert [m.id for m in server.client().models.list().data] == [MODEL_NAME]
+    completions = 3
     with server.http() as http:
+        for seed in range(completions):
+            body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2, "seed": seed, "ignore_eos": True}
+            assert http.post("/v1/completions", json=body).status_code == 200
         response = http.get("/metrics")
-    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    check_exposition(response.text)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    after = check_exposition(response.text)
+
+    def grew(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    # 401: three anonymous /v1/ calls and the wrong key; 200: the model list and the completions
+    # (/health and /metrics are not API endpoints)
+    assert grew('powerfast_http_responses_total{code="401"}') == 4
+    assert grew('powerfast_http_responses_total{code="200"}') == 1 + completions
+    assert grew("powerfast_time_to_first_token_seconds_count") == completions
+    assert grew("powerfast_request_latency_seconds_count") == completions
+    assert grew('powerfast_request_latency_seconds_bucket{le="+Inf"}') == completions
+    assert grew('powerfast_requests_finished_total{reason="length"}') == completions
+    assert after["powerfast_request_latency_seconds_sum"] > before["powerfast_request_latency_seconds_sum"]
 
 
 def test_a_dropped_stream_aborts_its_request_and_frees_its_blocks(server):
@@ -402,7 +424,8 @@ def _wait_for(condition, live, timeout=20.0):
 
 def test_sixteen_clients_with_mixed_methods_and_cancellations(server):
     before = server.engine.stats()
-    responses_before = dict(server.metrics.responses)
+    with server.http() as http:
+        samples_before = check_exposition(http.get("/metrics").text)
     methods = [{"method": "plain"}, {"method": "greedy"}, POWER, MCMC, SMC]
     rng = random.Random(0)
     plan = [[(rng.choice(methods), rng.random() < 0.5, rng.random() < 0.25) for _ in range(4)] for _ in range(16)]
@@ -463,52 +486,62 @@ def test_sixteen_clients_with_mixed_methods_and_cancellations(server):
         sum(stats.requests_finished.values())
     assert samples['powerfast_kv_blocks{state="used"}'] == 0
     assert samples["powerfast_requests_running"] == 0
-    assert server.metrics.responses.get(200, 0) - responses_before.get(200, 0) >= outcome["done"]
+    ok = 'powerfast_http_responses_total{code="200"}'
+    assert samples[ok] - samples_before.get(ok, 0) >= outcome["done"]
 
 
 # ------------------------------------------------------------------------------ metrics
 
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"'
-                     r'(?:,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")*\})? (-?[0-9.e+-]+|\+Inf|-Inf|NaN)$')
+#: Every family of the exposition, as its TYPE line names it: the names of the hand-written
+#: exposition that prometheus_client replaced, unchanged.
+FAMILIES = {"requests_waiting": "gauge", "requests_running": "gauge", "requests_finished_total": "counter",
+            "requests_rejected_total": "counter", "tokens_total": "counter", "kv_blocks": "gauge",
+            "kv_blocks_total": "gauge", "queue_depth": "gauge", "queue_capacity": "gauge",
+            "engine_steps_total": "counter", "forwards_total": "counter", "forward_rows_total": "counter",
+            "http_responses_total": "counter", "time_to_first_token_seconds": "histogram",
+            "request_latency_seconds": "histogram"}
 
 
 def check_exposition(text: str) -> dict[str, float]:
-    """Every line of ``text`` is valid exposition format 0.0.4; {name{labels}: value}, with
-    every histogram's buckets cumulative and its +Inf bucket equal to its _count."""
+    """``text`` parses with prometheus_client's parser; every family has a HELP and a TYPE line
+    (those of :data:`FAMILIES` among them, plus the library's ``_created`` gauges) and every
+    histogram cumulative buckets, the +Inf one equal to its _count. {name{labels}: value},
+    labels sorted by name as in the text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     assert text.endswith("\n")
-    samples, types = {}, {}
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge", "histogram") and name not in types
-            types[name] = kind
-            continue
-        if line.startswith("# HELP "):
-            continue
-        match = _SAMPLE.match(line)
-        assert match, line
-        samples[match.group(1) + (match.group(2) or "")] = float(match.group(3))
-    for name, kind in types.items():
-        if kind != "histogram":
-            continue
-        buckets = [v for k, v in samples.items() if k.startswith(name + "_bucket{")]
-        assert buckets == sorted(buckets) and buckets[-1] == samples[name + "_count"]
-    expected = ["requests_waiting", "requests_running", "requests_finished_total", "requests_rejected_total",
-                "tokens_total", "kv_blocks", "queue_depth", "time_to_first_token_seconds", "request_latency_seconds"]
-    assert all("powerfast_" + name in types for name in expected)
+    helps = re.findall(r"^# HELP (\S+) \S", text, re.MULTILINE)
+    types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, re.MULTILINE))
+    assert len(helps) == len(set(helps)) and set(helps) == set(types)
+    assert {name: types.get("powerfast_" + name) for name in FAMILIES} == FAMILIES
+    assert all(name in FAMILIES or name.endswith("_created") for name in (n.removeprefix("powerfast_") for n in types))
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        assert family.type in ("counter", "gauge", "histogram") and family.documentation, family
+        for sample in family.samples:
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(sample.labels.items()))
+            samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
+        if family.type == "histogram":
+            buckets = [(sample.labels["le"], sample.value) for sample in family.samples
+                       if sample.name == family.name + "_bucket"]
+            counts = [count for _, count in buckets]
+            assert buckets[-1][0] == "+Inf" and counts == sorted(counts)
+            assert counts[-1] == samples[family.name + "_count"]
     return samples
 
 
 def test_render_writes_every_family_in_the_exposition_format():
     from types import SimpleNamespace
 
+    from prometheus_client import REGISTRY
+
     stats = SimpleNamespace(num_waiting=2, num_running=3, kv_blocks_total=100, kv_blocks_used=40, kv_blocks_free=60,
                             kv_blocks_reserved=55, num_steps=7, num_forwards=9, forward_rows=30, last_step_forwards=1,
                             requests_finished={"stop": 4, "length": 1, "abort": 0, "error": 0},
                             requests_rejected={"queue_full": 1, "invalid": 2, "too_large": 0},
                             tokens_by_phase={"prefill": 50, "rollouts": 200}, max_queue=256)
-    metrics = ServingMetrics()
+    metrics = ServingMetrics(engine_stats=lambda: stats)
     for request_id, ttft, latency in [("a", 0.02, 0.3), ("b", 3.0, 40.0)]:
         running = SimpleNamespace(request_id=request_id, arrival_time=10.0, first_token_time=10.0 + ttft,
                                   finish_time=None, finished=False)
@@ -516,16 +549,31 @@ def test_render_writes_every_family_in_the_exposition_format():
         metrics.observe(running)  # the first token is observed once per request
         metrics.observe(SimpleNamespace(**{**vars(running), "finished": True, "finish_time": 10.0 + latency}))
     metrics.response(200)
-    samples = check_exposition(render(stats, metrics))
+    samples = check_exposition(render(metrics))
     assert samples['powerfast_requests_finished_total{reason="stop"}'] == 4
+    assert samples['powerfast_requests_rejected_total{reason="invalid"}'] == 2
     assert samples['powerfast_tokens_total{phase="rollouts"}'] == 200
     assert samples['powerfast_kv_blocks{state="reserved"}'] == 55
-    assert samples["powerfast_queue_depth"] == 2
+    assert samples["powerfast_kv_blocks_total"] == 100
+    assert samples["powerfast_queue_depth"] == 2 and samples["powerfast_queue_capacity"] == 256
+    assert samples["powerfast_forward_rows_total"] == 30
     assert samples["powerfast_time_to_first_token_seconds_count"] == 2
     assert samples['powerfast_time_to_first_token_seconds_bucket{le="0.025"}'] == 1
-    assert samples['powerfast_request_latency_seconds_bucket{le="30"}'] == 1
+    assert samples['powerfast_request_latency_seconds_bucket{le="30.0"}'] == 1
     assert samples["powerfast_request_latency_seconds_sum"] == pytest.approx(40.3)
     assert samples['powerfast_http_responses_total{code="200"}'] == 1
+
+    # the engine's families are read at scrape time, and nothing goes to the global registry
+    stats.num_waiting, stats.requests_finished = 5, {**stats.requests_finished, "stop": 6}
+    metrics.response(200)
+    samples = check_exposition(render(metrics))
+    assert samples["powerfast_queue_depth"] == 5 and samples['powerfast_requests_finished_total{reason="stop"}'] == 6
+    assert samples['powerfast_http_responses_total{code="200"}'] == 2
+    assert all(not sample.name.startswith("powerfast_") for family in REGISTRY.collect() for sample in family.samples)
+    # another engine replaces the first; a server without one has its own families only
+    metrics.watch(lambda: SimpleNamespace(**{**vars(stats), "num_running": 9}))
+    assert check_exposition(render(metrics))["powerfast_requests_running"] == 9
+    assert "powerfast_requests_running" not in render(ServingMetrics())
 
 
 # ------------------------------------------------------------------------------ the command

@@ -1,21 +1,40 @@
-"""Prometheus metrics of the server, in the text exposition format 0.0.4, written by hand.
+"""Prometheus metrics of the server, exposed with ``prometheus_client``.
 
-:class:`ServingMetrics` observes the :class:`powerfast.serving.request.RequestOutput` stream of
-every request the server answers (time to first token, latency) and counts the HTTP
-responses by status; :func:`render` turns an :class:`powerfast.serving.engine.EngineStats`
-(requests by state, tokens by phase, KV blocks, queue depth) plus those observations into
-the text a Prometheus server scrapes from ``GET /metrics``. Pure Python: no client library.
+:class:`ServingMetrics` holds a private :class:`prometheus_client.CollectorRegistry` (never
+the library's global one: several servers and engines may live in one process) with
+
+- the engine's gauges and counters (requests by state, tokens by phase, KV blocks, queue
+  depth, steps, forwards): an :class:`EngineCollector` builds them at every scrape from one
+  :class:`powerfast.serving.engine.EngineStats` snapshot, so no engine state is copied;
+- what the server observes itself: the time to first token and the latency of each request
+  (histograms, in seconds, from its :class:`powerfast.serving.request.RequestOutput`
+  stream) and the HTTP responses of the API endpoints by status code (a counter).
+
+:func:`render` writes the registry in the Prometheus text format (0.0.4) that a Prometheus
+server scrapes from ``GET /metrics``; :data:`CONTENT_TYPE` is its media type. Besides these
+families, the library writes a ``<name>_created`` gauge (Unix time) for each of the
+server's counters and histograms.
 """
 
 from __future__ import annotations
 
-import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["CONTENT_TYPE", "Histogram", "ServingMetrics", "render"]
+from prometheus_client import CollectorRegistry, Counter, Histogram, exposition, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+if TYPE_CHECKING:
+    from powerfast.serving.engine import EngineStats
+
+__all__ = ["CONTENT_TYPE", "EngineCollector", "ServingMetrics", "render"]
+
+#: The media type of what :func:`render` writes: ``text/plain; version=0.0.4; charset=utf-8``,
+#: the type prometheus_client's own handlers send with it. (From prometheus_client 0.23 on,
+#: ``CONTENT_TYPE_LATEST`` names format 1.0.0, which the library sends only to a scraper that
+#: asks for it; before 0.23 it is the 0.0.4 type.)
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 
 #: Bucket upper bounds in seconds: from a few ms (a tiny model on a GPU) to minutes (power
 #: sampling of long completions on a CPU).
@@ -25,79 +44,55 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 PREFIX = "powerfast_"
 
 
-def _number(value: float) -> str:
-    """A sample value as the format spells it (``+Inf``, ``NaN``, integers without ``.0``)."""
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value.is_integer() and abs(value) < 1e15:
-        return str(int(value))
-    return repr(value)
+def _labelled(family: Metric, samples: Iterable[tuple[str, float]]) -> Metric:
+    """``family`` (with one label) given one sample per (label value, value)."""
+    for label, value in samples:
+        family.add_metric([str(label)], value)
+    return family
 
 
-def _label_value(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class EngineCollector:
+    """A prometheus_client collector of the engine's gauges and counters.
 
-
-def _labels(labels: dict[str, str] | None) -> str:
-    if not labels:
-        return ""
-    return "{" + ",".join(f'{key}="{_label_value(value)}"' for key, value in labels.items()) + "}"
-
-
-def _family(name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, str] | None, float]]) -> list[str]:
-    """The lines of one metric family: HELP, TYPE, then one line per (labels, value)."""
-    full = PREFIX + name
-    lines = [f"# HELP {full} {help_text}", f"# TYPE {full} {kind}"]
-    lines += [f"{full}{_labels(labels)} {_number(value)}" for labels, value in samples]
-    return lines
-
-
-class Histogram:
-    """Cumulative-bucket histogram of observations (seconds).
-
-    bounds: the buckets' upper bounds, increasing; ``+Inf`` is added when rendered.
+    stats: a callable returning the engine's current :class:`EngineStats` (``engine.stats``);
+    :meth:`collect` calls it once per scrape and builds every family from that snapshot.
     """
 
-    def __init__(self, bounds: Sequence[float]) -> None:
-        bounds = tuple(float(b) for b in bounds)
-        if not bounds or any(b <= a for a, b in zip(bounds, bounds[1:])):
-            raise ValueError(f"histogram bounds must be a non-empty increasing sequence, got {bounds}")
-        self.bounds = bounds
-        self.counts = [0] * len(bounds)  # per bucket, not cumulative
-        self.count = 0
-        self.sum = 0.0
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.stats = stats
 
-    def observe(self, value: float) -> None:
-        if not math.isfinite(value):
-            raise ValueError(f"a histogram observation must be finite, got {value}")
-        self.count += 1
-        self.sum += value
-        for index, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[index] += 1
-                break
-
-    def lines(self, name: str, help_text: str) -> list[str]:
-        full = PREFIX + name
-        lines = [f"# HELP {full} {help_text}", f"# TYPE {full} histogram"]
-        running = 0
-        for bound, count in zip(self.bounds, self.counts):
-            running += count
-            lines.append(f'{full}_bucket{{le="{_number(bound)}"}} {running}')
-        lines.append(f'{full}_bucket{{le="+Inf"}} {self.count}')
-        lines.append(f"{full}_sum {_number(self.sum)}")
-        lines.append(f"{full}_count {self.count}")
-        return lines
+    def collect(self) -> Iterator[Metric]:
+        stats = self.stats()
+        yield GaugeMetricFamily(PREFIX + "requests_waiting", "Requests in the waiting queue.", value=stats.num_waiting)
+        yield GaugeMetricFamily(PREFIX + "requests_running", "Requests admitted and running.", value=stats.num_running)
+        yield _labelled(CounterMetricFamily(PREFIX + "requests_finished_total", "Requests finished, by finish reason.",
+                                            labels=["reason"]), sorted(stats.requests_finished.items()))
+        yield _labelled(CounterMetricFamily(PREFIX + "requests_rejected_total",
+                                            "Requests refused at admission, by reason.", labels=["reason"]),
+                        sorted(stats.requests_rejected.items()))
+        yield _labelled(CounterMetricFamily(PREFIX + "tokens_total",
+                                            "Tokens by phase of the requests that ended (prefill: prompt tokens).",
+                                            labels=["phase"]), sorted(stats.tokens_by_phase.items()))
+        yield _labelled(GaugeMetricFamily(PREFIX + "kv_blocks", "KV cache blocks by state.", labels=["state"]),
+                        [("used", stats.kv_blocks_used), ("free", stats.kv_blocks_free),
+                         ("reserved", stats.kv_blocks_reserved)])
+        yield GaugeMetricFamily(PREFIX + "kv_blocks_total", "KV cache blocks in the pool.", value=stats.kv_blocks_total)
+        yield GaugeMetricFamily(PREFIX + "queue_depth", "Requests waiting for admission.", value=stats.num_waiting)
+        yield GaugeMetricFamily(PREFIX + "queue_capacity", "Most requests the waiting queue holds.",
+                                value=stats.max_queue)
+        yield CounterMetricFamily(PREFIX + "engine_steps_total", "Scheduling steps run.", value=stats.num_steps)
+        yield CounterMetricFamily(PREFIX + "forwards_total", "Model forwards run.", value=stats.num_forwards)
+        yield CounterMetricFamily(PREFIX + "forward_rows_total", "Rows over all model forwards.",
+                                  value=stats.forward_rows)
 
 
 class ServingMetrics:
-    """What the server observes beyond the engine's own counters.
+    """The metrics of one server, in a :class:`CollectorRegistry` of their own (``registry``).
+
+    ttft_buckets, latency_buckets: the histograms' bucket upper bounds in seconds, increasing
+        (``+Inf`` is added).
+    engine_stats: a callable returning the engine's :class:`EngineStats` (``engine.stats``),
+        read at every scrape; or None, and :meth:`watch` later (``build_app`` does).
 
     ``observe(output)`` for every :class:`RequestOutput` a response is built from: the time to
     first token is recorded at a request's first output with tokens, the latency at its
@@ -105,13 +100,32 @@ class ServingMetrics:
     each HTTP response of the API endpoints by status code. Safe to call from any thread.
     """
 
-    def __init__(self, ttft_buckets: Sequence[float] = TTFT_BUCKETS,
-                 latency_buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
-        self.time_to_first_token = Histogram(ttft_buckets)
-        self.request_latency = Histogram(latency_buckets)
-        self.responses: dict[int, int] = {}
+    def __init__(self, ttft_buckets: Sequence[float] = TTFT_BUCKETS, latency_buckets: Sequence[float] = LATENCY_BUCKETS,
+                 *, engine_stats: Callable[[], EngineStats] | None = None) -> None:
+        self.registry = CollectorRegistry()
+        self.http_responses = Counter(PREFIX + "http_responses_total",
+                                      "HTTP responses of the API endpoints by status code.", ["code"],
+                                      registry=self.registry)
+        self.time_to_first_token = Histogram(PREFIX + "time_to_first_token_seconds",
+                                             "Seconds from a request's arrival to its first final token.",
+                                             buckets=ttft_buckets, registry=self.registry)
+        self.request_latency = Histogram(PREFIX + "request_latency_seconds",
+                                         "Seconds from a request's arrival to its end (requests run to the end).",
+                                         buckets=latency_buckets, registry=self.registry)
+        self._engine: EngineCollector | None = None
         self._first_token_seen: set[str] = set()
         self._lock = threading.Lock()
+        if engine_stats is not None:
+            self.watch(engine_stats)
+
+    def watch(self, engine_stats: Callable[[], EngineStats]) -> None:
+        """Expose the engine's gauges and counters from ``engine_stats()``, called at every
+        scrape, in place of those of the engine watched before (if any)."""
+        with self._lock:
+            if self._engine is not None:
+                self.registry.unregister(self._engine)
+            self._engine = EngineCollector(engine_stats)
+            self.registry.register(self._engine)
 
     def observe(self, output) -> None:
         with self._lock:
@@ -130,40 +144,10 @@ class ServingMetrics:
             self._first_token_seen.discard(request_id)
 
     def response(self, status: int) -> None:
-        with self._lock:
-            self.responses[int(status)] = self.responses.get(int(status), 0) + 1
-
-    def lines(self) -> list[str]:
-        with self._lock:
-            lines = _family("http_responses_total", "counter", "HTTP responses of the API endpoints by status code.",
-                            [({"code": str(code)}, count) for code, count in sorted(self.responses.items())])
-            lines += self.time_to_first_token.lines(
-                "time_to_first_token_seconds", "Seconds from a request's arrival to its first final token.")
-            lines += self.request_latency.lines(
-                "request_latency_seconds", "Seconds from a request's arrival to its end (requests run to the end).")
-        return lines
+        self.http_responses.labels(code=str(int(status))).inc()
 
 
-def render(stats, metrics: ServingMetrics | None = None) -> str:
-    """The exposition text of an :class:`EngineStats` and, when given, a :class:`ServingMetrics`."""
-    lines: list[str] = []
-    lines += _family("requests_waiting", "gauge", "Requests in the waiting queue.", [(None, stats.num_waiting)])
-    lines += _family("requests_running", "gauge", "Requests admitted and running.", [(None, stats.num_running)])
-    lines += _family("requests_finished_total", "counter", "Requests finished, by finish reason.",
-                     [({"reason": reason}, count) for reason, count in sorted(stats.requests_finished.items())])
-    lines += _family("requests_rejected_total", "counter", "Requests refused at admission, by reason.",
-                     [({"reason": reason}, count) for reason, count in sorted(stats.requests_rejected.items())])
-    lines += _family("tokens_total", "counter", "Tokens by phase of the requests that ended (prefill: prompt tokens).",
-                     [({"phase": phase}, count) for phase, count in sorted(stats.tokens_by_phase.items())])
-    lines += _family("kv_blocks", "gauge", "KV cache blocks by state.",
-                     [({"state": "used"}, stats.kv_blocks_used), ({"state": "free"}, stats.kv_blocks_free),
-                      ({"state": "reserved"}, stats.kv_blocks_reserved)])
-    lines += _family("kv_blocks_total", "gauge", "KV cache blocks in the pool.", [(None, stats.kv_blocks_total)])
-    lines += _family("queue_depth", "gauge", "Requests waiting for admission.", [(None, stats.num_waiting)])
-    lines += _family("queue_capacity", "gauge", "Most requests the waiting queue holds.", [(None, stats.max_queue)])
-    lines += _family("engine_steps_total", "counter", "Scheduling steps run.", [(None, stats.num_steps)])
-    lines += _family("forwards_total", "counter", "Model forwards run.", [(None, stats.num_forwards)])
-    lines += _family("forward_rows_total", "counter", "Rows over all model forwards.", [(None, stats.forward_rows)])
-    if metrics is not None:
-        lines += metrics.lines()
-    return "\n".join(lines) + "\n"
+def render(metrics: ServingMetrics) -> str:
+    """The exposition text of ``metrics``' registry (Prometheus text format 0.0.4): the
+    server's counter and histograms, then the engine's families when it watches one."""
+    return generate_latest(metrics.registry).decode("utf-8")

@@ -9,7 +9,7 @@ requests with seeds ``seed, seed + 1, ...``), and answered from the engine's
     POST /v1/chat/completions   messages: [{"role": ..., "content": ...}, ...]
     GET  /v1/models             the one served model
     GET  /health                no authentication
-    GET  /metrics               Prometheus text format (powerfast.serving.metrics)
+    GET  /metrics               Prometheus text format, by prometheus_client (powerfast.serving.metrics)
 
 The power-sampling settings are extra body fields with the names of
 :class:`SamplingParams` (``method``, ``alpha``, ``block_size``, ...). Errors have OpenAI's
@@ -370,10 +370,12 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
     """The FastAPI app serving ``engine`` as ``model_name``.
 
     api_key: when set, every endpoint but ``/health`` needs ``Authorization: Bearer KEY``.
-    metrics: the :class:`ServingMetrics` to fill (a fresh one by default).
+    metrics: the :class:`ServingMetrics` to fill (a fresh one by default); it is set to watch
+             ``engine``'s stats (in place of an engine it watched before).
     The engine's loop starts with the app and is shut down with it (aborting what runs).
     """
     metrics = ServingMetrics() if metrics is None else metrics
+    metrics.watch(engine.stats)
     created = int(time.time())
 
     @asynccontextmanager
@@ -420,7 +422,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/metrics", dependencies=authorized)
     async def prometheus():
-        return Response(render(engine.stats(), metrics), media_type=CONTENT_TYPE)
+        return Response(render(metrics), media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions", dependencies=authorized)
     async def completions(request: Request):
