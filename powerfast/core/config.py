@@ -228,7 +228,7 @@ class PowerConfig:
                                f"reuse_rollouts needs horizon >= block_size (the rollouts become the next candidates), "
                                f"got horizon {self.horizon} < block_size {self.block_size}")
         if self.jackknife and self.num_rollouts < 2:
-            raise SettingError("num_rollouts", f"the jackknife needs num_rollouts >= 2, got {self.num_rollouts} "
+            raise SettingError("jackknife", f"the jackknife needs num_rollouts >= 2, got {self.num_rollouts} "
                                                f"(or set jackknife=False)")
         if self.block_size > 1 and self.top_k > self.num_candidates:
             raise SettingError("top_k", f"top_k ({self.top_k}) cannot exceed num_candidates "

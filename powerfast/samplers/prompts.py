@@ -77,12 +77,12 @@ def check_fits(ids: list[int], context_length: int | None, max_new_tokens: int |
     """PromptError unless the prompt and the budget fit the model's context."""
     if context_length is None:
         return
-    if len(ids) >= context_length:
-        raise PromptError("prompt", f"{name} has {len(ids)} tokens; the model's context is {context_length} positions")
     need = len(ids) + (max_new_tokens or 0)
     if need > context_length:
-        raise PromptError("max_tokens", f"{name} has {len(ids)} tokens; with {budget_name}={max_new_tokens} that is "
-                                        f"{need}, more than the model's context of {context_length} positions")
+        # the prompt alone is the problem, or only the budget makes it too long
+        field = "prompt" if len(ids) >= context_length else "max_tokens"
+        raise PromptError(field, f"{name} has {len(ids)} tokens; with {budget_name}={max_new_tokens} that is "
+                                 f"{need}, more than the model's context of {context_length} positions")
 
 
 def encode_prompts(prompts, tokenizer=None, chat_template: bool = True, context_length: int | None = None,
