@@ -58,6 +58,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -205,7 +206,7 @@ def time_concurrent(runner, tokenizer, label: str, concurrency: int, params: Sam
 
 
 def asdict_params(params: SamplingParams) -> dict:
-    return {name: getattr(params, name) for name in SamplingParams.FIELDS}
+    return {field.name: getattr(params, field.name) for field in dataclasses.fields(params)}
 
 
 def measure_step_times(runner, tokenizer, settings: Settings, log) -> list[StepTiming]:
@@ -283,8 +284,11 @@ def time_long_request(runner, tokenizer, settings: Settings) -> LongRequestTimin
             first.append(step_seconds)
         elif tokens_after > tokens - eighth:
             last.append(step_seconds)
-    decode_first = time_call(lambda: tokenizer.decode(final_ids[:eighth], skip_special_tokens=True), 0.2)
-    decode_all = time_call(lambda: tokenizer.decode(final_ids, skip_special_tokens=True), 0.2)
+    if tokenizer is None:  # no text: what is left is the runtime's (attention over a growing context)
+        decode_first = decode_all = 0.0
+    else:
+        decode_first = time_call(lambda: tokenizer.decode(final_ids[:eighth], skip_special_tokens=True), 0.2)
+        decode_all = time_call(lambda: tokenizer.decode(final_ids, skip_special_tokens=True), 0.2)
     return LongRequestTiming(tokens, eighth, len(first), len(last), statistics.fmean(first) * 1e3,
                              statistics.fmean(last) * 1e3, statistics.median(first) * 1e3,
                              statistics.median(last) * 1e3, decode_first * 1e3, decode_all * 1e3)
@@ -599,6 +603,7 @@ def main(argv=None) -> int:
     timings = measure_step_times(runner, tokenizer, settings, log)
     long_request = time_long_request(runner, tokenizer, settings)
     log(f"long request: {long_request.first_eighth_ms:.3f} -> {long_request.last_eighth_ms:.3f} ms/step")
+    long_untexted = time_long_request(runner, None, settings)
     sampling = measure_sampling_op(settings, log)
     reads = measure_reads(runner, tokenizer, settings, log)
 
@@ -611,6 +616,8 @@ def main(argv=None) -> int:
           f"prompts of {PROMPT_LENGTH} tokens\n")
     print(step_time_table(timings) + "\n")
     print(f"## One long request: first vs last eighth\n\n{long_request_table(long_request)}\n")
+    print(f"The same request on an engine without a tokenizer (no text at all: the runtime's own growth, "
+          f"attention over a longer context):\n\n{long_request_table(long_untexted)}\n")
     print(f"## The sampling op alone (sample_step, temperature 1), median per call\n\n"
           f"{sampling_table(sampling, timings)}\n")
     print(f"## Device-to-host reads per generated token ({settings.read_count_requests} requests of "
@@ -626,6 +633,7 @@ def main(argv=None) -> int:
             "settings": asdict(settings),
             "step_times": [{**asdict(t), "us_per_request": t.us_per_request} for t in timings],
             "long_request": {**asdict(long_request), "ratio": long_request.ratio},
+            "long_request_without_text": {**asdict(long_untexted), "ratio": long_untexted.ratio},
             "sampling_op_ms": {str(v): {str(n): ms for n, ms in by_rows.items()} for v, by_rows in sampling.items()},
             "reads": [{**asdict(c), "reads_per_token": c.reads_per_token, "gpu_reads_per_token": c.gpu_reads_per_token}
                       for c in reads],
