@@ -3,7 +3,8 @@
 transformers (>= 5.25) imports Hugging Face's ``kernels`` package as soon as many model modules
 load. Whenever the repository root is on ``sys.path`` (``python -m ...`` run there, a shell
 opened in the checkout, a worker started there), a plain ``import kernels`` used to find this
-repository's ``kernels/__init__.py`` and every model import failed. These tests run Python
+repository's ``kernels/__init__.py`` and every model import failed. The folder is now no
+regular package (``powerfast/kernels`` links to it). These tests run Python
 from the repository root, as a user would, in fresh processes.
 """
 
@@ -64,23 +65,28 @@ def test_import_kernels_first_then_ours():
     assert same == "True"
 
 
-def test_import_kernels_without_hugging_face_package_names_our_folder():
-    # with only the repository on the path, the name is not ours to give: a clear ModuleNotFoundError
+def test_kernels_folder_is_no_regular_package_and_runs_nothing_as_kernels():
+    # find_spec from the root sees at most a namespace portion (no file of ours to run), and
+    # with only the repository on the path `import kernels` executes none of our code
+    result = run_in_root("import importlib.util as u; s = u.find_spec('kernels'); print(s.origin)")
+    assert result.returncode == 0, result.stderr
+    assert not inside_repository(result.stdout.strip().splitlines()[-1] or "/nowhere")
+    assert not (ROOT / "kernels" / "__init__.py").exists()
     code = (
         "import sys\n"
         f"sys.path[:] = [{str(ROOT)!r}] + [p for p in sys.path if 'site-packages' not in p and p not in ('', '.')]\n"
-        "try:\n"
-        "    import kernels\n"
-        "except ModuleNotFoundError as error:\n"
-        "    print('MNF', error.name, error)\n"
-        "else:\n"
-        "    print('IMPORTED', kernels.__file__)\n"
+        "import kernels\n"
+        "print(kernels.__file__, sorted(m for m in sys.modules if m.startswith('kernels.')))\n"
     )
     result = run_in_root(code, "-S")
     assert result.returncode == 0, result.stderr
-    out = result.stdout.strip()
-    assert out.startswith("MNF kernels"), out
-    assert "powerfast.kernels" in out
+    assert result.stdout.strip() == "None []"
+
+
+def test_powerfast_kernels_is_the_folder_through_a_relative_link():
+    link = ROOT / "powerfast" / "kernels"
+    assert link.is_symlink() and not Path(os.readlink(link)).is_absolute()
+    assert link.resolve() == (ROOT / "kernels").resolve()
 
 
 def test_cli_module_runs_in_repository_root():
