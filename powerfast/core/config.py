@@ -330,11 +330,6 @@ def method_config(method: str, *, preset: str = "paper", **settings):
     return SamplingConfig(**used)  # best-of-n
 
 
-def config_settings(config) -> dict[str, Any]:
-    """The settings a config holds, by name (the inverse of :func:`method_config`)."""
-    return {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
-
-
 # ---------------------------------------------------------------------- command line
 
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 import dataclasses
 
 from powerfast.core.config import (
-    METHOD_SETTINGS,
     METHODS,
     SETTINGS,
     SettingError,
-    config_settings,
     method_config,
     preset_defaults,
     setting_fields,
@@ -88,12 +86,6 @@ class _Request:
         if self.method == "best-of-n":
             return self.num_samples, "num_samples"
         return 1, "method"
-
-    @classmethod
-    def from_config(cls, method: str, config, **request) -> "SamplingParams":
-        """The params of ``method`` run with ``config`` (its settings), plus request fields."""
-        return cls(method=method, **request, **{k: v for k, v in config_settings(config).items()
-                                                  if k in METHOD_SETTINGS[method]})
 
 
 def _fields() -> list[tuple]:
