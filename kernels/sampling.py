@@ -60,6 +60,8 @@ def _sample_logprob_kernel(
     offsets_ptr,  # (N,) int64 / int32 per-row RNG counter, read when HAS_OFFSETS
     active_ptr,  # (N,) bool, read when HAS_ACTIVE, written when HAS_ACTIVE and HAS_EOS
     logliks_ptr,  # (N,) fp32, updated when HAS_LOGLIKS
+    temperatures_ptr,  # (N,) fp64 per-row temperature (0: greedy), read when ROW_PARAMS
+    eos_ids_ptr,  # (N,) int64 per-row EOS id (-1: none), read when ROW_PARAMS
     # scalars
     inv_temperature,
     seed,  # int64
@@ -75,10 +77,25 @@ def _sample_logprob_kernel(
     HAS_ACTIVE: tl.constexpr,
     HAS_EOS: tl.constexpr,
     HAS_LOGLIKS: tl.constexpr,
+    ROW_PARAMS: tl.constexpr,
     BLOCK_V: tl.constexpr,
     PHILOX_ROUNDS: tl.constexpr,
 ):
+    # ROW_PARAMS: temperature and EOS id per row (the engine's one launch for the rows of
+    # many requests); it needs SAMPLE and TEMPERED. A row of temperature 0 takes the argmax
+    # (the first on ties) and is scored at temperature 1, as greedy decoding is; a row of
+    # temperature 1 computes its tempered sums with the factor 1.0, which gives the base
+    # sums exactly, so each row gets the token and log-probs of a launch of its own.
     row = tl.program_id(0).to(tl.int64)
+    if ROW_PARAMS:
+        row_temperature = tl.load(temperatures_ptr + row)
+        greedy = row_temperature == 0
+        # 1/T in float64, then rounded once to float32: what the scalar launch receives
+        inv_t = tl.where(greedy, 1.0, 1.0 / tl.where(greedy, 1.0, row_temperature)).to(tl.float32)
+        row_eos = tl.load(eos_ids_ptr + row).to(tl.int64)
+        row_has_eos = row_eos >= 0
+    else:
+        inv_t = inv_temperature
     row_logits_ptr = logits_ptr + row * stride_logits_row
     if HAS_ACTIVE:
         is_active = tl.load(active_ptr + row) != 0
@@ -103,19 +120,24 @@ def _sample_logprob_kernel(
     tempered_sum = tl.zeros([], dtype=tl.float32)
     weight_seen = tl.zeros([], dtype=tl.float32)
     choice = tl.zeros([], dtype=tl.int64)
+    best = tl.zeros([], dtype=tl.int64)  # the argmax so far (ROW_PARAMS' greedy rows)
     chunk_index = tl.zeros([], dtype=tl.uint32)
     for start in range(0, num_cols, BLOCK_V):
         idx = start + cols
         x = tl.load(row_logits_ptr + idx, mask=idx < vocab_size, other=-float("inf")).to(tl.float32)
-        new_max = tl.maximum(running_max, tl.max(x, axis=0))
+        chunk_max = tl.max(x, axis=0)
+        if ROW_PARAMS:
+            # strictly greater: an equal maximum in a later chunk keeps the first one
+            best = tl.where(chunk_max > running_max, (start + tl.argmax(x, axis=0)).to(tl.int64), best)
+        new_max = tl.maximum(running_max, chunk_max)
         shift = tl.where(new_max == -float("inf"), 0.0, new_max)
         base_weights = tl.exp(x - shift)
         base_rescale = tl.exp(running_max - shift)
         base_chunk_weight = tl.sum(base_weights, axis=0)
         base_sum = base_sum * base_rescale + base_chunk_weight
         if TEMPERED:
-            weights = tl.exp((x - shift) * inv_temperature)
-            rescale = tl.exp((running_max - shift) * inv_temperature)
+            weights = tl.exp((x - shift) * inv_t)
+            rescale = tl.exp((running_max - shift) * inv_t)
             chunk_weight = tl.sum(weights, axis=0)
             tempered_sum = tempered_sum * rescale + chunk_weight
         else:
@@ -162,6 +184,8 @@ def _sample_logprob_kernel(
 
     if SAMPLE:
         token = choice
+        if ROW_PARAMS:
+            token = tl.where(greedy, best, choice)
     else:
         token = tl.load(tokens_in_ptr + row).to(tl.int64)
     in_range = (token >= 0) & (token < vocab_size)
@@ -169,12 +193,14 @@ def _sample_logprob_kernel(
     base_logprob = tl.where(is_active, token_logit - (running_max + tl.log(base_sum)), 0.0)
     tl.store(base_logprobs_ptr + row, base_logprob)
     if TEMPERED:
-        tempered_lse = running_max * inv_temperature + tl.log(tempered_sum)
-        tempered_logprob = tl.where(is_active, token_logit * inv_temperature - tempered_lse, 0.0)
+        tempered_lse = running_max * inv_t + tl.log(tempered_sum)
+        tempered_logprob = tl.where(is_active, token_logit * inv_t - tempered_lse, 0.0)
         tl.store(tempered_logprobs_ptr + row, tempered_logprob)
-        log_power_sum = tl.log(tempered_sum) - inv_temperature * tl.log(base_sum)
+        log_power_sum = tl.log(tempered_sum) - inv_t * tl.log(base_sum)
         tl.store(log_power_sums_ptr + row, tl.where(is_active, log_power_sum, 0.0))
-    if HAS_EOS:
+    if ROW_PARAMS:
+        idle_token = tl.where(row_has_eos, row_eos, 0)
+    elif HAS_EOS:
         idle_token = tl.zeros([], dtype=tl.int64) + eos_token_id
     else:
         idle_token = tl.zeros([], dtype=tl.int64)
@@ -184,7 +210,9 @@ def _sample_logprob_kernel(
         loglik = tl.load(logliks_ptr + row, mask=is_active, other=0.0)
         tl.store(logliks_ptr + row, loglik + base_logprob, mask=is_active)
     if HAS_ACTIVE:
-        if HAS_EOS:
+        if ROW_PARAMS:
+            tl.store(active_ptr + row, is_active & ~(row_has_eos & (token == row_eos)))
+        elif HAS_EOS:
             tl.store(active_ptr + row, is_active & (token != eos_token_id))
 
 
@@ -199,7 +227,10 @@ def _launch(
     logliks: Optional[torch.Tensor],
     block_v: Optional[int],
     num_warps: Optional[int],
+    temperatures: Optional[torch.Tensor] = None,
+    eos_ids: Optional[torch.Tensor] = None,
 ):
+    row_params = temperatures is not None
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     # the kernel reads tokens[row] / offsets[row] at unit stride (e.g. a column slice
@@ -210,7 +241,7 @@ def _launch(
         offsets = offsets.contiguous()
     num_rows, vocab_size = logits.shape
     device = logits.device
-    tempered = temperature != 1.0
+    tempered = row_params or temperature != 1.0
     tokens_out = torch.empty(num_rows, dtype=torch.int64, device=device)
     base_logprobs = torch.empty(num_rows, dtype=torch.float32, device=device)
     tempered_logprobs = torch.empty(num_rows, dtype=torch.float32, device=device) if tempered else None
@@ -230,8 +261,10 @@ def _launch(
         offsets if offsets is not None else tokens_out,
         active if active is not None else dummy,
         logliks if logliks is not None else dummy,
+        temperatures.contiguous() if row_params else dummy,
+        eos_ids.contiguous() if row_params else tokens_out,
         # scalars
-        1.0 / temperature,
+        1.0 if row_params else 1.0 / temperature,
         seed,
         eos_token_id if eos_token_id is not None else 0,
         # shapes
@@ -245,6 +278,7 @@ def _launch(
         HAS_ACTIVE=active is not None,
         HAS_EOS=eos_token_id is not None,
         HAS_LOGLIKS=logliks is not None,
+        ROW_PARAMS=row_params,
         BLOCK_V=block_v,
         PHILOX_ROUNDS=10,
         num_warps=num_warps or (8 if block_v >= 2048 else 4),
@@ -289,3 +323,25 @@ def score_logprob(
 ):
     """Teacher forcing: :func:`sample_logprob` with given tokens (N,) int64 / int32."""
     return _launch(logits, tokens, temperature, 0, None, active, eos_token_id, logliks, block_v, num_warps)
+
+
+def sample_logprob_rows(
+    logits: torch.Tensor,
+    *,
+    offsets: torch.Tensor,
+    temperatures: torch.Tensor,
+    eos_ids: torch.Tensor,
+    active: torch.Tensor,
+    logliks: torch.Tensor,
+    block_v: Optional[int] = None,
+    num_warps: Optional[int] = None,
+):
+    """:func:`sample_logprob` with a temperature and an EOS id per row, in one launch
+    (arguments checked by ``powerfast.core.ops.sample_rows``; the Philox key is 0).
+
+    temperatures: (N,) fp64, 0 for greedy rows; eos_ids: (N,) int64, -1 for none.
+    Returns (tokens, base_logprobs, tempered_logprobs, log_power_sums), all (N,) tensors:
+    at temperature 0 or 1 the tempered log-probs equal the base ones and the log power sums are 0.
+    """
+    return _launch(logits, None, 1.0, 0, offsets, active, None, logliks, block_v, num_warps,
+                   temperatures=temperatures, eos_ids=eos_ids)

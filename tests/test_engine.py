@@ -14,7 +14,8 @@ import recorded
 import torch
 
 from powerfast.samplers.factory import make_sampler
-from powerfast.samplers.program import Decode, Prefill, Tokens, drive
+from powerfast.samplers.program import Decode, Prefill, Sample, Tokens, drive
+from powerfast.samplers.sampling import sample_all
 from powerfast.serving.async_engine import AsyncEngine
 from powerfast.serving.engine import Engine
 from powerfast.serving.errors import EngineClosedError, InvalidRequestError, QueueFullError, RequestTooLargeError
@@ -377,7 +378,9 @@ def test_a_program_yields_its_forwards_and_frees_everything_when_closed(model):
     program = sampler.program([[0, 3]], 3, (5,), stream=True)
     first = next(program)
     assert isinstance(first, Prefill) and first.prompts == [[0, 3]]
-    streamed = program.send(sampler.runner.prefill(first.prompts))
+    sample = program.send(sampler.runner.prefill(first.prompts))
+    assert isinstance(sample, Sample) and sample.logits.shape[0] == 1 and sample.counter == 0
+    streamed = program.send(sample_all([sample])[0])
     assert isinstance(streamed, Tokens) and streamed.tokens.shape == (1,) and bool(streamed.live[0])
     decode = program.send(None)
     assert isinstance(decode, Decode) and len(decode.seqs) == 1 and int(decode.tokens[0]) == int(streamed.tokens[0])
@@ -417,3 +420,40 @@ def test_requests_the_engine_ends_still_count_their_tokens(model):
     engine.step()
     engine.abort(request)
     assert engine.stats().tokens_by_phase["aborted"] > 0
+
+
+def test_one_sampling_launch_per_forward_for_every_request(model, monkeypatch):
+    """Plain, low-temperature and greedy requests (three temperatures, with and without
+    EOS) share each step's ONE sampling launch: every step that ran a decode forward and
+    no prefill launched the sampling op once, over all the rows of the forward; and each
+    request still gets the tokens it gets alone."""
+    from powerfast.core import ops
+
+    launches = []
+    real = ops.sample_rows
+    monkeypatch.setattr(ops, "sample_rows", lambda logits, **kw: launches.append(logits.shape[0]) or real(logits, **kw))
+    params = [SamplingParams(method="plain", max_tokens=12, seed=SEED + 1, ignore_eos=True),
+              SamplingParams(method="low-temp", max_tokens=12, seed=SEED + 2, ignore_eos=True),
+              SamplingParams(method="greedy", max_tokens=12, seed=SEED + 3),
+              SamplingParams(method="plain", temperature=1.5, max_tokens=12, seed=SEED + 4)]
+    prompts = [[1, 2], [3], [4, 0, 2], [2, 2]]
+    alone = [new_engine(model).run([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
+    launches.clear()
+    engine = new_engine(model)
+    for prompt, sp in zip(prompts, params):
+        engine.add_request(prompt, sp)
+    finals, decode_steps = {}, 0
+    while engine.has_unfinished():
+        before = len(launches)
+        forwards_before = engine.stats().num_forwards
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out.token_ids
+        rows = sum(engine.last_step_rows.values())
+        if engine.last_step_forwards == 1 and rows:  # a decode forward alone
+            decode_steps += 1
+            assert engine.last_step_sample_launches == 1 and len(launches) == before + 1
+            assert launches[-1] == rows
+        assert engine.stats().num_forwards - forwards_before == engine.last_step_forwards
+    assert decode_steps >= 8
+    assert [finals[k] for k in sorted(finals, key=lambda k: int(k.split("-")[1]))] == alone

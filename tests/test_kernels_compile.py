@@ -29,13 +29,13 @@ SCRIPT = textwrap.dedent(
         sig = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
         triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
-    for sample in (True, False):
+    for sample, row_params in ((True, False), (False, False), (True, True)):
         compile_(sampling._sample_logprob_kernel,
                  dict(logits_ptr="*bf16", tokens_in_ptr="*i64", tokens_out_ptr="*i64", base_logprobs_ptr="*fp32",
                       tempered_logprobs_ptr="*fp32", log_power_sums_ptr="*fp32", offsets_ptr="*i64", active_ptr="*i1", logliks_ptr="*fp32",
-                      inv_temperature="fp32", seed="i64", stride_logits_row="i64"),
-                 dict(SAMPLE=sample, TEMPERED=True, HAS_OFFSETS=True, HAS_ACTIVE=True, HAS_EOS=True,
-                      HAS_LOGLIKS=True, BLOCK_V=4096, PHILOX_ROUNDS=10), 8)
+                      temperatures_ptr="*fp64", eos_ids_ptr="*i64", inv_temperature="fp32", seed="i64", stride_logits_row="i64"),
+                 dict(SAMPLE=sample, TEMPERED=True, HAS_OFFSETS=True, HAS_ACTIVE=True, HAS_EOS=not row_params,
+                      HAS_LOGLIKS=True, ROW_PARAMS=row_params, BLOCK_V=4096, PHILOX_ROUNDS=10), 8)
     compile_(topk._topk_logprobs_kernel, dict(logits_ptr="*bf16", token_ids_ptr="*i64", logprobs_ptr="*fp32"),
              dict(K=5, BLOCK_K=8, BLOCK_V=4096), 8)
     for dt, tdt in (("fp32", tl.float32), ("fp64", tl.float64)):

@@ -317,3 +317,78 @@ def test_log_power_sums_inactive_rows_and_temperature_one(device, backend, monke
     got = out.log_power_sums.double().cpu()
     assert (got[~active.cpu()] == 0).all()
     assert ((got - want).abs() <= 1e-4 + 1e-5 * want.abs())[active.cpu()].all()
+
+
+# ------------------------------------------------------------- sample_rows: one launch, many requests
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(14, 37), (14, 5003)], ids=lambda s: f"N{s[0]}-V{s[1]}")
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+def test_sample_rows_give_every_row_what_its_own_launch_gives(device, backend, dtype, shape, monkeypatch):
+    """Rows of mixed temperatures (greedy, 1, 0.7, 1.5, 0.25), EOS ids (none or one) and
+    activity in ONE sample_rows call get, bit for bit, the tokens, log-probs, log power
+    sums, activity and log-likelihoods of the operator called once per (temperature, EOS)
+    group, as each request's decode loop calls it alone."""
+    from powerfast.runtime import custom_ops
+
+    if backend == "torch":
+        if device == "cuda":
+            pytest.skip("the torch reference runs on CPU tensors only")
+        monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    num_rows, vocab = shape
+    logits = _logits(num_rows, vocab, dtype, device)
+    temperature_choices, eos_choices = [0.0, 1.0, 0.7, 1.5, 0.25], [-1, 3, int(torch.randint(0, vocab, ()))]
+    temperatures = [temperature_choices[int(i)] for i in torch.randint(0, 5, (num_rows,))]
+    temperatures[:5] = temperature_choices  # every temperature at least once
+    eos_ids = [eos_choices[int(i)] for i in torch.randint(0, 3, (num_rows,))]
+    offsets = torch.randint(-(2**63), 2**63 - 1, (num_rows,), dtype=torch.int64)
+    active = torch.rand(num_rows) < 0.8
+    logliks = torch.randn(num_rows, dtype=torch.float32)
+    row_active, row_logliks = active.clone().to(device), logliks.clone().to(device)
+    out = ops.sample_rows(logits, offsets=offsets.to(device),
+                          temperatures=torch.tensor(temperatures, dtype=torch.float64, device=device),
+                          eos_token_ids=torch.tensor(eos_ids, device=device), active=row_active, logliks=row_logliks)
+    groups: dict = {}
+    for row, key in enumerate(zip(temperatures, eos_ids)):
+        groups.setdefault(key, []).append(row)
+    for (temperature, eos), rows in groups.items():
+        index = torch.tensor(rows)
+        sub_active, sub_logliks = active[index].to(device), logliks[index].to(device)
+        want = custom_ops.sample_tokens(logits[index.to(device)], offsets[index].to(device), sub_active, sub_logliks,
+                                        temperature, eos)
+        got = (out.tokens, out.base_logprobs, out.tempered_logprobs, out.log_power_sums)
+        for name, expected, actual in zip(("tokens", "base", "tempered", "log power sums"), want, got):
+            assert torch.equal(actual.cpu()[index], expected.cpu()), (name, temperature, eos)
+        assert torch.equal(row_active.cpu()[index], sub_active.cpu()), (temperature, eos)
+        assert torch.equal(row_logliks.cpu()[index], sub_logliks.cpu()), (temperature, eos)
+    assert not row_active.cpu()[~active].any()  # inactive rows stay inactive
+    assert (out.base_logprobs.cpu()[~active] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_rows_greedy_rows_take_the_first_maximum_across_chunks(device):
+    vocab = 9000  # three 4096-wide chunks in the kernel
+    logits = torch.randn(3, vocab).to(device)
+    logits[0, 10] = logits[0, 4100] = 50.0  # a tie across chunks: the first
+    logits[1, 8999] = 60.0  # the last chunk's last entry
+    logits[2, 4096] = 70.0  # the first entry of a chunk
+    out = ops.sample_rows(logits, offsets=torch.arange(3, device=device), temperatures=torch.zeros(3, dtype=torch.float64,
+                          device=device), eos_token_ids=torch.full((3,), -1, device=device),
+                          active=torch.ones(3, dtype=torch.bool, device=device), logliks=torch.zeros(3, device=device))
+    assert out.tokens.cpu().tolist() == [10, 8999, 4096]
+    want = torch.log_softmax(logits.double().cpu(), -1)[torch.arange(3), torch.tensor([10, 8999, 4096])]
+    _assert_close(out.base_logprobs, want)
+    assert torch.equal(out.tempered_logprobs, out.base_logprobs) and (out.log_power_sums == 0).all()
+
+
+def test_sample_rows_refuses_bad_row_tensors_naming_them():
+    logits = torch.randn(4, 10)
+    good = dict(offsets=torch.arange(4), temperatures=torch.ones(4, dtype=torch.float64),
+                eos_token_ids=torch.full((4,), -1), active=torch.ones(4, dtype=torch.bool), logliks=torch.zeros(4))
+    for name, bad in (("temperatures", torch.ones(4)), ("eos_token_ids", torch.full((3,), -1)),
+                      ("offsets", None), ("logliks", torch.zeros(4, dtype=torch.float64))):
+        with pytest.raises(ValueError, match=name):
+            ops.sample_rows(logits, **{**good, name: bad})

@@ -38,6 +38,7 @@ __all__ = [
     "greedy_tokens",
     "power_distribution",
     "power_estimates",
+    "sample_rows",
     "sample_tokens",
     "score_tokens",
     "token_logprobs",
@@ -207,6 +208,37 @@ def _torch_sample_tokens(logits, temperature, seed, offsets, active, eos_token_i
                               _torch_log_power_sums(logits, temperature))
 
 
+def _torch_sample_rows(logits, offsets, temperatures, eos_ids, active, logliks) -> SampleOutput:
+    """Rows grouped by (temperature, EOS id), each group sampled as one call of its own
+    would sample it: the same tokens and log-probs, bit for bit."""
+    num_rows = logits.shape[0]
+    tokens = torch.empty(num_rows, dtype=torch.long)
+    base = torch.empty(num_rows, dtype=torch.float32)
+    tempered = torch.empty(num_rows, dtype=torch.float32)
+    log_power_sums = torch.zeros(num_rows, dtype=torch.float32)
+    groups: dict[tuple[float, int], list[int]] = {}
+    for row, key in enumerate(zip(temperatures.tolist(), eos_ids.tolist())):
+        groups.setdefault(key, []).append(row)
+    for (temperature, eos), rows in groups.items():
+        whole = len(rows) == num_rows
+        index = slice(None) if whole else torch.tensor(rows, dtype=torch.long)
+        sub_active = active if whole else active[index]
+        sub_logliks = logliks if whole else logliks[index]
+        eos = None if eos < 0 else int(eos)
+        if temperature == 0:  # greedy: the argmax, scored at temperature 1
+            chosen = torch.argmax(logits[index], dim=-1)
+            out = _torch_score_tokens(logits[index], chosen, 1.0, sub_active, eos, sub_logliks)
+        else:
+            out = _torch_sample_tokens(logits[index], temperature, 0, offsets[index], sub_active, eos, sub_logliks)
+        tokens[index], base[index] = out.tokens, out.base_logprobs
+        tempered[index] = out.base_logprobs if out.tempered_logprobs is None else out.tempered_logprobs
+        if out.log_power_sums is not None:
+            log_power_sums[index] = out.log_power_sums
+        if not whole:
+            active[index], logliks[index] = sub_active, sub_logliks
+    return SampleOutput(tokens, base, tempered, log_power_sums)
+
+
 def _torch_score_tokens(logits, tokens, temperature, active, eos_token_id, logliks) -> SampleOutput:
     vocab = logits.shape[1]
     tokens = tokens.long()
@@ -290,6 +322,47 @@ def sample_tokens(
             )
         )
     return _torch_sample_tokens(logits, temperature, seed, offsets, active, eos_token_id, logliks)
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    *,
+    offsets: torch.Tensor,
+    temperatures: torch.Tensor,
+    eos_token_ids: torch.Tensor,
+    active: torch.Tensor,
+    logliks: torch.Tensor,
+) -> SampleOutput:
+    """:func:`sample_tokens` with a temperature and an EOS id per row, in one call: what
+    the serving engine launches once per step for the rows of all its requests.
+
+    logits:        (N, V) as in :func:`sample_tokens`
+    offsets:       (N,) int64 per-row counter; the seed is 0 (the offsets carry it)
+    temperatures:  (N,) float64; 0 picks the argmax (the first on ties), scored at temperature 1
+    eos_token_ids: (N,) int64 in [-1, V), -1 for no EOS
+    active, logliks: (N,) bool / float32, updated in place as by :func:`sample_tokens`
+
+    Each row gets exactly the token and log-probs that :func:`sample_tokens` (or, at
+    temperature 0, :func:`greedy_tokens` then :func:`score_tokens`) gives it with the
+    same offset, temperature and EOS id. Returns SampleOutput with every field a (N,)
+    tensor: at temperature 0 or 1 the tempered log-probs equal the base ones and the log
+    power sums are 0. Values inside the tensors are not checked (no host sync).
+    """
+    _check_logits(logits)
+    num_rows = logits.shape[0]
+    _check_sampling_args(logits, offsets, active, logliks, None)
+    for name, tensor, dtypes in (("offsets", offsets, _INT_DTYPES), ("temperatures", temperatures, (torch.float64,)),
+                                 ("eos_token_ids", eos_token_ids, (torch.int64,)), ("active", active, (torch.bool,)),
+                                 ("logliks", logliks, (torch.float32,))):
+        if tensor is None:
+            raise ValueError(f"{name} must be a ({num_rows},) tensor, got None")
+        _check_row_vector(name, tensor, num_rows, dtypes, logits.device)
+    if _use_triton(logits):
+        from powerfast.kernels.sampling import sample_logprob_rows
+
+        return SampleOutput(*sample_logprob_rows(logits, offsets=offsets, temperatures=temperatures,
+                                                 eos_ids=eos_token_ids, active=active, logliks=logliks))
+    return _torch_sample_rows(logits, offsets, temperatures, eos_token_ids, active, logliks)
 
 
 def score_tokens(

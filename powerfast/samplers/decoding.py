@@ -16,6 +16,7 @@ from powerfast.core import ops
 from powerfast.runtime import custom_ops as library
 from powerfast.runtime.lm import stop_token_ids
 from powerfast.samplers.program import Decode, Tokens, drive
+from powerfast.samplers.sampling import SEED_MIX, Sample
 
 
 def check_no_nan(values: torch.Tensor, where: str) -> None:
@@ -98,9 +99,6 @@ class Continuations(NamedTuple):
     active: torch.Tensor | None = None
 
 
-_SEED_MIX = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (wrapping multiply)
-
-
 def sample_step(
     logits: torch.Tensor,
     seed: torch.Tensor,
@@ -128,7 +126,7 @@ def sample_step(
     are 0 at temperature 0 or 1).
     """
     rows = logits.shape[0]
-    offsets = seed * _SEED_MIX + counter * rows + torch.arange(rows, device=logits.device)
+    offsets = seed * SEED_MIX + counter * rows + torch.arange(rows, device=logits.device)
     eos = -1 if eos_token_id is None else int(eos_token_id)
     tokens, base, tempered, log_power_sums = library.sample_tokens(
         logits, offsets, active, logliks, float(temperature), eos
@@ -157,20 +155,24 @@ def continuations_program(
     step program (it yields its decodes, see :mod:`powerfast.samplers.program`; with ``stream``
     also each step's tokens as ``Tokens``); :func:`sample_continuations` runs it on a runner.
 
-    first_logits: (N, V) logits of the next token of each sequence. Every step samples
-    all rows with :func:`sample_step` (a row that sampled EOS keeps being fed EOS, its
-    statistics frozen), then decodes the batch (a Decode yield) so the sequences hold
-    the new tokens' KV. The seed and the step counter are device tensors (one seed drawn
-    from ``seeds`` per call): no host sync per token; whether every row has finished is
-    looked at every ``stop_check_every`` steps. Temperature 0 is greedy decoding. ``want_log_power_sums``
-    accumulates each active row's ``log sum_x p(x)^(1/T)`` from the sampling op.
+    first_logits: (N, V) logits of the next token of each sequence. Every step yields a
+    :class:`powerfast.samplers.sampling.Sample` of all rows (answered by ``drive`` with one
+    call of the sampling operator, by the engine in one launch with the rows of every
+    other request; a row that sampled EOS keeps being fed EOS, its statistics frozen),
+    then decodes the batch (a Decode yield) so the sequences hold the new tokens' KV. The
+    loop's seed (one drawn from ``seeds`` per call) and step counter fix each row's
+    counter-based offset; nothing is read from the device per token: whether every row
+    has finished is looked at every ``stop_check_every`` steps. Temperature 0 is greedy
+    decoding. ``want_log_power_sums`` accumulates each active row's
+    ``log sum_x p(x)^(1/T)`` from the sampling op.
 
     eos_token_id: one id or several (a row stops at the first of them it samples); after
     its end a row is fed the first id.
     temperature:  one for every step, or one per step (a schedule of ``num_steps`` values,
                   e.g. Power-SMC's ramp of 1/alpha_t)
     logliks:      (N,) float32 running base log-likelihoods to continue from (default 0);
-                  ``base_logliks`` of the result are then these plus the new tokens'
+                  ``base_logliks`` of the result are then these plus the new tokens' (the
+                  tensor passed may or may not be updated in place: read the result)
     log_weights:  (N,) float64 importance weights updated in place: every step adds each
                   active row's log sum_x p(x | h_t)^(1/T_t) (the incremental weight of a
                   tempered proposal; Power-SMC's particle weights)
@@ -179,30 +181,27 @@ def continuations_program(
     eos_token_id = eos_ids[0] if eos_ids else None  # the sampling ops handle the first id
     num_rows = first_logits.shape[0]
     device = first_logits.device
-    schedule = [temperature] * max(num_steps, 0) if isinstance(temperature, (int, float)) else list(temperature)
-    if len(schedule) != max(num_steps, 0):
+    num_steps = max(num_steps, 0)
+    schedule = [temperature] * num_steps if isinstance(temperature, (int, float)) else list(temperature)
+    if len(schedule) != num_steps:
         raise ValueError(f"a temperature schedule needs one value per step ({num_steps}), got {len(schedule)}")
-    tokens = torch.zeros(num_rows, max(num_steps, 0), dtype=torch.long, device=device)
-    lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
     base = torch.zeros(num_rows, dtype=torch.float32, device=device) if logliks is None else logliks
     tempered = (torch.zeros(num_rows, dtype=torch.float32, device=device)
                 if any(t not in (0, 1.0) for t in schedule) else None)
     active = torch.ones(num_rows, dtype=torch.bool, device=device)
-    token_base = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
-    token_tempered = torch.zeros(num_rows, max(num_steps, 0), device=device) if per_token else None
     log_power_sums = torch.zeros(num_rows, dtype=torch.float32, device=device) if want_log_power_sums else None
     for value in set(schedule):
         if value != 0:
             ops._check_temperature(value)
-    seed = torch.tensor(seeds.next(), dtype=torch.int64, device=device)
-    counter = torch.zeros((), dtype=torch.int64, device=device)
+    seed = seeds.next()
+    eos = -1 if eos_token_id is None else int(eos_token_id)
     logits = first_logits
     other_eos = torch.tensor(eos_ids[1:], dtype=torch.long, device=device) if len(eos_ids) > 1 else None
-    steps_done = 0
+    # per step, views of what the sampling answered: stacked once at the end (no copy per token)
+    step_tokens, step_live, step_base, step_tempered = [], [], [], []
     for step in range(num_steps):
-        was_active = active.clone()
-        out = sample_step(logits, seed, counter, active, base, schedule[step], eos_token_id)
-        chosen = out.tokens
+        out = yield Sample(logits, seed, step, float(schedule[step]), eos, active, base)
+        chosen, was_active, active, base = out.tokens, out.was_active, out.active, out.logliks
         if tempered is not None:
             tempered += torch.where(was_active, out.tempered_logprobs, torch.zeros_like(out.tempered_logprobs))
         if log_power_sums is not None:
@@ -210,24 +209,29 @@ def continuations_program(
         if log_weights is not None:
             log_weights += out.log_power_sums.double()
         if other_eos is not None:  # the op stopped rows on the first id; the others here, on the device
-            active.logical_and_(~torch.isin(chosen, other_eos))
-        tokens[:, step] = chosen
-        lengths += was_active
+            active = active & ~torch.isin(chosen, other_eos)
+        step_tokens.append(chosen)
+        step_live.append(was_active)
         if per_token:
-            zero = torch.zeros_like(out.base_logprobs)
-            token_base[:, step] = torch.where(was_active, out.base_logprobs, zero)
-            token_tempered[:, step] = torch.where(was_active, out.tempered_logprobs, zero)
-        steps_done = step + 1
+            step_base.append(out.base_logprobs)  # 0 for rows that were inactive
+            step_tempered.append(out.tempered_logprobs)
         last_step = step == num_steps - 1
-        if eos_ids and not last_step and steps_done % stop_check_every == 0 and not bool(active.any()):
-            tokens = tokens[:, :steps_done]
-            if per_token:
-                token_base, token_tempered = token_base[:, :steps_done], token_tempered[:, :steps_done]
+        if eos_ids and not last_step and (step + 1) % stop_check_every == 0 and not bool(active.any()):
             break
         if stream:
             yield Tokens(chosen, was_active)
         if not last_step or want_last_logits:
             logits = yield Decode(seqs, chosen)
+
+    def stacked(columns: list[torch.Tensor], dtype) -> torch.Tensor:
+        if not columns:
+            return torch.zeros(num_rows, 0, dtype=dtype, device=device)
+        return torch.stack(columns, dim=1)
+
+    tokens = stacked(step_tokens, torch.long)
+    lengths = stacked(step_live, torch.bool).sum(dim=1)
+    token_base = stacked(step_base, torch.float32) if per_token else None
+    token_tempered = stacked(step_tempered, torch.float32) if per_token else None
     return Continuations(tokens, lengths, base, tempered, logits if want_last_logits else None,
                          token_base, token_tempered, log_power_sums, active)
 

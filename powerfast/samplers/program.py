@@ -6,8 +6,11 @@ request for a forward at a time and receives its result,
     seqs, logits = yield Prefill(prompt_ids)      # new sequences, (N, V) last-position logits
     logits = yield Decode(seqs, tokens)           # one token appended to each, (N, V) logits
 
+    sampled = yield Sample(logits, seed, counter, ...)  # one token per row (see sampling.py)
+
 and returns the results when done. Forks and frees are no forwards: a program calls the
-runner for them directly. A program may also yield what became final, for streaming:
+runner for them directly. Sampling is yielded rather than called so that the engine can
+sample the rows of all its requests in one launch (:func:`powerfast.samplers.sampling.sample_all`). A program may also yield what became final, for streaming:
 
     yield Tokens(tokens, live)      # a decode loop's sampled tokens (device tensors, no sync)
     yield Final(index, token_ids)   # host token ids of prompt ``index`` that can no longer change
@@ -25,7 +28,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["Prefill", "Decode", "Tokens", "Final", "Program", "drive"]
+from powerfast.samplers.sampling import Sample, sample_all
+
+__all__ = ["Prefill", "Decode", "Sample", "Tokens", "Final", "Program", "drive"]
 
 
 class Prefill(NamedTuple):
@@ -66,8 +71,8 @@ Program = Generator[Any, Any, Any]
 def drive(program: Program, runner) -> Any:
     """Run ``program`` alone on ``runner`` to its end and return its value.
 
-    Prefills and decodes go to the runner one by one, exactly as the program yields them;
-    streaming yields are ignored. If the runner raises, the program is closed (its
+    Prefills and decodes go to the runner one by one, exactly as the program yields them,
+    and each Sample to one call of the sampling operator; streaming yields are ignored. If the runner raises, the program is closed (its
     ``finally`` blocks free what it holds) and the error propagates.
     """
     try:
@@ -75,12 +80,14 @@ def drive(program: Program, runner) -> Any:
         while True:
             if isinstance(request, Decode):
                 reply = runner.decode(request.seqs, request.tokens)
+            elif isinstance(request, Sample):
+                [reply] = sample_all([request])
             elif isinstance(request, Prefill):
                 reply = runner.prefill(request.prompts)
             elif isinstance(request, (Tokens, Final)):
                 reply = None
             else:
-                raise TypeError(f"a step program yielded {type(request).__name__}, not a Prefill, Decode, Tokens or Final")
+                raise TypeError(f"a step program yielded {type(request).__name__}, not a Prefill, Decode, Sample, Tokens or Final")
             request = program.send(reply)
     except StopIteration as done:
         return done.value

@@ -6,8 +6,12 @@ and receives their logits; forks and frees it does itself, at once. :class:`Engi
 keeps a set of running programs, one per request, and at each :meth:`Engine.step`
 advances every one of them to its next forward, merges all the decode work (whatever the
 methods) into ONE batched decode forward and all prefills into one packed prefill
-forward, and hands each program its rows of the logits. A request added between two
-steps joins at the next one.
+forward, and hands each program its rows of the logits. The programs then ask for their
+tokens (a ``Sample`` each), and the engine samples the rows of all of them in ONE launch
+of the sampling op after each forward (:func:`powerfast.samplers.sampling.sample_all`:
+per-row offsets, temperatures and EOS ids as device tensors; each request's rows keep
+the offsets its own loop gives them). A request added between two steps joins at the
+next one.
 
 Random numbers belong to requests: each request's program draws from its own seed
 stream (``SamplingParams.seed``), so what a request samples does not depend on what
@@ -45,6 +49,7 @@ import torch
 
 from powerfast.samplers.program import Decode, Final, Prefill, Tokens
 from powerfast.samplers.prompts import PromptError, check_fits, encode_prompt
+from powerfast.samplers.sampling import Sample, sample_all
 from powerfast.serving.detokenizer import IncrementalDetokenizer
 from powerfast.serving.errors import InvalidRequestError, QueueFullError, RequestTooLargeError
 from powerfast.serving.params import SamplingParams
@@ -73,6 +78,8 @@ class EngineStats:
     num_forwards: int
     forward_rows: int
     last_step_forwards: int
+    sample_launches: int
+    last_step_sample_launches: int
     requests_finished: dict[str, int]
     requests_rejected: dict[str, int]
     tokens_by_phase: dict[str, int]
@@ -121,6 +128,8 @@ class Engine:
         self._counter = itertools.count()
         self.num_steps = 0
         self.last_step_forwards = 0
+        self.sample_launches = 0
+        self.last_step_sample_launches = 0
         self.last_step_rows: dict[str, int] = {}
         """Rows each request had in the last step's decode forward (the merged batch)."""
         self._finished = dict.fromkeys(FINISH_REASONS, 0)
@@ -225,6 +234,7 @@ class Engine:
                 kv_blocks_used=total - free, kv_blocks_free=free, kv_blocks_reserved=self._reserved,
                 num_steps=self.num_steps, num_forwards=getattr(self.runner, "num_forwards", 0),
                 forward_rows=getattr(self.runner, "forward_rows", 0), last_step_forwards=self.last_step_forwards,
+                sample_launches=self.sample_launches, last_step_sample_launches=self.last_step_sample_launches,
                 requests_finished=dict(self._finished), requests_rejected=dict(self._rejected),
                 tokens_by_phase=dict(self._tokens_by_phase), max_queue=self.max_queue,
             )
@@ -234,7 +244,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One scheduling step: apply aborts, admit what fits, run every request's program to
         its next forward, then one packed prefill forward (new requests) and ONE decode
-        forward for the decode work of all running requests, whatever their method.
+        forward for the decode work of all running requests, whatever their method; after
+        each forward, one sampling launch for every row whose program asks for a token.
         Returns the outputs of requests that have new final tokens or finished."""
         with self._step_lock:
             outputs = self._take_ready()
@@ -242,14 +253,17 @@ class Engine:
             self._admit(outputs)
             forwards = 0
             self.last_step_rows = {}
+            self.last_step_sample_launches = 0
             prefills = [r for r in self._running if isinstance(r.pending, Prefill)]
             if prefills:
                 forwards += 1
                 self._run_prefill(prefills, outputs)
+                self._run_samples(outputs)
             decodes = [r for r in self._running if isinstance(r.pending, Decode)]
             if decodes:
                 forwards += 1
                 self._run_decode(decodes, outputs)
+                self._run_samples(outputs)
             self._collect_streamed(outputs)
             self.last_step_forwards = forwards
             self.num_steps += 1
@@ -333,6 +347,25 @@ class Engine:
             self._advance(request, logits[start : start + n], outputs)
             start += n
 
+    def _run_samples(self, outputs: list[RequestOutput]) -> None:
+        """Answer every program that waits on a Sample, all rows in one launch, and run
+        them on; repeat while some ask again (a loop that ended and began the next phase
+        on logits it already had), so that every program waits on a forward after it."""
+        while True:
+            waiting = [r for r in self._running if isinstance(r.pending, Sample)]
+            if not waiting:
+                return
+            try:
+                replies = sample_all([r.pending for r in waiting])
+            except Exception as error:  # noqa: BLE001 - the requests end, the engine goes on
+                for request in waiting:
+                    outputs.append(self._fail(request, error))
+                return
+            self.sample_launches += 1
+            self.last_step_sample_launches += 1
+            for request, reply in zip(waiting, replies):
+                self._advance(request, reply, outputs)
+
     def _token_tensor(self, tokens) -> torch.Tensor:
         if isinstance(tokens, torch.Tensor):
             return tokens.reshape(-1).to(device=self.device, dtype=torch.long)
@@ -377,7 +410,7 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - one request's failure ends only that request
             outputs.append(self._fail(request, error))
             return
-        if not isinstance(message, (Prefill, Decode)):
+        if not isinstance(message, (Prefill, Decode, Sample)):
             program.close()
             outputs.append(self._fail(request, TypeError(f"a step program yielded {type(message).__name__}")))
             return

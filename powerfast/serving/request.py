@@ -56,7 +56,7 @@ class Request:
         self.sampler = sampler
         self.need = need  # KV blocks reserved while it runs
         self.program = None
-        self.pending = None  # the Prefill / Decode the program waits on
+        self.pending = None  # the Prefill / Decode / Sample the program waits on
         self.token_ids: list[int] = []
         self.text = ""
         self.detokenizer = detokenizer  # None without a tokenizer: no text

@@ -1,0 +1,144 @@
+"""The sampling request of a step program and the one launch that serves many of them.
+
+A decode loop does not call the sampling op itself: it yields a :class:`Sample` (its
+rows' logits, its seed and step counter, temperature, EOS id, and its running ``active``
+and ``logliks`` tensors) and receives a :class:`Sampled`. Whoever runs the program
+answers it: :func:`powerfast.samplers.program.drive` (one program, as ``generate``
+runs it) with one call of the ``powerfast::sample_tokens`` operator;
+:class:`powerfast.serving.engine.Engine` with :func:`sample_all`, which samples the
+rows of every request that waits on a ``Sample`` in ONE launch of
+:func:`powerfast.core.ops.sample_rows` (offsets, temperatures and EOS ids as device
+tensors, one upload).
+
+Row ``i`` of a Sample draws at the counter-based offset
+``seed * 0x9E3779B97F4A7C15 + counter * N + i`` (int64, wrapping) with the Sample's own
+``N``, whoever answers it, so a request gets the same tokens alone and merged with others.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from powerfast.core import ops
+from powerfast.runtime import custom_ops as library
+
+__all__ = ["SEED_MIX", "Sample", "Sampled", "sample_all", "row_offsets"]
+
+SEED_MIX = -7046029254386353131
+"""0x9E3779B97F4A7C15 as a signed int64 (wrapping multiply): spreads seeds over offsets."""
+
+
+class Sample(NamedTuple):
+    """Sample one token per row of ``logits``; the program receives a :class:`Sampled`.
+
+    logits:       (N, V) next-token logits
+    seed:         the decode loop's seed (a host int in [0, 2**62))
+    counter:      the loop's step index (a host int)
+    temperature:  > 0, or 0 for the argmax
+    eos_token_id: a row that samples it becomes inactive; -1 for none
+    active:       (N,) bool, rows still decoding (inactive rows get ``eos_token_id``, or 0)
+    logliks:      (N,) float32 running base log-likelihoods
+    """
+
+    logits: torch.Tensor
+    seed: int
+    counter: int
+    temperature: float
+    eos_token_id: int
+    active: torch.Tensor
+    logliks: torch.Tensor
+
+
+class Sampled(NamedTuple):
+    """The reply to a :class:`Sample`: (N,) tensors. ``active`` and ``logliks`` are the
+    updated state (the program continues from these; they may or may not be the tensors
+    it sent), ``was_active`` the rows that were active before this token."""
+
+    tokens: torch.Tensor
+    base_logprobs: torch.Tensor
+    tempered_logprobs: torch.Tensor
+    log_power_sums: torch.Tensor
+    was_active: torch.Tensor
+    active: torch.Tensor
+    logliks: torch.Tensor
+
+
+def _wrap64(value: int) -> int:
+    return (value + 2**63) % 2**64 - 2**63
+
+
+def row_offsets(sample: Sample) -> list[int]:
+    """The counter-based offsets of the Sample's rows (host ints)."""
+    rows = sample.logits.shape[0]
+    first = _wrap64(sample.seed * SEED_MIX + sample.counter * rows)
+    return [_wrap64(first + i) for i in range(rows)]
+
+
+def _sample_one(sample: Sample) -> Sampled:
+    """One Sample: one call of the sampling operator (what a decode loop alone launches)."""
+    rows = sample.logits.shape[0]
+    device = sample.logits.device
+    # arange plus a host scalar: no upload (int64 addition wraps as _wrap64 does)
+    offsets = torch.arange(rows, dtype=torch.int64, device=device) + _wrap64(sample.seed * SEED_MIX + sample.counter * rows)
+    was_active = sample.active.clone()
+    tokens, base, tempered, log_power_sums = library.sample_tokens(
+        sample.logits, offsets, sample.active, sample.logliks, float(sample.temperature), int(sample.eos_token_id))
+    return Sampled(tokens, base, tempered, log_power_sums, was_active, sample.active, sample.logliks)
+
+
+def _same_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The rows of ``tensors`` as one view when they are consecutive row ranges of one
+    tensor (the decode forward's logits, split per request, in order); else None."""
+    first = tensors[0]
+    if first.dim() != 2 or first.stride(1) != 1:
+        return None
+    row_stride = first.stride(0)
+    expected = first.storage_offset()
+    for tensor in tensors:
+        if (tensor.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or tensor.dim() != 2
+                or tensor.storage_offset() != expected or tensor.stride() != (row_stride, 1)
+                or tensor.shape[1] != first.shape[1]):
+            return None
+        expected += tensor.shape[0] * row_stride
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, first.shape[1]), (row_stride, 1), first.storage_offset())
+
+
+def sample_all(samples: list[Sample]) -> list[Sampled]:
+    """Answer every Sample: one alone with :func:`_sample_one`; several in ONE launch of
+    :func:`powerfast.core.ops.sample_rows` over all their rows (each row keeps the offset,
+    temperature and EOS id its own launch would give it, so the same tokens). The logits
+    are used in place when they are consecutive rows of one tensor (the engine's decode
+    forward), else concatenated; the per-row offsets, temperatures and EOS ids go to the
+    device in one upload."""
+    if len(samples) == 1:
+        return [_sample_one(samples[0])]
+    device = samples[0].logits.device
+    logits = _same_rows([s.logits for s in samples])
+    if logits is None:
+        logits = torch.cat([s.logits for s in samples])
+    offsets, temperatures, eos_ids = [], [], []
+    for sample in samples:
+        rows = sample.logits.shape[0]
+        offsets.extend(row_offsets(sample))
+        temperatures.extend([float(sample.temperature)] * rows)
+        eos_ids.extend([int(sample.eos_token_id)] * rows)
+    # one upload: offsets, EOS ids and the temperatures' float64 bits as three int64 rows
+    host = torch.stack([torch.tensor(offsets, dtype=torch.int64), torch.tensor(eos_ids, dtype=torch.int64),
+                        torch.tensor(temperatures, dtype=torch.float64).view(torch.int64)])
+    params = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
+    was_active = torch.cat([s.active for s in samples])
+    active = was_active.clone()
+    logliks = torch.cat([s.logliks for s in samples])
+    out = ops.sample_rows(logits, offsets=params[0], temperatures=params[2].view(torch.float64),
+                          eos_token_ids=params[1], active=active, logliks=logliks)
+    replies, start = [], 0
+    for sample in samples:
+        end = start + sample.logits.shape[0]
+        replies.append(Sampled(out.tokens[start:end], out.base_logprobs[start:end],
+                               out.tempered_logprobs[start:end], out.log_power_sums[start:end],
+                               was_active[start:end], active[start:end], logliks[start:end]))
+        start = end
+    return replies
