@@ -1,6 +1,7 @@
 """Incremental detokenisation gives the text of a full decode: checked at every step on random
 token ids (byte pieces, special tokens, unfinished characters included), drawn afresh."""
 
+import os
 import random
 
 import pytest
@@ -81,3 +82,25 @@ def test_decoding_work_grows_with_new_tokens_not_with_the_text(smollm2_tokenizer
         detok.update(ids[:n])
     assert detok.update(ids, final=True) == smollm2_tokenizer.decode(ids)
     assert len(ids) > 300 and max(decoded) <= 4  # each update decodes a window of a token or two
+
+
+def test_the_direct_backend_decode_is_taken_only_where_it_is_the_same_call(smollm2_tokenizer, word_tokenizer):
+    """SmolLM2 (no space clean-up) decodes through its backend directly; a tokenizer that
+    cleans up spaces, or one that is not a Hugging Face fast tokenizer, through ``decode``."""
+    from powerfast.serving.detokenizer import _direct_decoder
+
+    assert _direct_decoder(smollm2_tokenizer) is not None
+    ids = random.Random(int.from_bytes(os.urandom(4), "little")).choices(range(len(smollm2_tokenizer)), k=64)
+    assert _direct_decoder(smollm2_tokenizer)(ids) == smollm2_tokenizer.decode(ids, skip_special_tokens=True)
+    cleaning = PreTrainedTokenizerFast(tokenizer_object=word_tokenizer.backend_tokenizer, unk_token="<unk>",
+                                       clean_up_tokenization_spaces=True)
+    assert _direct_decoder(cleaning) is None
+
+    class Wrapped:
+        backend_tokenizer = smollm2_tokenizer.backend_tokenizer
+        clean_up_tokenization_spaces = False
+
+        def decode(self, ids, skip_special_tokens=True):
+            return smollm2_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    assert _direct_decoder(Wrapped()) is None

@@ -379,10 +379,10 @@ def test_a_program_yields_its_forwards_and_frees_everything_when_closed(model):
     first = next(program)
     assert isinstance(first, Prefill) and first.prompts == [[0, 3]]
     sample = program.send(sampler.runner.prefill(first.prompts))
-    assert isinstance(sample, Sample) and sample.logits.shape[0] == 1 and sample.counter == 0
-    streamed = program.send(sample_all([sample])[0])
-    assert isinstance(streamed, Tokens) and streamed.tokens.shape == (1,) and bool(streamed.live[0])
-    decode = program.send(None)
+    assert isinstance(sample, Sample) and sample.logits.shape[0] == 1 and sample.counter == 0 and sample.stream
+    streamed = sample_all([sample])[0]
+    assert streamed.tokens.shape == (1,) and bool(streamed.was_active[0])
+    decode = program.send(streamed)
     assert isinstance(decode, Decode) and len(decode.seqs) == 1 and int(decode.tokens[0]) == int(streamed.tokens[0])
     assert sampler.runner.cache.blocks_in_use > 0
     program.close()

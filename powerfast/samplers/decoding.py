@@ -15,7 +15,7 @@ import torch
 from powerfast.core import ops
 from powerfast.runtime import custom_ops as library
 from powerfast.runtime.lm import stop_token_ids
-from powerfast.samplers.program import Decode, Tokens, drive
+from powerfast.samplers.program import Decode, drive
 from powerfast.samplers.sampling import SEED_MIX, Sample
 
 
@@ -152,8 +152,8 @@ def continuations_program(
     log_weights: torch.Tensor | None = None,
 ):
     """Sample ``num_steps`` tokens for every sequence in one batched decode loop, as a
-    step program (it yields its decodes, see :mod:`powerfast.samplers.program`; with ``stream``
-    also each step's tokens as ``Tokens``); :func:`sample_continuations` runs it on a runner.
+    step program (it yields its samples and decodes, see :mod:`powerfast.samplers.program`;
+    with ``stream`` its Samples are marked so that a streaming driver reports each step's tokens); :func:`sample_continuations` runs it on a runner.
 
     first_logits: (N, V) logits of the next token of each sequence. Every step yields a
     :class:`powerfast.samplers.sampling.Sample` of all rows (answered by ``drive`` with one
@@ -200,7 +200,7 @@ def continuations_program(
     # per step, views of what the sampling answered: stacked once at the end (no copy per token)
     step_tokens, step_live, step_base, step_tempered = [], [], [], []
     for step in range(num_steps):
-        out = yield Sample(logits, seed, step, float(schedule[step]), eos, active, base)
+        out = yield Sample(logits, seed, step, float(schedule[step]), eos, active, base, stream)
         chosen, was_active, active, base = out.tokens, out.was_active, out.active, out.logliks
         if tempered is not None:
             tempered += torch.where(was_active, out.tempered_logprobs, torch.zeros_like(out.tempered_logprobs))
@@ -218,8 +218,6 @@ def continuations_program(
         last_step = step == num_steps - 1
         if eos_ids and not last_step and (step + 1) % stop_check_every == 0 and not bool(active.any()):
             break
-        if stream:
-            yield Tokens(chosen, was_active)
         if not last_step or want_last_logits:
             logits = yield Decode(seqs, chosen)
 

@@ -10,11 +10,15 @@ request for a forward at a time and receives its result,
 
 and returns the results when done. Forks and frees are no forwards: a program calls the
 runner for them directly. Sampling is yielded rather than called so that the engine can
-sample the rows of all its requests in one launch (:func:`powerfast.samplers.sampling.sample_all`). A program may also yield what became final, for streaming:
+sample the rows of all its requests in one launch
+(:func:`powerfast.samplers.sampling.sample_all`). A program may also yield what became
+final, for streaming:
 
-    yield Tokens(tokens, live)      # a decode loop's sampled tokens (device tensors, no sync)
+    yield Tokens(tokens, live)      # sampled tokens of its output rows (device tensors, no sync)
     yield Final(index, token_ids)   # host token ids of prompt ``index`` that can no longer change
 
+A decode loop whose rows are its outputs marks its Samples ``stream=True`` instead of
+yielding Tokens: a streaming driver reports the reply's tokens, one resume fewer per token.
 (the driver sends None back for those). :func:`drive` runs one program alone on a runner,
 which is what every ``generate`` does; :class:`powerfast.serving.engine.Engine` runs many at once
 and merges their decodes into one forward per step. A program holds sequences only inside

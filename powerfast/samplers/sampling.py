@@ -40,6 +40,8 @@ class Sample(NamedTuple):
     eos_token_id: a row that samples it becomes inactive; -1 for none
     active:       (N,) bool, rows still decoding (inactive rows get ``eos_token_id``, or 0)
     logliks:      (N,) float32 running base log-likelihoods
+    stream:       the rows are the program's outputs: a driver that streams reports the
+                  sampled tokens of the rows that were active (as a ``Tokens`` yield would)
     """
 
     logits: torch.Tensor
@@ -49,6 +51,7 @@ class Sample(NamedTuple):
     eos_token_id: int
     active: torch.Tensor
     logliks: torch.Tensor
+    stream: bool = False
 
 
 class Sampled(NamedTuple):
@@ -92,18 +95,18 @@ def _same_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """The rows of ``tensors`` as one view when they are consecutive row ranges of one
     tensor (the decode forward's logits, split per request, in order); else None."""
     first = tensors[0]
-    if first.dim() != 2 or first.stride(1) != 1:
+    base = first._base
+    if base is None or first.dim() != 2 or first.stride(1) != 1:
         return None
-    row_stride = first.stride(0)
-    expected = first.storage_offset()
+    row_stride, vocab = first.stride(0), first.shape[1]
+    pointer, row_bytes = first.data_ptr(), row_stride * first.element_size()
     for tensor in tensors:
-        if (tensor.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or tensor.dim() != 2
-                or tensor.storage_offset() != expected or tensor.stride() != (row_stride, 1)
-                or tensor.shape[1] != first.shape[1]):
+        if (tensor._base is not base or tensor.data_ptr() != pointer or tensor.dim() != 2
+                or tensor.stride() != (row_stride, 1) or tensor.shape[1] != vocab):
             return None
-        expected += tensor.shape[0] * row_stride
+        pointer += tensor.shape[0] * row_bytes
     rows = sum(t.shape[0] for t in tensors)
-    return first.as_strided((rows, first.shape[1]), (row_stride, 1), first.storage_offset())
+    return first.as_strided((rows, vocab), (row_stride, 1), first.storage_offset())
 
 
 def sample_all(samples: list[Sample]) -> list[Sampled]:
@@ -119,26 +122,25 @@ def sample_all(samples: list[Sample]) -> list[Sampled]:
     logits = _same_rows([s.logits for s in samples])
     if logits is None:
         logits = torch.cat([s.logits for s in samples])
-    offsets, temperatures, eos_ids = [], [], []
-    for sample in samples:
-        rows = sample.logits.shape[0]
-        offsets.extend(row_offsets(sample))
-        temperatures.extend([float(sample.temperature)] * rows)
-        eos_ids.extend([int(sample.eos_token_id)] * rows)
+    sizes = [s.logits.shape[0] for s in samples]
+    firsts = torch.tensor([_wrap64(s.seed * SEED_MIX + s.counter * n) for s, n in zip(samples, sizes)],
+                          dtype=torch.int64)
+    temperatures = torch.tensor([float(s.temperature) for s in samples], dtype=torch.float64)
+    eos_ids = torch.tensor([int(s.eos_token_id) for s in samples], dtype=torch.int64)
+    if any(n != 1 for n in sizes):  # expand to rows: row i of a Sample adds i to its first offset
+        counts = torch.tensor(sizes, dtype=torch.int64)
+        starts = torch.cumsum(counts, 0) - counts
+        local = torch.arange(sum(sizes), dtype=torch.int64) - torch.repeat_interleave(starts, counts)
+        firsts = torch.repeat_interleave(firsts, counts) + local  # int64 addition wraps, as _wrap64
+        temperatures, eos_ids = torch.repeat_interleave(temperatures, counts), torch.repeat_interleave(eos_ids, counts)
     # one upload: offsets, EOS ids and the temperatures' float64 bits as three int64 rows
-    host = torch.stack([torch.tensor(offsets, dtype=torch.int64), torch.tensor(eos_ids, dtype=torch.int64),
-                        torch.tensor(temperatures, dtype=torch.float64).view(torch.int64)])
+    host = torch.stack([firsts, eos_ids, temperatures.view(torch.int64)])
     params = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
     was_active = torch.cat([s.active for s in samples])
     active = was_active.clone()
     logliks = torch.cat([s.logliks for s in samples])
     out = ops.sample_rows(logits, offsets=params[0], temperatures=params[2].view(torch.float64),
                           eos_token_ids=params[1], active=active, logliks=logliks)
-    replies, start = [], 0
-    for sample in samples:
-        end = start + sample.logits.shape[0]
-        replies.append(Sampled(out.tokens[start:end], out.base_logprobs[start:end],
-                               out.tempered_logprobs[start:end], out.log_power_sums[start:end],
-                               was_active[start:end], active[start:end], logliks[start:end]))
-        start = end
+    parts = [torch.split(t, sizes) for t in (*out, was_active, active, logliks)]
+    replies = [Sampled(*fields) for fields in zip(*parts)]
     return replies

@@ -15,7 +15,29 @@ result equals ``tokenizer.decode(all ids)`` for the tokenizers the project uses.
 
 from __future__ import annotations
 
+import functools
+
 __all__ = ["IncrementalDetokenizer"]
+
+# the modules whose ``decode`` / ``_decode`` of a Hugging Face fast tokenizer are the
+# backend's decode and an optional space clean-up, nothing else
+_HF_DECODE_MODULES = {"transformers.tokenization_utils_base"}
+_HF_FAST_DECODE_MODULES = {"transformers.tokenization_utils_tokenizers", "transformers.tokenization_utils_fast"}
+
+
+def _direct_decoder(tokenizer):
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` as the backend's own decode, where
+    that is exactly what the call does (a Hugging Face fast tokenizer that overrides
+    neither method and does not clean up spaces); None otherwise. It skips the wrapper's
+    per-call conversions (about 9 us a call against 2 us)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    cls = type(tokenizer)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True) is not False:
+        return None
+    if (getattr(getattr(cls, "decode", None), "__module__", None) not in _HF_DECODE_MODULES
+            or getattr(getattr(cls, "_decode", None), "__module__", None) not in _HF_FAST_DECODE_MODULES):
+        return None
+    return functools.partial(backend.decode, skip_special_tokens=True)
 
 _REPLACEMENT = "\ufffd"
 _FALLBACK_WINDOW = 4  # ids of context kept before the next window after a full decode
@@ -27,16 +49,19 @@ class IncrementalDetokenizer:
     text:  the decoded text of the ids up to the last complete character
     """
 
-    __slots__ = ("tokenizer", "text", "_prefix", "_read", "_seen")
+    __slots__ = ("tokenizer", "text", "_prefix", "_read", "_seen", "_direct")
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
+        self._direct = _direct_decoder(tokenizer)
         self.text = ""
         self._prefix = 0  # first id of the window
         self._read = 0  # ids before this are in ``text``
         self._seen = 0  # len(ids) at the last update
 
     def _decode(self, ids) -> str:
+        if self._direct is not None:
+            return self._direct(ids)
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def update(self, ids: list[int], final: bool = False) -> str:

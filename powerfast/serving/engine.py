@@ -364,6 +364,8 @@ class Engine:
             self.sample_launches += 1
             self.last_step_sample_launches += 1
             for request, reply in zip(waiting, replies):
+                if request.pending.stream:  # read after the step, all requests' at once
+                    request.streamed.append(Tokens(reply.tokens, reply.was_active))
                 self._advance(request, reply, outputs)
 
     def _token_tensor(self, tokens) -> torch.Tensor:
@@ -431,8 +433,10 @@ class Engine:
         if not flat:
             return
         # one device-to-host copy: every streamed row's token and whether it was live, side by side
-        tokens, live = torch.stack([torch.stack([m.tokens[0] for _, m in flat]),
-                                    torch.stack([m.live[0] for _, m in flat]).to(torch.long)]).tolist()
+        # (a streaming loop has one row: the request's one output)
+        first = [(m.tokens, m.live) if m.tokens.shape[0] == 1 else (m.tokens[:1], m.live[:1]) for _, m in flat]
+        tokens, live = torch.stack([torch.cat([t for t, _ in first]),
+                                    torch.cat([a for _, a in first]).to(torch.long)]).tolist()
         touched: dict[str, Request] = {}
         for (request, _), token, alive in zip(flat, tokens, live):
             request.streamed = []
