@@ -14,7 +14,7 @@ import recorded
 import torch
 
 from powerfast.samplers.factory import make_sampler
-from powerfast.samplers.program import Decode, Prefill, Sample, Tokens, drive
+from powerfast.samplers.program import Decode, Prefill, Sample, drive
 from powerfast.samplers.sampling import sample_all
 from powerfast.serving.async_engine import AsyncEngine
 from powerfast.serving.engine import Engine

@@ -8,7 +8,7 @@ import time
 
 from powerfast.core.config import SamplingConfig
 from powerfast.samplers.base import RunnerSampler, blocks_for, forked_peak_blocks
-from powerfast.samplers.decoding import check_no_nan, continuations_program, phase
+from powerfast.samplers.decoding import continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Prefill
 from powerfast.samplers.results import GenerationStats
 
@@ -56,8 +56,9 @@ class AncestralSampler(RunnerSampler):
                                                        stream=stream and n == 1)
         finally:
             self.runner.free(live)
-        check_no_nan(out.base_logliks, "sampling")
-        tokens, lengths, logliks = out.tokens.cpu(), out.lengths.cpu(), out.base_logliks.cpu()
+        tokens, lengths, logliks, nan = to_host(out.tokens, out.lengths, out.base_logliks,
+                                                nan_flag(out.base_logliks))  # one copy
+        raise_on_nan(nan, "sampling")
         elapsed = time.perf_counter() - started
         results = []
         for i, ids in enumerate(prompt_ids):

@@ -27,6 +27,35 @@ def check_no_nan(values: torch.Tensor, where: str) -> None:
 
 
 
+def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host copies of device tensors (any dtypes and shapes) in ONE device-to-host copy:
+    their bytes side by side in one buffer, copied once, cut and viewed back (on the CPU
+    the same steps, without a transfer). Use it where a phase needs several results on the
+    host: one sync instead of one per tensor."""
+    if not tensors:
+        return ()
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    host = torch.cat(flat).cpu()
+    out, start = [], 0
+    for tensor, part in zip(tensors, flat):
+        size = part.numel()
+        out.append(host[start : start + size].clone().view(tensor.dtype).reshape(tensor.shape))
+        start += size
+    return tuple(out)
+
+
+def nan_flag(values: torch.Tensor) -> torch.Tensor:
+    """() bool device tensor: whether ``values`` hold a NaN (read it with the phase's other
+    results through :func:`to_host`, then :func:`raise_on_nan`)."""
+    return torch.isnan(values).any()
+
+
+def raise_on_nan(flag: torch.Tensor, where: str) -> None:
+    """:func:`check_no_nan` for a flag already on the host."""
+    if bool(flag):
+        raise FloatingPointError(f"the model returned NaN logits during {where}")
+
+
 # ---------------------------------------------------------------------------- seeds
 
 

@@ -8,7 +8,7 @@ import time
 
 from powerfast.core.config import MCMCConfig
 from powerfast.samplers.base import RunnerSampler, appended_blocks, blocks_for
-from powerfast.samplers.decoding import check_no_nan, continuations_program, phase
+from powerfast.samplers.decoding import continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Decode, Prefill
 from powerfast.samplers.results import GenerationStats
 
@@ -68,9 +68,10 @@ class MCMCSampler(RunnerSampler):
                         [chains[i].seq for i in open_chains], logits, block, self.seeds,
                         temperature=1.0 / self.config.alpha, eos_token_id=eos, per_token=True,
                     )
-                check_no_nan(out.base_logliks, "MCMC")
-                lengths = out.lengths.cpu().tolist()
-                tokens, logp, logq = out.tokens.cpu(), out.token_logprobs.cpu(), out.token_tempered.cpu()
+                tokens, logp, logq, lengths, nan = to_host(out.tokens, out.token_logprobs, out.token_tempered,
+                                                           out.lengths, nan_flag(out.base_logliks))  # one copy
+                raise_on_nan(nan, "MCMC")
+                lengths = lengths.tolist()
                 for row, i in enumerate(open_chains):
                     n = lengths[row]
                     chains[i].extend(tokens[row, :n].tolist(), logp[row, :n].tolist(), logq[row, :n].tolist())
@@ -135,9 +136,10 @@ class MCMCSampler(RunnerSampler):
         wanted = [block_end - m for m in starts]
         proposal = yield from continuations_program(children, logits, max(wanted), self.seeds,
                                                     temperature=1.0 / alpha, eos_token_id=eos, per_token=True)
-        check_no_nan(proposal.base_logliks, "MCMC")
-        lengths = proposal.lengths.cpu().tolist()
-        tokens, logp, logq = proposal.tokens.cpu(), proposal.token_logprobs.cpu(), proposal.token_tempered.cpu()
+        tokens, logp, logq, lengths, nan = to_host(proposal.tokens, proposal.token_logprobs, proposal.token_tempered,
+                                                   proposal.lengths, nan_flag(proposal.base_logliks))  # one copy
+        raise_on_nan(nan, "MCMC")
+        lengths = lengths.tolist()
         for row, (chain, m, child, stat) in enumerate(zip(chains, starts, children, stats)):
             n = min(lengths[row], wanted[row])  # the resampled suffix: to the block's end, or to EOS
             stat.add("proposals", n + 1)

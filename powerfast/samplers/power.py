@@ -34,7 +34,7 @@ import torch
 from powerfast.core import ops
 from powerfast.core.config import PowerConfig
 from powerfast.samplers.base import RunnerSampler, appended_blocks, blocks_for
-from powerfast.samplers.decoding import check_no_nan, continuations_program, phase
+from powerfast.samplers.decoding import check_no_nan, continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Decode, Final, Prefill, drive
 from powerfast.samplers.results import BlockRecord, GenerationStats
 
@@ -52,7 +52,7 @@ class Decision:
 
     candidates: list[list[int]]
     candidate_seqs: list
-    candidate_logprobs: torch.Tensor  # (K,) float32
+    candidate_logprobs: torch.Tensor  # (K,) float32, on the host
     ends_with_eos: list[bool]
     last_logits: torch.Tensor  # (K, V) logits after each candidate block
 
@@ -241,7 +241,6 @@ class PowerSampler(RunnerSampler):
                 self.runner.free(rollout_seqs)
                 drop = {id(s) for s in rollout_seqs}
                 live[:] = [s for s in live if id(s) not in drop]
-            check_no_nan(rollouts.base_logliks, "rollouts")
             if tempered:
                 # log weight of a rollout = sum_t log c_t; the estimator weighs (alpha - 1) * loglik,
                 # so hand it log weight / (alpha - 1) (at alpha = 1 every weight is 0 either way)
@@ -250,10 +249,13 @@ class PowerSampler(RunnerSampler):
             else:
                 weights = (cfg.alpha - 1.0) * rollouts.base_logliks.double()
                 equivalent = rollouts.base_logliks
-            per_candidate = equivalent.float().view(len(needs_rollouts), cfg.num_rollouts).cpu()
-            log_weights = weights.view(len(needs_rollouts), cfg.num_rollouts).cpu()
+            # one device-to-host copy for the phase: what the estimate and the records need
+            shape = (len(needs_rollouts), cfg.num_rollouts)
+            per_candidate, log_weights, lengths, nan = to_host(
+                equivalent.float().view(shape), weights.view(shape), rollouts.lengths.view(shape).sum(-1),
+                nan_flag(rollouts.base_logliks))
+            raise_on_nan(nan, "rollouts")
             ess = torch.exp(2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1))
-            lengths = rollouts.lengths.view(len(needs_rollouts), cfg.num_rollouts).sum(-1).cpu()
             for row, (i, k) in enumerate(needs_rollouts):
                 rollout_logliks[i][k] = per_candidate[row]
                 rollout_ess[i][k] = float(ess[row])
@@ -266,11 +268,11 @@ class PowerSampler(RunnerSampler):
             rolls = torch.zeros(len(prompts), k_max, cfg.num_rollouts, dtype=torch.float32)
             for row, i in enumerate(prompts):
                 k_i = len(decisions[i].candidates)
-                cand[row, :k_i] = decisions[i].candidate_logprobs.float().cpu()
+                cand[row, :k_i] = decisions[i].candidate_logprobs.float()  # host tensors (the candidates' copy)
                 rolls[row, :k_i] = rollout_logliks[i]
             device = decisions[prompts[0]].last_logits.device
             estimate = ops.power_estimates(cand.to(device), rolls.to(device), cfg.alpha, cfg.jackknife and cfg.num_rollouts >= 2)
-            probs, p_hat, log_zeta = (t.double().cpu() for t in estimate)
+            probs, p_hat, log_zeta = (t.double() for t in to_host(*estimate))  # one copy
 
         out = {}
         with phase("select"):
@@ -280,7 +282,7 @@ class PowerSampler(RunnerSampler):
                 choice = self.seeds.categorical(probs[row, :k_i]) if select else int(torch.argmax(probs[row, :k_i]))
                 record = BlockRecord(
                     candidates=d.candidates,
-                    candidate_logprobs=d.candidate_logprobs.double().cpu().tolist(),
+                    candidate_logprobs=d.candidate_logprobs.double().tolist(),
                     p_hat=p_hat[row, :k_i].tolist(),
                     probs=probs[row, :k_i].tolist(),
                     log_zeta=log_zeta[row, :k_i].tolist(),
@@ -306,8 +308,8 @@ class PowerSampler(RunnerSampler):
         """
         cfg = self.config
         num = cfg.num_rollouts
-        tokens, lengths = rollouts.tokens.cpu(), rollouts.lengths.cpu()
-        token_logprobs = rollouts.token_logprobs.cpu()
+        tokens, lengths, token_logprobs = to_host(rollouts.tokens, rollouts.lengths, rollouts.token_logprobs)
+        lengths = lengths.tolist()
         pending = []  # (prompt, candidates, logliks, seqs)
         for i in prompts:
             chosen, record, _, _, _ = out[i]
@@ -318,7 +320,7 @@ class PowerSampler(RunnerSampler):
             block = min(cfg.block_size, remaining)
             seen: dict[tuple[int, ...], int] = {}
             for j in range(row * num, (row + 1) * num):
-                key = tuple(tokens[j, : min(int(lengths[j]), block)].tolist())
+                key = tuple(tokens[j, : min(lengths[j], block)].tolist())
                 if key and key not in seen:
                     seen[key] = j
             logliks = {key: float(token_logprobs[j, : len(key)].sum()) for key, j in seen.items()}
@@ -352,8 +354,7 @@ class PowerSampler(RunnerSampler):
         """Token level: the Top-K next tokens (those with probability > 0) of each prompt (a step program)."""
         k = min(self.config.top_k, self.vocab_size)
         logits = torch.stack([heads[i][1] for i in prompts])
-        token_ids, logprobs = ops.topk_logprobs(logits, k)
-        token_ids, logprobs = token_ids.cpu(), logprobs.cpu()
+        token_ids, logprobs = to_host(*ops.topk_logprobs(logits, k))  # one copy
         all_seqs, all_tokens = [], []
         decisions = {}
         for row, i in enumerate(prompts):
@@ -387,10 +388,11 @@ class PowerSampler(RunnerSampler):
         sampled = yield from continuations_program(
             seqs, torch.cat(first_logits), block, self.seeds, eos_token_id=eos, want_last_logits=True
         )
-        check_no_nan(sampled.base_logliks, "candidates")
-        tokens = sampled.tokens.cpu()
-        lengths = sampled.lengths.cpu().tolist()
-        logliks = sampled.base_logliks.cpu()
+        # one device-to-host copy for the phase: tokens, lengths, log-likelihoods, the NaN check
+        tokens, lengths, logliks, nan = to_host(sampled.tokens, sampled.lengths, sampled.base_logliks,
+                                                nan_flag(sampled.base_logliks))
+        raise_on_nan(nan, "candidates")
+        lengths = lengths.tolist()
         decisions = {}
         for row, i in enumerate(prompts):
             seen: dict[tuple[int, ...], int] = {}

@@ -29,7 +29,7 @@ from powerfast.core import ops
 from powerfast.core.config import SMCConfig
 from powerfast.samplers import resampling
 from powerfast.samplers.base import RunnerSampler, forked_peak_blocks
-from powerfast.samplers.decoding import check_no_nan, continuations_program, phase
+from powerfast.samplers.decoding import check_no_nan, continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Prefill, drive
 from powerfast.samplers.results import GenerationStats
 
@@ -196,9 +196,10 @@ class SMCSampler(RunnerSampler):
         the old batch whose next-token logits it continues from.
         """
         cfg = self.config
-        tokens, active, logliks = out.tokens.cpu(), out.active.cpu(), out.base_logliks.cpu()
-        lengths, log_weights = out.lengths.cpu().tolist(), log_weights.cpu()
-        check_no_nan(logliks, "SMC")
+        tokens, active, logliks, lengths, log_weights, nan = to_host(  # one copy for the segment
+            out.tokens, out.active, out.base_logliks, out.lengths, log_weights, nan_flag(out.base_logliks))
+        raise_on_nan(nan, "SMC")
+        lengths = lengths.tolist()
         for row, particle in enumerate(rows):
             particle.tokens.extend(tokens[row, : lengths[row]].tolist())
             particle.loglik = float(logliks[row])
