@@ -6,7 +6,8 @@
 Medians from ``triton.testing.do_bench``. The ceiling is a measured device-to-device copy:
 copy bandwidth = (bytes read + bytes written) / time. A kernel's bandwidth is the bytes
 of its main input read once (logits, or the (B, K) + (B, K, M) estimator inputs) / time;
-"of copy" is the ratio of the two. Speedup is torch reference time / kernel time.
+"of copy" is the ratio of the two. Speedup is torch reference time / kernel time (for
+"sample_rows 4 groups": the four launches of the groups on their own / the one launch).
 Prints the table (stdout) and writes every number to ``--json``. With ``--budget-s``,
 rows not started within the budget are left out and the table says so. ``--smoke`` runs
 the same code on the CPU with tiny shapes (the kernels under TRITON_INTERPRET=1, timed
@@ -27,6 +28,7 @@ import triton.testing
 from powerfast.kernels import sampling as sampling_kernels
 
 from powerfast.core import estimators, ops
+from powerfast.runtime import custom_ops as library
 
 VOCAB_SHAPES = [(64, 32000), (64, 151936), (512, 151936)]
 ESTIMATE_SHAPES = [(1, 8, 8), (64, 8, 8)]
@@ -94,6 +96,17 @@ def torch_sample_t1(logits, logliks):
     return tokens, base
 
 
+def row_groups(num_rows: int, vocab: int, device) -> dict:
+    """Per-row parameters of four requests sharing a launch: greedy, T = 1, T = 0.7 with an
+    EOS id, T = 0.25 (rows dealt round-robin), and each group's row index for its own launch."""
+    params = [(0.0, -1), (1.0, -1), (0.7, 2), (0.25, -1)]
+    which = torch.arange(num_rows) % len(params)
+    groups = [((which == g).nonzero().squeeze(1).to(device), t, e) for g, (t, e) in enumerate(params)]
+    return dict(offsets=torch.randint(0, 2**62, (num_rows,), device=device),
+                temperatures=torch.tensor([params[g][0] for g in which.tolist()], dtype=torch.float64, device=device),
+                eos=torch.tensor([params[g][1] for g in which.tolist()], device=device), groups=groups)
+
+
 def rows(clock: Clock, copy_bw: float, smoke: bool, results: list) -> None:
     """Appends one dict per measured kernel to ``results`` (raises OutOfTime when over budget)."""
     device = clock.device
@@ -135,6 +148,18 @@ def rows(clock: Clock, copy_bw: float, smoke: bool, results: list) -> None:
                 "sample T=1", shape, dtype, num_bytes,
                 lambda: ops.sample_tokens(logits, 1.0, seed=1, logliks=logliks),
                 lambda: torch_sample_t1(logits, logliks),
+            )
+            # the engine's one launch for many requests: four (temperature, EOS) groups in one
+            # sample_rows call against the four launches of their own ("torch" column)
+            mixed = row_groups(shape[0], shape[1], device)
+            active, row_logliks = torch.ones(shape[0], dtype=torch.bool, device=device), logliks.clone()
+            record(
+                "sample_rows 4 groups", shape, dtype, num_bytes,
+                lambda: ops.sample_rows(logits, offsets=mixed["offsets"], temperatures=mixed["temperatures"],
+                                        eos_token_ids=mixed["eos"], active=active.clone(), logliks=row_logliks),
+                lambda: [library.sample_tokens(logits[index], mixed["offsets"][index], active[index].clone(),
+                                               row_logliks[index].clone(), temperature, eos)
+                         for index, temperature, eos in mixed["groups"]],
             )
             record(
                 "token_logprobs", shape, dtype, num_bytes,
