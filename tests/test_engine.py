@@ -457,3 +457,28 @@ def test_one_sampling_launch_per_forward_for_every_request(model, monkeypatch):
         assert engine.stats().num_forwards - forwards_before == engine.last_step_forwards
     assert decode_steps >= 8
     assert [finals[k] for k in sorted(finals, key=lambda k: int(k.split("-")[1]))] == alone
+
+
+def test_resampled_rollouts_run_through_the_engine_alone_and_together_and_free_everything(model):
+    """Power with resampled tempered rollouts (R = 2, 2 groups) is a request like any other:
+    it gets the tokens it gets alone when it shares the steps with plain requests, an abort
+    of one of them frees its blocks, and nothing is left held at the end."""
+    params = SamplingParams(method="power", max_tokens=9, seed=SEED + 5, ignore_eos=True, block_size=3,
+                            num_candidates=4, top_k=2, num_rollouts=4, horizon=5, rollout_proposal="tempered",
+                            rollout_resample_every=2, rollout_groups=2)
+    [alone] = new_engine(model).run([[1, 2, 3]], params)
+    assert len(alone.token_ids) == 9 and len(alone.result.stats.blocks) == 3
+    engine = new_engine(model)
+    power_id = engine.add_request([1, 2, 3], params)
+    doomed = engine.add_request([4], SamplingParams(method="plain", max_tokens=30, seed=1, ignore_eos=True))
+    engine.add_request([2, 2], SamplingParams(method="plain", max_tokens=6, seed=2, ignore_eos=True))
+    finals, steps = {}, 0
+    while engine.has_unfinished():
+        steps += 1
+        if steps == 3:
+            engine.abort(doomed)
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals[power_id].token_ids == alone.token_ids and finals[doomed].finish_reason == "abort"
+    assert engine.cache.blocks_in_use == 0 and engine.stats().kv_blocks_reserved == 0

@@ -27,6 +27,9 @@ SETTINGS = {
                                                                   num_rollouts=2, horizon=7)),
     "power-token": dict(method="power", config=PowerConfig(alpha=2.0, block_size=1, top_k=4, num_rollouts=3,
                                                                   horizon=6)),
+    "power-resampled": dict(method="power", config=PowerConfig(alpha=4.0, block_size=5, num_candidates=4, top_k=3,
+                                                               num_rollouts=4, horizon=7, rollout_proposal="tempered",
+                                                               rollout_resample_every=2, rollout_groups=2)),
     "mcmc": dict(method="mcmc", config=MCMCConfig(alpha=2.0, block_size=6, mcmc_steps=3)),
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=5),
@@ -37,7 +40,7 @@ SETTINGS = {
 }
 
 # settings whose branches share blocks after a while (resampled particles): the bound holds, not tightly
-SHARING = {"smc-resampling"}
+SHARING = {"smc-resampling", "power-resampled"}
 
 
 def tiny_model(seed: int):

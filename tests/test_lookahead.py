@@ -133,6 +133,48 @@ def test_zeta_hat_is_unbiased_for_both_proposals(horizon, torch_ops):
     # comparison is measured, not asserted
 
 
+@pytest.mark.parametrize("horizon, every", [(4, 2), (5, 2)])
+def test_resampled_rollouts_are_unbiased_for_zeta(horizon, every, torch_ops):
+    """Tempered rollouts resampled every 2 tokens in 2 independent groups: the mean of
+    zeta_hat (the groups' mean of their product of stage means) against the exact zeta of
+    every candidate, within 5 standard errors of the mean over copies (plus float32
+    rounding); 4-token vocabulary, so the futures are enumerated exactly. Every rollout
+    sequence is freed (LMRunner counts them)."""
+    alpha, copies, prompt = 4.0, 1500, [0, 1]
+    model = random_table_lm(4, SEED + 7)
+    config = PowerConfig(alpha=alpha, block_size=1, top_k=4, num_rollouts=4, horizon=horizon, jackknife=False,
+                         rollout_proposal="tempered", rollout_resample_every=every, rollout_groups=2)
+    runner = LMRunner(model)
+    records = PowerSampler(runner, config=config, seed=SEED).decisions([prompt] * copies, horizon + 1)
+    assert runner.live_sequences == 0
+    ids = [c[0] for c in records[0].candidates]
+    hats = torch.tensor([r.log_zeta for r in records], dtype=torch.float64).exp()
+    for column, token in enumerate(ids):
+        zeta = exact.scaling_factor(model, prompt, token, alpha, horizon + 1)
+        mean, stderr = float(hats[:, column].mean()), float(hats[:, column].std() / math.sqrt(copies))
+        assert abs(mean - zeta) <= 5 * stderr + 1e-5 * zeta, (token, mean, zeta, stderr, SEED)
+        assert stderr > 0  # a random estimate, not a constant
+    assert all(len(r.rollout_ess) == len(ids) and all(1.0 <= e <= 4.0 + 1e-9 for e in r.rollout_ess) for r in records)
+
+
+def test_resampled_rollouts_group_jackknife_runs_and_settings_are_checked(torch_ops):
+    model = random_table_lm(4, SEED + 11)
+    config = PowerConfig(alpha=4.0, block_size=1, top_k=4, num_rollouts=6, horizon=5, rollout_proposal="tempered",
+                         rollout_resample_every=2, rollout_groups=3)
+    runner = LMRunner(model)
+    [result] = PowerSampler(runner, config=config, seed=SEED).generate([[0, 1]], 6)
+    assert len(result.token_ids) == 6 and runner.live_sequences == 0
+    for bad, field in ((dict(rollout_proposal="base"), "rollout_resample_every"),
+                       (dict(rollout_groups=4), "rollout_groups"),
+                       (dict(rollout_groups=1), "rollout_groups"),
+                       (dict(reuse_rollouts=True), "rollout_resample_every")):
+        settings = dict(alpha=4.0, block_size=1, top_k=4, num_rollouts=6, horizon=5, rollout_proposal="tempered",
+                        rollout_resample_every=2, rollout_groups=3) | bad
+        with pytest.raises(ValueError) as caught:
+            PowerConfig(**settings)
+        assert caught.value.field == field, (bad, caught.value)
+
+
 # ------------------------------------------------------------------------- reuse
 
 

@@ -147,6 +147,12 @@ SETTINGS: dict[str, Setting] = _declare(
             "rollouts from p ('base', the paper's) or from p at T = 1/alpha ('tempered')", choices=ROLLOUT_PROPOSALS),
     Setting("reuse_rollouts", bool, False,
             "the chosen candidate's rollouts become the next decision's candidates (needs H >= B)", _boolean),
+    Setting("rollout_resample_every", int, 0,
+            "R: resample the tempered rollouts every R tokens, within independent groups (0: never)",
+            int_at_least(0)),
+    Setting("rollout_groups", int, 2,
+            "G: independent groups the M resampled rollouts are split into (the jackknife leaves one out)",
+            int_at_least(1)),
     Setting("mcmc_steps", int, 10, "N_MCMC: Metropolis-Hastings steps after each mcmc block", int_at_least(0)),
     Setting("num_particles", int, 32, "N: particles of smc", int_at_least(1), flag="--particles"),
     Setting("ess_threshold", float, 0.5, "smc resamples when ESS < this * N", _fraction),
@@ -208,8 +214,8 @@ class PowerConfig:
     ``block_size = 1``). Fields: alpha, block_size (B), num_candidates (L), top_k (K),
     num_rollouts (M), horizon (H), jackknife, rollout_proposal ("base": rollouts from p,
     weight p(s)^(alpha-1); "tempered": from p at T = 1/alpha, weight prod_t sum_x
-    p(x|h_t)^alpha, powerfast/DESIGN.md section 6), reuse_rollouts (:data:`SETTINGS` has each one's
-    help)."""
+    p(x|h_t)^alpha, powerfast/DESIGN.md section 6), reuse_rollouts, rollout_resample_every (R) and
+    rollout_groups (G) (:data:`SETTINGS` has each one's help)."""
 
     alpha: float = SETTINGS["alpha"].field()
     block_size: int = SETTINGS["block_size"].field()
@@ -220,9 +226,29 @@ class PowerConfig:
     jackknife: bool = SETTINGS["jackknife"].field()
     rollout_proposal: str = SETTINGS["rollout_proposal"].field()
     reuse_rollouts: bool = SETTINGS["reuse_rollouts"].field()
+    rollout_resample_every: int = SETTINGS["rollout_resample_every"].field()
+    rollout_groups: int = SETTINGS["rollout_groups"].field()
 
     def __post_init__(self) -> None:
         _validate_fields(self)
+        if self.rollout_resample_every:
+            if self.rollout_proposal != "tempered":
+                raise SettingError("rollout_resample_every",
+                                   f"rollout_resample_every={self.rollout_resample_every} needs rollout_proposal="
+                                   f"'tempered' (the resampling weights are the tempered ones), got "
+                                   f"{self.rollout_proposal!r}")
+            if self.reuse_rollouts:
+                raise SettingError("rollout_resample_every",
+                                   f"rollout_resample_every={self.rollout_resample_every} cannot be combined with "
+                                   "reuse_rollouts")
+            if self.num_rollouts % self.rollout_groups:
+                raise SettingError("rollout_groups",
+                                   f"num_rollouts ({self.num_rollouts}) must be a multiple of rollout_groups "
+                                   f"({self.rollout_groups}) when rollouts are resampled")
+            if self.jackknife and self.rollout_groups < 2:
+                raise SettingError("rollout_groups",
+                                   f"the jackknife over resampled rollouts leaves one group out: it needs "
+                                   f"rollout_groups >= 2, got {self.rollout_groups} (or set jackknife=False)")
         if self.reuse_rollouts and self.horizon < self.block_size:
             raise SettingError("reuse_rollouts",
                                f"reuse_rollouts needs horizon >= block_size (the rollouts become the next candidates), "

@@ -163,6 +163,14 @@ def method_grid(alpha: float, num_tokens: int, *, mcmc_steps=(2, 8, 32), rollout
 
                 name = f"power-{proposal}" + ("+reuse" if reuse else "")
                 grid.append(MethodSpec(name, f"M={m}", build))
+    for m in rollouts:  # tempered rollouts resampled every 2 tokens in 2 independent groups
+        if m >= 4 and m % 2 == 0:
+            def resampled(runner, seed, m=m):
+                return make_sampler("power", runner, seed=seed, alpha=alpha, block_size=1, top_k=runner.vocab_size,
+                                    num_rollouts=m, horizon=num_tokens, rollout_proposal="tempered",
+                                    rollout_resample_every=2, rollout_groups=2)
+
+            grid.append(MethodSpec("power-resampled", f"M={m}, R=2, G=2", resampled))
     for n in particles:
         grid.append(MethodSpec("smc", f"N={n}", sampler("smc", alpha=alpha, num_particles=n, resample_every=1)))
     if include:
@@ -344,7 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated V:T:eos|noeos:seed specs (default 5:4:eos:0,4:5:noeos:1)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method names to keep (plain, low-temp, mcmc, power, power-tempered, "
-                             "power-base+reuse, smc, ...; default all)")
+                             "power-base+reuse, power-resampled, smc, ...; default all)")
     parser.add_argument("--mcmc-steps", default="2,8,32", help="N_MCMC values (default 2,8,32)")
     parser.add_argument("--rollouts", default="2,4,8,16", help="M values of power sampling (default 2,4,8,16)")
     parser.add_argument("--particles", default="8,32,128", help="N values of SMC (default 8,32,128)")

@@ -179,6 +179,7 @@ def continuations_program(
     stream: bool = False,
     logliks: torch.Tensor | None = None,
     log_weights: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
 ):
     """Sample ``num_steps`` tokens for every sequence in one batched decode loop, as a
     step program (it yields its samples and decodes, see :mod:`powerfast.samplers.program`;
@@ -205,6 +206,8 @@ def continuations_program(
     log_weights:  (N,) float64 importance weights updated in place: every step adds each
                   active row's log sum_x p(x | h_t)^(1/T_t) (the incremental weight of a
                   tempered proposal; Power-SMC's particle weights)
+    active:       (N,) bool rows still decoding (default all): a row that ended in an earlier
+                  loop (its EOS) stays ended, fed EOS, its statistics frozen
     """
     eos_ids = stop_token_ids(eos_token_id)
     eos_token_id = eos_ids[0] if eos_ids else None  # the sampling ops handle the first id
@@ -217,7 +220,7 @@ def continuations_program(
     base = torch.zeros(num_rows, dtype=torch.float32, device=device) if logliks is None else logliks
     tempered = (torch.zeros(num_rows, dtype=torch.float32, device=device)
                 if any(t not in (0, 1.0) for t in schedule) else None)
-    active = torch.ones(num_rows, dtype=torch.bool, device=device)
+    active = torch.ones(num_rows, dtype=torch.bool, device=device) if active is None else active.clone()
     log_power_sums = torch.zeros(num_rows, dtype=torch.float32, device=device) if want_log_power_sums else None
     for value in set(schedule):
         if value != 0:

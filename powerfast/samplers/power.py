@@ -36,6 +36,7 @@ from powerfast.core.config import PowerConfig
 from powerfast.samplers.base import RunnerSampler, appended_blocks, blocks_for
 from powerfast.samplers.decoding import check_no_nan, continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Decode, Final, Prefill, drive
+from powerfast.samplers.resampling import systematic_resample
 from powerfast.samplers.results import BlockRecord, GenerationStats
 
 __all__ = ["PowerSampler", "Decision"]
@@ -217,7 +218,9 @@ class PowerSampler(RunnerSampler):
         # rollouts from every candidate that has a future (not ended, budget left)
         needs_rollouts = [(i, k) for i in prompts for k in range(len(decisions[i].candidates))
                           if horizon > 0 and not decisions[i].ends_with_eos[k]]
-        rollout_logliks = {i: torch.zeros(len(decisions[i].candidates), cfg.num_rollouts) for i in prompts}
+        resampled = bool(cfg.rollout_resample_every)
+        columns = cfg.rollout_groups if resampled else cfg.num_rollouts  # estimator columns per candidate
+        rollout_logliks = {i: torch.zeros(len(decisions[i].candidates), columns) for i in prompts}
         rollout_ess: dict[int, list[float | None]] = {i: [None] * len(decisions[i].candidates) for i in prompts}
         rollout_rows: dict[tuple[int, int], int] = {}
         rollouts = rollout_seqs = rollout_starts = None
@@ -233,15 +236,28 @@ class PowerSampler(RunnerSampler):
             tempered = cfg.rollout_proposal == "tempered"
             reuse = cfg.reuse_rollouts and select
             with phase("rollouts"):
-                rollouts = yield from continuations_program(
-                    rollout_seqs, torch.cat(first_logits), horizon, self.seeds, eos_token_id=eos,
-                    temperature=1.0 / cfg.alpha if tempered else 1.0, want_log_power_sums=tempered, per_token=reuse,
-                )
+                if resampled:
+                    weights, decoded, stage_ess, nan, rollout_seqs = yield from self._resampled_rollouts(
+                        rollout_seqs, torch.cat(first_logits), horizon, eos, live, len(needs_rollouts))
+                    rollouts = None
+                else:
+                    rollouts = yield from continuations_program(
+                        rollout_seqs, torch.cat(first_logits), horizon, self.seeds, eos_token_id=eos,
+                        temperature=1.0 / cfg.alpha if tempered else 1.0, want_log_power_sums=tempered,
+                        per_token=reuse,
+                    )
             if not reuse:  # with reuse they live on until the choice (the chosen ones become candidates)
                 self.runner.free(rollout_seqs)
                 drop = {id(s) for s in rollout_seqs}
                 live[:] = [s for s in live if id(s) not in drop]
-            if tempered:
+            if resampled:
+                # one column per group: log zeta_hat of the group, handed as the "log-likelihood"
+                # whose (alpha - 1) multiple the estimator averages (see the tempered case)
+                equivalent = weights / (cfg.alpha - 1.0) if cfg.alpha != 1.0 else torch.zeros_like(weights)
+                shape = (len(needs_rollouts), columns)
+                per_candidate, log_weights, lengths, ess, nan = to_host(
+                    equivalent.float().view(shape), weights.view(shape), decoded, stage_ess, nan)
+            elif tempered:
                 # log weight of a rollout = sum_t log c_t; the estimator weighs (alpha - 1) * loglik,
                 # so hand it log weight / (alpha - 1) (at alpha = 1 every weight is 0 either way)
                 weights = rollouts.log_power_sums.double()
@@ -249,13 +265,14 @@ class PowerSampler(RunnerSampler):
             else:
                 weights = (cfg.alpha - 1.0) * rollouts.base_logliks.double()
                 equivalent = rollouts.base_logliks
-            # one device-to-host copy for the phase: what the estimate and the records need
-            shape = (len(needs_rollouts), cfg.num_rollouts)
-            per_candidate, log_weights, lengths, nan = to_host(
-                equivalent.float().view(shape), weights.view(shape), rollouts.lengths.view(shape).sum(-1),
-                nan_flag(rollouts.base_logliks))
+            if not resampled:
+                # one device-to-host copy for the phase: what the estimate and the records need
+                shape = (len(needs_rollouts), cfg.num_rollouts)
+                per_candidate, log_weights, lengths, nan = to_host(
+                    equivalent.float().view(shape), weights.view(shape), rollouts.lengths.view(shape).sum(-1),
+                    nan_flag(rollouts.base_logliks))
+                ess = torch.exp(2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1))
             raise_on_nan(nan, "rollouts")
-            ess = torch.exp(2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1))
             for row, (i, k) in enumerate(needs_rollouts):
                 rollout_logliks[i][k] = per_candidate[row]
                 rollout_ess[i][k] = float(ess[row])
@@ -265,13 +282,13 @@ class PowerSampler(RunnerSampler):
         with phase("score"):
             k_max = max(len(decisions[i].candidates) for i in prompts)
             cand = torch.full((len(prompts), k_max), -math.inf, dtype=torch.float32)
-            rolls = torch.zeros(len(prompts), k_max, cfg.num_rollouts, dtype=torch.float32)
+            rolls = torch.zeros(len(prompts), k_max, columns, dtype=torch.float32)
             for row, i in enumerate(prompts):
                 k_i = len(decisions[i].candidates)
                 cand[row, :k_i] = decisions[i].candidate_logprobs.float()  # host tensors (the candidates' copy)
                 rolls[row, :k_i] = rollout_logliks[i]
             device = decisions[prompts[0]].last_logits.device
-            estimate = ops.power_estimates(cand.to(device), rolls.to(device), cfg.alpha, cfg.jackknife and cfg.num_rollouts >= 2)
+            estimate = ops.power_estimates(cand.to(device), rolls.to(device), cfg.alpha, cfg.jackknife and columns >= 2)
             probs, p_hat, log_zeta = (t.double() for t in to_host(*estimate))  # one copy
 
         out = {}
@@ -294,6 +311,63 @@ class PowerSampler(RunnerSampler):
             with phase("reuse"):
                 yield from self._reuse(out, prompts, rollouts, rollout_seqs, rollout_rows, rollout_starts, budget, eos, stats, live)
         return out
+
+    def _resampled_rollouts(self, seqs: list, logits: torch.Tensor, horizon: int, eos, live: list,
+                            num_candidates: int):
+        """Tempered rollouts resampled every R tokens within independent groups (a step program).
+
+        The M rollouts of each candidate are G groups of M / G. Each group is a sequential
+        Monte Carlo run over the rollout tokens: at every token a rollout's weight is
+        multiplied by c_t = sum_x p(x | h_t)^alpha (the tempered proposal's normaliser); every
+        R tokens the group's stage weights are averaged into its estimate and the group is
+        resampled systematically (survivors forked, the rest freed: no KV is copied), the
+        weights reset. log zeta_hat of a group is the sum over stages of the log mean stage
+        weight: unbiased for zeta, as every such product is. The groups are independent, so
+        the jackknife leaves one group out (not one rollout: rollouts in a group are not).
+
+        Returns ((C, G) float64 log zeta_hat per group, (C,) tokens decoded per candidate,
+        (C,) ESS of the last stage's weights over the M rollouts, a NaN flag (device
+        tensors), the rollout sequences now held).
+        """
+        cfg = self.config
+        size = cfg.num_rollouts // cfg.rollout_groups
+        device = logits.device
+        log_zeta = torch.zeros(num_candidates, cfg.rollout_groups, dtype=torch.float64, device=device)
+        decoded = torch.zeros(num_candidates, dtype=torch.long, device=device)
+        nan = torch.zeros((), dtype=torch.bool, device=device)
+        active, done = None, 0
+        while True:
+            length = min(cfg.rollout_resample_every, horizon - done)
+            last = done + length == horizon
+            out = yield from continuations_program(
+                seqs, logits, length, self.seeds, eos_token_id=eos, temperature=1.0 / cfg.alpha,
+                want_log_power_sums=True, want_last_logits=not last, active=active)
+            stage = out.log_power_sums.double().view(num_candidates, cfg.rollout_groups, size)
+            log_zeta += torch.logsumexp(stage, -1) - math.log(size)
+            decoded += out.lengths.view(num_candidates, cfg.num_rollouts).sum(-1)
+            nan = nan | nan_flag(out.base_logliks)
+            done += length
+            if last:
+                flat = stage.view(num_candidates, cfg.num_rollouts)
+                ess = torch.exp(2 * torch.logsumexp(flat, -1) - torch.logsumexp(2 * flat, -1))
+                return log_zeta, decoded, ess, nan, seqs
+            [host_stage] = to_host(stage)  # one copy per stage: the resampling decisions
+            ancestors = []
+            for c in range(num_candidates):
+                for g in range(cfg.rollout_groups):
+                    first = (c * cfg.rollout_groups + g) * size
+                    chosen, _ = systematic_resample(host_stage[c, g], size, self.seeds.uniform())
+                    ancestors.extend(first + a for a in chosen.tolist())
+            children: dict[int, list] = {}
+            for row in sorted(set(ancestors)):
+                children[row] = self.runner.fork(seqs[row], ancestors.count(row))
+            survivors = [children[row].pop() for row in ancestors]
+            live.extend(survivors)
+            self.runner.free(seqs)
+            drop = {id(s) for s in seqs}
+            live[:] = [s for s in live if id(s) not in drop]
+            index = ops.upload_ints(ancestors, torch.long, device)
+            seqs, logits, active = survivors, out.last_logits[index], out.active[index]
 
     def _reuse(self, out: dict, prompts: list[int], rollouts, rollout_seqs: list, rollout_rows: dict,
                rollout_starts: list[int], budget: int, eos, stats, live: list) -> None:
