@@ -252,7 +252,8 @@ def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: 
     unit alone, never on the prompts beside it (per-request random streams; the same
     tokens as a ``generate`` of that prompt alone with that seed). Called in the process
     that evaluates: the single-process run, or each Ray worker. ``Generation.seconds`` is
-    each request's latency (queueing included).
+    each request's latency (queueing included), ``Generation.decoded_tokens`` every token
+    decoded for it (the engine's ``RequestOutput.decoded_tokens``: its compute).
     """
     import dataclasses
 
@@ -270,7 +271,8 @@ def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: 
             for out in outs:
                 if out.finish_reason == "error":
                     raise RuntimeError(f"method {name!r} failed: {out.error}")
-            return [Generation(out.text, len(out.token_ids), out.finish_time - out.arrival_time) for out in outs]
+            return [Generation(out.text, len(out.token_ids), out.finish_time - out.arrival_time, out.decoded_tokens)
+                    for out in outs]
 
         return generate
 
