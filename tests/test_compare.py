@@ -4,7 +4,6 @@ records without decoded_tokens, and the one-line errors."""
 from __future__ import annotations
 
 import json
-import math
 import random
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from scipy.stats import binomtest
-from test_cli import tiny_model_dir  # noqa: F401  (fixture)
+from test_cli import tiny_model_dir  # noqa: F401, F811  (fixture)
 
 from powerfast import cli
 from powerfast.evaluation import Generation, load_task, run_evaluation, wilson_interval
@@ -316,7 +315,8 @@ def test_directory_without_records(tmp_path, capsys):
 
 def test_unknown_baseline(run_dir, capsys):
     err = one_line_error(capsys, ["compare", str(run_dir), "--baseline", "greedy"])
-    assert err == "powerfast compare: error: unknown baseline 'greedy' in task toy: the methods are mcmc, plain, power\n"
+    assert err == ("powerfast compare: error: unknown baseline 'greedy' in task toy: "
+                   "the methods are mcmc, plain, power\n")
     with pytest.raises(ValueError, match="unknown baseline 'greedy'"):
         compare(run_dir, baseline="greedy")
 

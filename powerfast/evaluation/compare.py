@@ -41,7 +41,7 @@ from typing import Mapping, Sequence
 from powerfast.evaluation.grading import _require
 from powerfast.evaluation.runs import decoded_tokens, wilson_interval
 
-__all__ = ["Comparison", "MethodComparison", "PAIRINGS", "TaskComparison", "accuracy_vs_decoded_tokens_figure",
+__all__ = ["PAIRINGS", "Comparison", "MethodComparison", "TaskComparison", "accuracy_vs_decoded_tokens_figure",
            "compare", "holm", "mcnemar_exact", "read_run"]
 
 #: The paired units: one (problem, seed), or one problem (majority over its seeds).
@@ -253,8 +253,8 @@ class TaskComparison:
 
     def __str__(self) -> str:
         lines = [f"task {self.task}: baseline {self.baseline}; {self.pairing_text}", self.table,
-                 "b: pairs the baseline got right and the method wrong; c: the reverse; p: McNemar's exact test, "
-                 "Holm-adjusted over the methods of this task"]
+                 ("b: pairs the baseline got right and the method wrong; c: the reverse; p: McNemar's exact test, "
+                  "Holm-adjusted over the methods of this task")]
         for m in self.methods:
             if m.decoded_tokens_missing:
                 lines.append(f"{m.method}: {m.decoded_tokens_missing} of {m.n} records without decoded_tokens "
