@@ -1,4 +1,4 @@
-"""The ``powerfast`` command: sample, eval, profile, toy, fidelity, serve."""
+"""The ``powerfast`` command: sample, eval, compare, profile, toy, fidelity, serve."""
 
 from __future__ import annotations
 
@@ -102,6 +102,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     _add_model_arguments(evaluate)
     _add_method_arguments(evaluate, preset)
     evaluate.set_defaults(handler=_run_eval)
+
+    comparing = commands.add_parser(
+        "compare", help="compare the methods of an eval run: accuracy, decoded tokens, exact paired tests")
+    comparing.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of powerfast eval (or one task folder)")
+    comparing.add_argument("--baseline", default=None, metavar="METHOD",
+                           help="the method the others are tested against (default: plain if recorded, else the "
+                                "first method alphabetically)")
+    comparing.add_argument("--task", default=None, metavar="NAME", help="this task folder only (default: every task)")
+    comparing.add_argument("--pairing", default="seed", choices=("seed", "majority"),
+                           help="paired unit: one (problem, seed) (default), or one problem, right by majority "
+                                "over its seeds")
+    comparing.add_argument("--json", default=None, metavar="PATH",
+                           help="also write the whole comparison as JSON to PATH")
+    comparing.set_defaults(handler=_run_compare)
 
     profile = commands.add_parser("profile", help="write a torch profiler trace (chrome JSON) of one power-sampling run")
     profile.add_argument("prompt", help="the prompt text")
@@ -252,7 +266,8 @@ def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: 
     unit alone, never on the prompts beside it (per-request random streams; the same
     tokens as a ``generate`` of that prompt alone with that seed). Called in the process
     that evaluates: the single-process run, or each Ray worker. ``Generation.seconds`` is
-    each request's latency (queueing included).
+    each request's latency (queueing included), ``Generation.decoded_tokens`` every token
+    decoded for it (the engine's ``RequestOutput.decoded_tokens``: its compute).
     """
     import dataclasses
 
@@ -270,7 +285,8 @@ def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: 
             for out in outs:
                 if out.finish_reason == "error":
                     raise RuntimeError(f"method {name!r} failed: {out.error}")
-            return [Generation(out.text, len(out.token_ids), out.finish_time - out.arrival_time) for out in outs]
+            return [Generation(out.text, len(out.token_ids), out.finish_time - out.arrival_time, out.decoded_tokens)
+                    for out in outs]
 
         return generate
 
@@ -302,6 +318,16 @@ def _run_eval(args) -> int:
                                         workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                                         units_per_call=args.concurrency, progress=True)
     print(summary)
+    return 0
+
+
+def _run_compare(args) -> int:
+    from powerfast.evaluation.compare import compare
+
+    comparison = compare(args.run_dir, baseline=args.baseline, task=args.task, pairing=args.pairing)
+    written = comparison.save(args.json)
+    print(comparison)
+    print("written: " + ", ".join(str(path) for path in written), file=sys.stderr)
     return 0
 
 

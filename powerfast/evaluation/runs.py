@@ -2,8 +2,9 @@
 
 A *method* is any callable ``generate(prompts: list[str], sample_seeds: list[int]) ->
 list[Generation]`` returning, for each prompt, the generated continuation (not the
-prompt), its length in tokens and the seconds spent on it. A *unit* is one (problem, run
-seed, method); its sample seed depends on the unit alone (:func:`unit_seed`).
+prompt), its length in tokens, the seconds spent on it and, when known, every token
+decoded for it (its compute). A *unit* is one (problem, run seed, method); its sample
+seed depends on the unit alone (:func:`unit_seed`).
 :func:`run_evaluation` runs methods on a task and appends one JSON line per sample to
 ``out_dir/<task>/<method>-seed<seed>.jsonl``; a rerun skips the samples already recorded,
 so an interrupted run continues where it stopped. :class:`EvaluationRun` is the driver's
@@ -32,11 +33,17 @@ from powerfast.evaluation.tasks import Problem, Task, load_task
 
 @dataclass
 class Generation:
-    """What a method returns for one prompt: the continuation, its token count, its time."""
+    """What a method returns for one prompt: the continuation, its token count, its time.
+
+    ``decoded_tokens`` is the compute it cost: every token decoded for it (candidates,
+    rollouts, proposals, particles, the continuation's own), when the method knows it;
+    recorded as the record's ``decoded_tokens`` (left out of the record when None).
+    """
 
     text: str
     num_tokens: int
     seconds: float
+    decoded_tokens: int | None = None
 
 
 #: The signature of a method: ``generate(prompts, sample_seeds) -> one Generation per prompt``,
@@ -55,6 +62,10 @@ class MethodSummary:
     seconds_per_prompt: float
     tokens_per_prompt: float
     pass_at_1_per_seed: dict[int, float] = field(default_factory=dict)
+    #: every token decoded for the samples over their seconds (sum / sum; see :func:`decoded_tokens`)
+    decoded_tokens_per_second: float = math.nan
+    #: samples recorded without ``decoded_tokens``: their ``num_tokens`` counted in its place
+    decoded_tokens_missing: int = 0
 
 
 @dataclass
@@ -84,6 +95,21 @@ class Summary:
         return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in lines])
 
     @property
+    def throughput_table(self) -> str:
+        """A plain-text table of each method's decoded tokens per second (sum of every
+        record's decoded tokens over the sum of its seconds)."""
+        header = ("method", "decoded tokens/s")
+        lines = [(r.method, f"{r.decoded_tokens_per_second:.1f}") for r in self.rows]
+        widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+        fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        text = "\n".join([fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in lines])
+        for r in self.rows:
+            if r.decoded_tokens_missing:
+                text += (f"\n{r.method}: {r.decoded_tokens_missing} of {r.n} records without decoded_tokens "
+                         f"(num_tokens counted instead)")
+        return text
+
+    @property
     def worker_table(self) -> str:
         """A plain-text table of this invocation's workers: units, busy seconds, units/s."""
         header = ("worker", "where", "units", "busy s", "units/s", "load s")
@@ -94,7 +120,7 @@ class Summary:
         return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(row) for row in lines])
 
     def __str__(self) -> str:
-        text = f"task {self.task}\n{self.table}"
+        text = f"task {self.task}\n{self.table}\n\n{self.throughput_table}"
         if self.workers:
             units = sum(w.units for w in self.workers)
             text += f"\n\n{self.worker_table}"
@@ -273,6 +299,8 @@ class EvaluationRun:
             "correct": bool(grade.correct), "num_tokens": int(generation.num_tokens),
             "seconds": float(generation.seconds),
         }
+        if generation.decoded_tokens is not None:
+            record["decoded_tokens"] = int(generation.decoded_tokens)
         key = (unit.method, unit.seed)
         if key not in self._files:
             self._files[key] = open(self._path(*key), "a", encoding="utf-8")
@@ -383,6 +411,16 @@ def _progress_bar(total: int, initial: int, desc: str, enabled: bool):
     return tqdm(total=total, initial=initial, desc=desc, unit="unit", file=sys.stderr, disable=not enabled)
 
 
+def decoded_tokens(record: Mapping) -> tuple[int, bool]:
+    """The tokens decoded for a record and whether the record says so: its ``decoded_tokens``,
+    or, in a record written without it (before the field existed, or by a method that does
+    not know it), its ``num_tokens`` and False."""
+    value = record.get("decoded_tokens")
+    if value is None:
+        return int(record["num_tokens"]), False
+    return int(value), True
+
+
 def summarise(task: str, samples: Mapping[tuple[str, int], list[dict]], out_dir: str | os.PathLike) -> Summary:
     """Aggregate recorded samples, keyed by (method, seed), into one row per method."""
     by_method: dict[str, dict[int, list[dict]]] = {}
@@ -395,9 +433,13 @@ def summarise(task: str, samples: Mapping[tuple[str, int], list[dict]], out_dir:
         correct = sum(bool(r["correct"]) for r in records)
         mean = lambda key: sum(float(r[key]) for r in records) / n if n else math.nan
         by_seed = {seed: sum(bool(r["correct"]) for r in rs) / len(rs) for seed, rs in per_seed.items() if rs}
+        decoded = [decoded_tokens(r) for r in records]
+        seconds = sum(float(r["seconds"]) for r in records)
         rows.append(
             MethodSummary(
-                name, n, correct, correct / n if n else math.nan, mean("seconds"), mean("num_tokens"), by_seed
+                name, n, correct, correct / n if n else math.nan, mean("seconds"), mean("num_tokens"), by_seed,
+                sum(d for d, _ in decoded) / seconds if seconds > 0 else math.nan,
+                sum(not known for _, known in decoded),
             )
         )
     return Summary(task, rows, str(out_dir))
