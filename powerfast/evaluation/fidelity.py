@@ -366,6 +366,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rollout-proposals", default="base,tempered",
                         help="proposals of --rollout-ess (default base,tempered)")
     parser.add_argument("--no-table", action="store_true", help="skip the fidelity table itself")
+    study = parser.add_argument_group("the horizon study on the embedded model (resumable: rerun to continue)")
+    study.add_argument("--horizon-study", default=None, metavar="PATH.jsonl",
+                       help="run (or continue) the spread of log zeta_hat per estimator, H and M; lines go to PATH")
+    study.add_argument("--study-horizons", default="4,8,16,32,64", help="H values (default 4,8,16,32,64)")
+    study.add_argument("--study-rollouts", default="4,16,64,256", help="M values (default 4,16,64,256)")
+    study.add_argument("--study-estimators", default="base,tempered,resampled",
+                       help="base, tempered, resampled (every 8 tokens) (default all three)")
+    study.add_argument("--study-replicates", type=int, default=8,
+                       help="replicates per cell below M = 256 (default 8; 3 from M = 256 on)")
+    study.add_argument("--study-max-rows", type=int, default=1024,
+                       help="rollouts decoded at once at most (bounds the KV memory; default 1024)")
+    study.add_argument("--study-summary-only", action="store_true",
+                       help="print the table of what PATH holds, run nothing")
+
+
+def _horizon_study(args: argparse.Namespace) -> str:
+    from powerfast.evaluation import horizon_study
+
+    if not args.study_summary_only:
+        from powerfast.runtime.models import load_model
+        from powerfast.runtime.runner import ModelRunner
+
+        model, tokenizer = load_model(None)
+        rows = args.study_max_rows
+        if rows < 1:
+            raise ValueError(f"--study-max-rows must be >= 1, got {rows}")
+        horizons = _ints(args.study_horizons)
+        # the KV pool: every rollout of a batch with its whole horizon, the prompts shared
+        runner = ModelRunner(model, max_memory=max(512, rows * (max(horizons) + 64) * _kv_bytes_per_token(model)
+                                                   >> 20) << 20)
+        horizon_study.run_study(args.horizon_study, runner, tokenizer, horizons=horizons,
+                                rollouts=_ints(args.study_rollouts),
+                                estimators=[e.strip() for e in args.study_estimators.split(",") if e.strip()],
+                                replicates=args.study_replicates, seed=args.seed, max_rows=rows,
+                                progress=lambda line: print(line, file=sys.stderr, flush=True))
+    lines = horizon_study.read_lines(args.horizon_study)
+    if not lines:
+        raise ValueError(f"{args.horizon_study} holds no study lines yet")
+    return horizon_study.format_summary(horizon_study.summarise(lines))
+
+
+def _kv_bytes_per_token(model) -> int:
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
 
 
 def _parse_model(text: str) -> ModelSpec:
@@ -396,6 +442,9 @@ def run(args: argparse.Namespace) -> int:
     if args.zeta_variance:
         print()
         print(format_zeta_variance(zeta_variance_rows()))
+    if args.horizon_study:
+        print()
+        print(_horizon_study(args))
     if args.rollout_ess:
         print()
         proposals = [p.strip() for p in args.rollout_proposals.split(",") if p.strip()]

@@ -1,0 +1,85 @@
+"""The horizon study (powerfast fidelity --horizon-study): cells, resuming, the summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+from test_sampler import tiny_llama
+
+from powerfast.evaluation import horizon_study
+from powerfast.runtime.runner import ModelRunner
+
+SEED = int.from_bytes(os.urandom(4), "little") % 1000
+PROMPTS = ([1, 2, 3], [4, 0, 2, 2])
+SMALL = dict(prompts=PROMPTS, horizons=(2, 3), rollouts=(2, 4), replicates=2, top_k=3, seed=SEED)
+
+pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return ModelRunner(tiny_llama(vocab=8, seed=SEED), block_size=4, num_blocks=2048)
+
+
+def test_cells_run_cheapest_first_with_fewer_replicates_at_the_largest_m():
+    plan = horizon_study.cells(("base", "resampled"), (4, 64), (4, 256), 8)
+    assert plan[0] == ("base", 4, 4, 8) and plan[-1] == ("resampled", 64, 256, 3)
+    assert [c[1] * c[2] for c in plan] == sorted(c[1] * c[2] for c in plan)
+    with pytest.raises(ValueError, match="'nope'"):
+        horizon_study.cells(("nope",), (4,), (4,), 8)
+
+
+def test_a_stopped_study_continues_where_it_was_and_draws_the_same_numbers(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    whole = horizon_study.run_study(tmp_path / "whole.jsonl", runner, **SMALL)
+    cells = horizon_study.cells(horizon_study.ESTIMATORS, (2, 3), (2, 4), 2)
+    assert len(whole) == len(cells) * len(PROMPTS) * 2 and runner.cache.blocks_in_use == 0
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_three(line, seen=[]):  # noqa: B006 - a counter across calls
+        seen.append(line)
+        if len(seen) == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        horizon_study.run_study(tmp_path / "part.jsonl", runner, progress=stop_after_three, **SMALL)
+    partial = horizon_study.read_lines(tmp_path / "part.jsonl")
+    assert len(partial) == 3 * len(PROMPTS) * 2
+    with open(tmp_path / "part.jsonl", "a") as f:
+        f.write('{"decision": 0, "estim')  # a line cut off by a kill mid-write
+    resumed = horizon_study.run_study(tmp_path / "part.jsonl", runner, **SMALL)
+
+    def key(line):
+        return (line["decision"], line["estimator"], line["H"], line["M"], line["replicate"])
+
+    assert sorted(map(key, resumed)) == sorted(map(key, whole))
+    by_key = {key(line): line for line in whole}
+    for line in resumed:
+        assert line["log_zeta"] == pytest.approx(by_key[key(line)]["log_zeta"], rel=1e-6, abs=1e-6)
+
+
+def test_summary_spread_agreement_and_gaps_by_hand():
+    def line(decision, m, replicate, log_zeta, logprobs=(-0.1, -1.0, -3.0)):
+        return dict(decision=decision, estimator="tempered", H=8, M=m, replicate=replicate, alpha=4.0,
+                    candidates=[1, 2, 3], candidate_logprobs=list(logprobs), log_zeta=list(log_zeta),
+                    rollout_ess=[1.0] * 3, seconds=0.5)
+
+    # reference at M = 16: candidate 1 (scores -0.4 - 5, -4 + 0, -12 + 0): argmax 1
+    lines = [line(0, 16, r, (-5.0, 0.0, 0.0)) for r in range(2)]
+    # at M = 4: replicate 0 agrees (argmax 1), replicate 1 does not (candidate 0 wins)
+    lines += [line(0, 4, 0, (-6.0, 0.0, 1.0)), line(0, 4, 1, (-2.0, -1.0, 1.0))]
+    summary = horizon_study.summarise(lines)
+    small = next(r for r in summary["rows"] if r["M"] == 4)
+    assert small["agreement"] == 0.5 and small["reference_m"] == 16 and small["replicates"] == 2
+    want_std = (math.sqrt(8.0) + math.sqrt(0.5) + 0.0) / 3  # per candidate: stdev of (-6, -2), (0, -1), (1, 1)
+    assert small["std_log_zeta"] == pytest.approx(want_std)
+    assert next(r for r in summary["rows"] if r["M"] == 16)["agreement"] is None
+    assert summary["gaps"][0] == pytest.approx([4.0 * 0.9, 4.0 * 2.0])
+    text = horizon_study.format_summary(summary)
+    assert "| tempered | 8 | 4 | 2 x 1 |" in text and "0.50" in text and json.dumps(summary)
