@@ -9,6 +9,8 @@ prompt per call, EOS ignored (every completion is ``max_new_tokens`` long):
   samplers of ``powerfast.samplers.factory.make_sampler``, all on one shared :class:`ModelRunner`;
 - ``power-tr``: power sampling with the tempered rollout proposal and rollout reuse
   (``PowerConfig(rollout_proposal="tempered", reuse_rollouts=True)``);
+- ``power-rs``: power sampling with tempered rollouts resampled every 8 tokens (or H, if
+  shorter) in 2 independent groups (``rollout_resample_every``, ``rollout_groups=2``);
 - ``recompute-mcmc``: :class:`RecomputeMCMC`, the same Metropolis-Hastings chain written
   the way the published MCMC code is: every block and every proposal calls
   ``model.generate`` on the whole prefix, recomputing it (``mcmc`` forks the sequence
@@ -20,7 +22,7 @@ as long as the longest sequence of the run and a decode step at each batch size 
 prompt is measured around each call (``torch.cuda.synchronize`` on CUDA). The table gives,
 per method: settings, seconds per prompt, generated tokens, tokens decoded in all
 (candidates, rollouts, proposals), and the ratio to ``plain``; below it the ratios
-power / plain, power-tr / plain, smc / plain, mcmc / power, recompute-mcmc / mcmc and
+power / plain, power-tr / plain, power-rs / power, smc / plain, mcmc / power, recompute-mcmc / mcmc and
 plain / hf-generate.
 
     python bench/e2e.py --model tiny --max-new-tokens 32
@@ -81,9 +83,10 @@ __all__ = [
     "summary",
 ]
 
-METHODS = ("hf-generate", "plain", "low-temp", "best-of-n", "power", "power-tr", "smc", "mcmc", "recompute-mcmc")
+METHODS = ("hf-generate", "plain", "low-temp", "best-of-n", "power", "power-tr", "power-rs", "smc", "mcmc",
+           "recompute-mcmc")
 MODELS = ("tiny", "smollm2", "qwen2.5-1.5b")
-RATIOS = (("power", "plain"), ("power-tr", "plain"), ("smc", "plain"), ("mcmc", "power"), ("recompute-mcmc", "mcmc"), ("plain", "hf-generate"))
+RATIOS = (("power", "plain"), ("power-tr", "plain"), ("power-rs", "power"), ("smc", "plain"), ("mcmc", "power"), ("recompute-mcmc", "mcmc"), ("plain", "hf-generate"))
 
 PROMPTS = (
     "What is the sum of the first 20 odd numbers? Explain step by step.",
@@ -109,6 +112,10 @@ class _SettingsMethods:
         settings = {name: getattr(self, name) for name in SETTINGS}
         if method == "power-tr":
             return method_config("power", **{**settings, "rollout_proposal": "tempered", "reuse_rollouts": True})
+        if method == "power-rs":
+            return method_config("power", **{**settings, "rollout_proposal": "tempered", "reuse_rollouts": False,
+                                             "rollout_resample_every": max(1, min(8, self.horizon)),
+                                             "rollout_groups": 2})
         return method_config({"recompute-mcmc": "mcmc", "hf-generate": "plain"}.get(method, method), **settings)
 
     def describe(self, method: str) -> str:
@@ -119,9 +126,9 @@ class _SettingsMethods:
             return f"T=1/{self.alpha:g}"
         if method == "best-of-n":
             return f"N={self.num_samples}"
-        if method in ("power", "power-tr"):
+        if method in ("power", "power-tr", "power-rs"):
             jk = " jk" if self.jackknife else ""
-            tr = " tempered+reuse" if method == "power-tr" else ""
+            tr = {"power-tr": " tempered+reuse", "power-rs": " tempered resampled/8 G=2"}.get(method, "")
             return (f"{a} B={self.block_size} H={self.horizon} L={self.num_candidates} "
                     f"K={self.top_k} M={self.num_rollouts}{jk}{tr}")
         if method == "smc":
@@ -141,12 +148,12 @@ class _SettingsMethods:
         t = max_new_tokens
         if method in ("hf-generate", "plain", "low-temp", "best-of-n", "smc"):
             return t
-        if method in ("power", "power-tr"):
+        if method in ("power", "power-tr", "power-rs"):
             steps, done = 0, 0
             while done < t:
                 block = min(self.block_size, t - done)
                 # with reuse every block after the first starts from the rollouts: one refresh step
-                candidate_steps = block if method == "power" or done == 0 else 1
+                candidate_steps = block if method != "power-tr" or done == 0 else 1
                 steps += candidate_steps + 1 + min(self.horizon, t - done - block)
                 done += block
             return steps
@@ -380,7 +387,7 @@ class Interrupted(Exception):
 
 
 def _make_sampler(method: str, runner: ModelRunner, settings: Settings):
-    return make_sampler("power" if method == "power-tr" else method, runner, seed=settings.seed,
+    return make_sampler("power" if method in ("power-tr", "power-rs") else method, runner, seed=settings.seed,
                         config=settings.config(method))
 
 
