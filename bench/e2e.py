@@ -128,7 +128,8 @@ class _SettingsMethods:
             return f"N={self.num_samples}"
         if method in ("power", "power-tr", "power-rs"):
             jk = " jk" if self.jackknife else ""
-            tr = {"power-tr": " tempered+reuse", "power-rs": " tempered resampled/8 G=2"}.get(method, "")
+            tr = {"power-tr": " tempered+reuse",
+                  "power-rs": f" tempered R={max(1, min(8, self.horizon))} G=2"}.get(method, "")
             return (f"{a} B={self.block_size} H={self.horizon} L={self.num_candidates} "
                     f"K={self.top_k} M={self.num_rollouts}{jk}{tr}")
         if method == "smc":
