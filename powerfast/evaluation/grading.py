@@ -162,3 +162,61 @@ def run_python(program: str, timeout: float = 10.0) -> bool:
         return status == 0 and bool(tail) and tail[-1] == marker
 
 
+
+
+# ---------------------------------------------------------------------------------------
+# Exact integer answers
+
+# A number as written in a completion: an optional minus sign (not when it follows a letter,
+# a digit or ')', where it is the operator of "12-5"), then digits with optional thousands
+# commas ("1,000") and an optional decimal part ("2.5", "14.0"); never the tail of a longer
+# number. A '.' with no digit after it ("22.") ends the sentence, not the number.
+_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?<![\d.])(?:\d{1,3}(?:,\d{3})+(?!\d|,\d)|\d+)(?:\.\d+)?")
+
+# A marker of a result: "=", the word "is", "equals" or "equal to", then only spaces, ':',
+# '*' (Markdown bold) or '$' before the number.
+_RESULT = re.compile(r"(?:=|\bis\b|\bequals\b|\bequal to\b)[\s:*$]*")
+
+# What makes a number the start of an expression rather than a result ("is 5 + 17 = 22").
+_OPERATOR_AFTER = re.compile(r"\s*(?:[-+*/×÷^]|(?:x|times|plus|minus|divided)\b)")
+
+
+def _number_value(token: str) -> int | None:
+    value = token.replace(",", "")
+    if "." in value:
+        whole, fraction = value.split(".")
+        if fraction.strip("0"):
+            return None  # "2.5" is not an integer
+        value = whole
+    return int(value)
+
+
+def integer_answer(text: str) -> int | None:
+    """The integer a completion gives as its answer, or None.
+
+    The rule, in order:
+
+    1. The first number that directly follows a result marker (``=``, ``is``, ``equals``,
+       ``equal to``; only spaces, ``:``, ``*`` or ``$`` in between) and is not itself
+       followed by an operator (``+ - * / × ÷ ^``, ``x``, ``times``, ``plus``, ``minus``,
+       ``divided``), which would make it the start of an expression: ``"12 - 5 is 7"``
+       gives 7, ``"The sum is 5 + 17 = 22"`` gives 22.
+    2. Otherwise the last number in the text.
+    3. None when the text has no number.
+
+    Numbers: ``-5`` is negative unless the ``-`` follows a letter, a digit or ``)`` (then it
+    is a minus operator: ``"12-5"`` holds 12 and 5); ``1,000`` is one thousand; a trailing
+    ``.`` ends the sentence (``"22."`` is 22); ``14.0`` is 14; a number with a nonzero
+    decimal part (``2.5``) is not an integer, and the answer is None when the rule picks
+    it. The Unicode minus ``−`` counts as ``-``. Words ("twelve") are not numbers.
+    """
+    text = text.replace("\u2212", "-")
+    numbers = list(_NUMBER.finditer(text))
+    if not numbers:
+        return None
+    starts = {m.start(): m for m in numbers}
+    for marker in _RESULT.finditer(text):
+        number = starts.get(marker.end())
+        if number is not None and not _OPERATOR_AFTER.match(text, number.end()):
+            return _number_value(number.group(0))
+    return _number_value(numbers[-1].group(0))

