@@ -82,7 +82,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sample.set_defaults(handler=_run_sample)
 
     evaluate = commands.add_parser("eval", help="evaluate methods on HumanEval, MATH500 or a JSON/JSONL file")
-    evaluate.add_argument("--task", required=True, help="humaneval, math500, or a path to a .json/.jsonl file")
+    evaluate.add_argument("--task", required=True,
+                          help="humaneval, math500, arithmetic, or a path to a .json/.jsonl file")
     evaluate.add_argument("--methods", default="power,plain", help="comma-separated methods (default power,plain)")
     evaluate.add_argument("--limit", type=int, default=None, help="first N problems only")
     evaluate.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
