@@ -273,3 +273,18 @@ def test_a_tiny_study_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert calls == []  # every unit recorded: no arm ran again
     assert {p: p.read_bytes() for p in (tmp_path / "arms").rglob("*.jsonl")} == files
     assert capsys.readouterr().err.count("units recorded, skipped") == 3
+
+
+def test_the_arithmetic_study_spec_loads_and_its_commands_parse(tmp_path, capsys):
+    """bench/study_arithmetic.json (the evidence study): every arm's command parses with
+    powerfast eval's own parser (the dry run), the power arms get matched best-of-N arms."""
+    spec = study.load_spec(json.loads((Path(study.__file__).parent / "study_arithmetic.json").read_text()))
+    assert spec.task == "arithmetic" and len(load_task(spec.task).problems) >= 300
+    assert sorted(a.name for a in spec.arms if a.match) == ["power-base", "power-resampled", "power-tempered"]
+    assert study.main([str(Path(study.__file__).parent / "study_arithmetic.json"), "--out", str(tmp_path / "s"),
+                       "--dry-run"]) == 0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    for name in ("greedy", "low-temp", "power-resampled", "bon-for-power-tempered", "smc", "mcmc"):
+        assert name in text
+    assert "--rollout-resample-every 8" in text and not (tmp_path / "s").exists()
