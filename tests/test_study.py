@@ -5,9 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -16,7 +13,7 @@ from powerfast.evaluation.compare import compare  # noqa: E402
 from powerfast.evaluation.tasks import load_task  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "math3.jsonl"
-WORDS = ["<unk>", "<eos>", "the", "answer", "is", "a", "b", "c", "1", "2", "3", "plus", "equals", "\\boxed{", "}"]
+from test_cli import tiny_model_dir  # noqa: E402,F401 - the same tiny model folder as the CLI tests
 
 
 def record(pid, method, decoded=None, num_tokens=5, correct=False, seed=0):
@@ -220,23 +217,7 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A random tiny Llama with a word-level tokenizer, saved as a Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         eos_token_id=1, bos_token_id=1, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
-
-
-def test_a_tiny_study_end_to_end(tiny_model_dir, tmp_path, capsys):
+def test_a_tiny_study_end_to_end(tiny_model_dir, tmp_path, capsys):  # noqa: F811 - the imported fixture
     spec = {"task": str(FIXTURE), "limit": 2, "seeds": [0], "baseline": "plain",
             "settings": {"model": str(tiny_model_dir), "max_new_tokens": 3, "no_chat_template": True,
                          "block_size": 2, "candidates": 2, "top_k": 2, "rollouts": 2, "horizon": 2},

@@ -235,7 +235,7 @@ def continuations_program(
         out = yield Sample(logits, seed, step, float(schedule[step]), eos, active, base, stream)
         chosen, was_active, active, base = out.tokens, out.was_active, out.active, out.logliks
         if tempered is not None:
-            tempered += torch.where(was_active, out.tempered_logprobs, torch.zeros_like(out.tempered_logprobs))
+            tempered += out.tempered_logprobs  # 0 for rows that were inactive
         if log_power_sums is not None:
             log_power_sums += out.log_power_sums  # 0 for inactive rows, at T = 0 and at T = 1
         if log_weights is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -358,9 +359,7 @@ class PowerSampler(RunnerSampler):
                     first = (c * cfg.rollout_groups + g) * size
                     chosen, _ = systematic_resample(host_stage[c, g], size, self.seeds.uniform())
                     ancestors.extend(first + a for a in chosen.tolist())
-            children: dict[int, list] = {}
-            for row in sorted(set(ancestors)):
-                children[row] = self.runner.fork(seqs[row], ancestors.count(row))
+            children = {row: self.runner.fork(seqs[row], count) for row, count in sorted(Counter(ancestors).items())}
             survivors = [children[row].pop() for row in ancestors]
             live.extend(survivors)
             self.runner.free(seqs)
