@@ -42,6 +42,11 @@ integer, halves rounded up (20.5 gives 21). Best-of-N draws N samples of plain d
 so its compute is about N times plain's; it runs with the common settings and the plain
 arm's (``temperature`` included). ``STUDY_DIR/manifest.json`` records the arms, their
 commands, their decoded tokens per problem, and per match the two means, the ratio and N.
+Arms with the same N draw the same samples (same seeds, same settings), so an arm with no
+records whose command, but for its name, is an arm's already finished copies that arm's
+record files instead of running (the manifest says ``copied_from``): power arms that
+differ only in the rollout estimator usually decode about the same tokens and share one
+best-of-N.
 
 Then ``STUDY_DIR/combined/<task>/<arm>-seed<seed>.jsonl`` is rebuilt from the arms'
 records of the study's units, each record's ``method`` set to the arm's name (the arms'
@@ -65,6 +70,7 @@ import json
 import math
 import re
 import shlex
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -471,6 +477,15 @@ def run_study(spec: Mapping | str | Path, study_dir: str | Path, baseline: str |
     def flat(records_by_seed):
         return [r for rs in records_by_seed.values() for r in rs]
 
+    def _finished_twin(arm: Arm, argv: list[str]) -> Arm | None:
+        """An arm already done whose samples this one would repeat (same identity, all units)."""
+        identity = arm_identity(argv)
+        for other in order:
+            if (other.method == arm.method and tokens.get(other.name) is not None
+                    and arm_identity(arm_argv(study, other, study_dir)) == identity):
+                return other
+        return None
+
     def one_arm(arm: Arm) -> None:
         argv = arm_argv(study, arm, study_dir)
         command = shlex.join(["powerfast", *argv])
@@ -487,6 +502,14 @@ def run_study(spec: Mapping | str | Path, study_dir: str | Path, baseline: str |
         elif done == wanted:
             _check_arm_config(study_dir, arm, argv)
             _say(f"arm {arm.name} ({arm.method}): {done}/{wanted} units recorded, skipped")
+        elif done == 0 and (twin := _finished_twin(arm, argv)) is not None:
+            _check_arm_config(study_dir, arm, argv)
+            _copy_records(study_dir, task.name, twin, arm, study.seeds)
+            entry["copied_from"] = twin.name
+            _say(f"arm {arm.name} ({arm.method}): the same command as arm {twin.name} but its name, whose "
+                 f"units are all recorded: its records copied, nothing run")
+            records = _units(study_dir, task.name, arm, study.seeds, problem_ids)
+            done = sum(len(rs) for rs in records.values())
         else:
             _check_arm_config(study_dir, arm, argv)
             _say(f"arm {arm.name} ({arm.method}): {done}/{wanted} units recorded, running: {command}")
@@ -538,6 +561,16 @@ def run_study(spec: Mapping | str | Path, study_dir: str | Path, baseline: str |
     print(text)
     _say(f"written: {study_dir / 'manifest.json'}, {study_dir / 'comparison.txt'}, {study_dir / 'combined'}")
     return manifest
+
+
+def _copy_records(study_dir: Path, task_name: str, source: Arm, target: Arm, seeds: Sequence[int]) -> None:
+    """The record files of ``source`` (one per seed) copied into ``target``'s folder."""
+    for seed in seeds:
+        name = f"{source.method}-seed{seed}.jsonl"
+        src = study_dir / "arms" / source.name / task_name / name
+        dst = study_dir / "arms" / target.name / task_name / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
 
 
 def _write_manifest(study_dir: Path, manifest: Mapping) -> None:

@@ -205,6 +205,34 @@ def test_a_study_matches_runs_combines_and_resumes(tmp_path, capsys):
     assert fake.calls == [("power", 4)]
 
 
+def test_a_best_of_n_with_the_same_n_as_a_finished_one_copies_its_records(tmp_path, capsys):
+    spec = {"task": str(FIXTURE), "limit": 3, "seeds": [0, 1], "settings": {"alpha": 4.0},
+            "arms": [{"name": "plain", "method": "plain"},
+                     {"name": "power-a", "method": "power", "match_best_of_n": True},
+                     {"name": "power-b", "method": "power", "settings": {"rollout_proposal": "tempered"},
+                      "match_best_of_n": True}]}
+    fake = FakeEval({"plain": 20, "power": 410, "best-of-n": 20})
+    manifest = study.run_study(spec, tmp_path, run_eval=fake)
+    # the same N (21) for both power arms: one best-of-N run, the other arm's records copied
+    assert fake.calls == [("plain", 6), ("power", 6), ("best-of-n", 6), ("power", 6)]
+    assert [m["num_samples"] for m in manifest["matches"]] == [21, 21]
+    entries = {a["name"]: a for a in manifest["arms"]}
+    assert entries["bon-for-power-b"]["copied_from"] == "bon-for-power-a"
+    assert "copied_from" not in entries["bon-for-power-a"]
+    for seed in (0, 1):
+        a, b = (tmp_path / "arms" / f"bon-for-power-{x}" / "math3" / f"best-of-n-seed{seed}.jsonl" for x in "ab")
+        assert a.read_bytes() == b.read_bytes() and len(a.read_text().splitlines()) == 3
+    assert "arm bon-for-power-b (best-of-n): the same command as arm bon-for-power-a" in capsys.readouterr().err
+    assert "bon-for-power-b" in (tmp_path / "comparison.txt").read_text()
+
+    # a different N runs its own
+    fake.calls.clear()
+    fake.tokens["power"] = 100
+    spec["arms"][2]["name"] = "power-c"
+    study.run_study(spec, tmp_path, run_eval=fake)
+    assert fake.calls == [("power", 6), ("best-of-n", 6)]
+
+
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):
     spec = {"task": str(FIXTURE), "limit": 2, "match_best_of_n": True,
             "arms": [{"name": "power", "method": "power", "settings": {"block_size": 2}},
