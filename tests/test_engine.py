@@ -459,13 +459,17 @@ def test_one_sampling_launch_per_forward_for_every_request(model, monkeypatch):
     assert [finals[k] for k in sorted(finals, key=lambda k: int(k.split("-")[1]))] == alone
 
 
-def test_resampled_rollouts_run_through_the_engine_alone_and_together_and_free_everything(model):
-    """Power with resampled tempered rollouts (R = 2, 2 groups) is a request like any other:
-    it gets the tokens it gets alone when it shares the steps with plain requests, an abort
-    of one of them frees its blocks, and nothing is left held at the end."""
+@pytest.mark.parametrize("lookahead", [
+    dict(num_rollouts=4, rollout_proposal="tempered", rollout_resample_every=2, rollout_groups=2),
+    dict(num_rollouts=4, skip_share=0.95, rollouts_per_round=2, round_tolerance=0.05),
+], ids=["resampled", "adaptive"])
+def test_resampled_rollouts_run_through_the_engine_alone_and_together_and_free_everything(model, lookahead):
+    """Power with resampled tempered rollouts (R = 2, 2 groups), or with adaptive budgets
+    (skipped decisions, rollouts in rounds), is a request like any other: it gets the tokens
+    it gets alone when it shares the steps with plain requests, an abort of one of them frees
+    its blocks, and nothing is left held at the end."""
     params = SamplingParams(method="power", max_tokens=9, seed=SEED + 5, ignore_eos=True, block_size=3,
-                            num_candidates=4, top_k=2, num_rollouts=4, horizon=5, rollout_proposal="tempered",
-                            rollout_resample_every=2, rollout_groups=2)
+                            num_candidates=4, top_k=2, horizon=5, **lookahead)
     [alone] = new_engine(model).run([[1, 2, 3]], params)
     assert len(alone.token_ids) == 9 and len(alone.result.stats.blocks) == 3
     engine = new_engine(model)

@@ -30,6 +30,13 @@ SETTINGS = {
     "power-resampled": dict(method="power", config=PowerConfig(alpha=4.0, block_size=5, num_candidates=4, top_k=3,
                                                                num_rollouts=4, horizon=7, rollout_proposal="tempered",
                                                                rollout_resample_every=2, rollout_groups=2)),
+    # adaptive budgets: rounds hold one round's rollouts at a time, a skipped decision none
+    "power-adaptive": dict(method="power", config=PowerConfig(alpha=2.0, block_size=5, num_candidates=4, top_k=3,
+                                                              num_rollouts=4, horizon=7, skip_share=0.9,
+                                                              rollouts_per_round=2, round_tolerance=0.01)),
+    "power-resampled-rounds": dict(method="power", config=PowerConfig(
+        alpha=4.0, block_size=5, num_candidates=4, top_k=3, num_rollouts=8, horizon=7, rollout_proposal="tempered",
+        rollout_resample_every=2, rollout_groups=4, rollouts_per_round=4, round_tolerance=0.01)),
     "mcmc": dict(method="mcmc", config=MCMCConfig(alpha=2.0, block_size=6, mcmc_steps=3)),
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=5),
@@ -41,6 +48,8 @@ SETTINGS = {
 
 # settings whose branches share blocks after a while (resampled particles): the bound holds, not tightly
 SHARING = {"smc-resampling", "power-resampled"}
+# settings that hold fewer rollouts than the bound allows (rounds of M / 2, skipped decisions)
+SHARING |= {"power-adaptive", "power-resampled-rounds"}
 
 
 def tiny_model(seed: int):

@@ -80,7 +80,8 @@ def test_a_bad_value_names_its_field_everywhere(name):
 
 def test_cross_field_errors_name_a_field():
     cases = [(dict(num_rollouts=1), "jackknife"), (dict(top_k=9, num_candidates=4), "top_k"),
-             (dict(block_size=8, horizon=4, reuse_rollouts=True), "reuse_rollouts")]
+             (dict(block_size=8, horizon=4, reuse_rollouts=True), "reuse_rollouts"),
+             (dict(num_rollouts=8, rollouts_per_round=3), "rollouts_per_round")]
     for settings, field in cases:
         with pytest.raises(SettingError) as error:
             method_config("power", **settings)

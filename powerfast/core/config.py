@@ -77,6 +77,10 @@ def _eta(value) -> str | None:
     return "a finite number >= 4 (chopthin needs it)"
 
 
+def _skip_share(value) -> str | None:
+    return None if _is_number(value) and (value == 0 or 0.5 < value <= 1) else "0 (never skip) or in (0.5, 1]"
+
+
 def _boolean(value) -> str | None:
     return None if isinstance(value, bool) else "a bool"
 
@@ -153,6 +157,15 @@ SETTINGS: dict[str, Setting] = _declare(
     Setting("rollout_groups", int, 2,
             "G: independent groups the M resampled rollouts are split into (the jackknife leaves one out)",
             int_at_least(1)),
+    Setting("skip_share", float, 0.0,
+            "skip a decision's rollouts when one candidate is left or the top one holds >= this share of the "
+            "candidates' p^alpha mass (0: never)", _skip_share),
+    Setting("rollouts_per_round", int, 0,
+            "rollouts per candidate per round; rounds go on while the choice's standard error > round_tolerance, "
+            "up to M (0: all M at once)", int_at_least(0)),
+    Setting("round_tolerance", float, 0.05,
+            "rounds stop once every candidate's jackknife standard error of its choice probability is <= this",
+            _fraction),
     Setting("mcmc_steps", int, 10, "N_MCMC: Metropolis-Hastings steps after each mcmc block", int_at_least(0)),
     Setting("num_particles", int, 32, "N: particles of smc", int_at_least(1), flag="--particles"),
     Setting("ess_threshold", float, 0.5, "smc resamples when ESS < this * N", _fraction),
@@ -214,8 +227,9 @@ class PowerConfig:
     ``block_size = 1``). Fields: alpha, block_size (B), num_candidates (L), top_k (K),
     num_rollouts (M), horizon (H), jackknife, rollout_proposal ("base": rollouts from p,
     weight p(s)^(alpha-1); "tempered": from p at T = 1/alpha, weight prod_t sum_x
-    p(x|h_t)^alpha, powerfast/DESIGN.md section 6), reuse_rollouts, rollout_resample_every (R) and
-    rollout_groups (G) (:data:`SETTINGS` has each one's help)."""
+    p(x|h_t)^alpha, powerfast/DESIGN.md section 6), reuse_rollouts, rollout_resample_every (R),
+    rollout_groups (G), and the adaptive budgets skip_share, rollouts_per_round and
+    round_tolerance (:data:`SETTINGS` has each one's help)."""
 
     alpha: float = SETTINGS["alpha"].field()
     block_size: int = SETTINGS["block_size"].field()
@@ -228,9 +242,14 @@ class PowerConfig:
     reuse_rollouts: bool = SETTINGS["reuse_rollouts"].field()
     rollout_resample_every: int = SETTINGS["rollout_resample_every"].field()
     rollout_groups: int = SETTINGS["rollout_groups"].field()
+    skip_share: float = SETTINGS["skip_share"].field()
+    rollouts_per_round: int = SETTINGS["rollouts_per_round"].field()
+    round_tolerance: float = SETTINGS["round_tolerance"].field()
 
     def __post_init__(self) -> None:
         _validate_fields(self)
+        if self.rollouts_per_round:
+            self._check_rounds()
         if self.rollout_resample_every:
             if self.rollout_proposal != "tempered":
                 raise SettingError("rollout_resample_every",
@@ -259,6 +278,22 @@ class PowerConfig:
         if self.block_size > 1 and self.top_k > self.num_candidates:
             raise SettingError("top_k", f"top_k ({self.top_k}) cannot exceed num_candidates "
                                         f"({self.num_candidates}) at block level")
+
+    def _check_rounds(self) -> None:
+        per_round, num = self.rollouts_per_round, self.num_rollouts
+        if num % per_round:
+            raise SettingError("rollouts_per_round", f"num_rollouts ({num}) must be a multiple of rollouts_per_round "
+                                                     f"({per_round})")
+        if self.reuse_rollouts:
+            raise SettingError("rollouts_per_round", f"rollouts_per_round={per_round} cannot be combined with "
+                                                     "reuse_rollouts")
+        # the standard error after the first round needs two independent columns
+        size = num // self.rollout_groups if self.rollout_resample_every else 1
+        if per_round % size or per_round // size < 2:
+            what = (f"a multiple of the group size num_rollouts / rollout_groups = {size}, at least 2 groups"
+                    if size > 1 else "at least 2")
+            raise SettingError("rollouts_per_round", f"rollouts_per_round must be {what} (a standard error needs two "
+                                                     f"independent columns), got {per_round}")
 
     @property
     def token_level(self) -> bool:

@@ -31,6 +31,7 @@ __all__ = [
     "PowerEstimate",
     "log_scaling_factors",
     "leave_one_out_log_scaling_factors",
+    "choice_standard_error",
     "power_distribution",
     "power_estimates",
 ]
@@ -222,6 +223,28 @@ def leave_one_out_log_scaling_factors(rollout_logliks: torch.Tensor, alpha: floa
             f"leave-one-out needs at least 2 rollouts per candidate, got M = {rollout_logliks.shape[-1]}"
         )
     return _unchecked_loo_log_scaling_factors(rollout_logliks, alpha)
+
+
+def choice_standard_error(candidate_logprobs: torch.Tensor, rollout_logliks: torch.Tensor,
+                          alpha: float) -> torch.Tensor:
+    """Jackknife standard error of the plain estimate p_hat of the choice distribution.
+
+    candidate_logprobs: (..., K); rollout_logliks: (..., K, M), M >= 2, the M columns
+    independent (rollouts; for resampled rollouts, independent groups)
+    returns (..., K): sqrt((M - 1) / M * sum_s (p_(-s) - mean_s p_(-s))^2), p_(-s) the
+    estimate without column s (every candidate's s-th rollout left out at once, as the
+    jackknife estimate does). A candidate without rollouts (all columns equal) adds no
+    spread of its own. Computed in float64.
+    """
+    alpha = check_power_args(candidate_logprobs, rollout_logliks, alpha, True)
+    num = rollout_logliks.shape[-1]
+    logprobs, logliks = candidate_logprobs.double(), rollout_logliks.double()
+    p_hat, _ = _safe_softmax(logprobs * alpha + _unchecked_log_scaling_factors(logliks, alpha), dim=-1)
+    loo_log_zeta = _unchecked_loo_log_scaling_factors(logliks, alpha)
+    loo_probs, loo_empty = _safe_softmax((logprobs * alpha).unsqueeze(-1) + loo_log_zeta, dim=-2)
+    loo_probs = torch.where(loo_empty, p_hat.unsqueeze(-1), loo_probs)
+    spread = loo_probs - loo_probs.mean(dim=-1, keepdim=True)
+    return ((num - 1) / num * spread.square().sum(dim=-1)).sqrt()
 
 
 def power_distribution(

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from powerfast.core import ops
+from powerfast.core import estimators, ops
 from powerfast.core.config import PowerConfig
 from powerfast.samplers.base import RunnerSampler, appended_blocks, blocks_for
 from powerfast.samplers.decoding import check_no_nan, continuations_program, nan_flag, phase, raise_on_nan, to_host
@@ -216,96 +216,95 @@ class PowerSampler(RunnerSampler):
             else:
                 decisions.update((yield from self._block_candidates(fresh, heads, block, eos, stats, live)))
 
-        # rollouts from every candidate that has a future (not ended, budget left)
-        needs_rollouts = [(i, k) for i in prompts for k in range(len(decisions[i].candidates))
-                          if horizon > 0 and not decisions[i].ends_with_eos[k]]
+        # rollouts from every candidate that has a future (not ended, budget left), in one
+        # round of M or (rollouts_per_round) in rounds while the choice is uncertain
         resampled = bool(cfg.rollout_resample_every)
-        columns = cfg.rollout_groups if resampled else cfg.num_rollouts  # estimator columns per candidate
-        rollout_logliks = {i: torch.zeros(len(decisions[i].candidates), columns) for i in prompts}
+        per_round = cfg.rollouts_per_round or cfg.num_rollouts
+        futures = {i: [k for k in range(len(decisions[i].candidates))
+                       if horizon > 0 and not decisions[i].ends_with_eos[k]] for i in prompts}
+        rule = {i: "fixed" if futures[i] else ("last block" if horizon <= 0 else "ended") for i in prompts}
+        if cfg.skip_share:
+            for i in prompts:
+                if futures[i]:
+                    rule[i] = self._skip_rule(decisions[i]) or rule[i]
+        columns: dict[int, list[torch.Tensor]] = {i: [] for i in prompts}  # (K_i, c) host blocks per round
+        weights_of: dict[tuple[int, int], list[torch.Tensor]] = {}  # ESS input per (prompt, candidate)
         rollout_ess: dict[int, list[float | None]] = {i: [None] * len(decisions[i].candidates) for i in prompts}
+        used = {i: 0 for i in prompts}
         rollout_rows: dict[tuple[int, int], int] = {}
         rollouts = rollout_seqs = rollout_starts = None
-        if needs_rollouts:
-            with phase("fork"):
-                rollout_seqs, first_logits, rollout_starts = [], [], []
-                for i, k in needs_rollouts:
-                    rollout_starts.append(_length(decisions[i].candidate_seqs[k]))
-                    children = self.runner.fork(decisions[i].candidate_seqs[k], cfg.num_rollouts)
-                    live.extend(children)
-                    rollout_seqs.extend(children)
-                    first_logits.append(decisions[i].last_logits[k].expand(cfg.num_rollouts, -1))
-            tempered = cfg.rollout_proposal == "tempered"
-            reuse = cfg.reuse_rollouts and select
-            with phase("rollouts"):
-                if resampled:
-                    weights, decoded, stage_ess, nan, rollout_seqs = yield from self._resampled_rollouts(
-                        rollout_seqs, torch.cat(first_logits), horizon, eos, live, len(needs_rollouts))
-                    rollouts = None
-                else:
-                    rollouts = yield from continuations_program(
-                        rollout_seqs, torch.cat(first_logits), horizon, self.seeds, eos_token_id=eos,
-                        temperature=1.0 / cfg.alpha if tempered else 1.0, want_log_power_sums=tempered,
-                        per_token=reuse,
-                    )
-            if not reuse:  # with reuse they live on until the choice (the chosen ones become candidates)
-                self.runner.free(rollout_seqs)
-                drop = {id(s) for s in rollout_seqs}
-                live[:] = [s for s in live if id(s) not in drop]
-            if resampled:
-                # one column per group: log zeta_hat of the group, handed as the "log-likelihood"
-                # whose (alpha - 1) multiple the estimator averages (see the tempered case)
-                equivalent = weights / (cfg.alpha - 1.0) if cfg.alpha != 1.0 else torch.zeros_like(weights)
-                shape = (len(needs_rollouts), columns)
-                per_candidate, log_weights, lengths, ess, nan = to_host(
-                    equivalent.float().view(shape), weights.view(shape), decoded, stage_ess, nan)
-            elif tempered:
-                # log weight of a rollout = sum_t log c_t; the estimator weighs (alpha - 1) * loglik,
-                # so hand it log weight / (alpha - 1) (at alpha = 1 every weight is 0 either way)
-                weights = rollouts.log_power_sums.double()
-                equivalent = weights / (cfg.alpha - 1.0) if cfg.alpha != 1.0 else torch.zeros_like(weights)
-            else:
-                weights = (cfg.alpha - 1.0) * rollouts.base_logliks.double()
-                equivalent = rollouts.base_logliks
-            if not resampled:
-                # one device-to-host copy for the phase: what the estimate and the records need
-                shape = (len(needs_rollouts), cfg.num_rollouts)
-                per_candidate, log_weights, lengths, nan = to_host(
-                    equivalent.float().view(shape), weights.view(shape), rollouts.lengths.view(shape).sum(-1),
-                    nan_flag(rollouts.base_logliks))
-                ess = torch.exp(2 * torch.logsumexp(log_weights, -1) - torch.logsumexp(2 * log_weights, -1))
-            raise_on_nan(nan, "rollouts")
+        reuse = cfg.reuse_rollouts and select
+        todo = [i for i in prompts if rule[i] == "fixed"]
+        rounds = 0
+        while todo:
+            needs_rollouts = [(i, k) for i in todo for k in futures[i]]
+            per_candidate, ess_input, lengths, rollouts, rollout_seqs, rollout_starts = yield from self._rollout_round(
+                needs_rollouts, decisions, per_round, horizon, eos, live, reuse)
+            rounds += 1
+            blocks = {i: torch.zeros(len(decisions[i].candidates), per_candidate.shape[-1]) for i in todo}
             for row, (i, k) in enumerate(needs_rollouts):
-                rollout_logliks[i][k] = per_candidate[row]
-                rollout_ess[i][k] = float(ess[row])
+                blocks[i][k] = per_candidate[row]
+                weights_of.setdefault((i, k), []).append(ess_input[row])
                 rollout_rows[(i, k)] = row
                 stats[i].add("rollouts", int(lengths[row]))
+            for i in todo:
+                columns[i].append(blocks[i])
+                used[i] += per_round * len(futures[i])
+            if not cfg.rollouts_per_round:
+                break
+            todo = [i for i in todo if self._another_round(decisions[i], columns[i], rounds, rule, i)]
+        for (i, k), parts in weights_of.items():
+            if resampled:  # the last round's last stage
+                rollout_ess[i][k] = float(parts[-1])
+            else:
+                log_weights = torch.cat(parts)
+                rollout_ess[i][k] = float(torch.exp(2 * torch.logsumexp(log_weights, -1)
+                                                    - torch.logsumexp(2 * log_weights, -1)))
 
         with phase("score"):
-            k_max = max(len(decisions[i].candidates) for i in prompts)
-            cand = torch.full((len(prompts), k_max), -math.inf, dtype=torch.float32)
-            rolls = torch.zeros(len(prompts), k_max, columns, dtype=torch.float32)
-            for row, i in enumerate(prompts):
-                k_i = len(decisions[i].candidates)
-                cand[row, :k_i] = decisions[i].candidate_logprobs.float()  # host tensors (the candidates' copy)
-                rolls[row, :k_i] = rollout_logliks[i]
+            # prompts with the same number of columns share one estimate (all of them with a
+            # fixed budget); a prompt without rollouts gets zero columns (log zeta_hat = 0)
+            default = cfg.rollout_groups if resampled else cfg.num_rollouts
+            rolls_of = {i: torch.cat(columns[i], -1) if columns[i] else torch.zeros(len(decisions[i].candidates),
+                                                                                   default)
+                        for i in prompts}
+            by_count: dict[int, list[int]] = {}
+            for i in prompts:
+                by_count.setdefault(rolls_of[i].shape[-1], []).append(i)
             device = decisions[prompts[0]].last_logits.device
-            estimate = ops.power_estimates(cand.to(device), rolls.to(device), cfg.alpha, cfg.jackknife and columns >= 2)
-            probs, p_hat, log_zeta = (t.double() for t in to_host(*estimate))  # one copy
+            estimated = {}
+            for count, group in by_count.items():
+                k_max = max(len(decisions[i].candidates) for i in group)
+                cand = torch.full((len(group), k_max), -math.inf, dtype=torch.float32)
+                rolls = torch.zeros(len(group), k_max, count, dtype=torch.float32)
+                for row, i in enumerate(group):
+                    k_i = len(decisions[i].candidates)
+                    cand[row, :k_i] = decisions[i].candidate_logprobs.float()  # host tensors (the candidates' copy)
+                    rolls[row, :k_i] = rolls_of[i]
+                estimate = ops.power_estimates(cand.to(device), rolls.to(device), cfg.alpha,
+                                               cfg.jackknife and count >= 2)
+                probs, p_hat, log_zeta = (t.double() for t in to_host(*estimate))  # one copy
+                for row, i in enumerate(group):
+                    k_i = len(decisions[i].candidates)
+                    estimated[i] = (probs[row, :k_i], p_hat[row, :k_i], log_zeta[row, :k_i])
 
         out = {}
         with phase("select"):
-            for row, i in enumerate(prompts):
+            for i in prompts:
                 d = decisions[i]
-                k_i = len(d.candidates)
-                choice = self.seeds.categorical(probs[row, :k_i]) if select else int(torch.argmax(probs[row, :k_i]))
+                probs, p_hat, log_zeta = estimated[i]
+                choice = self.seeds.categorical(probs) if select else int(torch.argmax(probs))
                 record = BlockRecord(
                     candidates=d.candidates,
                     candidate_logprobs=d.candidate_logprobs.double().tolist(),
-                    p_hat=p_hat[row, :k_i].tolist(),
-                    probs=probs[row, :k_i].tolist(),
-                    log_zeta=log_zeta[row, :k_i].tolist(),
+                    p_hat=p_hat.tolist(),
+                    probs=probs.tolist(),
+                    log_zeta=log_zeta.tolist(),
                     choice=choice,
                     rollout_ess=rollout_ess[i],
+                    rule=rule[i],
+                    rollouts=used[i],
+                    rollouts_saved=cfg.num_rollouts * len(futures[i]) - used[i],
                 )
                 out[i] = (d.candidates[choice], record, d.candidate_seqs[choice], d.last_logits[choice], None)
         if rollouts is not None and cfg.reuse_rollouts and select:
@@ -313,11 +312,99 @@ class PowerSampler(RunnerSampler):
                 yield from self._reuse(out, prompts, rollouts, rollout_seqs, rollout_rows, rollout_starts, budget, eos, stats, live)
         return out
 
+    def _skip_rule(self, decision: Decision) -> str | None:
+        """skip_share: "one candidate" when the candidates merged into one (the choice is
+        forced), "decided" when the top one holds >= skip_share of the candidates' p^alpha
+        mass; None: the decision gets its rollouts."""
+        if len(decision.candidates) == 1:
+            return "one candidate"
+        share = torch.softmax(self.config.alpha * decision.candidate_logprobs.double(), -1).max()
+        return "decided" if float(share) >= self.config.skip_share else None
+
+    def _another_round(self, decision: Decision, columns: list[torch.Tensor], rounds: int, rule: dict,
+                       i: int) -> bool:
+        """After round ``rounds`` of a prompt's rollouts: another one while the largest
+        jackknife standard error of the choice probabilities is above round_tolerance and
+        fewer than M rollouts per candidate were drawn; else records why it stopped."""
+        cfg = self.config
+        if rounds * cfg.rollouts_per_round >= cfg.num_rollouts:
+            rule[i] = "all rounds"
+            return False
+        error = estimators.choice_standard_error(decision.candidate_logprobs.double(),
+                                                 torch.cat(columns, -1).double(), cfg.alpha)
+        if float(error.max()) <= cfg.round_tolerance:
+            rule[i] = "converged"
+            return False
+        return True
+
+    def _rollout_round(self, needs: list[tuple[int, int]], decisions: dict, num: int, horizon: int, eos,
+                       live: list, keep: bool):
+        """``num`` rollouts of up to ``horizon`` tokens from each (prompt, candidate) of
+        ``needs`` (a step program).
+
+        Returns (the estimator's columns (C, c) host float32: one per rollout, or per group
+        of resampled rollouts; the ESS input per candidate: (C, num) host float64 log
+        weights, or (C,) the last resampling stage's ESS; (C,) host tokens decoded; the
+        rollouts' decode output (None when resampled); the rollout sequences; each
+        candidate's length where its rollouts start). The sequences are freed unless
+        ``keep`` (reuse: the chosen candidate's rollouts become the next candidates).
+        """
+        cfg = self.config
+        with phase("fork"):
+            rollout_seqs, first_logits, rollout_starts = [], [], []
+            for i, k in needs:
+                rollout_starts.append(_length(decisions[i].candidate_seqs[k]))
+                children = self.runner.fork(decisions[i].candidate_seqs[k], num)
+                live.extend(children)
+                rollout_seqs.extend(children)
+                first_logits.append(decisions[i].last_logits[k].expand(num, -1))
+        tempered = cfg.rollout_proposal == "tempered"
+        resampled = bool(cfg.rollout_resample_every)
+        groups = num // (cfg.num_rollouts // cfg.rollout_groups) if resampled else num
+        rollouts = None
+        with phase("rollouts"):
+            if resampled:
+                weights, decoded, stage_ess, nan, rollout_seqs = yield from self._resampled_rollouts(
+                    rollout_seqs, torch.cat(first_logits), horizon, eos, live, len(needs), num, groups)
+            else:
+                rollouts = yield from continuations_program(
+                    rollout_seqs, torch.cat(first_logits), horizon, self.seeds, eos_token_id=eos,
+                    temperature=1.0 / cfg.alpha if tempered else 1.0, want_log_power_sums=tempered,
+                    per_token=keep,
+                )
+        if not keep:
+            self.runner.free(rollout_seqs)
+            drop = {id(s) for s in rollout_seqs}
+            live[:] = [s for s in live if id(s) not in drop]
+        shape = (len(needs), groups)
+        if resampled:
+            # one column per group: log zeta_hat of the group, handed as the "log-likelihood"
+            # whose (alpha - 1) multiple the estimator averages (see the tempered case)
+            equivalent = weights / (cfg.alpha - 1.0) if cfg.alpha != 1.0 else torch.zeros_like(weights)
+            per_candidate, lengths, ess, nan = to_host(equivalent.float().view(shape), decoded, stage_ess, nan)
+            raise_on_nan(nan, "rollouts")
+            return per_candidate, ess, lengths, None, rollout_seqs, rollout_starts
+        if tempered:
+            # log weight of a rollout = sum_t log c_t; the estimator weighs (alpha - 1) * loglik,
+            # so hand it log weight / (alpha - 1) (at alpha = 1 every weight is 0 either way)
+            weights = rollouts.log_power_sums.double()
+            equivalent = weights / (cfg.alpha - 1.0) if cfg.alpha != 1.0 else torch.zeros_like(weights)
+        else:
+            weights = (cfg.alpha - 1.0) * rollouts.base_logliks.double()
+            equivalent = rollouts.base_logliks
+        # one device-to-host copy for the round: what the estimate and the records need
+        per_candidate, log_weights, lengths, nan = to_host(
+            equivalent.float().view(shape), weights.view(shape), rollouts.lengths.view(shape).sum(-1),
+            nan_flag(rollouts.base_logliks))
+        raise_on_nan(nan, "rollouts")
+        return per_candidate, log_weights, lengths, rollouts, rollout_seqs, rollout_starts
+
     def _resampled_rollouts(self, seqs: list, logits: torch.Tensor, horizon: int, eos, live: list,
-                            num_candidates: int):
+                            num_candidates: int, num: int, groups: int):
         """Tempered rollouts resampled every R tokens within independent groups (a step program).
 
-        The M rollouts of each candidate are G groups of M / G. Each group is a sequential
+        The ``num`` rollouts of each candidate are ``groups`` groups of M / G (a round of
+        rollouts_per_round holds fewer groups than G). Each group is a sequential
         Monte Carlo run over the rollout tokens: at every token a rollout's weight is
         multiplied by c_t = sum_x p(x | h_t)^alpha (the tempered proposal's normaliser); every
         R tokens the group's stage weights are averaged into its estimate and the group is
@@ -331,9 +418,9 @@ class PowerSampler(RunnerSampler):
         tensors), the rollout sequences now held).
         """
         cfg = self.config
-        size = cfg.num_rollouts // cfg.rollout_groups
+        size = num // groups
         device = logits.device
-        log_zeta = torch.zeros(num_candidates, cfg.rollout_groups, dtype=torch.float64, device=device)
+        log_zeta = torch.zeros(num_candidates, groups, dtype=torch.float64, device=device)
         decoded = torch.zeros(num_candidates, dtype=torch.long, device=device)
         nan = torch.zeros((), dtype=torch.bool, device=device)
         active, done = None, 0
@@ -343,20 +430,20 @@ class PowerSampler(RunnerSampler):
             out = yield from continuations_program(
                 seqs, logits, length, self.seeds, eos_token_id=eos, temperature=1.0 / cfg.alpha,
                 want_log_power_sums=True, want_last_logits=not last, active=active)
-            stage = out.log_power_sums.double().view(num_candidates, cfg.rollout_groups, size)
+            stage = out.log_power_sums.double().view(num_candidates, groups, size)
             log_zeta += torch.logsumexp(stage, -1) - math.log(size)
-            decoded += out.lengths.view(num_candidates, cfg.num_rollouts).sum(-1)
+            decoded += out.lengths.view(num_candidates, num).sum(-1)
             nan = nan | nan_flag(out.base_logliks)
             done += length
             if last:
-                flat = stage.view(num_candidates, cfg.num_rollouts)
+                flat = stage.view(num_candidates, num)
                 ess = torch.exp(2 * torch.logsumexp(flat, -1) - torch.logsumexp(2 * flat, -1))
                 return log_zeta, decoded, ess, nan, seqs
             [host_stage] = to_host(stage)  # one copy per stage: the resampling decisions
             ancestors = []
             for c in range(num_candidates):
-                for g in range(cfg.rollout_groups):
-                    first = (c * cfg.rollout_groups + g) * size
+                for g in range(groups):
+                    first = (c * groups + g) * size
                     chosen, _ = systematic_resample(host_stage[c, g], size, self.seeds.uniform())
                     ancestors.extend(first + a for a in chosen.tolist())
             children = {row: self.runner.fork(seqs[row], count) for row, count in sorted(Counter(ancestors).items())}

@@ -22,6 +22,13 @@ class BlockRecord:
     rollout_ess:        effective sample size (1 / sum w_r^2) of each candidate's normalised
                         rollout weights, in [1, M]; None for a candidate without rollouts
                         (it ended, or no budget was left). Near 1: one rollout decided zeta
+    rule:               what set the rollout budget: "fixed" (all M at once), "last block" (no
+                        budget left for rollouts), "one candidate" / "decided" (skip_share:
+                        no rollouts), "converged" / "all rounds" (rollouts_per_round: the
+                        standard error fell to round_tolerance, or M was reached)
+    rollouts:           rollouts decoded for the decision (all candidates together)
+    rollouts_saved:     rollouts of the fixed budget (K x M over the candidates that had a
+                        future) the rule did not decode
     """
 
     candidates: list[list[int]]
@@ -31,6 +38,9 @@ class BlockRecord:
     log_zeta: list[float]
     choice: int
     rollout_ess: list[float | None] | None = None
+    rule: str | None = None
+    rollouts: int = 0
+    rollouts_saved: int = 0
 
 
 @dataclass(slots=True)

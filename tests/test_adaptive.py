@@ -1,0 +1,193 @@
+"""Adaptive rollout budgets of the power sampler (skip_share, rollouts_per_round) on cases
+whose answer is known, and the jackknife standard error they rest on."""
+
+import math
+import os
+
+import pytest
+import torch
+from test_lookahead import random_table_lm
+
+from powerfast.core import estimators
+from powerfast.core.config import PowerConfig
+from powerfast.runtime.lm import TableLM
+from powerfast.runtime.lm_runner import LMRunner
+from powerfast.samplers.power import PowerSampler
+
+SEED = int.from_bytes(os.urandom(4), "little")
+PROMPT = [0, 1]
+
+
+@pytest.fixture(autouse=True)
+def torch_ops(monkeypatch):
+    monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+
+
+# ------------------------------------------------------------- the standard error
+
+
+def test_choice_standard_error_matches_the_jackknife_by_hand():
+    """Against a float64 loop: leave column s out of every candidate, recompute p_hat, and
+    take sqrt((n - 1) / n * sum_s (p_(-s) - mean)^2); fresh random inputs each run."""
+    generator = torch.Generator().manual_seed(SEED)
+    alpha, rows, k, n = 3.0, 4, 5, 6
+    cand = torch.log_softmax(torch.randn(rows, k, generator=generator, dtype=torch.float64), -1)
+    rolls = -torch.rand(rows, k, n, generator=generator, dtype=torch.float64) * 4
+    got = estimators.choice_standard_error(cand, rolls, alpha)
+    for r in range(rows):
+        loo = []
+        for s in range(n):
+            keep = [j for j in range(n) if j != s]
+            log_zeta = torch.logsumexp((alpha - 1) * rolls[r][:, keep], -1) - math.log(n - 1)
+            loo.append(torch.softmax(alpha * cand[r] + log_zeta, -1))
+        loo = torch.stack(loo)
+        want = ((n - 1) / n * (loo - loo.mean(0)).square().sum(0)).sqrt()
+        torch.testing.assert_close(got[r], want, rtol=1e-12, atol=1e-15)
+    # equal columns: nothing varies, the error is 0
+    flat = rolls[..., :1].expand(rows, k, n)
+    assert float(estimators.choice_standard_error(cand, flat, alpha).abs().max()) < 1e-15
+    with pytest.raises(ValueError, match="at least 2 rollouts"):
+        estimators.choice_standard_error(cand, rolls[..., :1], alpha)
+
+
+# ------------------------------------------------------------------- the rules
+
+
+def forced_lm(vocab=4):
+    """Token 1 after every prefix shorter than 6, then a random law (fixed per prefix)."""
+    other = random_table_lm(vocab, SEED + 3)
+
+    def next_token(prefix):
+        if len(prefix) < 6:
+            return {1: 1.0}
+        return {t: float(p) for t, p in enumerate(other.next_token_probs(list(prefix)).tolist())}
+
+    return TableLM(next_token, vocab)
+
+
+def run(model, prompts=(PROMPT,), max_new=8, **settings):
+    config = PowerConfig(**{"alpha": 4.0, "block_size": 4, "num_candidates": 4, "top_k": 3, "num_rollouts": 4,
+                            "horizon": 4, **settings})
+    runner = LMRunner(model)
+    results = PowerSampler(runner, config=config, seed=SEED).generate([list(p) for p in prompts], max_new)
+    assert runner.live_sequences == 0
+    return results
+
+
+def test_identical_candidates_skip_their_rollouts():
+    """The first block is forced (token 1 four times): its L candidates merge into one, and
+    skip_share decodes no rollout for it; without the rule the fixed lookahead spends M."""
+    model = forced_lm()
+    [fixed] = run(model)
+    [skipped] = run(model, skip_share=0.99)
+    first_fixed, first_skipped = fixed.stats.blocks[0], skipped.stats.blocks[0]
+    assert first_fixed.candidates == first_skipped.candidates == [[1, 1, 1, 1]]
+    assert (first_fixed.rule, first_fixed.rollouts, first_fixed.rollouts_saved) == ("fixed", 4, 0)
+    assert (first_skipped.rule, first_skipped.rollouts, first_skipped.rollouts_saved) == ("one candidate", 0, 4)
+    assert first_skipped.rollout_ess == [None] and first_skipped.probs == [1.0]
+    last = skipped.stats.blocks[-1]
+    assert last.rule == "last block" and last.rollouts == 0 and last.rollouts_saved == 0
+    assert skipped.stats.tokens_by_phase.get("rollouts", 0) == fixed.stats.tokens_by_phase["rollouts"] - 4 * 4
+
+
+def two_way_lm(share_logit):
+    """Token level: after the prompt, tokens 0 and 1 with logits (share_logit, 0); then a fixed
+    random law."""
+    other = random_table_lm(3, SEED + 5)
+
+    def next_token(prefix):
+        if len(prefix) == len(PROMPT):
+            p0 = 1.0 / (1.0 + math.exp(-share_logit))
+            return {0: p0, 1: 1.0 - p0}
+        return {t: float(p) for t, p in enumerate(other.next_token_probs(list(prefix)).tolist())}
+
+    return TableLM(next_token, 3)
+
+
+@pytest.mark.parametrize("share_logit, decided", [(3.0, True), (0.2, False)])
+def test_a_decisive_decision_skips_and_a_close_one_does_not(share_logit, decided):
+    """p^alpha shares of the two first tokens: logit 3 at alpha 4 gives the top one
+    1 / (1 + e^-12) > 0.99999 (skipped at skip_share 0.9999); logit 0.2 gives 0.69 (rollouts)."""
+    model = two_way_lm(share_logit)
+    [result] = run(model, max_new=4, block_size=1, top_k=2, num_candidates=2, skip_share=0.9999)
+    first = result.stats.blocks[0]
+    share = 1.0 / (1.0 + math.exp(-4 * share_logit))
+    assert (first.rule == "decided") is decided, (first.rule, share)
+    if decided:
+        assert first.rollouts == 0 and first.rollouts_saved == 2 * 4
+        assert first.probs == pytest.approx([share, 1 - share], rel=1e-6)  # p^alpha alone
+        assert first.log_zeta == [0.0, 0.0]
+    else:
+        assert first.rule == "fixed" and first.rollouts == 8
+
+
+def test_rounds_stop_after_the_first_when_the_rollouts_agree():
+    """Forced futures: every rollout of a candidate is the same sequence, so every column is
+    equal, the standard error is 0 and one round of 2 suffices (of M = 8)."""
+    def next_token(prefix):
+        if len(prefix) == len(PROMPT):
+            return {0: 0.6, 1: 0.4}
+        return {2: 1.0}
+
+    [result] = run(TableLM(next_token, 3), max_new=4, block_size=1, top_k=2, num_candidates=2, num_rollouts=8,
+                   rollouts_per_round=2, round_tolerance=1e-9)
+    first = result.stats.blocks[0]
+    assert (first.rule, first.rollouts, first.rollouts_saved) == ("converged", 2 * 2, 2 * 6)
+    # then one candidate (token 2) with horizons 2 and 1, converged at once too
+    assert [b.rule for b in result.stats.blocks] == ["converged", "converged", "converged", "last block"]
+    assert result.stats.tokens_by_phase["rollouts"] == 2 * 2 * 3 + 1 * 2 * 2 + 1 * 2 * 1
+
+
+def test_rounds_go_on_to_m_while_the_choice_is_uncertain_and_the_estimate_uses_them_all():
+    """A random model and a tolerance no estimate meets: every decision runs M / per_round
+    rounds (rule "all rounds") and decodes exactly what the fixed lookahead decodes."""
+    model = random_table_lm(4, SEED + 9)
+    [rounds] = run(model, max_new=5, block_size=1, top_k=4, num_rollouts=6, rollouts_per_round=2,
+                   round_tolerance=1e-12)
+    [fixed] = run(model, max_new=5, block_size=1, top_k=4, num_rollouts=6)
+    for block in rounds.stats.blocks[:-1]:
+        assert block.rule == "all rounds" and block.rollouts == 6 * len(block.candidates) and block.rollouts_saved == 0
+        assert all(e is not None and 1.0 <= e <= 6.0 + 1e-9 for e in block.rollout_ess)
+    assert rounds.stats.tokens_by_phase == fixed.stats.tokens_by_phase
+
+
+def test_a_converged_round_estimate_equals_the_estimate_of_its_columns():
+    """At a loose tolerance most decisions stop early; the recorded p_hat is the plain
+    estimate of exactly the rollouts drawn (checked by the record's own log zeta)."""
+    model = random_table_lm(4, SEED + 13)
+    [result] = run(model, max_new=6, block_size=1, top_k=4, num_rollouts=8, rollouts_per_round=2,
+                   round_tolerance=0.5, jackknife=False)
+    for block in result.stats.blocks[:-1]:
+        assert block.rule in ("converged", "all rounds")
+        assert block.rollouts % (2 * len(block.candidates)) == 0 and block.rollouts <= 8 * len(block.candidates)
+        logp = torch.tensor(block.candidate_logprobs, dtype=torch.float64)
+        want = torch.softmax(4.0 * logp + torch.tensor(block.log_zeta, dtype=torch.float64), -1)
+        torch.testing.assert_close(torch.tensor(block.p_hat, dtype=torch.float64), want, rtol=1e-5, atol=1e-7)
+    assert any(block.rule == "converged" for block in result.stats.blocks[:-1])
+
+
+def test_resampled_rollouts_run_in_rounds_of_groups():
+    model = random_table_lm(4, SEED + 17)
+    [result] = run(model, max_new=6, block_size=1, top_k=4, num_rollouts=8, rollout_proposal="tempered",
+                   rollout_resample_every=2, rollout_groups=4, rollouts_per_round=4, round_tolerance=1e-12)
+    *longer, one, last = result.stats.blocks  # horizons 4, 4, 3, 2, then 1, then none
+    for block in longer:  # a round is two groups of two; a second one unless the groups agree
+        assert (block.rule, block.rollouts) in (("all rounds", 8 * 4), ("converged", 4 * 4))
+    assert any(block.rule == "all rounds" for block in longer)
+    # a one-token tempered rollout weighs exactly c(h): every group agrees after one round
+    assert one.rule == "converged" and one.rollouts == 4 * len(one.candidates)
+    assert last.rule == "last block" and len(result.token_ids) == 6
+
+
+def test_the_settings_are_checked():
+    for bad, field, text in ((dict(skip_share=0.5), "skip_share", "got 0.5"),
+                             (dict(skip_share=1.5), "skip_share", "got 1.5"),
+                             (dict(rollouts_per_round=3), "rollouts_per_round", r"multiple of rollouts_per_round \(3\)"),
+                             (dict(rollouts_per_round=1), "rollouts_per_round", "got 1"),
+                             (dict(rollouts_per_round=2, reuse_rollouts=True), "rollouts_per_round", "reuse_rollouts"),
+                             (dict(round_tolerance=0.0), "round_tolerance", "got 0.0"),
+                             (dict(rollouts_per_round=2, rollout_proposal="tempered", rollout_resample_every=2,
+                                   rollout_groups=2), "rollouts_per_round", "group size")):
+        with pytest.raises(ValueError, match=text) as caught:
+            PowerConfig(num_rollouts=8, **bad)
+        assert caught.value.field == field, (bad, caught.value)
