@@ -38,6 +38,7 @@ from powerfast.runtime.lm import TableLM
 
 __all__ = [
     "ModelSpec", "MethodSpec", "FidelityRow", "DEFAULT_MODELS", "random_llama", "tabulate", "method_grid",
+    "adaptive_grid",
     "total_variation", "noise_floor", "measure", "format_table", "zeta_variance_rows", "rollout_ess_rows", "main",
 ]
 
@@ -136,12 +137,36 @@ class MethodSpec:
     build: Callable
 
 
+def adaptive_grid(alpha: float, num_tokens: int, *, rollouts: int = 8, skip_share: float = 0.99,
+                  per_round: int = 2, tolerance: float = 0.05) -> list[MethodSpec]:
+    """The adaptive budgets against the fixed lookahead they save on (method
+    ``power-adaptive``): token level, tempered rollouts, M = ``rollouts``, rollouts to the
+    end of the budget; fixed, skip_share alone, rounds alone, both."""
+    from powerfast.samplers.factory import make_sampler
+
+    variants = [("fixed", {}), (f"skip {skip_share:g}", dict(skip_share=skip_share)),
+                (f"rounds of {per_round}, tol {tolerance:g}", dict(rollouts_per_round=per_round,
+                                                                   round_tolerance=tolerance)),
+                (f"skip {skip_share:g} + rounds of {per_round}, tol {tolerance:g}",
+                 dict(skip_share=skip_share, rollouts_per_round=per_round, round_tolerance=tolerance))]
+    grid = []
+    for name, extra in variants:
+        def build(runner, seed, extra=extra):
+            return make_sampler("power", runner, seed=seed, alpha=alpha, block_size=1, top_k=runner.vocab_size,
+                                num_rollouts=rollouts, horizon=num_tokens, rollout_proposal="tempered", **extra)
+
+        grid.append(MethodSpec("power-adaptive", f"M={rollouts} {name}", build))
+    return grid
+
+
 def method_grid(alpha: float, num_tokens: int, *, mcmc_steps=(2, 8, 32), rollouts=(2, 4, 8, 16),
-                particles=(8, 32, 128), include: Sequence[str] | None = None) -> list[MethodSpec]:
+                particles=(8, 32, 128), include: Sequence[str] | None = None,
+                adaptive: dict | None = None) -> list[MethodSpec]:
     """The methods of the table. Power sampling is token level (Top-K = the vocabulary) with
     rollouts to the end of the budget; MCMC appends blocks of ceil(T / 2) tokens; SMC
     checks the ESS after every token (with the default of 16 it would never resample
-    within a few tokens)."""
+    within a few tokens). ``adaptive`` (the keywords of :func:`adaptive_grid`, ``{}`` for
+    its defaults) adds the adaptive budgets."""
     from powerfast.samplers.factory import make_sampler
 
     def sampler(method: str, **settings):
@@ -173,6 +198,8 @@ def method_grid(alpha: float, num_tokens: int, *, mcmc_steps=(2, 8, 32), rollout
             grid.append(MethodSpec("power-resampled", f"M={m}, R=2, G=2", resampled))
     for n in particles:
         grid.append(MethodSpec("smc", f"N={n}", sampler("smc", alpha=alpha, num_particles=n, resample_every=1)))
+    if adaptive:
+        grid.extend(adaptive_grid(alpha, num_tokens, **adaptive))
     if include:
         grid = [m for m in grid if any(m.method == name or m.method.startswith(name + "-") or
                                        f"{m.method} {m.setting}" == name for name in include)]
@@ -209,12 +236,15 @@ class FidelityRow:
     noise_floor: float
     tokens_per_sequence: float
     seconds: float
+    forwards_per_sequence: float = 0.0
 
 
 def measure(spec: ModelSpec, alpha: float, methods: Sequence[MethodSpec], draws: int, *, seed: int = 0,
-            runtime: str = "tabulated", batch: int = 250, progress: Callable[[str], None] | None = None
-            ) -> list[FidelityRow]:
-    """TV to the exact p^alpha of ``draws`` sequences from each method, on one model."""
+            runtime: str = "tabulated", batch: int = 250, progress: Callable[[str], None] | None = None,
+            forward_draws: int = 20) -> list[FidelityRow]:
+    """TV to the exact p^alpha of ``draws`` sequences from each method, on one model, and
+    the mean model forwards of ``forward_draws`` more sequences generated one at a time
+    (sequential forwards: what bounds a sequence's latency on a GPU)."""
     from powerfast.runtime.lm_runner import LMRunner
     from powerfast.runtime.runner import ModelRunner
 
@@ -234,12 +264,15 @@ def measure(spec: ModelSpec, alpha: float, methods: Sequence[MethodSpec], draws:
             results = sampler.generate([list(PROMPT)] * min(batch, draws - start), spec.num_tokens)
             samples.extend(tuple(r.token_ids) for r in results)
             tokens += sum(r.stats.tokens_total for r in results)
+        # sequential forwards of one sequence alone (a batch's forwards are its slowest member's)
+        alone = [sampler.generate([list(PROMPT)], spec.num_tokens)[0] for _ in range(min(draws, forward_draws))]
         leaked = runner.live_sequences if runtime == "tabulated" else runner.cache.blocks_in_use
         if leaked:
             raise RuntimeError(f"{method.method} {method.setting} left {leaked} sequences / blocks in use")
         row = FidelityRow(spec.name, alpha, method.method, method.setting, draws,
                           total_variation(samples, support, probs), floor, tokens / draws,
-                          time.perf_counter() - started)
+                          time.perf_counter() - started,
+                          sum(r.stats.num_forwards for r in alone) / max(1, len(alone)))
         rows.append(row)
         if progress is not None:
             progress(f"{row.model} alpha {alpha:g} {row.method} {row.setting}: TV {row.tv:.3f} "
@@ -249,11 +282,13 @@ def measure(spec: ModelSpec, alpha: float, methods: Sequence[MethodSpec], draws:
 
 def format_table(rows: Sequence[FidelityRow]) -> str:
     """A markdown table, one line per (model, alpha, method, setting)."""
-    lines = ["| model | alpha | method | setting | draws | TV to exact | noise floor | TV / floor | tokens / seq |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | alpha | method | setting | draws | TV to exact | noise floor | TV / floor | tokens / seq "
+             "| forwards / seq |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.model} | {r.alpha:g} | {r.method} | {r.setting} | {r.draws} | {r.tv:.3f} | "
-                     f"{r.noise_floor:.3f} | {r.tv / r.noise_floor:.2f} | {r.tokens_per_sequence:.1f} |")
+                     f"{r.noise_floor:.3f} | {r.tv / r.noise_floor:.2f} | {r.tokens_per_sequence:.1f} | "
+                     f"{r.forwards_per_sequence:.1f} |")
     return "\n".join(lines)
 
 
@@ -366,6 +401,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rollout-proposals", default="base,tempered",
                         help="proposals of --rollout-ess (default base,tempered)")
     parser.add_argument("--no-table", action="store_true", help="skip the fidelity table itself")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="add the adaptive budgets (method power-adaptive: fixed, skip, rounds, both; tempered, "
+                             "token level) to the table")
+    parser.add_argument("--adaptive-rollouts", type=int, default=8, help="M of --adaptive (default 8)")
+    parser.add_argument("--adaptive-skip", type=float, default=0.99, help="skip_share of --adaptive (default 0.99)")
+    parser.add_argument("--adaptive-per-round", type=int, default=2,
+                        help="rollouts_per_round of --adaptive (default 2)")
+    parser.add_argument("--adaptive-tolerance", type=float, default=0.05,
+                        help="round_tolerance of --adaptive (default 0.05)")
     study = parser.add_argument_group("the horizon study on the embedded model (resumable: rerun to continue)")
     study.add_argument("--horizon-study", default=None, metavar="PATH.jsonl",
                        help="run (or continue) the spread of log zeta_hat per estimator, H and M; lines go to PATH")
@@ -434,8 +478,12 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for spec in models:
             for alpha in alphas:
+                adaptive = (dict(rollouts=args.adaptive_rollouts, skip_share=args.adaptive_skip,
+                                 per_round=args.adaptive_per_round, tolerance=args.adaptive_tolerance)
+                            if args.adaptive else None)
                 grid = method_grid(alpha, spec.num_tokens, mcmc_steps=_ints(args.mcmc_steps),
-                                   rollouts=_ints(args.rollouts), particles=_ints(args.particles), include=include)
+                                   rollouts=_ints(args.rollouts), particles=_ints(args.particles), include=include,
+                                   adaptive=adaptive)
                 rows.extend(measure(spec, alpha, grid, args.draws, seed=args.seed, runtime=args.runtime,
                                     progress=lambda line: print(line, file=sys.stderr, flush=True)))
         print(format_table(rows))
