@@ -191,3 +191,77 @@ def test_the_settings_are_checked():
         with pytest.raises(ValueError, match=text) as caught:
             PowerConfig(num_rollouts=8, **bad)
         assert caught.value.field == field, (bad, caught.value)
+
+
+# ------------------------------------------------------------------ entropy cuts
+
+
+def fork_at(position, vocab=4):
+    """Peaked laws (entropy about 0.17 nats) except a uniform one (log 4 = 1.39 nats) after
+    ``position`` generated tokens."""
+    def next_token(prefix):
+        generated = len(prefix) - len(PROMPT)
+        if generated == position:
+            return {t: 1.0 / vocab for t in range(vocab)}
+        top = (sum(prefix) + generated) % vocab
+        return {t: 0.97 if t == top else 0.01 for t in range(vocab)}
+
+    return TableLM(next_token, vocab)
+
+
+def table_logprob(model, prefix, tokens):
+    total = 0.0
+    for t, token in enumerate(tokens):
+        total += math.log(float(model.next_token_probs(list(prefix) + list(tokens[:t]))[token]))
+    return total
+
+
+def check_candidates_against_the_table(model, result):
+    """Every block's candidates scored by the table at the prefix the generation had then: a
+    sequence left holding tokens past its cut would score the next block elsewhere."""
+    prefix = list(PROMPT)
+    for block in result.stats.blocks:
+        for candidate, logprob in zip(block.candidates, block.candidate_logprobs):
+            assert logprob == pytest.approx(table_logprob(model, prefix, candidate), abs=1e-5)
+        prefix += block.candidates[block.choice]
+    assert prefix[len(PROMPT):] == result.token_ids
+
+
+def test_an_entropy_cut_ends_the_block_before_the_fork_and_the_next_decision_starts_there():
+    model = fork_at(2)
+    [cut] = run(model, max_new=8, entropy_cut=1.0)
+    first = cut.stats.blocks[0]
+    assert {len(c) for c in first.candidates} == {2}  # stopped before the uniform token
+    second = cut.stats.blocks[1]
+    assert len({c[0] for c in second.candidates}) > 1  # the fork is the next decision's first token
+    check_candidates_against_the_table(model, cut)
+    assert len(cut.token_ids) == 8
+
+
+def test_a_flat_entropy_stretch_makes_no_cut():
+    model = fork_at(99)  # never uniform: every law is peaked, below the threshold
+    [cut] = run(model, max_new=8, entropy_cut=1.0)
+    [fixed] = run(model, max_new=8)
+    assert [len(c) for b in cut.stats.blocks for c in b.candidates] == [4] * sum(
+        len(b.candidates) for b in cut.stats.blocks)
+    assert cut.token_ids == fixed.token_ids and cut.stats.tokens_by_phase == fixed.stats.tokens_by_phase
+
+
+def test_entropy_cuts_on_a_random_model_keep_every_sequence_consistent_and_free_everything():
+    """Blocks of every length up to B on a random table (the cut threshold in its entropy
+    range); several prompts, whose budgets then differ, decide in groups."""
+    model = random_table_lm(4, SEED + 23)
+    results = run(model, prompts=[PROMPT] * 3, max_new=10, entropy_cut=0.9, block_size=4)
+    lengths = set()
+    for result in results:
+        check_candidates_against_the_table(model, result)
+        assert len(result.token_ids) == 10
+        lengths.update(len(c) for b in result.stats.blocks for c in b.candidates)
+    assert len(lengths) > 1
+
+
+def test_entropy_cut_settings_are_checked():
+    for bad in (dict(block_size=1), dict(reuse_rollouts=True, horizon=8, block_size=4)):
+        with pytest.raises(ValueError, match="entropy_cut=0.5 needs block_size > 1") as caught:
+            PowerConfig(entropy_cut=0.5, **bad)
+        assert caught.value.field == "entropy_cut"

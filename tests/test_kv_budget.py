@@ -37,6 +37,9 @@ SETTINGS = {
     "power-resampled-rounds": dict(method="power", config=PowerConfig(
         alpha=4.0, block_size=5, num_candidates=4, top_k=3, num_rollouts=8, horizon=7, rollout_proposal="tempered",
         rollout_resample_every=2, rollout_groups=4, rollouts_per_round=4, round_tolerance=0.01)),
+    # blocks cut where the next-token entropy is above the tiny model's median (3.454-3.462 nats): a mix
+    "power-entropy": dict(method="power", config=PowerConfig(alpha=2.0, block_size=5, num_candidates=4, top_k=3,
+                                                             num_rollouts=2, horizon=7, entropy_cut=3.4597)),
     "mcmc": dict(method="mcmc", config=MCMCConfig(alpha=2.0, block_size=6, mcmc_steps=3)),
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=5),
@@ -49,7 +52,7 @@ SETTINGS = {
 # settings whose branches share blocks after a while (resampled particles): the bound holds, not tightly
 SHARING = {"smc-resampling", "power-resampled"}
 # settings that hold fewer rollouts than the bound allows (rounds of M / 2, skipped decisions)
-SHARING |= {"power-adaptive", "power-resampled-rounds"}
+SHARING |= {"power-adaptive", "power-resampled-rounds", "power-entropy"}
 
 
 def tiny_model(seed: int):

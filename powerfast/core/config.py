@@ -166,6 +166,10 @@ SETTINGS: dict[str, Setting] = _declare(
     Setting("round_tolerance", float, 0.05,
             "rounds stop once every candidate's jackknife standard error of its choice probability is <= this",
             _fraction),
+    Setting("entropy_cut", float, 0.0,
+            "end a power candidate block early (after >= 1 token) before a token whose base next-token entropy "
+            "exceeds this many nats, so decisions fall where the model hesitates (0: blocks of B)",
+            _non_negative_finite),
     Setting("mcmc_steps", int, 10, "N_MCMC: Metropolis-Hastings steps after each mcmc block", int_at_least(0)),
     Setting("num_particles", int, 32, "N: particles of smc", int_at_least(1), flag="--particles"),
     Setting("ess_threshold", float, 0.5, "smc resamples when ESS < this * N", _fraction),
@@ -228,8 +232,8 @@ class PowerConfig:
     num_rollouts (M), horizon (H), jackknife, rollout_proposal ("base": rollouts from p,
     weight p(s)^(alpha-1); "tempered": from p at T = 1/alpha, weight prod_t sum_x
     p(x|h_t)^alpha, powerfast/DESIGN.md section 6), reuse_rollouts, rollout_resample_every (R),
-    rollout_groups (G), and the adaptive budgets skip_share, rollouts_per_round and
-    round_tolerance (:data:`SETTINGS` has each one's help)."""
+    rollout_groups (G), and the adaptive budgets skip_share, rollouts_per_round,
+    round_tolerance and entropy_cut (:data:`SETTINGS` has each one's help)."""
 
     alpha: float = SETTINGS["alpha"].field()
     block_size: int = SETTINGS["block_size"].field()
@@ -245,11 +249,15 @@ class PowerConfig:
     skip_share: float = SETTINGS["skip_share"].field()
     rollouts_per_round: int = SETTINGS["rollouts_per_round"].field()
     round_tolerance: float = SETTINGS["round_tolerance"].field()
+    entropy_cut: float = SETTINGS["entropy_cut"].field()
 
     def __post_init__(self) -> None:
         _validate_fields(self)
         if self.rollouts_per_round:
             self._check_rounds()
+        if self.entropy_cut and (self.block_size == 1 or self.reuse_rollouts):
+            raise SettingError("entropy_cut", f"entropy_cut={self.entropy_cut} needs block_size > 1 (got "
+                                              f"{self.block_size}) and no reuse_rollouts (got {self.reuse_rollouts})")
         if self.rollout_resample_every:
             if self.rollout_proposal != "tempered":
                 raise SettingError("rollout_resample_every",

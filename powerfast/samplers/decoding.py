@@ -180,6 +180,7 @@ def continuations_program(
     logliks: torch.Tensor | None = None,
     log_weights: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
+    stop_entropy: float = 0.0,
 ):
     """Sample ``num_steps`` tokens for every sequence in one batched decode loop, as a
     step program (it yields its samples and decodes, see :mod:`powerfast.samplers.program`;
@@ -208,6 +209,10 @@ def continuations_program(
                   tempered proposal; Power-SMC's particle weights)
     active:       (N,) bool rows still decoding (default all): a row that ended in an earlier
                   loop (its EOS) stays ended, fed EOS, its statistics frozen
+    stop_entropy: > 0: a row stops (without a token) before any step after the first whose
+                  next-token law has a base entropy above this many nats; its
+                  ``last_logits`` are that law's logits (the sequence itself goes on being
+                  fed tokens like an ended row: cut it to its length). 0: never
     """
     eos_ids = stop_token_ids(eos_token_id)
     eos_token_id = eos_ids[0] if eos_ids else None  # the sampling ops handle the first id
@@ -231,7 +236,14 @@ def continuations_program(
     other_eos = torch.tensor(eos_ids[1:], dtype=torch.long, device=device) if len(eos_ids) > 1 else None
     # per step, views of what the sampling answered: stacked once at the end (no copy per token)
     step_tokens, step_live, step_base, step_tempered = [], [], [], []
+    cut = cut_logits = None
     for step in range(num_steps):
+        if stop_entropy and step > 0:
+            entropy = torch.special.entr(torch.softmax(logits.float(), -1)).sum(-1)
+            now = active & (entropy > stop_entropy)
+            active = active & ~now
+            cut = now if cut is None else cut | now
+            cut_logits = torch.where(now[:, None], logits, logits if cut_logits is None else cut_logits)
         out = yield Sample(logits, seed, step, float(schedule[step]), eos, active, base, stream)
         chosen, was_active, active, base = out.tokens, out.was_active, out.active, out.logliks
         if tempered is not None:
@@ -262,7 +274,10 @@ def continuations_program(
     lengths = stacked(step_live, torch.bool).sum(dim=1)
     token_base = stacked(step_base, torch.float32) if per_token else None
     token_tempered = stacked(step_tempered, torch.float32) if per_token else None
-    return Continuations(tokens, lengths, base, tempered, logits if want_last_logits else None,
+    last_logits = logits if want_last_logits else None
+    if want_last_logits and cut is not None:
+        last_logits = torch.where(cut[:, None], cut_logits, logits)
+    return Continuations(tokens, lengths, base, tempered, last_logits,
                          token_base, token_tempered, log_power_sums, active)
 
 

@@ -103,8 +103,21 @@ class PowerSampler(RunnerSampler):
             heads = {i: (seqs[i], logits[i]) for i in open_prompts}
             reused: dict[int, Decision] = {}  # next decision's candidates taken from rollouts
             while open_prompts:
-                budget = max_new_tokens - len(generated[open_prompts[0]])
-                decisions = yield from self._decide(open_prompts, heads, budget, eos, stats, live, reused=reused)
+                # prompts with the same budget decide together (all of them, unless entropy_cut
+                # made their blocks differ in length)
+                groups: dict[int, list[int]] = {}
+                for i in open_prompts:
+                    groups.setdefault(max_new_tokens - len(generated[i]), []).append(i)
+                decisions = {}
+                for budget, group in groups.items():
+                    decisions.update((yield from self._decide(group, heads, budget, eos, stats, live,
+                                                              reused={i: reused[i] for i in group if i in reused})))
+                    if len(groups) > 1:  # (entropy_cut, so no reuse) free the group's losers now
+                        for i in group:
+                            heads[i] = (decisions[i][2], decisions[i][3])
+                        keep = {id(heads[j][0]) for j in heads}
+                        self.runner.free([s for s in live if id(s) not in keep])
+                        live[:] = [s for s in live if id(s) in keep]
                 still_open = []
                 reused = {}
                 for i in open_prompts:
@@ -179,7 +192,9 @@ class PowerSampler(RunnerSampler):
         peak_of_prompt = {}
         for length in set(prompt_lengths):
             peak = 0
-            for done in range(0, max_new_tokens, cfg.block_size):  # tokens generated before each decision
+            # tokens generated before each decision: multiples of B, or any count when entropy_cut
+            # may end a block early
+            for done in range(0, max_new_tokens, 1 if cfg.entropy_cut else cfg.block_size):
                 block = min(cfg.block_size, max_new_tokens - done)
                 horizon = min(cfg.horizon, max_new_tokens - done - block)
                 here = length + done
@@ -546,7 +561,8 @@ class PowerSampler(RunnerSampler):
             seqs.extend(children)
             first_logits.append(heads[i][1].expand(num, -1))
         sampled = yield from continuations_program(
-            seqs, torch.cat(first_logits), block, self.seeds, eos_token_id=eos, want_last_logits=True
+            seqs, torch.cat(first_logits), block, self.seeds, eos_token_id=eos, want_last_logits=True,
+            stop_entropy=self.config.entropy_cut,
         )
         # one device-to-host copy for the phase: tokens, lengths, log-likelihoods, the NaN check
         tokens, lengths, logliks, nan = to_host(sampled.tokens, sampled.lengths, sampled.base_logliks,
@@ -562,9 +578,19 @@ class PowerSampler(RunnerSampler):
                     seen[key] = j
             unique = sorted(seen.values(), key=lambda j: -float(logliks[j]))[: self.config.top_k]
             candidates = [tokens[j, : lengths[j]].tolist() for j in unique]
+            kept = [seqs[j] for j in unique]
+            if self.config.entropy_cut:  # a block cut short: its sequence was fed on; cut it back
+                start = _length(heads[i][0])
+                for index, (j, candidate) in enumerate(zip(unique, candidates)):
+                    if _length(kept[index]) > start + len(candidate) and not (candidate and candidate[-1] in eos):
+                        [child] = self.runner.fork(kept[index], 1, length=start + len(candidate))
+                        live.append(child)
+                        self.runner.free([kept[index]])
+                        live[:] = [s for s in live if s is not kept[index]]
+                        kept[index] = child
             decisions[i] = Decision(
                 candidates,
-                [seqs[j] for j in unique],
+                kept,
                 logliks[unique],
                 [len(c) > 0 and c[-1] in eos for c in candidates],
                 sampled.last_logits[torch.tensor(unique, device=sampled.last_logits.device)],
