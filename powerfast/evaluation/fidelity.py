@@ -138,24 +138,38 @@ class MethodSpec:
 
 
 def adaptive_grid(alpha: float, num_tokens: int, *, rollouts: int = 8, skip_share: float = 0.99,
-                  per_round: int = 2, tolerance: float = 0.05) -> list[MethodSpec]:
-    """The adaptive budgets against the fixed lookahead they save on (method
-    ``power-adaptive``): token level, tempered rollouts, M = ``rollouts``, rollouts to the
-    end of the budget; fixed, skip_share alone, rounds alone, both."""
+                  per_round: int = 2, tolerance: float = 0.05, entropy_cut: float = 0.6,
+                  block_size: int | None = None) -> list[MethodSpec]:
+    """The adaptive budgets against the fixed lookahead they save on: tempered rollouts,
+    M = ``rollouts``, rollouts to the end of the budget. Method ``power-adaptive``: token
+    level (Top-K = the vocabulary), fixed, skip_share alone, rounds alone, both. Method
+    ``power-adaptive-block``: blocks of B = ``block_size`` (default ceil(T / 2)), L = 8
+    sampled candidates, K = 4, fixed, each rule alone (entropy_cut too) and all three."""
     from powerfast.samplers.factory import make_sampler
 
-    variants = [("fixed", {}), (f"skip {skip_share:g}", dict(skip_share=skip_share)),
-                (f"rounds of {per_round}, tol {tolerance:g}", dict(rollouts_per_round=per_round,
-                                                                   round_tolerance=tolerance)),
-                (f"skip {skip_share:g} + rounds of {per_round}, tol {tolerance:g}",
-                 dict(skip_share=skip_share, rollouts_per_round=per_round, round_tolerance=tolerance))]
-    grid = []
-    for name, extra in variants:
-        def build(runner, seed, extra=extra):
-            return make_sampler("power", runner, seed=seed, alpha=alpha, block_size=1, top_k=runner.vocab_size,
-                                num_rollouts=rollouts, horizon=num_tokens, rollout_proposal="tempered", **extra)
+    skip = (f"skip {skip_share:g}", dict(skip_share=skip_share))
+    rounds = (f"rounds of {per_round}, tol {tolerance:g}", dict(rollouts_per_round=per_round,
+                                                                round_tolerance=tolerance))
+    cut = (f"entropy cut {entropy_cut:g}", dict(entropy_cut=entropy_cut))
 
-        grid.append(MethodSpec("power-adaptive", f"M={rollouts} {name}", build))
+    def both(*parts):
+        return " + ".join(name for name, _ in parts), {k: v for _, extra in parts for k, v in extra.items()}
+
+    block = block_size or max(2, math.ceil(num_tokens / 2))
+    families = [("power-adaptive", f"M={rollouts}", dict(block_size=1, top_k=None),
+                 [("fixed", {}), skip, rounds, both(skip, rounds)]),
+                ("power-adaptive-block", f"B={block} L=8 K=4 M={rollouts}",
+                 dict(block_size=block, num_candidates=8, top_k=4),
+                 [("fixed", {}), skip, rounds, cut, both(skip, rounds, cut)])]
+    grid = []
+    for method, prefix, shape, variants in families:
+        for name, extra in variants:
+            def build(runner, seed, extra=extra, shape=shape):
+                settings = dict(shape, top_k=shape["top_k"] or runner.vocab_size)
+                return make_sampler("power", runner, seed=seed, alpha=alpha, num_rollouts=rollouts,
+                                    horizon=num_tokens, rollout_proposal="tempered", **settings, **extra)
+
+            grid.append(MethodSpec(method, f"{prefix} {name}", build))
     return grid
 
 
@@ -402,14 +416,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="proposals of --rollout-ess (default base,tempered)")
     parser.add_argument("--no-table", action="store_true", help="skip the fidelity table itself")
     parser.add_argument("--adaptive", action="store_true",
-                        help="add the adaptive budgets (method power-adaptive: fixed, skip, rounds, both; tempered, "
-                             "token level) to the table")
+                        help="add the adaptive budgets to the table (tempered rollouts; power-adaptive: token "
+                             "level, fixed / skip / rounds / both; power-adaptive-block: blocks of ceil(T / 2), "
+                             "fixed / skip / rounds / entropy cut / all)")
     parser.add_argument("--adaptive-rollouts", type=int, default=8, help="M of --adaptive (default 8)")
     parser.add_argument("--adaptive-skip", type=float, default=0.99, help="skip_share of --adaptive (default 0.99)")
     parser.add_argument("--adaptive-per-round", type=int, default=2,
                         help="rollouts_per_round of --adaptive (default 2)")
     parser.add_argument("--adaptive-tolerance", type=float, default=0.05,
                         help="round_tolerance of --adaptive (default 0.05)")
+    parser.add_argument("--adaptive-entropy", type=float, default=0.6,
+                        help="entropy_cut (nats) of --adaptive's block-level rows (default 0.6)")
     study = parser.add_argument_group("the horizon study on the embedded model (resumable: rerun to continue)")
     study.add_argument("--horizon-study", default=None, metavar="PATH.jsonl",
                        help="run (or continue) the spread of log zeta_hat per estimator, H and M; lines go to PATH")
@@ -479,7 +496,8 @@ def run(args: argparse.Namespace) -> int:
         for spec in models:
             for alpha in alphas:
                 adaptive = (dict(rollouts=args.adaptive_rollouts, skip_share=args.adaptive_skip,
-                                 per_round=args.adaptive_per_round, tolerance=args.adaptive_tolerance)
+                                 per_round=args.adaptive_per_round, tolerance=args.adaptive_tolerance,
+                                 entropy_cut=args.adaptive_entropy)
                             if args.adaptive else None)
                 grid = method_grid(alpha, spec.num_tokens, mcmc_steps=_ints(args.mcmc_steps),
                                    rollouts=_ints(args.rollouts), particles=_ints(args.particles), include=include,
