@@ -1,0 +1,97 @@
+"""Adaptive rollout budgets on the embedded model: what each rule saves, in counts.
+
+For one lookahead setting (default: the README's main job) and each variant (the fixed
+lookahead, every adaptive rule alone, all of them together), power-sample the same prompts
+with the same seed and report per generated token the tokens the model decoded and its
+sequential forwards (both counts, the same on every machine), how many decisions each rule
+settled, and the wall time (this machine only).
+
+    python bench/adaptive.py [--setting main|paper32] [--max-new-tokens 256] [--json out.json]
+
+``main``: B = 32, L = 8, K = 4, M = 4, H = 32 (README command 1); ``paper32``: L = 32,
+K = M = 8, B = H = 32. Variants: skip_share 0.99; rounds of 2 rollouts at tolerance 0.05;
+entropy_cut ``--entropy`` nats (default 2.5); all three.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+
+SETTINGS = {
+    "main": dict(block_size=32, num_candidates=8, top_k=4, num_rollouts=4, horizon=32),
+    "paper32": dict(block_size=32, num_candidates=32, top_k=8, num_rollouts=8, horizon=32),
+}
+
+PROMPTS = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many "
+    "clips did Natalia sell altogether in April and May? Explain step by step.",
+    "What is 17 * 23? Think step by step.",
+)
+
+
+def variants(entropy: float) -> list[tuple[str, dict]]:
+    skip = dict(skip_share=0.99)
+    rounds = dict(rollouts_per_round=2, round_tolerance=0.05)
+    cut = dict(entropy_cut=entropy)
+    return [("fixed", {}), ("skip 0.99", skip), ("rounds of 2, tol 0.05", rounds), (f"entropy cut {entropy:g}", cut),
+            ("all three", {**skip, **rounds, **cut})]
+
+
+def measure(model, tokenizer, setting: dict, extra: dict, max_new_tokens: int, seed: int) -> dict:
+    from powerfast.samplers.factory import make_sampler
+
+    sampler = make_sampler("power", model, tokenizer, seed=seed, alpha=4.0, rollout_proposal="base",
+                           **setting, **extra)
+    generated = decoded = forwards = 0
+    rules: Counter = Counter()
+    started = time.perf_counter()
+    for prompt in PROMPTS:  # one at a time: a prompt's forwards are its own sequential forwards
+        [result] = sampler.generate([prompt], max_new_tokens)
+        generated += len(result.token_ids)
+        decoded += result.stats.tokens_total
+        forwards += result.stats.num_forwards
+        rules.update(block.rule for block in result.stats.blocks)
+    seconds = time.perf_counter() - started
+    return dict(generated=generated, decoded=decoded, forwards=forwards, decoded_per_token=decoded / generated,
+                forwards_per_token=forwards / generated, rules=dict(rules), seconds=seconds)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="main")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--entropy", type=float, default=2.5, help="entropy_cut of the cut variants (nats)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    from powerfast.runtime.models import load_model
+
+    model, tokenizer = load_model(None)
+    setting = SETTINGS[args.setting]
+    rows = []
+    for name, extra in variants(args.entropy):
+        row = dict(variant=name, **measure(model, tokenizer, setting, extra, args.max_new_tokens, args.seed))
+        rows.append(row)
+        print(f"{name}: {row}", file=sys.stderr, flush=True)
+    fixed = rows[0]
+    print(f"setting {args.setting}: {setting}, alpha 4, base rollouts, {len(PROMPTS)} prompts, "
+          f"max {args.max_new_tokens} new tokens, seed {args.seed}")
+    print("| variant | generated | decoded / token | vs fixed | forwards / token | decisions by rule | s |")
+    print("|---|---:|---:|---:|---:|---|---:|")
+    for row in rows:
+        rules = ", ".join(f"{k} {v}" for k, v in sorted(row["rules"].items()))
+        print(f"| {row['variant']} | {row['generated']} | {row['decoded_per_token']:.1f} | "
+              f"{row['decoded_per_token'] / fixed['decoded_per_token']:.2f} | {row['forwards_per_token']:.2f} | "
+              f"{rules} | {row['seconds']:.0f} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(dict(setting=args.setting, settings=setting, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
