@@ -196,7 +196,8 @@ class PowerSampler(RunnerSampler):
             # may end a block early
             for done in range(0, max_new_tokens, 1 if cfg.entropy_cut else cfg.block_size):
                 block = min(cfg.block_size, max_new_tokens - done)
-                horizon = min(cfg.horizon, max_new_tokens - done - block)
+                # a cut block may be 1 token long, its rollouts as long as the budget after it
+                horizon = min(cfg.horizon, max_new_tokens - done - (1 if cfg.entropy_cut else block))
                 here = length + done
                 need = (blocks_for(here, block_size)
                         + num_candidates * appended_blocks(here, block, block_size)
@@ -231,6 +232,9 @@ class PowerSampler(RunnerSampler):
             else:
                 decisions.update((yield from self._block_candidates(fresh, heads, block, eos, stats, live)))
 
+        if cfg.entropy_cut:  # blocks cut short leave budget for rollouts: the shortest one's
+            shortest = min((len(c) for i in prompts for c in decisions[i].candidates), default=block)
+            horizon = min(cfg.horizon, budget - shortest)
         # rollouts from every candidate that has a future (not ended, budget left), in one
         # round of M or (rollouts_per_round) in rounds while the choice is uncertain
         resampled = bool(cfg.rollout_resample_every)
