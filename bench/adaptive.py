@@ -21,6 +21,8 @@ import sys
 import time
 from collections import Counter
 
+import torch
+
 SETTINGS = {
     "main": dict(block_size=32, num_candidates=8, top_k=4, num_rollouts=4, horizon=32),
     "paper32": dict(block_size=32, num_candidates=32, top_k=8, num_rollouts=8, horizon=32),
@@ -41,6 +43,28 @@ def variants(entropy: float) -> list[tuple[str, dict]]:
             ("all three", {**skip, **rounds, **cut})]
 
 
+def skip_check(blocks, share: float, alpha: float = 4.0) -> list[dict]:
+    """For the fixed lookahead's decisions whose top candidate holds >= ``share`` of the
+    candidates' p^alpha mass (those skip_share would skip): the TV between that p^alpha
+    choice and the choice the rollouts estimated, and the largest log zeta_hat ratio of
+    another candidate over the top one (the rule is safe while it stays small)."""
+    out = []
+    for block in blocks:
+        if len(block.candidates) < 2 or block.rule != "fixed":
+            continue
+        logp = torch.tensor(block.candidate_logprobs, dtype=torch.float64)
+        shares = torch.softmax(alpha * logp, -1)
+        top = int(shares.argmax())
+        if float(shares[top]) < share:
+            continue
+        probs = torch.tensor(block.probs, dtype=torch.float64)
+        log_zeta = torch.tensor(block.log_zeta, dtype=torch.float64)
+        others = torch.cat([log_zeta[:top], log_zeta[top + 1:]])
+        out.append(dict(share=float(shares[top]), tv=0.5 * float((shares - probs).abs().sum()),
+                        log_zeta_ratio=float(others.max() - log_zeta[top])))
+    return out
+
+
 def measure(model, tokenizer, setting: dict, extra: dict, max_new_tokens: int, seed: int) -> dict:
     from powerfast.samplers.factory import make_sampler
 
@@ -48,6 +72,7 @@ def measure(model, tokenizer, setting: dict, extra: dict, max_new_tokens: int, s
                            **setting, **extra)
     generated = decoded = forwards = 0
     rules: Counter = Counter()
+    checks: list[dict] = []
     started = time.perf_counter()
     for prompt in PROMPTS:  # one at a time: a prompt's forwards are its own sequential forwards
         [result] = sampler.generate([prompt], max_new_tokens)
@@ -55,9 +80,10 @@ def measure(model, tokenizer, setting: dict, extra: dict, max_new_tokens: int, s
         decoded += result.stats.tokens_total
         forwards += result.stats.num_forwards
         rules.update(block.rule for block in result.stats.blocks)
+        checks.extend(skip_check(result.stats.blocks, 0.99))
     seconds = time.perf_counter() - started
     return dict(generated=generated, decoded=decoded, forwards=forwards, decoded_per_token=decoded / generated,
-                forwards_per_token=forwards / generated, rules=dict(rules), seconds=seconds)
+                forwards_per_token=forwards / generated, rules=dict(rules), seconds=seconds, skip_check=checks)
 
 
 def main(argv=None) -> int:
@@ -67,13 +93,21 @@ def main(argv=None) -> int:
     parser.add_argument("--entropy", type=float, default=2.5, help="entropy_cut of the cut variants (nats)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variant names to run (default all; 'fixed' prints the skip check)")
     args = parser.parse_args(argv)
     from powerfast.runtime.models import load_model
 
     model, tokenizer = load_model(None)
     setting = SETTINGS[args.setting]
     rows = []
-    for name, extra in variants(args.entropy):
+    chosen = variants(args.entropy)
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",")]
+        chosen = [v for v in chosen if v[0] in wanted or v[0].split()[0] in wanted]
+        if not chosen or chosen[0][0] != "fixed":
+            parser.error("--variants must include fixed (the other rows are relative to it)")
+    for name, extra in chosen:
         row = dict(variant=name, **measure(model, tokenizer, setting, extra, args.max_new_tokens, args.seed))
         rows.append(row)
         print(f"{name}: {row}", file=sys.stderr, flush=True)
@@ -87,6 +121,14 @@ def main(argv=None) -> int:
         print(f"| {row['variant']} | {row['generated']} | {row['decoded_per_token']:.1f} | "
               f"{row['decoded_per_token'] / fixed['decoded_per_token']:.2f} | {row['forwards_per_token']:.2f} | "
               f"{rules} | {row['seconds']:.0f} |")
+    checks = fixed["skip_check"]
+    if checks:
+        worst = max(checks, key=lambda c: c["tv"])
+        print(f"\nskip check (fixed lookahead, decisions with a top p^alpha share >= 0.99): {len(checks)} decisions; "
+              f"TV between the p^alpha choice and the rollouts' estimate: mean {sum(c['tv'] for c in checks) / len(checks):.2e}, "
+              f"max {worst['tv']:.2e} (share {worst['share']:.6f}, largest log zeta_hat ratio of another candidate "
+              f"{worst['log_zeta_ratio']:.2f}); largest log zeta_hat ratio over all: "
+              f"{max(c['log_zeta_ratio'] for c in checks):.2f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(dict(setting=args.setting, settings=setting, rows=rows), f, indent=1)

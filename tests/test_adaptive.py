@@ -265,3 +265,24 @@ def test_entropy_cut_settings_are_checked():
         with pytest.raises(ValueError, match="entropy_cut=0.5 needs block_size > 1") as caught:
             PowerConfig(entropy_cut=0.5, **bad)
         assert caught.value.field == "entropy_cut"
+
+
+def test_the_benchmarks_skip_check_measures_what_the_skip_would_change():
+    """bench/adaptive.py's check on a fixed decision: share, TV to the estimate, zeta ratio."""
+    import sys
+    from pathlib import Path
+
+    from powerfast.samplers.results import BlockRecord
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import adaptive
+
+    logp = [-0.01, -3.0]  # shares at alpha 4: 1 / (1 + e^-11.96) = 0.9999936...
+    share = 1.0 / (1.0 + math.exp(-4 * 2.99))
+    record = BlockRecord(candidates=[[1], [2]], candidate_logprobs=logp, p_hat=[0.9, 0.1], probs=[0.9, 0.1],
+                         log_zeta=[-2.0, 1.5], choice=0, rule="fixed")
+    [check] = adaptive.skip_check([record, BlockRecord([[1]], [0.0], [1.0], [1.0], [0.0], 0, rule="fixed")], 0.99)
+    assert check["share"] == pytest.approx(share, rel=1e-12)
+    assert check["tv"] == pytest.approx(share - 0.9, rel=1e-9)  # 0.5 * (|s0 - 0.9| + |s1 - 0.1|)
+    assert check["log_zeta_ratio"] == pytest.approx(3.5)
+    assert adaptive.skip_check([record], 0.999999999) == []
