@@ -128,19 +128,19 @@ stage_engine() {
 #   768: model.generate, plain, power          -> power/plain, plain/hf-generate
 #   768: smc (N = 32), power-tr (tempered rollouts + reuse) -> smc/plain (target <= 1.1),
 #        power-tr/plain (target <= 1.3)
-#   384: plain, power, mcmc, recompute-mcmc, power-rs (tempered rollouts resampled every 8 tokens)
-#                                              -> mcmc/power, recompute-mcmc/mcmc, power-rs/power
+#   384: plain, power, mcmc, recompute-mcmc, power-rs (tempered rollouts resampled every 8 tokens),
+#        power-ad (adaptive budgets)          -> mcmc/power, recompute-mcmc/mcmc, power-rs/power, power-ad/power
 #   768: low-temp, best-of-n, mcmc              (mcmc/power at 768 when it fits)
 #   3072: plain, power                          only with E2E_LONG=1
 # SMOKE: the tiny random Llama, 8-16 tokens, every method.
 stage_e2e() {
     local args
     if [[ "$SMOKE" == 1 ]]; then
-        args=(--model tiny --case 16:hf-generate,plain,power,smc,power-tr --case 8:plain,power,mcmc,recompute-mcmc,power-rs
+        args=(--model tiny --case 16:hf-generate,plain,power,smc,power-tr --case 8:plain,power,mcmc,recompute-mcmc,power-rs,power-ad
               --case 16:low-temp,best-of-n --prompt-len 8 --block-size 4 --horizon 4 --candidates 4
               --top-k 2 --rollouts 2 --mcmc-steps 2 --num-samples 2 --warmup-tokens 4)
     else
-        args=(--model qwen2.5-1.5b --case 768:hf-generate,plain,power,smc,power-tr --case 384:plain,power,mcmc,recompute-mcmc,power-rs
+        args=(--model qwen2.5-1.5b --case 768:hf-generate,plain,power,smc,power-tr --case 384:plain,power,mcmc,recompute-mcmc,power-rs,power-ad
               --case 768:low-temp,best-of-n,mcmc --prompt-len 128 --kv-memory-mib 16384)
         [[ "${E2E_LONG:-0}" == 1 ]] && args+=(--case 3072:plain,power)
     fi

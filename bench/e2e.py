@@ -11,6 +11,9 @@ prompt per call, EOS ignored (every completion is ``max_new_tokens`` long):
   (``PowerConfig(rollout_proposal="tempered", reuse_rollouts=True)``);
 - ``power-rs``: power sampling with tempered rollouts resampled every 8 tokens (or H, if
   shorter) in 2 independent groups (``rollout_resample_every``, ``rollout_groups=2``);
+- ``power-ad``: power sampling with tempered rollouts and the adaptive budgets
+  (``ADAPTIVE``: skip_share 0.99, rollouts in rounds of 2 at tolerance 0.05, entropy_cut 2.5
+  nats, the cut only at block level);
 - ``recompute-mcmc``: :class:`RecomputeMCMC`, the same Metropolis-Hastings chain written
   the way the published MCMC code is: every block and every proposal calls
   ``model.generate`` on the whole prefix, recomputing it (``mcmc`` forks the sequence
@@ -22,7 +25,7 @@ as long as the longest sequence of the run and a decode step at each batch size 
 prompt is measured around each call (``torch.cuda.synchronize`` on CUDA). The table gives,
 per method: settings, seconds per prompt, generated tokens, tokens decoded in all
 (candidates, rollouts, proposals), and the ratio to ``plain``; below it the ratios
-power / plain, power-tr / plain, power-rs / power, smc / plain, mcmc / power, recompute-mcmc / mcmc and
+power / plain, power-tr / plain, power-rs / power, power-ad / power, smc / plain, mcmc / power, recompute-mcmc / mcmc and
 plain / hf-generate.
 
     python bench/e2e.py --model tiny --max-new-tokens 32
@@ -83,10 +86,13 @@ __all__ = [
     "summary",
 ]
 
-METHODS = ("hf-generate", "plain", "low-temp", "best-of-n", "power", "power-tr", "power-rs", "smc", "mcmc",
-           "recompute-mcmc")
+METHODS = ("hf-generate", "plain", "low-temp", "best-of-n", "power", "power-tr", "power-rs", "power-ad", "smc",
+           "mcmc", "recompute-mcmc")
 MODELS = ("tiny", "smollm2", "qwen2.5-1.5b")
-RATIOS = (("power", "plain"), ("power-tr", "plain"), ("power-rs", "power"), ("smc", "plain"), ("mcmc", "power"), ("recompute-mcmc", "mcmc"), ("plain", "hf-generate"))
+RATIOS = (("power", "plain"), ("power-tr", "plain"), ("power-rs", "power"), ("power-ad", "power"), ("smc", "plain"), ("mcmc", "power"), ("recompute-mcmc", "mcmc"), ("plain", "hf-generate"))
+
+#: The adaptive budgets of ``power-ad`` (rounds only where M is even; the cut only at block level).
+ADAPTIVE = dict(skip_share=0.99, rollouts_per_round=2, round_tolerance=0.05, entropy_cut=2.5)
 
 PROMPTS = (
     "What is the sum of the first 20 odd numbers? Explain step by step.",
@@ -116,6 +122,11 @@ class _SettingsMethods:
             return method_config("power", **{**settings, "rollout_proposal": "tempered", "reuse_rollouts": False,
                                              "rollout_resample_every": max(1, min(8, self.horizon)),
                                              "rollout_groups": 2})
+        if method == "power-ad":
+            adaptive = dict(ADAPTIVE, rollouts_per_round=2 if self.num_rollouts % 2 == 0 else 0,
+                            entropy_cut=ADAPTIVE["entropy_cut"] if self.block_size > 1 else 0.0)
+            return method_config("power", **{**settings, "rollout_proposal": "tempered", "reuse_rollouts": False,
+                                             **adaptive})
         return method_config({"recompute-mcmc": "mcmc", "hf-generate": "plain"}.get(method, method), **settings)
 
     def describe(self, method: str) -> str:
@@ -126,10 +137,11 @@ class _SettingsMethods:
             return f"T=1/{self.alpha:g}"
         if method == "best-of-n":
             return f"N={self.num_samples}"
-        if method in ("power", "power-tr", "power-rs"):
+        if method in ("power", "power-tr", "power-rs", "power-ad"):
             jk = " jk" if self.jackknife else ""
             tr = {"power-tr": " tempered+reuse",
-                  "power-rs": f" tempered R={max(1, min(8, self.horizon))} G=2"}.get(method, "")
+                  "power-rs": f" tempered R={max(1, min(8, self.horizon))} G=2",
+                  "power-ad": " tempered skip 0.99 rounds 2 tol 0.05 cut 2.5"}.get(method, "")
             return (f"{a} B={self.block_size} H={self.horizon} L={self.num_candidates} "
                     f"K={self.top_k} M={self.num_rollouts}{jk}{tr}")
         if method == "smc":
@@ -149,13 +161,16 @@ class _SettingsMethods:
         t = max_new_tokens
         if method in ("hf-generate", "plain", "low-temp", "best-of-n", "smc"):
             return t
-        if method in ("power", "power-tr", "power-rs"):
+        if method in ("power", "power-tr", "power-rs", "power-ad"):
+            # power-ad: at most M / 2 rounds of rollouts per decision, decisions at most every
+            # token (entropy cuts); an upper bound
+            rounds = max(1, self.num_rollouts // 2) if method == "power-ad" else 1
             steps, done = 0, 0
             while done < t:
                 block = min(self.block_size, t - done)
                 # with reuse every block after the first starts from the rollouts: one refresh step
                 candidate_steps = block if method != "power-tr" or done == 0 else 1
-                steps += candidate_steps + 1 + min(self.horizon, t - done - block)
+                steps += candidate_steps + 1 + rounds * min(self.horizon, t - done - block)
                 done += block
             return steps
         if method in ("mcmc", "recompute-mcmc"):
@@ -388,7 +403,7 @@ class Interrupted(Exception):
 
 
 def _make_sampler(method: str, runner: ModelRunner, settings: Settings):
-    return make_sampler("power" if method in ("power-tr", "power-rs") else method, runner, seed=settings.seed,
+    return make_sampler("power" if method in ("power-tr", "power-rs", "power-ad") else method, runner, seed=settings.seed,
                         config=settings.config(method))
 
 
