@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -20,6 +22,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="model dtype (default float32)")
     group.add_argument("--kv-memory", type=int, default=None, metavar="MIB",
                        help="KV cache budget in MiB (default: 256 MiB on the CPU, half the free memory on CUDA)")
+    group.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                       help="shard the model over the N processes of torchrun --nproc-per-node N -m powerfast.cli "
+                            "(sample and eval; rank 0 prints and writes) (default 1)")
 
 
 def _add_method_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
@@ -193,7 +198,24 @@ def _load(args):
 
     from powerfast.runtime.models import load_model
 
-    return load_model(args.model, dtype=getattr(torch, args.dtype))
+    return load_model(args.model, dtype=getattr(torch, args.dtype), tensor_parallel=args.tensor_parallel)
+
+
+def _check_tensor_parallel(args) -> None:
+    """--tensor-parallel: this launch and this command can run it (before loading anything);
+    a rank other than 0 prints nothing on stdout."""
+    from powerfast.runtime import parallel
+
+    tp = args.tensor_parallel
+    if tp == 1:
+        return
+    if args.command not in ("sample", "eval"):
+        raise ValueError(f"--tensor-parallel {tp} runs sample and eval; {args.command} runs on one process")
+    if getattr(args, "ray", None) is not None:
+        raise ValueError("--tensor-parallel and --ray do not combine: one sharded model per launch")
+    parallel.check_launch(tp)
+    if not parallel.is_leader():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
 
 class _Progress:
@@ -217,10 +239,15 @@ class _Progress:
 
 def _run_sample(args) -> int:
     _check_settings(args, [args.method])
+    _check_tensor_parallel(args)
+    if args.tensor_parallel > 1 and args.seed is None:
+        raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs --seed: every rank must draw the same tokens")
     model, tokenizer = _load(args)
     sampler = build_sampler(args.method, build_runner(model, args), tokenizer, args, args.seed)
     sampler.encode([args.prompt], args.max_new_tokens, not args.no_chat_template)  # checks, before any output
-    progress = _Progress(args.max_new_tokens, enabled=not args.json)
+    from powerfast.runtime.parallel import is_leader
+
+    progress = _Progress(args.max_new_tokens, enabled=not args.json and is_leader())
     try:
         [result] = sampler.generate([args.prompt], args.max_new_tokens, ignore_eos=args.ignore_eos,
                                     chat_template=not args.no_chat_template, progress=progress)
@@ -238,6 +265,8 @@ def _run_sample(args) -> int:
         extra += f", mean rollout ESS {sum(ess) / len(ess):.2f}"
     if "resampling_steps" in stats.extra:
         extra += f", {stats.extra['resampling_steps']} resampling steps, {stats.extra['unique_ancestors']} lineages"
+    if not is_leader():
+        return 0
     print(
         f"[{stats.method}] {result.num_tokens} tokens in {stats.wall_seconds:.1f} s "
         f"({result.num_tokens / max(stats.wall_seconds, 1e-9):.1f} tokens/s); "
@@ -306,11 +335,20 @@ def _run_eval(args) -> int:
         sampling_params(method, args)  # the engine's checks too, before the model loads
     task = load_task(args.task)
     chat = not args.no_chat_template and task.kind != "code"
+    _check_tensor_parallel(args)
     if args.ray is None:
         if args.workers is not None:
             raise ValueError(f"--workers {args.workers} needs --ray")
-        summary = run_evaluation(task, eval_methods(args, methods, chat), args.out, limit=args.limit,
-                                 seeds=seeds, progress=True, batch_size=args.concurrency)
+        generators = eval_methods(args, methods, chat)  # loads the model (and joins the ranks)
+        out, leader = args.out, True
+        if args.tensor_parallel > 1:
+            out, leader = _follower_folder(args.out)
+        try:
+            summary = run_evaluation(task, generators, out, limit=args.limit, seeds=seeds, progress=leader,
+                                     batch_size=args.concurrency)
+        finally:
+            if not leader:
+                shutil.rmtree(out, ignore_errors=True)
     else:
         from powerfast.evaluation.distributed import run_evaluation_on_ray
 
@@ -320,6 +358,26 @@ def _run_eval(args) -> int:
                                         units_per_call=args.concurrency, progress=True)
     print(summary)
     return 0
+
+
+def _follower_folder(out: str) -> tuple[str, bool]:
+    """Under --tensor-parallel: rank 0 writes to ``out``; another rank works on a private
+    copy of what ``out`` holds now (so it resumes the same units, in step with rank 0) that
+    is removed at the end. All ranks wait until the copies are made. (folder, is rank 0)"""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from powerfast.runtime.parallel import is_leader
+
+    if is_leader():
+        dist.barrier()
+        return out, True
+    copy = tempfile.mkdtemp(prefix="powerfast-rank-")
+    if os.path.isdir(out):
+        shutil.copytree(out, copy, dirs_exist_ok=True)
+    dist.barrier()
+    return copy, False
 
 
 def _run_compare(args) -> int:
@@ -333,6 +391,7 @@ def _run_compare(args) -> int:
 
 
 def _run_profile(args) -> int:
+    _check_tensor_parallel(args)
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -374,8 +433,8 @@ def _served_model_name(args: argparse.Namespace) -> str:
 
 def _run_serve(args) -> int:
     import importlib.util
-    import os
 
+    _check_tensor_parallel(args)
     missing = [name for name in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
     if missing:
         raise ImportError(f"serving needs {' and '.join(missing)}: pip install 'powerfast[serve]'")
@@ -427,6 +486,12 @@ def _kv_memory_hint(error, args: argparse.Namespace) -> str:
     )
 
 
+def _who(args) -> str:
+    """"" in one process; " (rank R)" on a rank other than 0 of a --tensor-parallel launch."""
+    rank = int(os.environ.get("RANK", "0"))
+    return f" (rank {rank})" if getattr(args, "tensor_parallel", 1) > 1 and rank else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(argv)
@@ -436,15 +501,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as error:
         if not _is_out_of_blocks(error):
             raise
-        print(f"powerfast {args.command}: error: {error}", file=sys.stderr)  # a need the check missed
+        print(f"powerfast {args.command}{_who(args)}: error: {error}", file=sys.stderr)  # a need the check missed
         return 2
     except (ValueError, FileNotFoundError, ImportError) as error:
         if _is_kv_too_small(error):  # what is too small, the least that would do, in one line
             error = _kv_memory_hint(error, args)
-        print(f"powerfast {args.command}: error: {error}", file=sys.stderr)
+        print(f"powerfast {args.command}{_who(args)}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"interrupted{_who(args)}", file=sys.stderr)
         return 130
 
 

@@ -144,13 +144,19 @@ def default_model_dir(verbose: bool = True) -> Path:
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device | None = None, verbose: bool = True):
+               device: str | torch.device | None = None, verbose: bool = True, tensor_parallel: int = 1):
     """(model, tokenizer) from a Hugging Face folder, a .gguf file, or None for the default.
 
     device: where to put the model (default: CUDA when available, else CPU).
+    tensor_parallel: N > 1 shards a Hugging Face folder (or the default model) over the N
+    processes of this ``torchrun`` launch by the model's TP plan (each rank on its own GPU,
+    or on the CPU with gloo); the launch, the transformers version and the heads are checked
+    first, each in one line.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+    if tensor_parallel != 1:
+        return _load_sharded(path, dtype, tensor_parallel, verbose)
     if path is None:
         folder = default_model_dir(verbose)
         with _progress_bar_for(folder):
@@ -173,3 +179,26 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tokenizer
+
+
+def _load_sharded(path, dtype: torch.dtype, tp: int, verbose: bool):
+    """load_model's tensor-parallel branch: checks, then ``from_pretrained`` with the model's TP plan."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from powerfast.runtime import parallel
+
+    parallel.check_launch(tp)
+    config_class = parallel.distributed_config(tp)
+    if path is None:
+        folder = default_model_dir(verbose)
+    else:
+        folder = Path(path)
+        if not folder.exists():
+            raise FileNotFoundError(f"model path {folder} does not exist")
+        if not folder.is_dir():
+            raise ValueError(f"--tensor-parallel needs a Hugging Face folder, got {folder}")
+    parallel.check_heads(AutoConfig.from_pretrained(folder), tp)
+    with _progress_bar_for(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, distributed_config=config_class)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if any(Path(folder).glob("tokenizer*")) else None
+    return model.eval(), tokenizer

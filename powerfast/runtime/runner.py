@@ -33,6 +33,7 @@ output. On the CPU ``cuda_graphs=True`` runs the same padded batches eagerly.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -42,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from powerfast.core import ops
-from powerfast.runtime import attention
+from powerfast.runtime import attention, parallel
 from powerfast.runtime.attention import CONTEXT_KWARG, PagedAttentionContext
 from powerfast.runtime.cache import CacheConfig, PagedKVCache, Sequence
 
@@ -129,6 +130,11 @@ def _model_geometry(model) -> tuple[int, int, int, int]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     if num_heads % kv_heads:
         raise ValueError(f"num_attention_heads {num_heads} is not a multiple of num_key_value_heads {kv_heads}")
+    # a tensor-parallel model (transformers' TP plan) runs each rank's share of the heads
+    tp = parallel.tensor_parallel_size(model)
+    if tp > 1:
+        parallel.check_heads(config, tp)
+        num_heads, kv_heads = num_heads // tp, kv_heads // tp
     return num_layers, num_heads, kv_heads, head_dim
 
 
@@ -192,19 +198,23 @@ class ModelRunner:
         num_layers, self.num_heads, kv_heads, head_dim = _model_geometry(model)
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.backend = attention.resolve_backend(backend, self.device, self.dtype, block_size)
-        self.cache = PagedKVCache(
-            CacheConfig(
-                num_layers=num_layers,
-                num_kv_heads=kv_heads,
-                head_dim=head_dim,
-                dtype=self.dtype,
-                device=self.device,
-                block_size=block_size,
-                num_blocks=num_blocks,
-                max_memory=max_memory,
-                gpu_memory_fraction=gpu_memory_fraction,
-            )
+        cache_config = CacheConfig(
+            num_layers=num_layers,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype=self.dtype,
+            device=self.device,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            max_memory=max_memory,
+            gpu_memory_fraction=gpu_memory_fraction,
         )
+        self.tensor_parallel = parallel.tensor_parallel_size(model)
+        if self.tensor_parallel > 1:  # every rank the same pool size, so that admission agrees
+            agreed = parallel.agree_on_blocks(cache_config.resolve_num_blocks(), self.device)
+            cache_config = dataclasses.replace(cache_config, num_blocks=agreed, max_memory=None,
+                                               gpu_memory_fraction=None)
+        self.cache = PagedKVCache(cache_config)
         attention.register()
         attention.install_dense_fallback(model)
         self._attach()

@@ -1,0 +1,132 @@
+"""Tensor parallelism on the CPU: a 2-process torchrun with gloo (OMP_NUM_THREADS=1, a free
+port, bounded in time) against the single-process run of the same model and seeds.
+
+The sharded logits differ from the single-process ones by about 1e-7 (reductions split
+across ranks), so a sampled token could flip at a near-tie; the model and seeds here are
+fixed and were checked to have none, and the comparison is exact (not loosened).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cli import WORDS, tiny_model_dir  # noqa: F401 - the CLI tests' model folder (4 heads, 2 KV heads)
+from transformers import LlamaConfig
+
+import tp_cases
+from powerfast import cli
+from powerfast.runtime import parallel
+from powerfast.runtime.models import load_model
+
+HERE = Path(__file__).resolve().parent
+LIMIT_S = 600
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, nproc=2, timeout=LIMIT_S):
+    env = dict(os.environ, OMP_NUM_THREADS="1", POWERFAST_INTERPRET_OPS="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    """Both ranks' results of tests/tp_cases.py, and the single-process reference."""
+    out = tmp_path_factory.mktemp("tp")
+    proc = torchrun([str(HERE / "tp_cases.py"), str(tiny_model_dir), str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    model, _ = load_model(tiny_model_dir)
+    with pytest.MonkeyPatch.context() as patch:  # the ranks' ops: the torch references (not the interpreter)
+        patch.setenv("POWERFAST_INTERPRET_OPS", "0")
+        return ranks, tp_cases.run_cases(model)
+
+
+def test_every_method_draws_the_single_process_tokens_on_every_rank(sharded):
+    ranks, reference = sharded
+    assert [r.pop("tp_size") for r in ranks] == [2, 2]
+    for name in tp_cases.CASES:
+        assert ranks[0][name] == ranks[1][name] == reference[name], name
+        assert all(len(ids) == tp_cases.MAX_NEW for ids in reference[name])
+
+
+def test_the_engine_with_mixed_requests_and_an_abort_leaks_no_block_on_either_rank(sharded):
+    ranks, reference = sharded
+    for rank in ranks:
+        assert rank["engine"] == reference["engine"]
+        assert rank["engine_blocks_in_use"] == 0
+    assert reference["engine"]["doomed"][0] == "abort" and reference["engine"]["power"][0] == "length"
+
+
+def test_sample_and_eval_commands_under_torchrun_match_one_process(tiny_model_dir, tmp_path, capsys,  # noqa: F811
+                                                                     monkeypatch):
+    monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")  # the ranks' ops
+    small = ["--model", str(tiny_model_dir), "--seed", "3", "--ignore-eos", "--no-chat-template", "--block-size", "2",
+             "--candidates", "3", "--top-k", "2", "--rollouts", "2", "--horizon", "2", "--max-new-tokens", "5"]
+    proc = torchrun(["-m", "powerfast.cli", "sample", "the answer is", "--json", "--tensor-parallel", "2", *small])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sharded_out = json.loads(proc.stdout)  # rank 0's JSON only: the other rank prints nothing
+    assert cli.main(["sample", "the answer is", "--json", *small]) == 0
+    single = json.loads(capsys.readouterr().out)
+    assert sharded_out["token_ids"] == single["token_ids"] and sharded_out["text"] == single["text"]
+
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"the answer is {w}", "answer": w}) + "\n"
+                            for i, w in enumerate(WORDS[5:8])))
+    evaluate = ["eval", "--task", str(task), "--methods", "power,plain", "--seeds", "0,1", *small[:2], *small[4:]]
+    proc = torchrun(["-m", "powerfast.cli", *evaluate, "--out", str(tmp_path / "tp"), "--tensor-parallel", "2"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert cli.main([*evaluate, "--out", str(tmp_path / "one")]) == 0
+
+    def completions(folder):
+        files = sorted(folder.rglob("*-seed*.jsonl"))
+        return {f.name: [(r["id"], r["completion"]) for r in map(json.loads, f.read_text().splitlines())]
+                for f in files}
+
+    written = completions(tmp_path / "tp")
+    assert written == completions(tmp_path / "one") and len(written) == 4
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob("powerfast-rank-*"))  # the other rank's copy removed
+
+
+def test_a_model_whose_heads_do_not_divide_is_refused_before_loading(tmp_path):
+    config = LlamaConfig(vocab_size=16, hidden_size=24, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=32)
+    config.save_pretrained(tmp_path / "odd")  # the config alone: loading weights would fail otherwise
+    proc = torchrun(["-m", "powerfast.cli", "sample", "x", "--model", str(tmp_path / "odd"), "--seed", "0",
+                     "--tensor-parallel", "2"])
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("powerfast sample")]
+    assert sorted(lines) == ["powerfast sample (rank 1): error: tensor parallel size 2 must divide the model's 1 KV "
+                             "heads and 3 attention heads",
+                             "powerfast sample: error: tensor parallel size 2 must divide the model's 1 KV heads and "
+                             "3 attention heads"]
+    # refused on the config (there are no weights to load), no traceback of ours (torchrun
+    # prints its own about the failed launch)
+    assert not [line for line in proc.stderr.splitlines() if line.strip().startswith("File") and "powerfast" in line]
+
+
+def test_launch_and_version_checks_are_one_line(capsys, monkeypatch):
+    assert cli.main(["sample", "x", "--tensor-parallel", "2", "--seed", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "powerfast sample: error: --tensor-parallel 2 needs 2 processes: launch with torchrun --nproc-per-node 2 "
+        "-m powerfast.cli ... (this launch has WORLD_SIZE=1)")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["serve", "--tensor-parallel", "2"]) == 2
+    assert "runs sample and eval; serve runs on one process" in capsys.readouterr().err
+    assert cli.main(["sample", "x", "--tensor-parallel", "2"]) == 2
+    assert "needs --seed" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "transformers.distributed", None)  # an install without DistributedConfig
+    with pytest.raises(ImportError, match=rf"--tensor-parallel needs transformers >= {parallel.MIN_TRANSFORMERS} "
+                                          r"\(DistributedConfig\); this is \d"):
+        parallel.distributed_config(2)
