@@ -7,6 +7,8 @@
 #   decode   decode step eager vs graphs (bench/device_decode.py)      75 s
 #   engine   continuous batching vs one call at a time (bench/device_engine.py)  60 s
 #   e2e      end to end, Qwen2.5-1.5B shapes (bench/e2e.py)           what is left
+#   tp       2-way tensor parallel vs one GPU, every method's tokens (bench/device_tp.py)
+#            90 s; "skipped: 1 GPU" on a machine with one
 #
 # All of it fits in SCRIPT_BUDGET_S (480 s: one 600-s call with room to spare). Each stage
 # prints its table as soon as it finishes, then a line "-- NAME: STATUS, S s of LIMIT s".
@@ -22,7 +24,7 @@
 # SMOKE=1 runs the same stages on a machine without a GPU (kernels under the interpreter,
 # a tiny random Llama for runtime and end-to-end) and fails unless every stage finished
 # ok, printed its table and the files fit what comes back. CI runs it. Its timings are not
-# measurements. Limits: TESTS_S, KERNELS_S, RUNTIME_S, DECODE_S, ENGINE_S, E2E_S (seconds; 0: what is left of
+# measurements. Limits: TESTS_S, KERNELS_S, RUNTIME_S, DECODE_S, ENGINE_S, E2E_S, TP_S (seconds; 0: what is left of
 # SCRIPT_BUDGET_S, the default for e2e), SCRIPT_BUDGET_S;
 # E2E_LONG=1 adds a 3072-token case to e2e. ONLY="tests kernels" runs those stages alone (two
 # calls instead of one: ONLY="tests kernels", then ONLY="runtime decode engine e2e", each with the
@@ -54,11 +56,11 @@ if [[ "$SMOKE" == 1 ]]; then
     # generous limits: a smoke run takes 1-2 minutes, more on a busy machine
     SCRIPT_BUDGET_S="${SCRIPT_BUDGET_S:-600}"
     STAGES=("tests:${TESTS_S:-180}" "kernels:${KERNELS_S:-120}" "runtime:${RUNTIME_S:-120}" "decode:${DECODE_S:-120}"
-            "engine:${ENGINE_S:-120}" "e2e:${E2E_S:-120}")
+            "engine:${ENGINE_S:-120}" "e2e:${E2E_S:-120}" "tp:${TP_S:-120}")
 else
     SCRIPT_BUDGET_S="${SCRIPT_BUDGET_S:-480}"
     STAGES=("tests:${TESTS_S:-150}" "kernels:${KERNELS_S:-90}" "runtime:${RUNTIME_S:-90}" "decode:${DECODE_S:-75}"
-            "engine:${ENGINE_S:-60}" "e2e:${E2E_S:-0}")
+            "tp:${TP_S:-90}" "engine:${ENGINE_S:-60}" "e2e:${E2E_S:-0}")
 fi
 MIN_STAGE_S=20   # a stage with less time left is skipped
 
@@ -151,6 +153,14 @@ stage_e2e() {
     local rc=$?
     [[ -f "$WORK/e2e/e2e.json" ]] && cp "$WORK/e2e/e2e.json" "$STAGE_JSON"
     return "$rc"
+}
+
+# Tensor parallelism: every method on a 2-way sharded tiny Llama (NCCL, one GPU per rank)
+# against one GPU, token for token; "skipped: 1 GPU" with fewer than 2. SMOKE: gloo on the CPU.
+stage_tp() {
+    local smoke=()
+    [[ "$SMOKE" == 1 ]] && smoke=(--smoke)
+    run_limited "$PYTHON" -u bench/device_tp.py "${smoke[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 20)"
 }
 
 # ------------------------------------------------------------------------------ driver
