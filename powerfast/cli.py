@@ -32,7 +32,8 @@ def _add_method_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
 
     group = parser.add_argument_group("sampling (every method's settings; each method reads its own)")
     group.add_argument("--preset", default="paper", choices=tuple(PRESETS),
-                       help="the settings' defaults: the paper's, or 'serving' (small blocks, few branches) "
+                       help="the settings' defaults: the paper's, 'serving' (small blocks, few branches) or "
+                            "'adaptive' (the paper's, tempered rollouts spent where a decision needs them) "
                             "(default paper)")
     add_arguments(group, preset)
     group.add_argument("--max-new-tokens", type=int, default=3072, help="generation budget (default 3072)")

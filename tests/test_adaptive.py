@@ -286,3 +286,14 @@ def test_the_benchmarks_skip_check_measures_what_the_skip_would_change():
     assert check["tv"] == pytest.approx(share - 0.9, rel=1e-9)  # 0.5 * (|s0 - 0.9| + |s1 - 0.1|)
     assert check["log_zeta_ratio"] == pytest.approx(3.5)
     assert adaptive.skip_check([record], 0.999999999) == []
+
+
+def test_the_adaptive_preset_names_the_measured_rules():
+    from powerfast.core.config import method_config
+
+    config = method_config("power", preset="adaptive")
+    paper = method_config("power")
+    assert (config.rollout_proposal, config.skip_share, config.rollouts_per_round, config.round_tolerance,
+            config.entropy_cut) == ("tempered", 0.99, 2, 0.05, 0.0)
+    assert (config.block_size, config.num_candidates, config.top_k, config.num_rollouts, config.horizon) == (
+        paper.block_size, paper.num_candidates, paper.top_k, paper.num_rollouts, paper.horizon)

@@ -188,9 +188,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     "serving": {"block_size": 16, "num_candidates": 8, "top_k": 4, "num_rollouts": 4, "horizon": 16,
                 "mcmc_steps": 2, "num_particles": 8, "num_samples": 4},
+    "adaptive": {"rollout_proposal": "tempered", "skip_share": 0.99, "rollouts_per_round": 2,
+                 "round_tolerance": 0.05},
 }
 """Named sets of defaults other than the paper's (``paper``: none). ``serving`` (the engine's
-requests and the HTTP server) scales the lookahead down so a request answers in seconds."""
+requests and the HTTP server) scales the lookahead down so a request answers in seconds.
+``adaptive`` keeps the paper's shape and spends the rollouts where a decision needs them:
+tempered rollouts, no rollouts for a decided decision (top p^alpha share >= 0.99), rollouts
+in rounds of 2 until the choice's standard error is <= 0.05 (README, "Adaptive rollout
+budgets", has the measurements behind it; entropy cuts stay off: their threshold depends on
+the model)."""
 
 
 def preset_defaults(preset: str = "paper") -> dict[str, Any]:
