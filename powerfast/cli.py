@@ -210,8 +210,8 @@ def _check_tensor_parallel(args) -> None:
     tp = args.tensor_parallel
     if tp == 1:
         return
-    if args.command not in ("sample", "eval"):
-        raise ValueError(f"--tensor-parallel {tp} runs sample and eval; {args.command} runs on one process")
+    if args.command not in ("sample", "eval", "serve"):
+        raise ValueError(f"--tensor-parallel {tp} runs sample, eval and serve; {args.command} runs on one process")
     if getattr(args, "ray", None) is not None:
         raise ValueError("--tensor-parallel and --ray do not combine: one sharded model per launch")
     parallel.check_launch(tp)
@@ -456,12 +456,25 @@ def _run_serve(args) -> int:
     if tokenizer is None:
         raise ValueError(f"--model {args.model} has no tokenizer files: the server needs one for text prompts")
     runner_kwargs = {} if args.kv_memory is None else {"max_memory": args.kv_memory << 20}
-    engine = Engine(model, tokenizer, max_queue=args.max_queue, **runner_kwargs)
+    if args.tensor_parallel > 1:  # rank 0 serves; the others follow its steps (serving/lockstep.py)
+        from powerfast.runtime.parallel import is_leader
+        from powerfast.serving.lockstep import LeaderEngine, follow
+
+        if not is_leader():
+            follow(Engine(model, tokenizer, max_queue=args.max_queue, **runner_kwargs))
+            return 0
+        engine = LeaderEngine(model, tokenizer, max_queue=args.max_queue, **runner_kwargs)
+    else:
+        engine = Engine(model, tokenizer, max_queue=args.max_queue, **runner_kwargs)
     model_name = _served_model_name(args)
     app = build_app(AsyncEngine(engine), model_name, api_key=api_key)
     print(f"serving {model_name} on http://{args.host}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        if args.tensor_parallel > 1:
+            engine.stop()
     return 0
 
 

@@ -130,3 +130,73 @@ def test_launch_and_version_checks_are_one_line(capsys, monkeypatch):
     with pytest.raises(ImportError, match=rf"--tensor-parallel needs transformers >= {parallel.MIN_TRANSFORMERS} "
                                           r"\(DistributedConfig\); this is \d"):
         parallel.distributed_config(2)
+
+
+POWER_BODY = dict(method="power", block_size=2, num_candidates=3, top_k=2, num_rollouts=2, horizon=2)
+
+
+def test_serve_under_torchrun_answers_like_one_process_and_stops_every_rank(tiny_model_dir):  # noqa: F811
+    """Rank 0 serves HTTP, rank 1 follows its steps: completions (plain and power, one of them
+    while a stream is cut off and aborted) give the single-process sampler's text; SIGINT to
+    torchrun ends both ranks."""
+    import signal
+    import threading
+    import time
+
+    import httpx
+
+    from powerfast.samplers.factory import make_sampler
+
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", POWERFAST_INTERPRET_OPS="0")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "-m", "powerfast.cli", "serve", "--model", str(tiny_model_dir),
+               "--tensor-parallel", "2", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    log: list[str] = []
+    threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "".join(log)[-3000:]
+            try:
+                if client.get("/v1/models").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not start:\n" + "".join(log)[-3000:]
+            time.sleep(0.5)
+
+        name = client.get("/v1/models").json()["data"][0]["id"]
+
+        def completion(body):
+            reply = client.post("/v1/completions", json={"model": name, "prompt": "the answer is", "max_tokens": 6,
+                                                         "ignore_eos": True, **body})
+            assert reply.status_code == 200, reply.text
+            return reply.json()["choices"][0]["text"]
+
+        # a stream cut off after its first chunk: its request is aborted on every rank
+        with client.stream("POST", "/v1/completions", json={"model": name, "prompt": "the answer is", "max_tokens": 40,
+                                                            "ignore_eos": True, "stream": True, "seed": 1}) as stream:
+            next(stream.iter_lines())
+        texts = {seed: completion({"seed": seed, **body}) for seed, body in ((3, {}), (4, POWER_BODY))}
+
+        model, tokenizer = load_model(tiny_model_dir)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("POWERFAST_INTERPRET_OPS", "0")
+            for seed, body in ((3, {}), (4, POWER_BODY)):
+                settings = {k: v for k, v in body.items() if k != "method"}
+                sampler = make_sampler(body.get("method", "plain"), model, tokenizer, seed=seed, **settings)
+                [result] = sampler.generate(["the answer is"], 6, ignore_eos=True, chat_template=False)
+                assert texts[seed] == result.text, (seed, texts[seed], result.text)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal sends to the launch
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+    assert proc.returncode is not None

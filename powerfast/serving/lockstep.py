@@ -1,0 +1,131 @@
+"""One engine over a tensor-parallel model: rank 0 schedules, the other ranks follow.
+
+Every rank holds an :class:`~powerfast.serving.engine.Engine` over its shard of the model.
+The engine is deterministic: the same requests, added and aborted at the same points between
+the same steps, give the same admissions, forks, tokens and frees. So rank 0 (the
+:class:`LeaderEngine`, behind the HTTP server) takes requests and aborts at any time but
+applies them only at the start of its next step, after sending that step's list of them to
+every rank; each other rank (:func:`follow`) receives the list, applies it and steps. The
+lists travel over a gloo group of their own (Python objects, whatever the model's backend),
+whose timeout is a year: a follower waits as long as the server is idle. :meth:`LeaderEngine.stop`
+ends the followers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import uuid
+
+from powerfast.serving.engine import Engine
+from powerfast.serving.errors import InvalidRequestError, QueueFullError, RequestTooLargeError
+from powerfast.serving.params import SamplingParams
+
+__all__ = ["LeaderEngine", "follow"]
+
+_STOP = "stop"
+
+
+def _command_group():
+    """The group the command lists travel on (every rank creates it, in the same order)."""
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=365))
+
+
+def _broadcast(value, group):
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _apply(engine: Engine, commands: list) -> None:
+    """A step's adds and aborts, in the order they were made, with the engine's own methods."""
+    for command in commands:
+        if command[0] == "add":
+            _, request_id, prompt_ids, params = command
+            Engine.add_request(engine, prompt_ids, params, request_id, chat_template=False)
+        else:
+            Engine.abort(engine, command[1])
+
+
+class LeaderEngine(Engine):
+    """Rank 0's engine: :meth:`add_request` checks a request now (its errors are the
+    engine's) and queues it; :meth:`abort` queues an abort; :meth:`step` sends the queued
+    commands to every rank, applies them and steps."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._group = _command_group()
+        self._commands: list = []
+        self._pending: set[str] = set()  # ids added but not yet applied
+        self._stopped = False
+        self._broadcasting = threading.Lock()  # one command list on the wire at a time
+
+    def add_request(self, prompt, params: SamplingParams, request_id: str | None = None, *,
+                    chat_template: bool = True) -> str:
+        try:
+            if not isinstance(params, SamplingParams):
+                raise InvalidRequestError("params", f"params must be SamplingParams, got {type(params).__name__}")
+            prompt_ids = self._encode(prompt, params.max_tokens, chat_template)
+            self._plan(prompt_ids, params)
+        except RequestTooLargeError:
+            self._count_rejected("too_large")
+            raise
+        except InvalidRequestError:
+            self._count_rejected("invalid")
+            raise
+        with self._lock:
+            if request_id is None:
+                request_id = f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
+            if request_id in self._ids or request_id in self._pending:
+                self._rejected["invalid"] += 1
+                raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
+            if len(self._waiting) + len(self._pending) >= self.max_queue:
+                self._rejected["queue_full"] += 1
+                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); try again later")
+            self._pending.add(request_id)
+            self._commands.append(("add", request_id, list(prompt_ids), params))
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            known = request_id in self._ids or request_id in self._pending
+            if known:
+                self._commands.append(("abort", request_id))
+        return known
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            if self._commands:
+                return True
+        return super().has_unfinished()
+
+    def step(self):
+        with self._broadcasting:
+            with self._lock:
+                commands, self._commands = self._commands, []
+                self._pending.difference_update(c[1] for c in commands if c[0] == "add")
+            _broadcast(commands, self._group)
+            _apply(self, commands)
+        return super().step()
+
+    def stop(self) -> None:
+        """End every follower's loop (once; call when no step runs any more)."""
+        with self._broadcasting:
+            if not self._stopped:
+                self._stopped = True
+                _broadcast(_STOP, self._group)
+
+
+def follow(engine: Engine) -> None:
+    """A rank other than 0: apply each step's commands from rank 0 and step, until it stops."""
+    group = _command_group()
+    while True:
+        commands = _broadcast(None, group)
+        if commands == _STOP:
+            return
+        _apply(engine, commands)
+        engine.step()
