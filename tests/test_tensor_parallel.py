@@ -55,10 +55,18 @@ def sharded(tiny_model_dir, tmp_path_factory):  # noqa: F811
 
 def test_every_method_draws_the_single_process_tokens_on_every_rank(sharded):
     ranks, reference = sharded
-    assert [r.pop("tp_size") for r in ranks] == [2, 2]
+    assert [r["tp_size"] for r in ranks] == [2, 2]
     for name in tp_cases.CASES:
         assert ranks[0][name] == ranks[1][name] == reference[name], name
         assert all(len(ids) == tp_cases.MAX_NEW for ids in reference[name])
+
+
+def test_admission_and_the_peak_kv_check_agree_across_ranks(sharded):
+    ranks, reference = sharded
+    assert [r["agreed_blocks"] for r in ranks] == [100, 100]  # rank r offered 100 + r
+    assert ranks[0]["kv_check"] == ranks[1]["kv_check"] == reference["kv_check"]
+    needed, num_blocks, in_use = reference["kv_check"]
+    assert needed > num_blocks == 6 and in_use == 0
 
 
 def test_the_engine_with_mixed_requests_and_an_abort_leaks_no_block_on_either_rank(sharded):
@@ -122,8 +130,8 @@ def test_launch_and_version_checks_are_one_line(capsys, monkeypatch):
         "powerfast sample: error: --tensor-parallel 2 needs 2 processes: launch with torchrun --nproc-per-node 2 "
         "-m powerfast.cli ... (this launch has WORLD_SIZE=1)")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cli.main(["serve", "--tensor-parallel", "2"]) == 2
-    assert "runs sample and eval; serve runs on one process" in capsys.readouterr().err
+    assert cli.main(["profile", "x", "--tensor-parallel", "2"]) == 2
+    assert "runs sample, eval and serve; profile runs on one process" in capsys.readouterr().err
     assert cli.main(["sample", "x", "--tensor-parallel", "2"]) == 2
     assert "needs --seed" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "transformers.distributed", None)  # an install without DistributedConfig

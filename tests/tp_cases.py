@@ -63,6 +63,17 @@ def run_cases(model) -> dict:
                 finals[item.request_id] = item
     out["engine"] = {name: [finals[rid].finish_reason, finals[rid].token_ids] for name, rid in requests.items()}
     out["engine_blocks_in_use"] = engine.cache.blocks_in_use
+
+    # the peak-KV check refuses the same request on every rank, before any forward
+    from powerfast.runtime.cache import KVCacheTooSmallError
+
+    small = ModelRunner(model, block_size=4, num_blocks=6)
+    try:
+        make_sampler("power", small, seed=1, block_size=3, num_candidates=4, top_k=2, num_rollouts=2,
+                     horizon=4).generate(PROMPTS, MAX_NEW, ignore_eos=True)
+        out["kv_check"] = "admitted"
+    except KVCacheTooSmallError as error:
+        out["kv_check"] = [error.needed, error.num_blocks, small.cache.blocks_in_use]
     return out
 
 
@@ -72,6 +83,10 @@ def main(model_dir: str, out_dir: str) -> int:
     model, _ = load_model(model_dir, tensor_parallel=int(os.environ["WORLD_SIZE"]))
     result = run_cases(model)
     result["tp_size"] = model.tp_size
+    from powerfast.runtime import parallel
+
+    # pools sized from different free memory agree on the smallest
+    result["agreed_blocks"] = parallel.agree_on_blocks(100 + int(os.environ["RANK"]), model.device)
     with open(os.path.join(out_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump(result, f)
     return 0
