@@ -208,3 +208,39 @@ def test_serve_under_torchrun_answers_like_one_process_and_stops_every_rank(tiny
             os.killpg(proc.pid, signal.SIGKILL)
             raise
     assert proc.returncode is not None
+
+
+def test_the_leader_applies_adds_and_aborts_at_its_next_step(tiny_model_dir, monkeypatch):  # noqa: F811
+    """LeaderEngine on a 1-rank gloo group: a request is checked when added (a bad one is
+    refused at once) but joins at the next step; an abort of a pending request is applied in
+    order at that step; request_ids (what a server's shutdown aborts) lists pending ones too."""
+    import torch.distributed as dist
+
+    from powerfast.serving.errors import InvalidRequestError
+    from powerfast.serving.lockstep import LeaderEngine
+    from powerfast.serving.params import SamplingParams
+
+    monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model, tokenizer = load_model(tiny_model_dir)
+        engine = LeaderEngine(model, tokenizer, num_blocks=256)
+        params = SamplingParams(method="plain", max_tokens=4, seed=1, ignore_eos=True)
+        kept = engine.add_request([3, 4, 5], params)
+        doomed = engine.add_request([3, 4, 5], params)
+        with pytest.raises(InvalidRequestError):
+            engine.add_request([], params)
+        assert engine.stats().num_waiting == 0 and engine.has_unfinished()  # nothing applied yet
+        assert set(engine.request_ids()) == {kept, doomed}
+        assert engine.abort(doomed) and not engine.abort("no-such-id")
+        finals = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    finals[out.request_id] = out
+        assert finals[doomed].finish_reason == "abort" and finals[kept].finish_reason == "length"
+        assert len(finals[kept].token_ids) == 4 and engine.cache.blocks_in_use == 0
+        assert engine.request_ids() == []
+        engine.stop()
+    finally:
+        dist.destroy_process_group()

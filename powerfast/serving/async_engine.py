@@ -49,9 +49,7 @@ class AsyncEngine:
     async def shutdown(self) -> None:
         """Abort every request, stop the thread and refuse new requests."""
         self._closed = True
-        with self.engine._lock:
-            ids = list(self.engine._ids)
-        for request_id in ids:
+        for request_id in self.engine.request_ids():
             self.engine.abort(request_id)
         self._wake.set()
         if self._thread is not None:

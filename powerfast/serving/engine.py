@@ -201,6 +201,11 @@ class Engine:
                 self._deferred_aborts.add(request_id)
         return True
 
+    def request_ids(self) -> list[str]:
+        """The ids of every request not yet finished (waiting or running). Thread-safe."""
+        with self._lock:
+            return list(self._ids)
+
     def has_unfinished(self) -> bool:
         """Whether any request waits or runs (or an output is still to be returned)."""
         with self._lock:

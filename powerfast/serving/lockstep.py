@@ -97,6 +97,10 @@ class LeaderEngine(Engine):
                 self._commands.append(("abort", request_id))
         return known
 
+    def request_ids(self) -> list[str]:
+        with self._lock:
+            return [*self._ids, *sorted(self._pending)]
+
     def has_unfinished(self) -> bool:
         with self._lock:
             if self._commands:
