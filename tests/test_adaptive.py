@@ -139,16 +139,26 @@ def test_rounds_stop_after_the_first_when_the_rollouts_agree():
 
 
 def test_rounds_go_on_to_m_while_the_choice_is_uncertain_and_the_estimate_uses_them_all():
-    """A random model and a tolerance no estimate meets: every decision runs M / per_round
-    rounds (rule "all rounds") and decodes exactly what the fixed lookahead decodes."""
-    model = random_table_lm(4, SEED + 9)
+    """A random model (flat laws) and a tolerance no estimate meets: a decision runs M /
+    per_round rounds (rule "all rounds") unless every column came out equal (then its error
+    is 0: "converged" early, possible when all rollouts of every candidate coincide, e.g. at
+    horizon 1); when every decision ran all rounds, it decoded exactly what the fixed
+    lookahead decodes."""
+    model = random_table_lm(4, SEED + 9, temperature=0.3)
     [rounds] = run(model, max_new=5, block_size=1, top_k=4, num_rollouts=6, rollouts_per_round=2,
                    round_tolerance=1e-12)
     [fixed] = run(model, max_new=5, block_size=1, top_k=4, num_rollouts=6)
-    for block in rounds.stats.blocks[:-1]:
-        assert block.rule == "all rounds" and block.rollouts == 6 * len(block.candidates) and block.rollouts_saved == 0
+    blocks = rounds.stats.blocks[:-1]
+    for block in blocks:
+        k = len(block.candidates)
+        if block.rule == "all rounds":
+            assert block.rollouts == 6 * k and block.rollouts_saved == 0
+        else:
+            assert block.rule == "converged" and block.rollouts in (2 * k, 4 * k), (block.rule, block.rollouts)
         assert all(e is not None and 1.0 <= e <= 6.0 + 1e-9 for e in block.rollout_ess)
-    assert rounds.stats.tokens_by_phase == fixed.stats.tokens_by_phase
+    assert blocks[0].rule == "all rounds"  # horizon 4 on flat laws: columns equal with probability ~4^-24
+    if all(block.rule == "all rounds" for block in blocks):
+        assert rounds.stats.tokens_by_phase == fixed.stats.tokens_by_phase
 
 
 def test_a_converged_round_estimate_equals_the_estimate_of_its_columns():
@@ -233,7 +243,9 @@ def test_an_entropy_cut_ends_the_block_before_the_fork_and_the_next_decision_sta
     first = cut.stats.blocks[0]
     assert {len(c) for c in first.candidates} == {2}  # stopped before the uniform token
     second = cut.stats.blocks[1]
-    assert len({c[0] for c in second.candidates}) > 1  # the fork is the next decision's first token
+    prefix = PROMPT + first.candidates[first.choice]
+    for candidate in second.candidates:  # the fork (the uniform law) is the next decision's first token
+        assert table_logprob(model, prefix, candidate[:1]) == pytest.approx(math.log(0.25))
     check_candidates_against_the_table(model, cut)
     assert len(cut.token_ids) == 8
 
