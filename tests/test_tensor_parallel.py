@@ -213,10 +213,11 @@ def test_serve_under_torchrun_answers_like_one_process_and_stops_every_rank(tiny
 def test_the_leader_applies_adds_and_aborts_at_its_next_step(tiny_model_dir, monkeypatch):  # noqa: F811
     """LeaderEngine on a 1-rank gloo group: a request is checked when added (a bad one is
     refused at once) but joins at the next step; an abort of a pending request is applied in
-    order at that step; request_ids (what a server's shutdown aborts) lists pending ones too."""
+    order at that step; request_ids (what a server's shutdown aborts) lists pending ones too;
+    a pending request's id is in use and holds a place in the queue, before and after it joins."""
     import torch.distributed as dist
 
-    from powerfast.serving.errors import InvalidRequestError
+    from powerfast.serving.errors import InvalidRequestError, QueueFullError
     from powerfast.serving.lockstep import LeaderEngine
     from powerfast.serving.params import SamplingParams
 
@@ -224,16 +225,26 @@ def test_the_leader_applies_adds_and_aborts_at_its_next_step(tiny_model_dir, mon
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         model, tokenizer = load_model(tiny_model_dir)
-        engine = LeaderEngine(model, tokenizer, num_blocks=256)
+        engine = LeaderEngine(model, tokenizer, num_blocks=256, max_queue=2)
         params = SamplingParams(method="plain", max_tokens=4, seed=1, ignore_eos=True)
         kept = engine.add_request([3, 4, 5], params)
         doomed = engine.add_request([3, 4, 5], params)
         with pytest.raises(InvalidRequestError):
             engine.add_request([], params)
+        with pytest.raises(InvalidRequestError, match=f"request id '{kept}' is already in use"):
+            engine.add_request([3, 4, 5], params, request_id=kept)
+        with pytest.raises(QueueFullError, match="2 requests waiting"):
+            engine.add_request([3, 4, 5], params)
+        assert engine.stats().requests_rejected == {"queue_full": 1, "invalid": 2, "too_large": 0}
         assert engine.stats().num_waiting == 0 and engine.has_unfinished()  # nothing applied yet
         assert set(engine.request_ids()) == {kept, doomed}
         assert engine.abort(doomed) and not engine.abort("no-such-id")
         finals = {}
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+        with pytest.raises(InvalidRequestError, match="already in use"):  # applied: still in use
+            engine.add_request([3, 4, 5], params, request_id=kept)
         while engine.has_unfinished():
             for out in engine.step():
                 if out.finished:

@@ -150,6 +150,16 @@ class Engine:
         Returns the request id. Raises InvalidRequestError (a bad prompt or params),
         RequestTooLargeError (could never fit), QueueFullError.
         """
+        prompt_ids, sampler, need = self._check_request(prompt, params, chat_template)
+        with self._lock:
+            request_id = self._claim_id(request_id)
+            self._enqueue(request_id, prompt_ids, params, sampler, need)
+        return request_id
+
+    def _check_request(self, prompt, params, chat_template: bool):
+        """``(prompt_ids, sampler, need)`` of a new request: its prompt encoded and its plan
+        (the KV blocks it needs at its peak). Counts a rejection and raises as
+        :meth:`add_request` says (InvalidRequestError, RequestTooLargeError)."""
         try:
             if not isinstance(params, SamplingParams):
                 raise InvalidRequestError("params", f"params must be SamplingParams, got {type(params).__name__}")
@@ -161,20 +171,35 @@ class Engine:
         except InvalidRequestError:
             self._count_rejected("invalid")
             raise
-        with self._lock:
-            if request_id is None:
-                request_id = f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
-            if request_id in self._ids:
-                self._rejected["invalid"] += 1
-                raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
-            if len(self._waiting) >= self.max_queue:
-                self._rejected["queue_full"] += 1
-                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); try again later")
-            detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-            request = Request(request_id, prompt_ids, params, sampler, need, detokenizer)
-            self._waiting.append(request)
-            self._ids[request_id] = request
+        return prompt_ids, sampler, need
+
+    def _id_in_use(self, request_id: str) -> bool:
+        """Whether a request with this id is known and unfinished (lock held)."""
+        return request_id in self._ids
+
+    def _queued(self) -> int:
+        """Requests waiting for admission (lock held)."""
+        return len(self._waiting)
+
+    def _claim_id(self, request_id: str | None) -> str:
+        """The new request's id (a fresh one for None), checked against the ids in use and
+        the queue's room; counts a rejection and raises otherwise. Lock held."""
+        if request_id is None:
+            request_id = f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
+        if self._id_in_use(request_id):
+            self._rejected["invalid"] += 1
+            raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
+        if self._queued() >= self.max_queue:
+            self._rejected["queue_full"] += 1
+            raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); try again later")
         return request_id
+
+    def _enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sampler, need: int) -> None:
+        """Queue a checked request under a claimed id (lock held)."""
+        detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
+        request = Request(request_id, prompt_ids, params, sampler, need, detokenizer)
+        self._waiting.append(request)
+        self._ids[request_id] = request
 
     def abort(self, request_id: str) -> bool:
         """End a request now (finish reason "abort") and free its blocks; False if unknown or

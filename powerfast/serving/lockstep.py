@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import datetime
 import threading
-import uuid
 
 from powerfast.serving.engine import Engine
-from powerfast.serving.errors import InvalidRequestError, QueueFullError, RequestTooLargeError
 from powerfast.serving.params import SamplingParams
 
 __all__ = ["LeaderEngine", "follow"]
@@ -42,11 +40,15 @@ def _broadcast(value, group):
 
 
 def _apply(engine: Engine, commands: list) -> None:
-    """A step's adds and aborts, in the order they were made, with the engine's own methods."""
+    """A step's adds and aborts, in the order they were made. The leader checked each add when
+    it arrived (its id and the queue's room included), so here it is only planned on this
+    rank and queued."""
     for command in commands:
         if command[0] == "add":
             _, request_id, prompt_ids, params = command
-            Engine.add_request(engine, prompt_ids, params, request_id, chat_template=False)
+            _, sampler, need = engine._check_request(prompt_ids, params, chat_template=False)
+            with engine._lock:
+                engine._enqueue(request_id, prompt_ids, params, sampler, need)
         else:
             Engine.abort(engine, command[1])
 
@@ -66,33 +68,26 @@ class LeaderEngine(Engine):
 
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None, *,
                     chat_template: bool = True) -> str:
-        try:
-            if not isinstance(params, SamplingParams):
-                raise InvalidRequestError("params", f"params must be SamplingParams, got {type(params).__name__}")
-            prompt_ids = self._encode(prompt, params.max_tokens, chat_template)
-            self._plan(prompt_ids, params)
-        except RequestTooLargeError:
-            self._count_rejected("too_large")
-            raise
-        except InvalidRequestError:
-            self._count_rejected("invalid")
-            raise
+        prompt_ids, _, _ = self._check_request(prompt, params, chat_template)
         with self._lock:
-            if request_id is None:
-                request_id = f"req-{next(self._counter)}-{uuid.uuid4().hex[:8]}"
-            if request_id in self._ids or request_id in self._pending:
-                self._rejected["invalid"] += 1
-                raise InvalidRequestError("request_id", f"request id {request_id!r} is already in use")
-            if len(self._waiting) + len(self._pending) >= self.max_queue:
-                self._rejected["queue_full"] += 1
-                raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); try again later")
+            request_id = self._claim_id(request_id)
             self._pending.add(request_id)
             self._commands.append(("add", request_id, list(prompt_ids), params))
         return request_id
 
+    def _id_in_use(self, request_id: str) -> bool:
+        return super()._id_in_use(request_id) or request_id in self._pending
+
+    def _queued(self) -> int:
+        return super()._queued() + len(self._pending)
+
+    def _enqueue(self, request_id, prompt_ids, params, sampler, need) -> None:
+        super()._enqueue(request_id, prompt_ids, params, sampler, need)
+        self._pending.discard(request_id)  # in the same hold of the lock: the id is never free
+
     def abort(self, request_id: str) -> bool:
         with self._lock:
-            known = request_id in self._ids or request_id in self._pending
+            known = self._id_in_use(request_id)
             if known:
                 self._commands.append(("abort", request_id))
         return known
@@ -111,7 +106,6 @@ class LeaderEngine(Engine):
         with self._broadcasting:
             with self._lock:
                 commands, self._commands = self._commands, []
-                self._pending.difference_update(c[1] for c in commands if c[0] == "add")
             _broadcast(commands, self._group)
             _apply(self, commands)
         return super().step()
