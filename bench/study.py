@@ -80,7 +80,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-__all__ = ["Arm", "Study", "arm_argv", "arm_identity", "choose_num_samples", "combine", "load_spec", "main", "matched_num_samples",
+__all__ = ["Arm", "Study", "arm_argv", "arm_identity", "choose_num_samples", "combine", "identity_changes", "load_spec", "main", "matched_num_samples",
            "mean_decoded_tokens", "read_arm_records", "run_study", "settings_argv"]
 
 #: Arms whose method is one of these are matched when ``match_best_of_n`` is ``true``.
@@ -437,6 +437,20 @@ def arm_identity(argv: Sequence[str]) -> dict[str, Any]:
             **{k: getattr(args, k) for k in _SAMPLE_FLAGS}}
 
 
+def identity_changes(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """The settings that differ between two identities, as ``"name=old -> new, ..."`` ("" when
+    none). A setting missing from ``before`` (added to powerfast after those records were
+    made) does not count while it is at its default: the records were made with that value."""
+    from powerfast.core.config import SETTINGS
+
+    def differs(key: str) -> bool:
+        if key not in before and key in SETTINGS and now.get(key) == SETTINGS[key].default:
+            return False
+        return before.get(key) != now.get(key)
+
+    return ", ".join(f"{k}={before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now)) if differs(k))
+
+
 def _check_arm_config(study_dir: Path, arm: Arm, argv: list[str]) -> None:
     """ValueError when the arm has records made with another identity; else write its arm.json."""
     folder = study_dir / "arms" / arm.name
@@ -444,9 +458,8 @@ def _check_arm_config(study_dir: Path, arm: Arm, argv: list[str]) -> None:
     identity = arm_identity(argv)
     if path.is_file():
         before = json.loads(path.read_text(encoding="utf-8"))["identity"]
-        if before != identity and any(folder.glob(f"*/{arm.method}-seed*.jsonl")):
-            changed = ", ".join(f"{k}={before.get(k)!r} -> {identity.get(k)!r}"
-                                for k in sorted(set(before) | set(identity)) if before.get(k) != identity.get(k))
+        changed = identity_changes(before, identity)
+        if changed and any(folder.glob(f"*/{arm.method}-seed*.jsonl")):
             raise ValueError(f"arm {arm.name} has records made with other settings ({changed}): "
                              f"remove {folder} or rename the arm")
     folder.mkdir(parents=True, exist_ok=True)

@@ -289,11 +289,28 @@ def test_the_arithmetic_study_spec_loads_and_its_commands_parse(tmp_path, capsys
     powerfast eval's own parser (the dry run), the power arms get matched best-of-N arms."""
     spec = study.load_spec(json.loads((Path(study.__file__).parent / "study_arithmetic.json").read_text()))
     assert spec.task == "arithmetic" and len(load_task(spec.task).problems) >= 300
-    assert sorted(a.name for a in spec.arms if a.match) == ["power-base", "power-resampled", "power-tempered"]
+    assert sorted(a.name for a in spec.arms if a.match) == ["power-adaptive", "power-base", "power-resampled",
+                                                                "power-tempered"]
     assert study.main([str(Path(study.__file__).parent / "study_arithmetic.json"), "--out", str(tmp_path / "s"),
                        "--dry-run"]) == 0
     out = capsys.readouterr()
     text = out.out + out.err
     for name in ("greedy", "low-temp", "power-resampled", "bon-for-power-tempered", "smc", "mcmc"):
         assert name in text
-    assert "--rollout-resample-every 8" in text and not (tmp_path / "s").exists()
+    assert "--rollout-resample-every 8" in text and "--skip-share 0.99 --rollouts-per-round 2" in text and not (tmp_path / "s").exists()
+
+
+def test_a_setting_added_after_the_records_counts_as_a_change_only_off_its_default():
+    """Records made before a setting existed were made at its default: resuming them is safe
+    while the setting stays there, and refused (naming it) once it moves."""
+    from powerfast.core.config import SETTINGS
+
+    before = {"method": "power", "alpha": 4.0, "max_new_tokens": 32}
+    now = {**before, "skip_share": SETTINGS["skip_share"].default}
+    assert study.identity_changes(before, now) == ""
+    assert study.identity_changes(before, {**now, "skip_share": 0.99}) == "skip_share=None -> 0.99"
+    assert study.identity_changes(before, {**now, "alpha": 2.0}) == "alpha=4.0 -> 2.0"
+    # a key that is not a setting (a flag) has no default to fall back on
+    assert study.identity_changes(before, {**now, "ignore_eos": False}) == "ignore_eos=None -> False"
+    # and a setting that disappeared is a change too
+    assert study.identity_changes({**before, "old": 1}, before) == "old=1 -> None"
