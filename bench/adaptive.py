@@ -10,7 +10,8 @@ settled, and the wall time (this machine only).
 
 ``main``: B = 32, L = 8, K = 4, M = 4, H = 32 (README command 1); ``paper32``: L = 32,
 K = M = 8, B = H = 32. Variants: skip_share 0.99; rounds of 2 rollouts at tolerance 0.05;
-entropy_cut ``--entropy`` nats (default 2.5); all three.
+entropy_cut ``--entropy`` nats (default 2.5) with blocks of at least ``--entropy-after``
+tokens (default 1); all three.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ PROMPTS = (
 )
 
 
-def variants(entropy: float) -> list[tuple[str, dict]]:
+def variants(entropy: float, after: int = 1) -> list[tuple[str, dict]]:
     skip = dict(skip_share=0.99)
     rounds = dict(rollouts_per_round=2, round_tolerance=0.05)
-    cut = dict(entropy_cut=entropy)
-    return [("fixed", {}), ("skip 0.99", skip), ("rounds of 2, tol 0.05", rounds), (f"entropy cut {entropy:g}", cut),
+    cut = dict(entropy_cut=entropy, entropy_cut_after=after)
+    cut_name = f"entropy cut {entropy:g}" + (f" after {after}" if after > 1 else "")
+    return [("fixed", {}), ("skip 0.99", skip), ("rounds of 2, tol 0.05", rounds), (cut_name, cut),
             ("all three", {**skip, **rounds, **cut})]
 
 
@@ -91,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="main")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--entropy", type=float, default=2.5, help="entropy_cut of the cut variants (nats)")
+    parser.add_argument("--entropy-after", type=int, default=1,
+                        help="entropy_cut_after of the cut variants: the shortest block a cut leaves (tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--variants", default=None,
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
     model, tokenizer = load_model(None)
     setting = SETTINGS[args.setting]
     rows = []
-    chosen = variants(args.entropy)
+    chosen = variants(args.entropy, args.entropy_after)
     if args.variants:
         wanted = [v.strip() for v in args.variants.split(",")]
         chosen = [v for v in chosen if v[0] in wanted or v[0].split()[0] in wanted]

@@ -259,6 +259,25 @@ def test_a_flat_entropy_stretch_makes_no_cut():
     assert cut.token_ids == fixed.token_ids and cut.stats.tokens_by_phase == fixed.stats.tokens_by_phase
 
 
+def test_a_minimum_block_length_moves_no_cut_it_allows_and_forbids_the_ones_before_it():
+    """The fork is the 2nd token of the second block (5 tokens generated): entropy_cut_after=1
+    cuts that block to 1 token, =2 forbids the cut (the blocks are the fixed ones, token for
+    token); a fork after 2 tokens of the first block is cut alike with after = 1 and 2."""
+    late = fork_at(5)
+    [cut] = run(late, max_new=12, entropy_cut=1.0)
+    assert [len(c) for c in cut.stats.blocks[1].candidates] == [1]
+    [kept] = run(late, max_new=12, entropy_cut=1.0, entropy_cut_after=2)
+    [fixed] = run(late, max_new=12)
+    assert [len(c) for b in kept.stats.blocks for c in b.candidates] == [4] * sum(
+        len(b.candidates) for b in kept.stats.blocks)
+    assert kept.token_ids == fixed.token_ids and kept.stats.tokens_by_phase == fixed.stats.tokens_by_phase
+    early = fork_at(2)
+    [one], [two] = run(early, entropy_cut=1.0), run(early, entropy_cut=1.0, entropy_cut_after=2)
+    assert one.token_ids == two.token_ids and one.stats.tokens_by_phase == two.stats.tokens_by_phase
+    assert {len(c) for c in two.stats.blocks[0].candidates} == {2}
+    check_candidates_against_the_table(late, cut)
+
+
 def test_entropy_cuts_on_a_random_model_keep_every_sequence_consistent_and_free_everything():
     """Blocks of every length up to B on a random table (the cut threshold in its entropy
     range); several prompts, whose budgets then differ, decide in groups."""
@@ -277,6 +296,11 @@ def test_entropy_cut_settings_are_checked():
         with pytest.raises(ValueError, match="entropy_cut=0.5 needs block_size > 1") as caught:
             PowerConfig(entropy_cut=0.5, **bad)
         assert caught.value.field == "entropy_cut"
+    with pytest.raises(ValueError, match=r"entropy_cut_after=5 must be <= block_size \(4\)") as caught:
+        PowerConfig(block_size=4, entropy_cut=0.5, entropy_cut_after=5)
+    assert caught.value.field == "entropy_cut_after"
+    with pytest.raises(ValueError, match="entropy_cut_after"):
+        PowerConfig(entropy_cut_after=0)
 
 
 def test_the_benchmarks_skip_check_measures_what_the_skip_would_change():

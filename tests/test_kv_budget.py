@@ -40,6 +40,9 @@ SETTINGS = {
     # blocks cut where the next-token entropy is above the tiny model's median (3.454-3.462 nats): a mix
     "power-entropy": dict(method="power", config=PowerConfig(alpha=2.0, block_size=5, num_candidates=4, top_k=3,
                                                              num_rollouts=2, horizon=7, entropy_cut=3.4597)),
+    "power-entropy-after": dict(method="power", config=PowerConfig(alpha=2.0, block_size=5, num_candidates=4, top_k=3,
+                                                                   num_rollouts=2, horizon=7, entropy_cut=3.4597,
+                                                                   entropy_cut_after=2)),
     "mcmc": dict(method="mcmc", config=MCMCConfig(alpha=2.0, block_size=6, mcmc_steps=3)),
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=5),
@@ -53,6 +56,9 @@ SETTINGS = {
 SHARING = {"smc-resampling", "power-resampled"}
 # settings that hold fewer rollouts than the bound allows (rounds of M / 2, skipped decisions)
 SHARING |= {"power-adaptive", "power-resampled-rounds", "power-entropy"}
+# a minimum block length: the bound still takes a 1-token block at every point (a candidate may
+# end on EOS sooner), which these cuts never make
+SHARING |= {"power-entropy-after"}
 
 
 def tiny_model(seed: int):

@@ -167,9 +167,13 @@ SETTINGS: dict[str, Setting] = _declare(
             "rounds stop once every candidate's jackknife standard error of its choice probability is <= this",
             _fraction),
     Setting("entropy_cut", float, 0.0,
-            "end a power candidate block early (after >= 1 token) before a token whose base next-token entropy "
+            "end a power candidate block early (after >= entropy_cut_after tokens) before a token whose base "
+            "next-token entropy "
             "exceeds this many nats, so decisions fall where the model hesitates (0: blocks of B)",
             _non_negative_finite),
+    Setting("entropy_cut_after", int, 1,
+            "an entropy cut leaves a block at least this many tokens (1..B): a minimum block length",
+            int_at_least(1)),
     Setting("mcmc_steps", int, 10, "N_MCMC: Metropolis-Hastings steps after each mcmc block", int_at_least(0)),
     Setting("num_particles", int, 32, "N: particles of smc", int_at_least(1), flag="--particles"),
     Setting("ess_threshold", float, 0.5, "smc resamples when ESS < this * N", _fraction),
@@ -240,7 +244,7 @@ class PowerConfig:
     weight p(s)^(alpha-1); "tempered": from p at T = 1/alpha, weight prod_t sum_x
     p(x|h_t)^alpha, powerfast/DESIGN.md section 6), reuse_rollouts, rollout_resample_every (R),
     rollout_groups (G), and the adaptive budgets skip_share, rollouts_per_round,
-    round_tolerance and entropy_cut (:data:`SETTINGS` has each one's help)."""
+    round_tolerance, entropy_cut and entropy_cut_after (:data:`SETTINGS` has each one's help)."""
 
     alpha: float = SETTINGS["alpha"].field()
     block_size: int = SETTINGS["block_size"].field()
@@ -257,6 +261,7 @@ class PowerConfig:
     rollouts_per_round: int = SETTINGS["rollouts_per_round"].field()
     round_tolerance: float = SETTINGS["round_tolerance"].field()
     entropy_cut: float = SETTINGS["entropy_cut"].field()
+    entropy_cut_after: int = SETTINGS["entropy_cut_after"].field()
 
     def __post_init__(self) -> None:
         _validate_fields(self)
@@ -265,6 +270,9 @@ class PowerConfig:
         if self.entropy_cut and (self.block_size == 1 or self.reuse_rollouts):
             raise SettingError("entropy_cut", f"entropy_cut={self.entropy_cut} needs block_size > 1 (got "
                                               f"{self.block_size}) and no reuse_rollouts (got {self.reuse_rollouts})")
+        if self.entropy_cut_after > self.block_size:
+            raise SettingError("entropy_cut_after", f"entropy_cut_after={self.entropy_cut_after} must be <= block_size "
+                                                    f"({self.block_size}): a block holds at most B tokens")
         if self.rollout_resample_every:
             if self.rollout_proposal != "tempered":
                 raise SettingError("rollout_resample_every",

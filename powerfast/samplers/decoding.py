@@ -181,6 +181,7 @@ def continuations_program(
     log_weights: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     stop_entropy: float = 0.0,
+    stop_after: int = 1,
 ):
     """Sample ``num_steps`` tokens for every sequence in one batched decode loop, as a
     step program (it yields its samples and decodes, see :mod:`powerfast.samplers.program`;
@@ -213,6 +214,8 @@ def continuations_program(
                   next-token law has a base entropy above this many nats; its
                   ``last_logits`` are that law's logits (the sequence itself goes on being
                   fed tokens like an ended row: cut it to its length). 0: never
+    stop_after:   the first step at which ``stop_entropy`` may stop a row (>= 1: a row keeps
+                  at least this many tokens, unless it ends earlier)
     """
     eos_ids = stop_token_ids(eos_token_id)
     eos_token_id = eos_ids[0] if eos_ids else None  # the sampling ops handle the first id
@@ -238,7 +241,7 @@ def continuations_program(
     step_tokens, step_live, step_base, step_tempered = [], [], [], []
     cut = cut_logits = None
     for step in range(num_steps):
-        if stop_entropy and step > 0:
+        if stop_entropy and step >= max(stop_after, 1):
             entropy = torch.special.entr(torch.softmax(logits.float(), -1)).sum(-1)
             now = active & (entropy > stop_entropy)
             active = active & ~now

@@ -566,7 +566,7 @@ class PowerSampler(RunnerSampler):
             first_logits.append(heads[i][1].expand(num, -1))
         sampled = yield from continuations_program(
             seqs, torch.cat(first_logits), block, self.seeds, eos_token_id=eos, want_last_logits=True,
-            stop_entropy=self.config.entropy_cut,
+            stop_entropy=self.config.entropy_cut, stop_after=self.config.entropy_cut_after,
         )
         # one device-to-host copy for the phase: tokens, lengths, log-likelihoods, the NaN check
         tokens, lengths, logliks, nan = to_host(sampled.tokens, sampled.lengths, sampled.base_logliks,
