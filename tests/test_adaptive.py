@@ -121,6 +121,35 @@ def test_a_decisive_decision_skips_and_a_close_one_does_not(share_logit, decided
         assert first.rule == "fixed" and first.rollouts == 8
 
 
+@pytest.mark.parametrize("top_ends", [False, True])
+def test_no_skip_when_an_ended_candidate_may_outweigh_the_top_one(top_ends):
+    """Token level, first decision: token 0 or the EOS token (2), p = 0.8 / 0.2, a top p^alpha
+    share of 4^4 / (4^4 + 1) = 0.996 >= skip_share 0.99. Token 0's future is 4 fair coin flips
+    (H = 4), so its zeta is (1/2)^(3 x 4) exactly, every rollout alike; the ended candidate's is
+    1. With the top candidate not ended the rollouts must run, and they turn the choice around
+    (the ended one gets 1 / (1 + 4^4 / 2^12) = 0.941); an ended top candidate has the largest
+    zeta and skips."""
+    top, other = (2, 0) if top_ends else (0, 2)
+
+    def next_token(prefix):
+        if len(prefix) == len(PROMPT):
+            return {top: 0.8, other: 0.2}
+        return {0: 0.5, 1: 0.5}
+
+    model = TableLM(next_token, 3, eos_token_id=2)
+    [result] = run(model, max_new=6, block_size=1, top_k=2, num_candidates=2, skip_share=0.99)
+    first = result.stats.blocks[0]
+    by_token = {c[0]: k for k, c in enumerate(first.candidates)}
+    if top_ends:
+        assert first.rule == "decided" and first.rollouts == 0 and first.log_zeta == [0.0, 0.0]
+        assert first.probs[by_token[2]] == pytest.approx(256 / 257, rel=1e-6)
+    else:
+        assert first.rule == "fixed" and first.rollouts == 4  # M = 4 rollouts of the candidate with a future
+        assert first.log_zeta[by_token[2]] == 0.0
+        assert first.log_zeta[by_token[0]] == pytest.approx(12 * math.log(0.5), rel=1e-5)
+        assert first.probs[by_token[2]] == pytest.approx(1 / (1 + 256 / 4096), rel=1e-5)
+
+
 def test_rounds_stop_after_the_first_when_the_rollouts_agree():
     """Forced futures: every rollout of a candidate is the same sequence, so every column is
     equal, the standard error is 0 and one round of 2 suffices (of M = 8)."""

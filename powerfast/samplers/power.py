@@ -334,11 +334,22 @@ class PowerSampler(RunnerSampler):
     def _skip_rule(self, decision: Decision) -> str | None:
         """skip_share: "one candidate" when the candidates merged into one (the choice is
         forced), "decided" when the top one holds >= skip_share of the candidates' p^alpha
-        mass; None: the decision gets its rollouts."""
+        mass; None: the decision gets its rollouts.
+
+        Never "decided" while the top candidate has a future and another one has ended: an
+        ended candidate's zeta is exactly 1 (nothing left to sample) and every other zeta is
+        at most 1 (E[p^(alpha-1)] with p <= 1) and can be far below it, so nothing bounds the
+        ratio the skip assumes (on the embedded model such a pair differed by e^47). An ended
+        top candidate is safe: its zeta is the largest."""
         if len(decision.candidates) == 1:
             return "one candidate"
-        share = torch.softmax(self.config.alpha * decision.candidate_logprobs.double(), -1).max()
-        return "decided" if float(share) >= self.config.skip_share else None
+        shares = torch.softmax(self.config.alpha * decision.candidate_logprobs.double(), -1)
+        top = int(shares.argmax())
+        if float(shares[top]) < self.config.skip_share:
+            return None
+        if not decision.ends_with_eos[top] and any(decision.ends_with_eos):
+            return None
+        return "decided"
 
     def _another_round(self, decision: Decision, columns: list[torch.Tensor], rounds: int, rule: dict,
                        i: int) -> bool:
