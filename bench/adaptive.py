@@ -47,9 +47,11 @@ def variants(entropy: float, after: int = 1) -> list[tuple[str, dict]]:
 
 def skip_check(blocks, share: float, alpha: float = 4.0) -> list[dict]:
     """For the fixed lookahead's decisions whose top candidate holds >= ``share`` of the
-    candidates' p^alpha mass (those skip_share would skip): the TV between that p^alpha
-    choice and the choice the rollouts estimated, and the largest log zeta_hat ratio of
-    another candidate over the top one (the rule is safe while it stays small)."""
+    candidates' p^alpha mass: the TV between that p^alpha choice and the choice the rollouts
+    estimated, the largest log zeta_hat ratio of another candidate over the top one (the rule
+    is safe while it stays small) and ``kept``: True where skip_share keeps the rollouts all
+    the same, because the top candidate has a future and another one ended (no rollouts: its
+    ``rollout_ess`` is None)."""
     out = []
     for block in blocks:
         if len(block.candidates) < 2 or block.rule != "fixed":
@@ -62,8 +64,9 @@ def skip_check(blocks, share: float, alpha: float = 4.0) -> list[dict]:
         probs = torch.tensor(block.probs, dtype=torch.float64)
         log_zeta = torch.tensor(block.log_zeta, dtype=torch.float64)
         others = torch.cat([log_zeta[:top], log_zeta[top + 1:]])
+        ended = [ess is None for ess in (block.rollout_ess or [0.0] * len(block.candidates))]
         out.append(dict(share=float(shares[top]), tv=0.5 * float((shares - probs).abs().sum()),
-                        log_zeta_ratio=float(others.max() - log_zeta[top])))
+                        log_zeta_ratio=float(others.max() - log_zeta[top]), kept=not ended[top] and any(ended)))
     return out
 
 
@@ -125,10 +128,16 @@ def main(argv=None) -> int:
         print(f"| {row['variant']} | {row['generated']} | {row['decoded_per_token']:.1f} | "
               f"{row['decoded_per_token'] / fixed['decoded_per_token']:.2f} | {row['forwards_per_token']:.2f} | "
               f"{rules} | {row['seconds']:.0f} |")
-    checks = fixed["skip_check"]
+    kept = [c for c in fixed["skip_check"] if c["kept"]]
+    if kept:
+        tvs = ", ".join(f"{c['tv']:.2e}" for c in kept)
+        ratios = ", ".join(f"{c['log_zeta_ratio']:.2f}" for c in kept)
+        print(f"\nskip check: {len(kept)} decisions with a top p^alpha share >= 0.99 keep their rollouts (another "
+              f"candidate ended): TV to the rollouts' choice {tvs}; log zeta_hat ratio {ratios}")
+    checks = [c for c in fixed["skip_check"] if not c["kept"]]
     if checks:
         worst = max(checks, key=lambda c: c["tv"])
-        print(f"\nskip check (fixed lookahead, decisions with a top p^alpha share >= 0.99): {len(checks)} decisions; "
+        print(f"\nskip check (fixed lookahead, decisions skip_share 0.99 would skip): {len(checks)} decisions; "
               f"TV between the p^alpha choice and the rollouts' estimate: mean {sum(c['tv'] for c in checks) / len(checks):.2e}, "
               f"max {worst['tv']:.2e} (share {worst['share']:.6f}, largest log zeta_hat ratio of another candidate "
               f"{worst['log_zeta_ratio']:.2f}); largest log zeta_hat ratio over all: "

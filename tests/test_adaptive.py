@@ -349,8 +349,14 @@ def test_the_benchmarks_skip_check_measures_what_the_skip_would_change():
     [check] = adaptive.skip_check([record, BlockRecord([[1]], [0.0], [1.0], [1.0], [0.0], 0, rule="fixed")], 0.99)
     assert check["share"] == pytest.approx(share, rel=1e-12)
     assert check["tv"] == pytest.approx(share - 0.9, rel=1e-9)  # 0.5 * (|s0 - 0.9| + |s1 - 0.1|)
-    assert check["log_zeta_ratio"] == pytest.approx(3.5)
+    assert check["log_zeta_ratio"] == pytest.approx(3.5) and not check["kept"]
     assert adaptive.skip_check([record], 0.999999999) == []
+    # the second candidate ended (no rollouts, no ESS) while the top one has a future: kept
+    record.rollout_ess = [3.2, None]
+    [check] = adaptive.skip_check([record], 0.99)
+    assert check["kept"] and check["tv"] == pytest.approx(share - 0.9, rel=1e-9)
+    record.rollout_ess = [None, 2.0]  # the top one ended: it may skip
+    assert not adaptive.skip_check([record], 0.99)[0]["kept"]
 
 
 def test_the_adaptive_preset_names_the_measured_rules():
