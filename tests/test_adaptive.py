@@ -294,7 +294,7 @@ def test_a_minimum_block_length_moves_no_cut_it_allows_and_forbids_the_ones_befo
     token); a fork after 2 tokens of the first block is cut alike with after = 1 and 2."""
     late = fork_at(5)
     [cut] = run(late, max_new=12, entropy_cut=1.0)
-    assert [len(c) for c in cut.stats.blocks[1].candidates] == [1]
+    assert {len(c) for c in cut.stats.blocks[1].candidates} == {1}  # (L samples: one or more distinct)
     [kept] = run(late, max_new=12, entropy_cut=1.0, entropy_cut_after=2)
     [fixed] = run(late, max_new=12)
     assert [len(c) for b in kept.stats.blocks for c in b.candidates] == [4] * sum(
