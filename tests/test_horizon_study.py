@@ -44,7 +44,7 @@ def test_a_stopped_study_continues_where_it_was_and_draws_the_same_numbers(runne
 
     def stop_after_three(line, seen=[]):  # noqa: B006 - a counter across calls
         seen.append(line)
-        if len(seen) == 3:
+        if len(seen) == 4:  # the first line, then one per cell
             raise Stop
 
     with pytest.raises(Stop):
@@ -62,6 +62,30 @@ def test_a_stopped_study_continues_where_it_was_and_draws_the_same_numbers(runne
     by_key = {key(line): line for line in whole}
     for line in resumed:
         assert line["log_zeta"] == pytest.approx(by_key[key(line)]["log_zeta"], rel=1e-6, abs=1e-6)
+
+
+def test_progress_counts_the_rollout_tokens_left_and_says_what_was_already_there(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    small = dict(SMALL, horizons=(2,), rollouts=(2, 4), replicates=2)
+    lines: list[str] = []
+    horizon_study.run_study(tmp_path / "s.jsonl", runner, progress=lines.append, **small)
+    # 3 estimators x M in (2, 4) at H = 2: 2 prompts x 2 replicates x K = 3 x M x (H + 1) each
+    want = 3 * sum(2 * 2 * 3 * m * 3 for m in (2, 4))
+    assert lines[0] == f"6 cells, 6 with replicates to draw: {want} rollout tokens to decode"
+    assert len(lines) == 7 and all(" done in " in line for line in lines[1:])
+    assert "left at this run's rate (" in lines[1] and lines[-1].endswith("nothing left")
+    left = [int(line.rsplit("(", 1)[1].split()[0]) for line in lines[1:-1]]
+    assert left == sorted(left, reverse=True) and want - left[0] == 2 * 2 * 3 * 2 * 3  # the first cell: M = 2
+    again: list[str] = []
+    horizon_study.run_study(tmp_path / "s.jsonl", runner, progress=again.append, **small)
+    assert again[0] == "6 cells, 0 with replicates to draw: 0 rollout tokens to decode"
+    assert all(line.endswith(" already there") for line in again[1:]) and len(again) == 7
+
+
+@pytest.mark.parametrize("seconds, text", [(40.2, "40 s"), (89, "89 s"), (90, "2 min"), (725, "12 min"),
+                                           (5340, "89 min"), (11100, "3 h 05 min")])
+def test_durations_in_progress_lines(seconds, text):
+    assert horizon_study._duration(seconds) == text
 
 
 def test_summary_spread_agreement_and_gaps_by_hand():

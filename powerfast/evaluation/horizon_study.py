@@ -103,6 +103,14 @@ def _cut_partial_line(path: Path) -> None:
         path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` for a progress line: "40 s", "12 min", "3 h 05 min"."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
 def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Sequence = STUDY_PROMPTS,
               estimators: Sequence[str] = ESTIMATORS, horizons: Sequence[int] = (4, 8, 16, 32, 64),
               rollouts: Sequence[int] = (4, 16, 64, 256), replicates: int = 8, top_k: int = 4, alpha: float = 4.0,
@@ -110,7 +118,9 @@ def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Seque
               progress: Callable[[str], None] | None = None) -> list[dict]:
     """Run (or continue) the study, appending one line per replicate to ``path``; returns
     every line. ``max_rows`` bounds the rollouts decoded at once (replicates x K x M), which
-    bounds the KV memory; a cell with more is run in batches of replicates."""
+    bounds the KV memory; a cell with more is run in batches of replicates. ``progress`` gets
+    a line first (the rollout tokens left to decode), then one per cell: how long it took and
+    the time left, estimated from this run's rate in rollout tokens per second so far."""
     from powerfast.samplers.factory import make_sampler
 
     if replicates < 2:
@@ -120,11 +130,21 @@ def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Seque
     _cut_partial_line(path)
     done = {(d["decision"], d["estimator"], d["H"], d["M"], d["replicate"]) for d in read_lines(path)}
     plan = cells(estimators, horizons, rollouts, replicates)
-    total = len(plan) * len(prompts)
+    todos = [[[r for r in range(count) if (decision, estimator, horizon, m, r) not in done]
+               for decision in range(len(prompts))] for estimator, horizon, m, count in plan]
+    # the cost of what is left, in rollout tokens (replicates x K x M x (H + 1) per decision)
+    costs = [sum(len(todo) for todo in todo_cell) * top_k * m * (horizon + 1)
+             for (_, horizon, m, _), todo_cell in zip(plan, todos)]
+    left = sum(costs)
+    if progress is not None:
+        progress(f"{len(plan)} cells, {sum(1 for c in costs if c)} with replicates to draw: "
+                 f"{left} rollout tokens to decode")
+    run_started, spent = time.perf_counter(), 0
     with open(path, "a", encoding="utf-8") as out:
-        for index, (estimator, horizon, m, count) in enumerate(plan):
+        for index, ((estimator, horizon, m, count), todo_cell) in enumerate(zip(plan, todos)):
+            cell_started = time.perf_counter()
             for decision, prompt in enumerate(prompts):
-                todo = [r for r in range(count) if (decision, estimator, horizon, m, r) not in done]
+                todo = todo_cell[decision]
                 per_call = max(1, max_rows // (top_k * m))
                 for start in range(0, len(todo), per_call):
                     batch = todo[start : start + per_call]
@@ -143,9 +163,18 @@ def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Seque
                         out.write(json.dumps(line) + "\n")
                         done.add((decision, estimator, horizon, m, replicate))
                     out.flush()
+            spent += costs[index]
+            left -= costs[index]
             if progress is not None:
-                progress(f"cell {index + 1}/{len(plan)} ({estimator}, H={horizon}, M={m}, {count} replicates "
-                         f"x {len(prompts)} decisions) done; {total} decision-cells in all")
+                name = (f"cell {index + 1}/{len(plan)} ({estimator}, H={horizon}, M={m}, {count} replicates "
+                        f"x {len(prompts)} decisions)")
+                if not costs[index]:
+                    progress(f"{name} already there")
+                    continue
+                elapsed = time.perf_counter() - run_started
+                eta = "nothing left" if not left else (f"about {_duration(left * elapsed / spent)} left at this "
+                                                       f"run's rate ({left} rollout tokens)")
+                progress(f"{name} done in {_duration(time.perf_counter() - cell_started)}; {eta}")
     return read_lines(path)
 
 
