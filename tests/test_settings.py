@@ -107,6 +107,14 @@ def test_sampling_params_derive_every_setting_with_the_serving_preset():
     assert params.config() == method_config("power", preset="serving", num_rollouts=6)
 
 
+def test_requests_roll_out_tempered_and_the_paper_preset_from_p():
+    # the horizon study's choice for the serving shape (M = 4, H = 16); the paper's stays the paper's
+    assert SamplingParams(method="power").config().rollout_proposal == "tempered"
+    assert method_config("power", preset="serving").rollout_proposal == "tempered"
+    assert method_config("power").rollout_proposal == method_config("power", preset="paper").rollout_proposal == "base"
+    assert SamplingParams(method="power", rollout_proposal="base").config().rollout_proposal == "base"
+
+
 def parsed(argv: list[str]) -> argparse.Namespace:
     return cli.build_parser(["sample", "x", *argv]).parse_args(["sample", "x", *argv])
 
