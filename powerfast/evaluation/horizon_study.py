@@ -161,7 +161,6 @@ def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Seque
                                     candidate_logprobs=record.candidate_logprobs, log_zeta=record.log_zeta,
                                     rollout_ess=record.rollout_ess, seconds=seconds)
                         out.write(json.dumps(line) + "\n")
-                        done.add((decision, estimator, horizon, m, replicate))
                     out.flush()
             spent += costs[index]
             left -= costs[index]
