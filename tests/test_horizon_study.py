@@ -82,6 +82,23 @@ def test_progress_counts_the_rollout_tokens_left_and_says_what_was_already_there
     assert all(line.endswith(" already there") for line in again[1:]) and len(again) == 7
 
 
+def test_a_long_cell_says_how_far_it_has_got_between_batches(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    monkeypatch.setattr(horizon_study, "PROGRESS_EVERY", 0.0)  # every batch counts as long
+    small = dict(SMALL, estimators=("tempered",), horizons=(2,), rollouts=(2, 4), replicates=2)
+    lines: list[str] = []
+    horizon_study.run_study(tmp_path / "s.jsonl", runner, progress=lines.append, **small)
+    # one batch per decision (2 replicates x K = 3 x M rows fit max_rows): after the first of the
+    # two decisions a cell is half done; after the second it says "done" instead
+    first, second = (2 * 3 * m * 3 for m in (2, 4))
+    assert lines[1] == f"cell 1/2 (tempered, H=2, M=2, 2 replicates x 2 decisions): {first} of {2 * first} " \
+                       f"rollout tokens; " + lines[1].split("; ", 1)[1]
+    assert lines[1].endswith(f"left at this run's rate ({first + 2 * second} rollout tokens)")
+    assert " done in " in lines[2] and lines[3].startswith(f"cell 2/2 (tempered, H=2, M=4, 2 replicates x 2 "
+                                                            f"decisions): {second} of {2 * second} rollout tokens; ")
+    assert len(lines) == 5 and lines[-1].endswith("nothing left")
+
+
 @pytest.mark.parametrize("seconds, text", [(40.2, "40 s"), (89, "89 s"), (90, "2 min"), (725, "12 min"),
                                            (5340, "89 min"), (11100, "3 h 05 min")])
 def test_durations_in_progress_lines(seconds, text):

@@ -46,6 +46,7 @@ STUDY_PROMPTS = (
 """The decisions of the study: the first token of the answer to each (chat template applied)."""
 
 ESTIMATORS = ("base", "tempered", "resampled")
+PROGRESS_EVERY = 60.0  # seconds between progress lines inside one long cell
 
 
 def _settings(estimator: str, resample_every: int) -> dict:
@@ -120,7 +121,9 @@ def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Seque
     every line. ``max_rows`` bounds the rollouts decoded at once (replicates x K x M), which
     bounds the KV memory; a cell with more is run in batches of replicates. ``progress`` gets
     a line first (the rollout tokens left to decode), then one per cell: how long it took and
-    the time left, estimated from this run's rate in rollout tokens per second so far."""
+    the time left, estimated from this run's rate in rollout tokens per second so far; a cell
+    that runs longer than ``PROGRESS_EVERY`` seconds also says, between its batches, how far
+    it has got."""
     from powerfast.samplers.factory import make_sampler
 
     if replicates < 2:
@@ -140,9 +143,20 @@ def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Seque
         progress(f"{len(plan)} cells, {sum(1 for c in costs if c)} with replicates to draw: "
                  f"{left} rollout tokens to decode")
     run_started, spent = time.perf_counter(), 0
+    last_said = run_started
+
+    def eta() -> str:
+        if not left:
+            return "nothing left"
+        return f"about {_duration(left * (time.perf_counter() - run_started) / spent)} left at this run's rate " \
+               f"({left} rollout tokens)"
+
     with open(path, "a", encoding="utf-8") as out:
         for index, ((estimator, horizon, m, count), todo_cell) in enumerate(zip(plan, todos)):
             cell_started = time.perf_counter()
+            name = (f"cell {index + 1}/{len(plan)} ({estimator}, H={horizon}, M={m}, {count} replicates "
+                    f"x {len(prompts)} decisions)")
+            cell_left = costs[index]
             for decision, prompt in enumerate(prompts):
                 todo = todo_cell[decision]
                 per_call = max(1, max_rows // (top_k * m))
@@ -162,18 +176,18 @@ def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Seque
                                     rollout_ess=record.rollout_ess, seconds=seconds)
                         out.write(json.dumps(line) + "\n")
                     out.flush()
-            spent += costs[index]
-            left -= costs[index]
+                    cost = len(batch) * top_k * m * (horizon + 1)
+                    spent, left, cell_left = spent + cost, left - cost, cell_left - cost
+                    # a long cell says where it is at most once a PROGRESS_EVERY seconds
+                    if progress is not None and cell_left and time.perf_counter() - last_said >= PROGRESS_EVERY:
+                        progress(f"{name}: {costs[index] - cell_left} of {costs[index]} rollout tokens; {eta()}")
+                        last_said = time.perf_counter()
             if progress is not None:
-                name = (f"cell {index + 1}/{len(plan)} ({estimator}, H={horizon}, M={m}, {count} replicates "
-                        f"x {len(prompts)} decisions)")
                 if not costs[index]:
                     progress(f"{name} already there")
                     continue
-                elapsed = time.perf_counter() - run_started
-                eta = "nothing left" if not left else (f"about {_duration(left * elapsed / spent)} left at this "
-                                                       f"run's rate ({left} rollout tokens)")
-                progress(f"{name} done in {_duration(time.perf_counter() - cell_started)}; {eta}")
+                progress(f"{name} done in {_duration(time.perf_counter() - cell_started)}; {eta()}")
+                last_said = time.perf_counter()
     return read_lines(path)
 
 
