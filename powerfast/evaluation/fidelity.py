@@ -438,6 +438,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="replicates per cell below M = 256 (default 8; 3 from M = 256 on)")
     study.add_argument("--study-max-rows", type=int, default=1024,
                        help="rollouts decoded at once at most (bounds the KV memory; default 1024)")
+    study.add_argument("--study-decisions", default=None, metavar="LIST",
+                       help="draw only these decisions (0-3; default all): processes on copies of PATH split "
+                            "the cells, and their lines together are what one process would have drawn")
     study.add_argument("--study-summary-only", action="store_true",
                        help="print the table of what PATH holds, run nothing")
 
@@ -447,6 +450,10 @@ def _horizon_study(args: argparse.Namespace) -> str:
 
     if not args.study_summary_only:
         from powerfast.runtime.models import load_model
+
+        # checked before the model loads
+        decisions = None if args.study_decisions is None else horizon_study.check_decisions(
+            _ints(args.study_decisions))
         from powerfast.runtime.runner import ModelRunner
 
         model, tokenizer = load_model(None)
@@ -461,6 +468,7 @@ def _horizon_study(args: argparse.Namespace) -> str:
                                 rollouts=_ints(args.study_rollouts),
                                 estimators=[e.strip() for e in args.study_estimators.split(",") if e.strip()],
                                 replicates=args.study_replicates, seed=args.seed, max_rows=rows,
+                                decisions=decisions,
                                 progress=lambda line: print(line, file=sys.stderr, flush=True))
     lines = horizon_study.read_lines(args.horizon_study)
     if not lines:

@@ -112,14 +112,26 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
+def check_decisions(decisions: Sequence[int], count: int = len(STUDY_PROMPTS)) -> Sequence[int]:
+    """``decisions`` if each is an index into ``count`` prompts; ValueError naming the first that is not."""
+    for decision in decisions:
+        if not 0 <= decision < count:
+            raise ValueError(f"decisions must lie in 0..{count - 1} (one per prompt), got {decision}")
+    return decisions
+
+
 def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Sequence = STUDY_PROMPTS,
               estimators: Sequence[str] = ESTIMATORS, horizons: Sequence[int] = (4, 8, 16, 32, 64),
               rollouts: Sequence[int] = (4, 16, 64, 256), replicates: int = 8, top_k: int = 4, alpha: float = 4.0,
               resample_every: int = 8, seed: int = 0, max_rows: int = 1024,
+              decisions: Sequence[int] | None = None,
               progress: Callable[[str], None] | None = None) -> list[dict]:
     """Run (or continue) the study, appending one line per replicate to ``path``; returns
     every line. ``max_rows`` bounds the rollouts decoded at once (replicates x K x M), which
-    bounds the KV memory; a cell with more is run in batches of replicates. ``progress`` gets
+    bounds the KV memory; a cell with more is run in batches of replicates. ``decisions`` (indices
+    into ``prompts``; None: all) draws only those decisions' lines, so that processes on copies
+    of the file can split a cell: each line's numbers are the same whichever process draws it,
+    since a batch's seed is a function of its cell, decision and first replicate. ``progress`` gets
     a line first (the rollout tokens left to decode), then one per cell: how long it took and
     the time left, estimated from this run's rate in rollout tokens per second so far; a cell
     that runs longer than ``PROGRESS_EVERY`` seconds also says, between its batches, how far
@@ -131,9 +143,10 @@ def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Seque
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _cut_partial_line(path)
+    chosen = set(range(len(prompts)) if decisions is None else check_decisions(decisions, len(prompts)))
     done = {(d["decision"], d["estimator"], d["H"], d["M"], d["replicate"]) for d in read_lines(path)}
     plan = cells(estimators, horizons, rollouts, replicates)
-    todos = [[[r for r in range(count) if (decision, estimator, horizon, m, r) not in done]
+    todos = [[[r for r in range(count) if decision in chosen and (decision, estimator, horizon, m, r) not in done]
                for decision in range(len(prompts))] for estimator, horizon, m, count in plan]
     # the cost of what is left, in rollout tokens (replicates x K x M x (H + 1) per decision)
     costs = [sum(len(todo) for todo in todo_cell) * top_k * m * (horizon + 1)
