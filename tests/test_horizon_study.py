@@ -103,6 +103,30 @@ def test_the_command_draws_only_the_decisions_it_is_given_on_the_embedded_model(
     assert "decisions must lie in 0..3 (one per prompt), got 4" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--study-horizons", "8,0", "horizons must be >= 1, got 0"),
+    ("--study-rollouts", "4,-16", "rollouts must be >= 1, got -16"),
+    ("--study-rollouts", "4,1x", "--study-rollouts wants comma-separated integers, got '4,1x'"),
+    ("--study-estimators", "base,greedy", "unknown estimator 'greedy'"),
+    ("--study-replicates", "1", "--study-replicates must be >= 2 (a spread needs two), got 1"),
+    ("--study-max-rows", "0", "--study-max-rows must be >= 1, got 0"),
+    ("--study-decisions", "0,7", "decisions must lie in 0..3 (one per prompt), got 7"),
+])
+def test_a_bad_study_setting_is_named_before_the_model_loads(flag, value, message, tmp_path, capsys, monkeypatch):
+    from powerfast import cli
+    from powerfast.runtime import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the settings were checked")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    path = tmp_path / "study.jsonl"
+    assert cli.main(["fidelity", "--no-table", "--horizon-study", str(path), flag, value]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "the model loaded" not in err
+    assert not path.exists()
+
+
 def test_progress_counts_the_rollout_tokens_left_and_says_what_was_already_there(runner, tmp_path, monkeypatch):
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
     small = dict(SMALL, horizons=(2,), rollouts=(2, 4), replicates=2)

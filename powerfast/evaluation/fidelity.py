@@ -390,8 +390,11 @@ def format_rollout_ess(rows) -> str:
 # ------------------------------------------------------------------------ command
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} wants comma-separated integers, got {text!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -449,24 +452,27 @@ def _horizon_study(args: argparse.Namespace) -> str:
     from powerfast.evaluation import horizon_study
 
     if not args.study_summary_only:
-        from powerfast.runtime.models import load_model
-
-        # checked before the model loads
-        decisions = None if args.study_decisions is None else horizon_study.check_decisions(
-            _ints(args.study_decisions))
-        from powerfast.runtime.runner import ModelRunner
-
-        model, tokenizer = load_model(None)
+        # every setting is checked before the model loads
         rows = args.study_max_rows
         if rows < 1:
             raise ValueError(f"--study-max-rows must be >= 1, got {rows}")
-        horizons = _ints(args.study_horizons)
+        if args.study_replicates < 2:
+            raise ValueError(f"--study-replicates must be >= 2 (a spread needs two), got {args.study_replicates}")
+        horizons = _ints(args.study_horizons, "--study-horizons")
+        rollouts = _ints(args.study_rollouts, "--study-rollouts")
+        estimators = [e.strip() for e in args.study_estimators.split(",") if e.strip()]
+        horizon_study.cells(estimators, horizons, rollouts, args.study_replicates)
+        decisions = None if args.study_decisions is None else horizon_study.check_decisions(
+            _ints(args.study_decisions, "--study-decisions"))
+        from powerfast.runtime.models import load_model
+        from powerfast.runtime.runner import ModelRunner
+
+        model, tokenizer = load_model(None)
         # the KV pool: every rollout of a batch with its whole horizon, the prompts shared
         runner = ModelRunner(model, max_memory=max(512, rows * (max(horizons) + 64) * _kv_bytes_per_token(model)
                                                    >> 20) << 20)
         horizon_study.run_study(args.horizon_study, runner, tokenizer, horizons=horizons,
-                                rollouts=_ints(args.study_rollouts),
-                                estimators=[e.strip() for e in args.study_estimators.split(",") if e.strip()],
+                                rollouts=rollouts, estimators=estimators,
                                 replicates=args.study_replicates, seed=args.seed, max_rows=rows,
                                 decisions=decisions,
                                 progress=lambda line: print(line, file=sys.stderr, flush=True))
@@ -507,8 +513,9 @@ def run(args: argparse.Namespace) -> int:
                                  per_round=args.adaptive_per_round, tolerance=args.adaptive_tolerance,
                                  entropy_cut=args.adaptive_entropy)
                             if args.adaptive else None)
-                grid = method_grid(alpha, spec.num_tokens, mcmc_steps=_ints(args.mcmc_steps),
-                                   rollouts=_ints(args.rollouts), particles=_ints(args.particles), include=include,
+                grid = method_grid(alpha, spec.num_tokens, mcmc_steps=_ints(args.mcmc_steps, "--mcmc-steps"),
+                                   rollouts=_ints(args.rollouts, "--rollouts"),
+                                   particles=_ints(args.particles, "--particles"), include=include,
                                    adaptive=adaptive)
                 rows.extend(measure(spec, alpha, grid, args.draws, seed=args.seed, runtime=args.runtime,
                                     progress=lambda line: print(line, file=sys.stderr, flush=True)))
@@ -522,7 +529,8 @@ def run(args: argparse.Namespace) -> int:
     if args.rollout_ess:
         print()
         proposals = [p.strip() for p in args.rollout_proposals.split(",") if p.strip()]
-        print(format_rollout_ess(rollout_ess_rows(_ints(args.rollout_ess), seed=args.seed, proposals=proposals,
+        horizons = _ints(args.rollout_ess, "--rollout-ess")
+        print(format_rollout_ess(rollout_ess_rows(horizons, seed=args.seed, proposals=proposals,
                                                   progress=lambda line: print(line, file=sys.stderr, flush=True))))
     return 0
 

@@ -65,6 +65,10 @@ def cells(estimators: Sequence[str], horizons: Sequence[int], rollouts: Sequence
     ``replicates`` each, ``big_m_replicates`` from M = ``big_m`` on."""
     for name in estimators:
         _settings(name, 8)
+    for what, values in (("horizons", horizons), ("rollouts", rollouts)):
+        for value in values:
+            if value < 1:
+                raise ValueError(f"{what} must be >= 1, got {value}")
     out = [(e, h, m, big_m_replicates if m >= big_m else replicates) for e in estimators for h in horizons
            for m in rollouts]
     return sorted(out, key=lambda c: (c[1] * c[2], c[2], c[1], ESTIMATORS.index(c[0])))
