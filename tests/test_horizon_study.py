@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import pytest
 from test_sampler import tiny_llama
@@ -108,7 +109,7 @@ def test_the_command_draws_only_the_decisions_it_is_given_on_the_embedded_model(
     ("--study-rollouts", "4,-16", "rollouts must be >= 1, got -16"),
     ("--study-rollouts", "4,1x", "--study-rollouts wants comma-separated integers, got '4,1x'"),
     ("--study-estimators", "base,greedy", "unknown estimator 'greedy'"),
-    ("--study-replicates", "1", "--study-replicates must be >= 2 (a spread needs two), got 1"),
+    ("--study-replicates", "1", "replicates must be >= 2 (a spread needs two), got 1"),
     ("--study-max-rows", "0", "--study-max-rows must be >= 1, got 0"),
     ("--study-decisions", "0,7", "decisions must lie in 0..3 (one per prompt), got 7"),
 ])
@@ -125,6 +126,19 @@ def test_a_bad_study_setting_is_named_before_the_model_loads(flag, value, messag
     err = capsys.readouterr().err
     assert message in err and "the model loaded" not in err
     assert not path.exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(replicates=1), "replicates must be >= 2 (a spread needs two), got 1"),
+    (dict(horizons=(4, 0)), "horizons must be >= 1, got 0"),
+    (dict(rollouts=(0,)), "rollouts must be >= 1, got 0"),
+    (dict(decisions=[5]), "decisions must lie in 0..3 (one per prompt), got 5"),
+])
+def test_run_study_checks_its_settings_before_it_touches_the_file(settings, message, tmp_path):
+    path = tmp_path / "new" / "study.jsonl"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        horizon_study.run_study(path, None, **settings)
+    assert not path.parent.exists()
 
 
 def test_progress_counts_the_rollout_tokens_left_and_says_what_was_already_there(runner, tmp_path, monkeypatch):

@@ -456,8 +456,6 @@ def _horizon_study(args: argparse.Namespace) -> str:
         rows = args.study_max_rows
         if rows < 1:
             raise ValueError(f"--study-max-rows must be >= 1, got {rows}")
-        if args.study_replicates < 2:
-            raise ValueError(f"--study-replicates must be >= 2 (a spread needs two), got {args.study_replicates}")
         horizons = _ints(args.study_horizons, "--study-horizons")
         rollouts = _ints(args.study_rollouts, "--study-rollouts")
         estimators = [e.strip() for e in args.study_estimators.split(",") if e.strip()]

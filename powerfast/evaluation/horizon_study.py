@@ -65,6 +65,8 @@ def cells(estimators: Sequence[str], horizons: Sequence[int], rollouts: Sequence
     ``replicates`` each, ``big_m_replicates`` from M = ``big_m`` on."""
     for name in estimators:
         _settings(name, 8)
+    if replicates < 2:
+        raise ValueError(f"replicates must be >= 2 (a spread needs two), got {replicates}")
     for what, values in (("horizons", horizons), ("rollouts", rollouts)):
         for value in values:
             if value < 1:
@@ -142,14 +144,13 @@ def run_study(path: str | os.PathLike, runner, tokenizer=None, *, prompts: Seque
     it has got."""
     from powerfast.samplers.factory import make_sampler
 
-    if replicates < 2:
-        raise ValueError(f"replicates must be >= 2 (a spread needs two), got {replicates}")
+    # the settings are checked before the file is touched
+    plan = cells(estimators, horizons, rollouts, replicates)
+    chosen = set(range(len(prompts)) if decisions is None else check_decisions(decisions, len(prompts)))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _cut_partial_line(path)
-    chosen = set(range(len(prompts)) if decisions is None else check_decisions(decisions, len(prompts)))
     done = {(d["decision"], d["estimator"], d["H"], d["M"], d["replicate"]) for d in read_lines(path)}
-    plan = cells(estimators, horizons, rollouts, replicates)
     todos = [[[r for r in range(count) if decision in chosen and (decision, estimator, horizon, m, r) not in done]
                for decision in range(len(prompts))] for estimator, horizon, m, count in plan]
     # the cost of what is left, in rollout tokens (replicates x K x M x (H + 1) per decision)
