@@ -288,7 +288,8 @@ def _parse_list(text: str, kind, what: str) -> list:
     return values
 
 
-def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: bool) -> dict:
+def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: bool,
+                 stop: Sequence[str] = ()) -> dict:
     """Load the model of ``args`` once and return ``{name: generate(prompts, sample_seeds)}``.
 
     A call submits its prompts to one :class:`~powerfast.serving.engine.Engine` as requests with
@@ -298,7 +299,8 @@ def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: 
     tokens as a ``generate`` of that prompt alone with that seed). Called in the process
     that evaluates: the single-process run, or each Ray worker. ``Generation.seconds`` is
     each request's latency (queueing included), ``Generation.decoded_tokens`` every token
-    decoded for it (the engine's ``RequestOutput.decoded_tokens``: its compute).
+    decoded for it (the engine's ``RequestOutput.decoded_tokens``: its compute). ``stop``: the
+    task's stop strings (a few-shot prompt's completion ends where the next example would start).
     """
     import dataclasses
 
@@ -309,6 +311,8 @@ def eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: 
     engine = Engine(build_runner(model, args), tokenizer, max_queue=max(256, getattr(args, "concurrency", 1) or 1))
     def method_fn(name):
         params = sampling_params(name, args)
+        if stop:
+            params = dataclasses.replace(params, stop=tuple(stop))
 
         def generate(prompts: list[str], sample_seeds: list[int]) -> list:
             outs = engine.run(prompts, [dataclasses.replace(params, seed=seed) for seed in sample_seeds],
@@ -335,12 +339,12 @@ def _run_eval(args) -> int:
     for method in methods:
         sampling_params(method, args)  # the engine's checks too, before the model loads
     task = load_task(args.task)
-    chat = not args.no_chat_template and task.kind != "code"
+    chat = not args.no_chat_template and task.kind != "code" and task.chat_template
     _check_tensor_parallel(args)
     if args.ray is None:
         if args.workers is not None:
             raise ValueError(f"--workers {args.workers} needs --ray")
-        generators = eval_methods(args, methods, chat)  # loads the model (and joins the ranks)
+        generators = eval_methods(args, methods, chat, task.stop)  # loads the model (and joins the ranks)
         out, leader = args.out, True
         if args.tensor_parallel > 1:
             out, leader = _follower_folder(args.out)
@@ -353,7 +357,8 @@ def _run_eval(args) -> int:
     else:
         from powerfast.evaluation.distributed import run_evaluation_on_ray
 
-        summary = run_evaluation_on_ray(task, functools.partial(eval_methods, args, methods, chat), methods,
+        summary = run_evaluation_on_ray(task, functools.partial(eval_methods, args, methods, chat, task.stop),
+                                        methods,
                                         args.out, limit=args.limit, seeds=seeds, address=args.ray or None,
                                         workers=args.workers, cpus_per_worker=args.cpus_per_worker,
                                         units_per_call=args.concurrency, progress=True)

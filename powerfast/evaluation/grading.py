@@ -191,6 +191,31 @@ def _number_value(token: str) -> int | None:
     return int(value)
 
 
+_STATED = re.compile(r"\banswer\s*(?:is|:|=)[\s:*$]*", re.IGNORECASE)
+
+
+def stated_answer(text: str) -> int | None:
+    """The integer a worked-steps completion states as its answer, or None.
+
+    The number right after the first ``answer is`` (or ``answer:``, ``answer =``; any case;
+    only spaces, ``:``, ``*`` or ``$`` in between): ``"2 + 3 = 5. 5 * 4 = 20. The answer is
+    20."`` gives 20, where :func:`integer_answer` would take the first step's 5. Without
+    such a statement, the last number in the text (a completion cut by the budget mid-way
+    is then usually wrong, as it should be); None when the text has no number. Numbers are
+    read as by :func:`integer_answer`.
+    """
+    text = text.replace("\u2212", "-")
+    numbers = list(_NUMBER.finditer(text))
+    if not numbers:
+        return None
+    starts = {m.start(): m for m in numbers}
+    for marker in _STATED.finditer(text):
+        number = starts.get(marker.end())
+        if number is not None:
+            return _number_value(number.group(0))
+    return _number_value(numbers[-1].group(0))
+
+
 def integer_answer(text: str) -> int | None:
     """The integer a completion gives as its answer, or None.
 

