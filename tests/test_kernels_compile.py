@@ -55,7 +55,7 @@ SCRIPT = textwrap.dedent(
                       Query_positions="*i64", Out="*fp32" if lse else "*bf16", Lse="*fp32", scale_log2="fp32",
                       softcap_log2="fp32"),
                  dict(GROUP_SIZE=6, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE_SIZE=16, BLOCK_N=64,
-                      NATIVE_DOT=True, WRITE_LSE=lse, SOFTCAP=lse), 4)
+                      NATIVE_DOT=True, WRITE_LSE=lse, SOFTCAP=lse, SLIDING=not lse), 4)
     compile_(paged_attention._merge_splits_kernel, dict(Partial_out="*fp32", Lse="*fp32", Out="*bf16"),
              dict(HEAD_DIM=128, BLOCK_D=128, BLOCK_S=32), 4)
     print("compiled")

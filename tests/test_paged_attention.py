@@ -5,7 +5,8 @@ Block tables come from a random permutation of the pool, lengths are not multipl
 the block size, and each case mixes decode (1 new token) and multi-token queries.
 
 Reference: per sequence, gather its positions from the pool in float64, repeat the KV
-heads for GQA, softmax(q k^T * scale) with the causal limit of each query's position.
+heads for GQA, softmax(q k^T * scale) with the causal limit of each query's position (and,
+with a sliding window W, its lower limit: a query at p sees p - W + 1 .. p).
 Tolerances: fp32 inputs 2e-5 absolute; bf16 / fp16 inputs (kernel upcasts) compared to
 float64 math on the same rounded inputs, 2e-2 absolute (output rounding).
 """
@@ -63,7 +64,7 @@ def make_case(
     return move(query), move(key_cache), move(value_cache), ctx
 
 
-def float64_reference(query, key_cache, value_cache, ctx, scale) -> torch.Tensor:
+def float64_reference(query, key_cache, value_cache, ctx, scale, sliding_window=None) -> torch.Tensor:
     num_tokens, num_heads, head_dim = query.shape
     block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // kv_heads
@@ -71,7 +72,9 @@ def float64_reference(query, key_cache, value_cache, ctx, scale) -> torch.Tensor
     for t in range(num_tokens):
         seq = int(ctx.query_seq_index[t])
         visible = int(ctx.query_positions[t]) + 1
-        slots = [int(ctx.block_tables[seq, p // block_size]) * block_size + p % block_size for p in range(visible)]
+        first = max(0, visible - sliding_window) if sliding_window else 0
+        slots = [int(ctx.block_tables[seq, p // block_size]) * block_size + p % block_size
+                 for p in range(first, visible)]
         keys = key_cache.reshape(-1, kv_heads, head_dim)[slots].double().cpu()  # (visible, kv_heads, D)
         values = value_cache.reshape(-1, kv_heads, head_dim)[slots].double().cpu()
         keys = keys.repeat_interleave(group, dim=1)
@@ -197,3 +200,78 @@ def test_torch_cascade_over_a_shared_prefix_matches_float64_reference(shared_blo
     out = torch_paged_attention(query, key_cache, value_cache, ctx, scale)
     expected = float64_reference(query, key_cache, value_cache, ctx, scale)
     torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[torch.float32], rtol=0)
+
+
+# ------------------------------------------------------------------ sliding windows
+
+WINDOW_CASES = [
+    # lengths, query lens, heads, kv heads, head_dim, block_size, window, splits
+    ([37, 5, 80], [1, 1, 1], 6, 3, 32, 16, 8, 1),  # decode; one sequence shorter than the window
+    ([37, 5, 80], [3, 1, 10], 6, 3, 32, 16, 20, 3),  # prefill / extend tokens, several splits of the window
+    ([130, 17], [1, 17], 4, 4, 16, 16, 17, 2),  # whole-prompt prefill exactly the window's width
+    ([45, 200], [1, 40], 8, 1, 64, 32, 33, None),  # MQA, a prefill crossing pages and the window
+    ([70, 21], [30, 1], 2, 1, 16, 8, 1, 2),  # a window of 1: each query sees its own key only
+]
+
+
+@pytest.mark.parametrize("lengths, query_lens, heads, kv_heads, head_dim, block_size, window, splits", WINDOW_CASES)
+def test_kernel_with_a_sliding_window_matches_float64_reference(lengths, query_lens, heads, kv_heads, head_dim,
+                                                                 block_size, window, splits):
+    query, key_cache, value_cache, ctx = make_case(lengths, query_lens, heads, kv_heads, head_dim, block_size)
+    scale = head_dim**-0.5
+    expected = float64_reference(query, key_cache, value_cache, ctx, scale, sliding_window=window)
+    unwindowed = float64_reference(query, key_cache, value_cache, ctx, scale)
+    assert (expected - unwindowed).abs().max() > 1e-2  # the window matters in this case
+    out = paged_attention(query, key_cache, value_cache, ctx.block_tables, ctx.query_seq_index, ctx.query_positions,
+                          scale, max_seq_len=ctx.max_seq_len, num_splits=splits, block_n=16, sliding_window=window)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("lengths, query_lens, heads, kv_heads, head_dim, block_size, window, splits", WINDOW_CASES)
+def test_torch_backend_with_a_sliding_window_matches_float64_reference(lengths, query_lens, heads, kv_heads,
+                                                                        head_dim, block_size, window, splits):
+    query, key_cache, value_cache, ctx = make_case(lengths, query_lens, heads, kv_heads, head_dim, block_size)
+    scale = head_dim**-0.5
+    out = torch_paged_attention(query, key_cache, value_cache, ctx, scale, sliding_window=window)
+    expected = float64_reference(query, key_cache, value_cache, ctx, scale, sliding_window=window)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("window", [5, 30, 70, 500])
+def test_torch_cascade_with_a_sliding_window_matches_float64_reference(window):
+    """The shared prefix's product masked per query: windows that start inside the prefix,
+    past it (5: the prefix contributes nothing to any query) and before it (500: no window)."""
+    block_size, heads, kv_heads, head_dim, shared_blocks = 16, 6, 3, 32, 3
+    lengths = [49, 60, 80, 100]
+    query, key_cache, value_cache, ctx = make_case(lengths, [1] * len(lengths), heads, kv_heads, head_dim, block_size)
+    ctx.block_tables[1:, :shared_blocks] = ctx.block_tables[0, :shared_blocks]
+    ctx.shared_prefix_blocks = shared_blocks
+    scale = head_dim**-0.5
+    out = torch_paged_attention(query, key_cache, value_cache, ctx, scale, sliding_window=window)
+    expected = float64_reference(query, key_cache, value_cache, ctx, scale, sliding_window=window)
+    torch.testing.assert_close(out.double(), expected, atol=TOLERANCE[torch.float32], rtol=0)
+
+
+def test_kernel_refuses_a_negative_window():
+    query, key_cache, value_cache, ctx = make_case([4], [1], 2, 1, 16, 8)
+    with pytest.raises(ValueError, match="sliding_window must be an int >= 1, or 0 / None for none, got -3"):
+        paged_attention(query, key_cache, value_cache, ctx.block_tables, ctx.query_seq_index, ctx.query_positions,
+                        0.25, sliding_window=-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_with_a_sliding_window_on_cuda(dtype):
+    """The CUDA twin of test_kernel_with_a_sliding_window_matches_float64_reference: long
+    sequences (several default splits of the window), Gemma 3's window width."""
+    query, key_cache, value_cache, ctx = make_case(
+        [1500, 333, 17], [1, 1, 4], 8, 1, 256, 16, dtype=dtype, device="cuda"
+    )
+    ctx.block_tables, ctx.query_seq_index, ctx.query_positions = (
+        t.cuda() for t in (ctx.block_tables, ctx.query_seq_index, ctx.query_positions)
+    )
+    scale = 256**-0.5
+    out = paged_attention(query, key_cache, value_cache, ctx.block_tables, ctx.query_seq_index, ctx.query_positions,
+                          scale, sliding_window=512)
+    expected = float64_reference(query, key_cache, value_cache, ctx, scale, sliding_window=512)
+    torch.testing.assert_close(out.double().cpu(), expected, atol=TOLERANCE[dtype], rtol=0)

@@ -218,18 +218,6 @@ def test_other_families_match_dense(family):
         assert_close(decoded[i], reference[-1])
 
 
-def test_sliding_window_beyond_its_width_is_refused():
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, sliding_window=8,
-    )
-    runner = ModelRunner(MistralForCausalLM(config).eval(), num_blocks=8)
-    runner.prefill([[1, 2, 3]])  # within the window: plain causal attention
-    with pytest.raises(NotImplementedError, match="sliding window of 8"):
-        runner.prefill([list(range(12))])
-
-
 def test_out_of_blocks_is_a_clear_error_and_changes_nothing():
     runner = ModelRunner(tiny_model("llama"), block_size=16, num_blocks=4)
     rng = random.Random()

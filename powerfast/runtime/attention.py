@@ -59,7 +59,9 @@ def paged_attention_forward(
 
     query: (B, num_heads, S, head_dim); key, value: (B, kv_heads, S, head_dim), after RoPE,
     with B * S new tokens in the context's order. Returns (out (B, S, num_heads, head_dim), None).
-    ``attention_mask`` is ignored: causality comes from the context's positions.
+    ``attention_mask`` is ignored: causality comes from the context's positions, and a
+    sliding window (the ``sliding_window`` keyword of a windowed layer, W) from the backends:
+    a query at position p sees keys p - W + 1 .. p.
     """
     ctx = kwargs.get(CONTEXT_KWARG)
     if not isinstance(ctx, PagedAttentionContext):
@@ -70,12 +72,10 @@ def paged_attention_forward(
         )
     if dropout:
         raise ValueError(f"paged attention is for inference: dropout must be 0, got {dropout} (call model.eval())")
-    sliding_window = kwargs.get("sliding_window")
-    if sliding_window is not None and ctx.max_seq_len > sliding_window:
-        raise NotImplementedError(
-            f"layer {module.layer_idx} uses a sliding window of {sliding_window} tokens and a sequence has "
-            f"{ctx.max_seq_len}: sliding-window attention is not supported by the paged runtime"
-        )
+    sliding_window = kwargs.get("sliding_window")  # the layer's constant (None: a full-attention layer)
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"layer {module.layer_idx}: sliding window must be an int >= 1 or None, got {sliding_window!r}")
     if getattr(module, "sinks", None) is not None:
         raise NotImplementedError("attention sinks are not supported by the paged runtime")
     softcap = kwargs.get("softcap")
@@ -108,6 +108,8 @@ def paged_attention_forward(
         queries, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_k, ctx.query_start_loc,
         ctx.query_seq_index, ctx.query_positions, float(scaling), ctx.max_query_len, ctx.max_seq_len,
         ctx.shared_prefix_blocks, ctx.backend, 0.0 if softcap is None else float(softcap),
+        # 0 while every sequence fits in the window: plain causal attention, the same result
+        0 if sliding_window is None or ctx.max_seq_len <= sliding_window else int(sliding_window),
     )
     return out.to(query.dtype).reshape(batch, q_len, num_heads, head_dim), None
 

@@ -8,7 +8,7 @@ host-side branch or a ``.tolist()`` of the torch references behind them.
   keys / values into their slots (slot -1: written nowhere). CPU: plain torch; CUDA (or
   ``use_triton``): the Triton kernel of :mod:`powerfast.kernels.kv_cache`.
 - ``powerfast::paged_attention(query, key_cache, value_cache, <paged metadata>, scale,
-  max_query_len, max_seq_len, shared_prefix_blocks, backend, softcap) -> out``: one backend of
+  max_query_len, max_seq_len, shared_prefix_blocks, backend, softcap, sliding_window) -> out``: one backend of
   :mod:`powerfast.runtime.paged_attention` ("torch" on the CPU, "triton" / "flash" on CUDA).
 - ``powerfast::sample_tokens(logits, offsets, active!, logliks!, temperature,
   eos_token_id) -> (tokens, base_logprobs, tempered_logprobs, log_power_sums)``: the fused sampling kernel
@@ -87,11 +87,13 @@ def _paged_attention(
     shared_prefix_blocks: int,
     backend: str,
     softcap: float,
+    sliding_window: int = 0,
 ) -> torch.Tensor:
     """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim), in query's dtype.
 
     The metadata are those of :class:`powerfast.runtime.paged_attention.PagedAttentionContext`;
-    softcap: attention-logit soft-capping (Gemma 2), 0.0 for none.
+    softcap: attention-logit soft-capping (Gemma 2), 0.0 for none; sliding_window: the layer's
+    window W (a query at position p sees keys p - W + 1 .. p), 0 for none.
     """
     ctx = PagedAttentionContext(
         key_caches=[key_cache],
@@ -108,7 +110,7 @@ def _paged_attention(
         backend=backend,
         shared_prefix_blocks=shared_prefix_blocks,
     )
-    out = BACKEND_FUNCTIONS[backend](query, key_cache, value_cache, ctx, scale, softcap or None)
+    out = BACKEND_FUNCTIONS[backend](query, key_cache, value_cache, ctx, scale, softcap or None, sliding_window or None)
     return out.to(query.dtype).contiguous()
 
 
@@ -117,7 +119,7 @@ _paged_attention_op = torch.library.custom_op("powerfast::paged_attention", muta
 
 @_paged_attention_op.register_fake
 def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_k, query_start_loc, query_seq_index,
-      query_positions, scale, max_query_len, max_seq_len, shared_prefix_blocks, backend, softcap):
+      query_positions, scale, max_query_len, max_seq_len, shared_prefix_blocks, backend, softcap, sliding_window=0):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 

