@@ -25,7 +25,7 @@ template). Sections:
    ``ops.sample_tokens``) on random float32 logits of shape (N, V), N = 1, 16, 64, 256,
    for the tiny model's V = 256 and the real vocabulary's V = 49,152, median ms per call.
 4. Device-to-host reads per generated token for each method (plain, low-temp, greedy,
-   best-of-n, power, mcmc, smc), each run once through the Engine on 4 requests of 32
+   best-of-n, sir, power, mcmc, smc), each run once through the Engine on 4 requests of 32
    tokens with small settings. ``torch.Tensor.item / tolist / cpu / numpy / __bool__ /
    __int__ / __float__ / __index__`` are wrapped, and ``.to(...)`` when it goes to the CPU
    written as such at the call site (``.to("cpu")``; ``.to(self.device)`` is an upload on
@@ -85,7 +85,7 @@ PROMPT_LENGTH = 8
 POWER_SETTINGS = {"block_size": 4, "num_candidates": 4, "top_k": 2, "num_rollouts": 2, "horizon": 4}
 #: small settings of every method for the read counts
 SMALL_SETTINGS = {**POWER_SETTINGS, "mcmc_steps": 1, "num_particles": 4, "num_samples": 2}
-READ_COUNT_METHODS = ("plain", "low-temp", "greedy", "best-of-n", "power", "mcmc", "smc")
+READ_COUNT_METHODS = ("plain", "low-temp", "greedy", "best-of-n", "sir", "power", "mcmc", "smc")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""A study: named arms of ``powerfast eval`` on one task, compute-matched best-of-N, one comparison.
+"""A study: named arms of ``powerfast eval`` on one task, compute-matched best-of-N and sir, one comparison.
 
 A study is a small JSON spec (or the same as a Python dict)::
 
@@ -10,9 +10,11 @@ A study is a small JSON spec (or the same as a Python dict)::
       "settings": {"model": "path/to/model", "max_new_tokens": 3072},   # every arm's flags
       "baseline": "plain",               # the arm the comparison tests the others against
       "match_best_of_n": false,          # true: every power, mcmc and smc arm; or a list of arm names
+      "match_sir": false,                # the same forms, for compute-matched sir
       "arms": [
         {"name": "plain", "method": "plain"},
-        {"name": "power-a4", "method": "power", "settings": {"alpha": 4}, "match_best_of_n": true},
+        {"name": "power-a4", "method": "power", "settings": {"alpha": 4}, "match_best_of_n": true,
+         "match_sir": true},
         {"name": "power-a8", "method": "power", "settings": {"alpha": 8, "block_size": 96}}
       ]
     }
@@ -42,11 +44,20 @@ integer, halves rounded up (20.5 gives 21). Best-of-N draws N samples of plain d
 so its compute is about N times plain's; it runs with the common settings and the plain
 arm's (``temperature`` included). ``STUDY_DIR/manifest.json`` records the arms, their
 commands, their decoded tokens per problem, and per match the two means, the ratio and N.
-Arms with the same N draw the same samples (same seeds, same settings), so an arm with no
-records whose command, but for its name, is an arm's already finished copies that arm's
-record files instead of running (the manifest says ``copied_from``): power arms that
-differ only in the rollout estimator usually decode about the same tokens and share one
-best-of-N.
+
+Compute-matched sir: ``match_sir`` (the same forms as ``match_best_of_n``, on an arm or on
+the spec) adds the arm ``sir-for-<arm>`` after the arm (and after its best-of-N when both are
+asked for): ``sir`` (sampling-importance-resampling: N plain samples, one of them drawn by
+p^alpha / q) with the same N, the plain arm's settings and the arm's ``alpha`` (its own, else
+the common one, else the default, as the arm has), so it targets the arm's p^alpha at the
+arm's decoded tokens. The manifest's match of an arm names each of its baselines
+(``bon_arm``, ``sir_arm``); N is computed once per arm for both.
+
+Matched arms with the same N (and, for sir, the same alpha) draw the same samples (same
+seeds, same settings), so an arm with no records whose command, but for its name, is an
+arm's already finished copies that arm's record files instead of running (the manifest says
+``copied_from``): power arms that differ only in the rollout estimator usually decode about
+the same tokens and share one best-of-N (and one sir).
 
 Then ``STUDY_DIR/combined/<task>/<arm>-seed<seed>.jsonl`` is rebuilt from the arms'
 records of the study's units, each record's ``method`` set to the arm's name (the arms'
@@ -58,8 +69,8 @@ own files are never modified), and ``powerfast compare`` runs on ``STUDY_DIR/com
     python bench/study.py study.json --out runs/study [--baseline plain] [--dry-run]
 
 ``--dry-run`` prints each arm, how many of its units are recorded, and its
-``powerfast eval`` command (a matched best-of-N's ``--num-samples`` once both means are
-known, ``<N>`` before), and runs nothing.
+``powerfast eval`` command (a matched best-of-N's or sir's ``--num-samples`` once both means
+are known, ``<N>`` before), and runs nothing.
 """
 
 from __future__ import annotations
@@ -80,11 +91,33 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-__all__ = ["Arm", "Study", "arm_argv", "arm_identity", "choose_num_samples", "combine", "identity_changes", "load_spec", "main", "matched_num_samples",
+__all__ = ["MATCHED_BASELINES", "Arm", "MatchedBaseline", "Study", "arm_argv", "arm_identity", "choose_num_samples",
+           "combine", "identity_changes", "load_spec", "main", "matched_arm", "matched_num_samples",
            "mean_decoded_tokens", "read_arm_records", "run_study", "settings_argv"]
 
-#: Arms whose method is one of these are matched when ``match_best_of_n`` is ``true``.
+#: Arms whose method is one of these are matched when ``match_best_of_n`` (``match_sir``) is ``true``.
 POWER_METHODS = ("power", "mcmc", "smc")
+
+
+@dataclass(frozen=True)
+class MatchedBaseline:
+    """A compute-matched baseline: the spec key that asks for it (on an arm or on the spec),
+    the :class:`Arm` flag it sets, the short name of its arms (``<short>-for-<arm>``, the
+    manifest's ``<short>_arm``) and the method they run."""
+
+    key: str
+    flag: str
+    short: str
+    method: str
+
+    def arm_name(self, arm_name: str) -> str:
+        return f"{self.short}-for-{arm_name}"
+
+
+#: The compute-matched baselines, in the order they run after their arm: best-of-N keeps the
+#: likeliest of N plain samples; sir draws one of them by p^alpha / q at the arm's alpha.
+MATCHED_BASELINES = (MatchedBaseline("match_best_of_n", "match", "bon", "best-of-n"),
+                     MatchedBaseline("match_sir", "match_sir", "sir", "sir"))
 #: Flags the study itself sets on every arm's command.
 _RESERVED = {"task", "methods", "out", "seeds", "limit", "concurrency"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -255,8 +288,13 @@ class Arm:
     name: str
     method: str
     settings: dict[str, Any] = field(default_factory=dict)
-    match: bool = False
-    matched_to: str | None = None  # a bon-for-<arm>: the arm it matches
+    match: bool = False  # match_best_of_n: followed by bon-for-<name>
+    match_sir: bool = False  # match_sir: followed by sir-for-<name>
+    matched_to: str | None = None  # a bon-for-<arm> or sir-for-<arm>: the arm it matches
+
+    def baselines(self) -> list[MatchedBaseline]:
+        """The compute-matched baselines this arm is followed by."""
+        return [b for b in MATCHED_BASELINES if getattr(self, b.flag)]
 
 
 @dataclass
@@ -304,7 +342,8 @@ def load_spec(spec: Mapping | str | Path, baseline: str | None = None) -> Study:
 
     if not isinstance(spec, Mapping):
         spec = json.loads(Path(spec).read_text(encoding="utf-8"))
-    known = {"task", "seeds", "limit", "concurrency", "settings", "arms", "baseline", "match_best_of_n", "plain_arm"}
+    keys = [b.key for b in MATCHED_BASELINES]
+    known = {"task", "seeds", "limit", "concurrency", "settings", "arms", "baseline", "plain_arm", *keys}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ValueError(f"unknown key(s) in the study: {', '.join(unknown)}; the keys are {', '.join(sorted(known))}")
@@ -315,48 +354,42 @@ def load_spec(spec: Mapping | str | Path, baseline: str | None = None) -> Study:
     if not isinstance(raw_arms, list) or not raw_arms:
         raise ValueError("the study needs a non-empty list of arms")
     for i, raw in enumerate(raw_arms):
-        if not isinstance(raw, Mapping) or set(raw) - {"name", "method", "settings", "match_best_of_n"}:
-            raise ValueError(f"arm {i}: an object with name, method, optional settings and match_best_of_n, "
+        if not isinstance(raw, Mapping) or set(raw) - {"name", "method", "settings", *keys}:
+            raise ValueError(f"arm {i}: an object with name, method, optional settings, {' and '.join(keys)}, "
                              f"got {raw!r}")
         name, method = raw.get("name"), raw.get("method")
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ValueError(f"arm {i}: name must be letters, digits, '.', '_', '+', '-' (a file name), got {name!r}")
         if method not in METHODS:
             raise ValueError(f"arm {name}: method must be one of {', '.join(METHODS)}, got {method!r}")
-        match = raw.get("match_best_of_n", False)
-        if not isinstance(match, bool):
-            raise ValueError(f"arm {name}: match_best_of_n must be true or false, got {match!r}")
-        arms.append(Arm(name, method, canonical_settings(raw.get("settings"), f"arm {name}"), match))
+        arm = Arm(name, method, canonical_settings(raw.get("settings"), f"arm {name}"))
+        for kind in MATCHED_BASELINES:
+            match = raw.get(kind.key, False)
+            if not isinstance(match, bool):
+                raise ValueError(f"arm {name}: {kind.key} must be true or false, got {match!r}")
+            setattr(arm, kind.flag, match)
+        arms.append(arm)
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise ValueError(f"arm names must be distinct, got {', '.join(names)}")
-    matching = spec.get("match_best_of_n", False)
-    if matching is True:
-        for arm in arms:
-            arm.match = arm.match or arm.method in POWER_METHODS
-    elif isinstance(matching, list):
-        for name in matching:
-            if name not in names:
-                raise ValueError(f"match_best_of_n names {name!r}, not an arm: the arms are {', '.join(names)}")
-        for arm in arms:
-            arm.match = arm.match or arm.name in matching
-    elif matching is not False:
-        raise ValueError(f"match_best_of_n must be true, false or a list of arm names, got {matching!r}")
+    for kind in MATCHED_BASELINES:
+        _spec_matching(spec.get(kind.key, False), kind, arms)
     plain_arm = spec.get("plain_arm")
     if plain_arm is not None and plain_arm not in names:
         raise ValueError(f"plain_arm {plain_arm!r} is not an arm: the arms are {', '.join(names)}")
     if plain_arm is None:
         plains = [a.name for a in arms if a.method == "plain"]
         plain_arm = "plain" if "plain" in names else (plains[0] if len(plains) == 1 else None)
-    matched = [a for a in arms if a.match]
+    matched = [a for a in arms if a.baselines()]
     if matched:
         if plain_arm is None:
-            raise ValueError("matching best-of-N needs a plain arm: name one 'plain' or set plain_arm")
+            raise ValueError("a compute-matched baseline (best-of-N, sir) needs a plain arm: name one 'plain' or "
+                             "set plain_arm")
         if plain_arm in [a.name for a in matched]:
             raise ValueError(f"the plain arm {plain_arm!r} cannot be matched against itself")
-        clash = [f"bon-for-{a.name}" for a in matched if f"bon-for-{a.name}" in names]
+        clash = [b.arm_name(a.name) for a in matched for b in a.baselines() if b.arm_name(a.name) in names]
         if clash:
-            raise ValueError(f"arm name(s) {', '.join(clash)} are the names of the matched best-of-N arms")
+            raise ValueError(f"arm name(s) {', '.join(clash)} are the names of the compute-matched baseline arms")
     chosen = baseline if baseline is not None else spec.get("baseline", "plain")
     if not isinstance(chosen, str) or not chosen:
         raise ValueError(f"baseline must be an arm's name, got {chosen!r}")
@@ -364,6 +397,25 @@ def load_spec(spec: Mapping | str | Path, baseline: str | None = None) -> Study:
     concurrency = _positive_or_none(spec, "concurrency")
     return Study(spec["task"], _seeds(spec.get("seeds")), limit, concurrency,
                  canonical_settings(spec.get("settings"), "settings"), arms, chosen, plain_arm)
+
+
+def _spec_matching(matching, baseline: MatchedBaseline, arms: list[Arm]) -> None:
+    """Apply the spec's ``match_best_of_n`` / ``match_sir``: true (every power, mcmc and smc
+    arm), false, or a list of arm names; arms marked themselves stay marked."""
+    names = [a.name for a in arms]
+    if matching is True:
+        chosen = {a.name for a in arms if a.method in POWER_METHODS}
+    elif isinstance(matching, list):
+        for name in matching:
+            if name not in names:
+                raise ValueError(f"{baseline.key} names {name!r}, not an arm: the arms are {', '.join(names)}")
+        chosen = set(matching)
+    elif matching is False:
+        chosen = set()
+    else:
+        raise ValueError(f"{baseline.key} must be true, false or a list of arm names, got {matching!r}")
+    for arm in arms:
+        setattr(arm, baseline.flag, getattr(arm, baseline.flag) or arm.name in chosen)
 
 
 def arm_argv(study: Study, arm: Arm, study_dir: str | Path) -> list[str]:
@@ -382,18 +434,24 @@ def arm_settings(study: Study, arm: Arm) -> dict[str, Any]:
 
 
 def run_order(study: Study) -> list[Arm]:
-    """The plain arm first when an arm is matched; each matched arm followed by its best-of-N."""
+    """The plain arm first when an arm is matched; each matched arm followed by its
+    compute-matched baselines (:data:`MATCHED_BASELINES` order)."""
     order = list(study.arms)
-    if any(a.match for a in order):
+    if any(a.baselines() for a in order):
         plain = study.arm(study.plain_arm)
         order = [plain] + [a for a in order if a is not plain]
     return order
 
 
-def bon_arm(study: Study, arm: Arm, num_samples: int | None) -> Arm:
+def matched_arm(study: Study, arm: Arm, baseline: MatchedBaseline, num_samples: int | None) -> Arm:
+    """The arm ``<short>-for-<arm>`` of a compute-matched baseline: the plain arm's settings
+    and N samples (``<N>`` while N is not known yet); sir also takes the arm's alpha (the
+    arm's own, else the common one; None, no flag: the default, as the arm has)."""
     plain = study.arm(study.plain_arm)
     settings = {**plain.settings, "num_samples": num_samples if num_samples is not None else "<N>"}
-    return Arm(f"bon-for-{arm.name}", "best-of-n", settings, matched_to=arm.name)
+    if baseline.method == "sir":
+        settings["alpha"] = arm_settings(study, arm).get("alpha")
+    return Arm(baseline.arm_name(arm.name), baseline.method, settings, matched_to=arm.name)
 
 
 # ---------------------------------------------------------------------------------------
@@ -544,7 +602,8 @@ def run_study(spec: Mapping | str | Path, study_dir: str | Path, baseline: str |
 
     for arm in run_order(study):
         one_arm(arm)
-        if not arm.match:
+        baselines = arm.baselines()
+        if not baselines:
             continue
         plain = study.plain_arm
         num_samples = None
@@ -553,13 +612,16 @@ def run_study(spec: Mapping | str | Path, study_dir: str | Path, baseline: str |
             arm_records = flat(_units(study_dir, task.name, arm, study.seeds, problem_ids))
             match = matched_num_samples(arm_records, plain_records)
             num_samples = match["num_samples"]
-            manifest["matches"].append({"arm": arm.name, "bon_arm": f"bon-for-{arm.name}", **match})
+            manifest["matches"].append({"arm": arm.name, **{f"{b.short}_arm": b.arm_name(arm.name) for b in baselines},
+                                        **match})
             say = print if dry_run else _say
-            say(f"bon-for-{arm.name}: ratio {match['ratio']:.3f} = {match['arm_tokens_per_problem']:.1f} / "
-                f"{match['plain_tokens_per_problem']:.1f} decoded tokens per problem -> num_samples {num_samples}")
+            say(f"{', '.join(b.arm_name(arm.name) for b in baselines)}: ratio {match['ratio']:.3f} = "
+                f"{match['arm_tokens_per_problem']:.1f} / {match['plain_tokens_per_problem']:.1f} decoded tokens per "
+                f"problem -> num_samples {num_samples}")
         elif not dry_run:
             raise RuntimeError(f"arm {arm.name} or {plain} has no records to match")
-        one_arm(bon_arm(study, arm, num_samples))
+        for baseline in baselines:
+            one_arm(matched_arm(study, arm, baseline, num_samples))
 
     if dry_run:
         return manifest

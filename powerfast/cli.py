@@ -268,6 +268,9 @@ def _run_sample(args) -> int:
         extra += f", mean rollout ESS {sum(ess) / len(ess):.2f}"
     if "resampling_steps" in stats.extra:
         extra += f", {stats.extra['resampling_steps']} resampling steps, {stats.extra['unique_ancestors']} lineages"
+    if "weights_ess" in stats.extra:
+        extra += (f", sample {stats.extra['chosen_sample']} of {len(stats.extra['log_weights'])} drawn, "
+                  f"weights ESS {stats.extra['weights_ess']:.2f}")
     if not is_leader():
         return 0
     print(

@@ -31,6 +31,8 @@ CASES = {
     "low-temp": dict(method="low-temp", alpha=4.0),
     "greedy": dict(method="greedy"),
     "best-of-n": dict(method="best-of-n", num_samples=3),
+    "sir": dict(method="sir", alpha=1.5, num_samples=3),
+    "sir-tempered": dict(method="sir", alpha=4.0, num_samples=3, temperature=0.7),
     "power-block": dict(method="power", power=dict(alpha=4.0, block_size=3, num_candidates=4, top_k=2,
                                                      num_rollouts=2, horizon=3, rollout_proposal="base")),
     "power-token": dict(method="power", power=dict(alpha=4.0, block_size=1, top_k=3, num_rollouts=2, horizon=2,
@@ -57,7 +59,7 @@ def tiny_model():
 
 def case_kwargs(case: dict) -> dict:
     """make_sampler settings of a case, by name."""
-    kwargs = {k: v for k, v in case.items() if k in ("alpha", "num_samples")}
+    kwargs = {k: v for k, v in case.items() if k in ("alpha", "num_samples", "temperature")}
     for method in ("power", "mcmc", "smc"):
         kwargs.update(case.get(method, {}))
     return kwargs

@@ -37,7 +37,7 @@ SMALL = ["--block-size", "2", "--candidates", "3", "--top-k", "2", "--rollouts",
          "--mcmc-steps", "2", "--num-samples", "2", "--max-new-tokens", "5", "--no-chat-template"]
 
 
-@pytest.mark.parametrize("method", ["power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n"])
+@pytest.mark.parametrize("method", ["power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n", "sir"])
 def test_sample_every_method_json(tiny_model_dir, method, capsys):
     code = cli.main(["sample", "the answer is", "--model", str(tiny_model_dir), "--method", method,
                      "--seed", "3", "--json", "--ignore-eos", *SMALL])
@@ -57,6 +57,11 @@ def test_sample_every_method_json(tiny_model_dir, method, capsys):
     if method == "smc":
         assert out["stats"]["tokens_by_phase"]["sample"] >= 5 * 32 - 32  # 32 particles (the default N)
         assert len(out["stats"]["ess_history"]) >= 1 and 1 <= out["stats"]["unique_ancestors"] <= 32
+    if method in ("best-of-n", "sir"):
+        assert out["stats"]["tokens_by_phase"]["sample"] == 2 * 5  # --num-samples 2: both count
+    if method == "sir":
+        assert len(out["stats"]["log_weights"]) == 2 and out["stats"]["chosen_sample"] in (0, 1)
+        assert 1 - 1e-9 <= out["stats"]["weights_ess"] <= 2 + 1e-9
 
 
 def test_sample_smc_and_power_options(tiny_model_dir, capsys):
@@ -95,6 +100,17 @@ def test_sample_text_and_summary_line(tiny_model_dir):
     assert again.stdout == proc.stdout
 
 
+def test_sample_sir_summary_names_the_draw_and_the_weights(tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
+    argv = ["sample", "the answer is", "--model", str(tiny_model_dir), "--method", "sir", "--seed", "4",
+            "--temperature", "0.8", "--alpha", "2", *SMALL]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "[sir]" in err and " of 2 drawn, weights ESS " in err, err
+    assert cli.main(argv[:-len(SMALL)] + ["--temperature", "0"]) == 2
+    assert "temperature must be > 0 (greedy q is degenerate), got 0.0" in capsys.readouterr().err
+
+
 def test_errors_are_reported_with_the_value(tiny_model_dir, capsys):
     assert cli.main(["sample", "x", "--model", "/nonexistent/model"]) == 2
     assert "/nonexistent/model does not exist" in capsys.readouterr().err
@@ -108,15 +124,18 @@ def test_errors_are_reported_with_the_value(tiny_model_dir, capsys):
 
 def test_eval_on_a_fixture_and_resume(tiny_model_dir, tmp_path, capsys):
     fixture = Path(__file__).parent / "fixtures" / "math3.jsonl"
-    args = ["eval", "--task", str(fixture), "--methods", "greedy,plain,smc", "--seeds", "0", "--out", str(tmp_path),
-            "--particles", "2",
+    args = ["eval", "--task", str(fixture), "--methods", "greedy,plain,smc,sir", "--seeds", "0", "--out", str(tmp_path),
+            "--particles", "2", "--num-samples", "3",
             "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--no-chat-template"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "greedy" in out and "plain" in out and "smc" in out
     files = sorted(p.name for p in (tmp_path / "math3").iterdir())
     assert "greedy-seed0.jsonl" in files and "plain-seed0.jsonl" in files and "accuracy_vs_time.png" in files
-    assert "smc-seed0.jsonl" in files
+    assert "smc-seed0.jsonl" in files and "sir-seed0.jsonl" in files
+    sir = [json.loads(l) for l in (tmp_path / "math3" / "sir-seed0.jsonl").read_text().splitlines()]
+    assert len(sir) == 3 and all(r["decoded_tokens"] >= r["num_tokens"] for r in sir)
+    assert any(r["decoded_tokens"] > r["num_tokens"] for r in sir)  # the other samples count as compute
     lines = (tmp_path / "math3" / "greedy-seed0.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(l)["correct"] is False for l in lines)  # random words never box 42
     assert cli.main(args) == 0  # resumed: nothing to redo, the files unchanged
@@ -173,13 +192,14 @@ def test_fidelity_reports_the_measured_numbers(capsys, monkeypatch):
     from powerfast.evaluation import fidelity
 
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
-    args = ["--draws", "60", "--models", "4:4:noeos:3", "--methods", "smc,power-tempered+reuse",
-            "--particles", "8", "--rollouts", "2", "--seed", "5"]
+    args = ["--draws", "60", "--models", "4:4:noeos:3", "--methods", "smc,power-tempered+reuse,sir",
+            "--particles", "8", "--rollouts", "2", "--sir-samples", "4", "--seed", "5"]
     assert cli.main(["fidelity", *args]) == 0
     out = capsys.readouterr().out
     spec = fidelity.ModelSpec(4, 4, False, 3)
-    grid = fidelity.method_grid(4.0, 4, rollouts=[2], particles=[8], include=["smc", "power-tempered+reuse"])
-    assert [m.method for m in grid] == ["power-tempered+reuse", "smc"]
+    grid = fidelity.method_grid(4.0, 4, rollouts=[2], particles=[8], sir_samples=[4],
+                                include=["smc", "power-tempered+reuse", "sir"])
+    assert [m.method for m in grid] == ["power-tempered+reuse", "smc", "sir"]
     rows = fidelity.measure(spec, 4.0, grid, 60, seed=5)
     for row in rows:
         assert 0 < row.noise_floor < 1 and 0 <= row.tv <= 1 and row.tokens_per_sequence > 4

@@ -47,7 +47,7 @@ def params_of(name: str, **overrides) -> SamplingParams:
     """The engine's params for a recorded case."""
     case = recorded.CASES[name]
     kw = dict(method=case["method"], max_tokens=recorded.MAX_NEW_TOKENS, seed=recorded.SEED)
-    kw.update({k: case[k] for k in ("alpha", "num_samples") if k in case})
+    kw.update({k: case[k] for k in ("alpha", "num_samples", "temperature") if k in case})
     for sub in ("power", "mcmc", "smc"):
         kw.update(case.get(sub, {}))
     kw.update(overrides)
@@ -87,7 +87,7 @@ def test_requests_alone_and_together_give_the_recorded_tokens(model):
         [out] = engine.run([recorded.PROMPTS[0]], params_of(name))
         assert out.token_ids == WANT[name]["alone"][0], name
         assert out.finish_reason in ("stop", "length")
-        if recorded.CASES[name]["method"] in ("power", "mcmc", "smc", "best-of-n"):
+        if recorded.CASES[name]["method"] in ("power", "mcmc", "smc", "best-of-n", "sir"):
             assert out.result is not None and out.result.token_ids == out.token_ids
     prompts = [p for _ in names for p in recorded.PROMPTS]
     params = [params_of(name) for name in names for _ in recorded.PROMPTS]
@@ -176,7 +176,7 @@ def test_streamed_tokens_add_up_to_the_final_tokens(model):
 # ------------------------------------------------------------------ abort and admission
 
 
-@pytest.mark.parametrize("method", ["plain", "power", "mcmc", "smc", "best-of-n"])
+@pytest.mark.parametrize("method", ["plain", "power", "mcmc", "smc", "best-of-n", "sir"])
 def test_abort_frees_every_block_at_once(model, method):
     engine = new_engine(model)
     extra = dict(SMALL_POWER) if method == "power" else {"method": method}
@@ -217,7 +217,8 @@ def test_mixed_requests_on_a_tight_pool_never_run_out_of_blocks(model):
     rng = random.Random(SEED)
     engine = new_engine(model, num_blocks=160)
     kinds = [dict(method="plain"), dict(method="greedy"), SMALL_POWER, dict(method="mcmc", block_size=4),
-             dict(method="smc", num_particles=4, resample_every=2), dict(method="best-of-n", num_samples=3)]
+             dict(method="smc", num_particles=4, resample_every=2), dict(method="best-of-n", num_samples=3),
+             dict(method="sir", num_samples=3, temperature=0.8)]
     for i in range(14):
         prompt = [0] + [rng.randrange(16) for _ in range(rng.randrange(1, 9))]
         engine.add_request(prompt, SamplingParams(max_tokens=rng.randrange(4, 16), seed=rng.randrange(1000),
@@ -261,6 +262,9 @@ def test_a_full_queue_is_an_error_to_the_caller(model):
     (dict(method="power", jackknife=True, num_rollouts=1), "jackknife"),
     (dict(method="smc", ess_threshold=1.5), "ess_threshold"),
     (dict(temperature=-1.0), "temperature"),
+    (dict(method="sir", temperature=0.0), "temperature"),
+    (dict(method="sir", num_samples=0), "num_samples"),
+    (dict(method="sir", alpha=-1.0), "alpha"),
     (dict(seed="x"), "seed"),
     (dict(stop=[""]), "stop"),
 ])

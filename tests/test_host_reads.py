@@ -8,8 +8,8 @@ tensors, not of tensors that would be on the host there). The budgets, stated in
 
 - plain, low-temp, greedy: one copy per engine step for all streaming requests together,
   plus one per request at its end (the sampler's result);
-- best-of-n: one copy per request at its end, plus the all-finished check of the decode
-  loop every 32 tokens;
+- best-of-n, sir: one copy per request at its end (sir draws its sample on the host from
+  it), plus the all-finished check of the decode loop every 32 tokens;
 - power: per request one NaN check of the prompt's logits, and per decision at most 3
   copies: the candidates, the rollouts, the estimate; with reused rollouts at most 4: the
   rollouts, the estimate, the reused candidates and their NaN check (plus the first
@@ -46,6 +46,7 @@ BUDGETS = {  # reads of the whole run, as a function of its engine steps
     "low-temp": lambda steps: steps + REQUESTS,
     "greedy": lambda steps: steps + REQUESTS,
     "best-of-n": lambda steps: REQUESTS * (1 + TOKENS // 32),
+    "sir": lambda steps: REQUESTS * (1 + TOKENS // 32),
     "power": lambda steps: REQUESTS * (1 + 3 * DECISIONS),
     "power-reuse": lambda steps: REQUESTS * (2 + 4 * DECISIONS),
     "mcmc": lambda steps: REQUESTS * DECISIONS * (1 + SETTINGS["mcmc_steps"]),

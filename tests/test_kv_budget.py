@@ -46,6 +46,7 @@ SETTINGS = {
     "mcmc": dict(method="mcmc", config=MCMCConfig(alpha=2.0, block_size=6, mcmc_steps=3)),
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=5),
+    "sir": dict(method="sir", num_samples=5, temperature=0.8),
     # no resampling within the budget, so the particles' blocks stay distinct and the bound is reached
     "smc": dict(method="smc", config=SMCConfig(alpha=2.0, num_particles=5, resample_every=64)),
     "smc-resampling": dict(method="smc", config=SMCConfig(alpha=4.0, num_particles=6, resample_every=2,

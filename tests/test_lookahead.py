@@ -238,3 +238,41 @@ def test_reuse_stops_at_eos_and_leaks_nothing_on_error():
         PowerSampler(runner, config=config, seed=7).generate([[0, 1], [0, 2]], 12, ignore_eos=True)
     runner.decode = real_decode
     assert runner.cache.blocks_in_use == 0
+
+
+def test_candidate_proposal_validation():
+    with pytest.raises(ValueError, match="candidate_proposal must be one of .* got 'low'"):
+        PowerConfig(candidate_proposal="low")
+    with pytest.raises(ValueError, match="needs block_size > 1 .* got 1"):
+        PowerConfig(block_size=1, candidate_proposal="tempered")
+    with pytest.raises(ValueError, match="no reuse_rollouts"):
+        PowerConfig(block_size=4, horizon=8, num_candidates=8, top_k=4, reuse_rollouts=True,
+                    candidate_proposal="tempered")
+    assert PowerConfig().candidate_proposal == "base"
+
+
+@pytest.mark.parametrize("proposal", ["base", "tempered"])
+def test_candidate_proposal_draws_blocks_from_its_law(proposal, torch_ops):
+    """With one candidate (L = K = 1) and no rollouts (H = 0) a decision keeps the block its
+    proposal drew: base draws blocks of the toy from p, tempered from p at T = 1/alpha token by
+    token. The recorded log-likelihood is the base one under both."""
+    alpha, draws = 4.0, 1200
+    config = PowerConfig(alpha=alpha, block_size=2, num_candidates=1, top_k=1, num_rollouts=1, horizon=0,
+                         jackknife=False, candidate_proposal=proposal)
+    runner = LMRunner(toy.toy_model())
+    records = PowerSampler(runner, config=config, seed=SEED).decisions([PROMPT] * draws, max_new_tokens=4)
+    assert runner.live_sequences == 0
+    base = {(toy.PLAN, toy.CALC): 0.4, (toy.GUESS, toy.A4): 0.6 * 0.55, (toy.GUESS, toy.A5): 0.6 * 0.45}
+    plan = 0.4 ** alpha / (0.4 ** alpha + 0.6 ** alpha)
+    a4 = 0.55 ** alpha / (0.55 ** alpha + 0.45 ** alpha)
+    tempered = {(toy.PLAN, toy.CALC): plan, (toy.GUESS, toy.A4): (1 - plan) * a4,
+                (toy.GUESS, toy.A5): (1 - plan) * (1 - a4)}
+    want = base if proposal == "base" else tempered
+    counts = {block: 0 for block in want}
+    for record in records:
+        [block] = record.candidates
+        counts[tuple(block)] += 1
+        assert record.candidate_logprobs[0] == pytest.approx(math.log(base[tuple(block)]), abs=1e-5)
+    for block, prob in want.items():
+        sigma = math.sqrt(prob * (1 - prob) / draws)
+        assert abs(counts[block] / draws - prob) < 4.5 * sigma, (proposal, block, counts, SEED)

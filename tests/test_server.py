@@ -30,7 +30,7 @@ pytest.importorskip("prometheus_client")
 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from powerfast.core.config import PowerConfig  # noqa: E402
+from powerfast.core.config import PowerConfig, SIRConfig  # noqa: E402
 from powerfast.runtime.runner import ModelRunner  # noqa: E402
 from powerfast.samplers.factory import make_sampler  # noqa: E402
 from powerfast.serving.async_engine import AsyncEngine  # noqa: E402
@@ -43,6 +43,7 @@ KEY = "test-key"
 MODEL_NAME = "tiny-llama"
 CONTEXT = 256
 POWER = {"method": "power", "block_size": 4, "num_candidates": 4, "top_k": 2, "num_rollouts": 2, "horizon": 4}
+SIR = {"method": "sir", "alpha": 2.0, "num_samples": 3, "temperature": 0.9}
 MCMC = {"method": "mcmc", "block_size": 4, "mcmc_steps": 1}
 SMC = {"method": "smc", "num_particles": 4, "resample_every": 4}
 
@@ -138,8 +139,9 @@ def offline(tokenizer):
 
 
 def offline_text(runner, tokenizer, method: str, prompt, max_tokens: int, seed: int, chat: bool) -> str:
-    settings = {k: v for k, v in POWER.items() if k != "method"}
-    config = PowerConfig(**settings) if method == "power" else None
+    extra = {"power": POWER, "sir": SIR}.get(method, {})
+    settings = {k: v for k, v in extra.items() if k != "method"}
+    config = {"power": PowerConfig, "sir": SIRConfig}[method](**settings) if extra else None
     sampler = make_sampler(method, runner, tokenizer, seed=seed, config=config)
     [result] = sampler.generate([prompt], max_tokens, chat_template=chat)
     return result.text
@@ -148,10 +150,10 @@ def offline_text(runner, tokenizer, method: str, prompt, max_tokens: int, seed: 
 # ------------------------------------------------------------------------------ results
 
 
-@pytest.mark.parametrize("method", ["plain", "power"])
+@pytest.mark.parametrize("method", ["plain", "power", "sir"])
 def test_completion_and_chat_give_the_offline_sampler_text_for_the_same_seed(server, offline, tokenizer, method):
     client = server.client()
-    extra = POWER if method == "power" else {}
+    extra = {"power": POWER, "sir": SIR}.get(method, {})
     prompt = "The quick brown fox"
     completion = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=8, seed=11, extra_body=extra)
     expected = offline_text(offline, tokenizer, method, prompt, 8, 11, chat=False)
@@ -319,6 +321,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "alpha": -1}, "alpha"),
     ("/v1/completions", {"prompt": "x", "method": "plain", "num_rollouts": 0}, "num_rollouts"),
     ("/v1/completions", {"prompt": "x", "eta": 2.0}, "eta"),
+    # sir weighs by p^alpha / q: a greedy q is refused, naming the field
+    ("/v1/completions", {"prompt": "x", "method": "sir", "temperature": 0}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "method": "sir", "num_samples": 0}, "num_samples"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "method": "sir", "alpha": 0},
+     "alpha"),
 ]
 
 

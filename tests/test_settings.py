@@ -21,6 +21,7 @@ from powerfast.core.config import (
     PowerConfig,
     SamplingConfig,
     SettingError,
+    SIRConfig,
     SMCConfig,
     add_arguments,
     method_config,
@@ -49,7 +50,7 @@ def bad_values(name: str) -> list:
 
 
 def test_every_config_field_is_a_declared_setting():
-    for config in (PowerConfig, MCMCConfig, SMCConfig):
+    for config in (PowerConfig, MCMCConfig, SMCConfig, SIRConfig):
         for field in dataclasses.fields(config):
             assert field.metadata["setting"] is SETTINGS[field.name]
             assert field.default == SETTINGS[field.name].default
@@ -89,8 +90,16 @@ def test_cross_field_errors_name_a_field():
         with pytest.raises(InvalidRequestError) as error:
             SamplingParams(method="power", **settings)
         assert error.value.field == field
+    # sir's q is p at the temperature: greedy (0) is refused for sir alone, with the value
+    with pytest.raises(SettingError) as error:
+        method_config("sir", temperature=0.0)
+    assert error.value.field == "temperature" and "got 0.0" in str(error.value)
+    with pytest.raises(InvalidRequestError) as error:
+        SamplingParams(method="sir", temperature=0.0)
+    assert error.value.field == "temperature" and "got 0.0" in str(error.value)
     # the same values are no error for a method that does not combine them
     assert SamplingParams(method="plain", num_rollouts=1, top_k=9, num_candidates=4).method == "plain"
+    assert SamplingParams(method="best-of-n", temperature=0.0).method == "best-of-n"
     with pytest.raises(SettingError) as error:
         method_config("power", nonsense=3)
     assert error.value.field == "nonsense"
@@ -144,6 +153,13 @@ def test_best_of_n_defaults_come_from_the_declaration_or_a_named_preset():
     assert method_config("best-of-n") == SamplingConfig(temperature=1.0, num_samples=SETTINGS["num_samples"].default)
     assert SamplingParams(method="best-of-n").num_samples == PRESETS["serving"]["num_samples"]
     assert settings_from_arguments(parsed([]))["num_samples"] == SETTINGS["num_samples"].default
+
+
+def test_sir_defaults_come_from_the_declaration_or_a_named_preset():
+    assert method_config("sir") == SIRConfig(alpha=SETTINGS["alpha"].default, temperature=1.0,
+                                             num_samples=SETTINGS["num_samples"].default)
+    assert SamplingParams(method="sir").config() == SIRConfig(num_samples=PRESETS["serving"]["num_samples"])
+    assert SamplingParams(method="sir", num_samples=5).branches() == (5, "num_samples")
 
 
 def test_server_body_fields_are_the_settings():

@@ -62,6 +62,7 @@ SAMPLERS = {
     "smc": dict(method="smc", config=SMCConfig(alpha=2.0, num_particles=4, resample_every=2)),
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=3),
+    "sir": dict(method="sir", num_samples=3, alpha=2.0),
     "greedy": dict(method="greedy"),
 }
 

@@ -1,4 +1,4 @@
-"""bench/study.py: compute-matched best-of-N, the combined folder, resuming, and a tiny study end to end."""
+"""bench/study.py: compute-matched best-of-N and sir, the combined folder, resuming, and a tiny study end to end."""
 
 import json
 import sys
@@ -122,6 +122,11 @@ def test_the_spec_is_checked():
         ({**spec, "arms": [{"name": "x", "method": "beam"}]}, "method must be one of"),
         ({**spec, "arms": [{"name": "a/b", "method": "plain"}]}, "name must be"),
         ({**spec, "match_best_of_n": ["nope"]}, "not an arm"),
+        ({**spec, "match_sir": ["nope"]}, "match_sir names 'nope', not an arm"),
+        ({**spec, "match_sir": "yes"}, "match_sir must be true, false or a list"),
+        ({**spec, "arms": arms + [{"name": "sir-for-s", "method": "plain"}], "match_sir": ["s"]}, "sir-for-s"),
+        ({**spec, "arms": [{**arms[1], "match_sir": 1}, *arms]}, "match_sir must be true or false"),
+        ({"task": "math500", "arms": arms[1:], "match_sir": True}, "needs a plain arm"),
         ({**spec, "plain_arm": "p4"}, "against itself"),
         ({**spec, "limit": 0}, "limit must be"),
         ({**spec, "extra": 1}, "unknown key"),
@@ -137,7 +142,7 @@ def test_the_spec_is_checked():
 
 class FakeEval:
     """Writes the records ``powerfast eval`` would (only missing units): decoded tokens per
-    method, best-of-n's N times plain's; counts the units it wrote."""
+    method, best-of-n's and sir's N times plain's; counts the units it wrote."""
 
     def __init__(self, tokens):
         self.tokens = tokens
@@ -147,7 +152,7 @@ class FakeEval:
         value = lambda flag: argv[argv.index(flag) + 1]
         method, out, task = value("--methods"), Path(value("--out")), load_task(value("--task"))
         limit = int(value("--limit")) if "--limit" in argv else None
-        decoded = self.tokens[method] * (int(value("--num-samples")) if method == "best-of-n" else 1)
+        decoded = self.tokens[method] * (int(value("--num-samples")) if method in ("best-of-n", "sir") else 1)
         written = 0
         for seed in map(int, value("--seeds").split(",")):
             path = out / task.name / f"{method}-seed{seed}.jsonl"
@@ -205,6 +210,67 @@ def test_a_study_matches_runs_combines_and_resumes(tmp_path, capsys):
     assert fake.calls == [("power", 4)]
 
 
+def test_the_spec_asks_for_matched_sir_like_best_of_n():
+    arms = [{"name": "plain", "method": "plain"}, {"name": "p4", "method": "power", "settings": {"alpha": 4}},
+            {"name": "s", "method": "smc", "match_sir": True}, {"name": "g", "method": "greedy"}]
+    s = study.load_spec({"task": "math500", "arms": arms})
+    assert [(a.name, a.match, a.match_sir) for a in s.arms if a.baselines()] == [("s", False, True)]
+    s = study.load_spec({"task": "math500", "arms": arms, "match_sir": True, "match_best_of_n": ["g"]})
+    assert {a.name: [b.method for b in a.baselines()] for a in s.arms if a.baselines()} == \
+        {"p4": ["sir"], "s": ["sir"], "g": ["best-of-n"]}
+    order = [a.name for a in study.run_order(s)]
+    assert order[0] == "plain"
+
+
+def test_matched_sir_takes_the_arms_alpha_and_the_same_n(tmp_path, capsys):
+    """Each matched arm is followed by its best-of-N and its sir, both with the N of the
+    arm's decoded tokens; sir at the arm's alpha (its own, else the common one)."""
+    spec = {"task": str(FIXTURE), "limit": 2, "seeds": [0, 1], "settings": {"alpha": 4.0},
+            "match_sir": True,
+            "arms": [{"name": "plain", "method": "plain", "settings": {"alpha": 9.0}},
+                     {"name": "power-a2", "method": "power", "settings": {"alpha": 2.0}, "match_best_of_n": True},
+                     {"name": "smc", "method": "smc"}]}
+    fake = FakeEval({"plain": 20, "power": 410, "smc": 100, "best-of-n": 20, "sir": 20})
+    manifest = study.run_study(spec, tmp_path, run_eval=fake)
+    assert fake.calls == [("plain", 4), ("power", 4), ("best-of-n", 4), ("sir", 4), ("smc", 4), ("sir", 4)]
+    matches = {m["arm"]: m for m in manifest["matches"]}
+    assert matches["power-a2"]["bon_arm"] == "bon-for-power-a2" and matches["power-a2"]["sir_arm"] == "sir-for-power-a2"
+    assert matches["power-a2"]["num_samples"] == 21 and "bon_arm" not in matches["smc"]
+    assert matches["smc"]["sir_arm"] == "sir-for-smc" and matches["smc"]["num_samples"] == 5
+    entries = {a["name"]: a for a in manifest["arms"]}
+    sir = entries["sir-for-power-a2"]
+    assert sir["matched_to"] == "power-a2" and sir["method"] == "sir"
+    assert "--methods sir" in sir["command"] and "--num-samples 21" in sir["command"] and "--alpha 2.0" in sir["command"]
+    assert sir["decoded_tokens_per_problem"] == 420.0  # N samples of plain's tokens
+    assert "--alpha 4.0" in entries["sir-for-smc"]["command"]  # the common alpha, not the plain arm's 9
+    assert "--num-samples 5" in entries["sir-for-smc"]["command"]
+    assert json.loads((tmp_path / "arms" / "sir-for-power-a2" / "arm.json").read_text())["identity"]["alpha"] == 2.0
+    table = (tmp_path / "comparison.txt").read_text()
+    for name in ("bon-for-power-a2", "sir-for-power-a2", "sir-for-smc"):
+        assert name in table
+    combined = sorted(p.name for p in (tmp_path / "combined" / "math3").glob("sir-for-*.jsonl"))
+    assert combined == [f"sir-for-{n}-seed{s}.jsonl" for n in ("power-a2", "smc") for s in (0, 1)]
+    # a rerun runs nothing
+    fake.calls.clear()
+    assert study.run_study(spec, tmp_path, run_eval=fake)["matches"] == manifest["matches"]
+    assert fake.calls == []
+
+
+def test_matched_sir_arms_share_records_only_at_the_same_alpha(tmp_path, capsys):
+    spec = {"task": str(FIXTURE), "limit": 2, "seeds": [0], "match_sir": True, "match_best_of_n": True,
+            "arms": [{"name": "plain", "method": "plain"},
+                     {"name": "power-a", "method": "power", "settings": {"alpha": 4.0}},
+                     {"name": "power-b", "method": "power", "settings": {"alpha": 4.0, "rollout_proposal": "tempered"}},
+                     {"name": "power-c", "method": "power", "settings": {"alpha": 2.0}}]}
+    fake = FakeEval({"plain": 20, "power": 410, "best-of-n": 20, "sir": 20})
+    manifest = study.run_study(spec, tmp_path, run_eval=fake)
+    entries = {a["name"]: a for a in manifest["arms"]}
+    assert entries["sir-for-power-b"]["copied_from"] == "sir-for-power-a"  # same N, same alpha
+    assert "copied_from" not in entries["sir-for-power-c"]  # same N, another alpha: its own run
+    assert entries["bon-for-power-c"]["copied_from"] == "bon-for-power-a"  # best-of-N has no alpha
+    assert [c for c in fake.calls if c[0] == "sir"] == [("sir", 2), ("sir", 2)]
+
+
 def test_a_best_of_n_with_the_same_n_as_a_finished_one_copies_its_records(tmp_path, capsys):
     spec = {"task": str(FIXTURE), "limit": 3, "seeds": [0, 1], "settings": {"alpha": 4.0},
             "arms": [{"name": "plain", "method": "plain"},
@@ -242,6 +308,11 @@ def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path, capsys):
     assert out.index("plain (plain): 0/2 units recorded") < out.index("power (power): 0/2")
     assert f"powerfast eval --task {FIXTURE} --methods power --seeds 0 --out {tmp_path / 's' / 'arms' / 'power'}" in out
     assert "--methods best-of-n" in out and "--num-samples '<N>'" in out
+    study.run_study({**spec, "match_sir": ["power"]}, tmp_path / "s", dry_run=True,
+                    run_eval=lambda argv: pytest.fail("ran an arm"))
+    out = capsys.readouterr().out
+    assert "sir-for-power (sir): 0/2 units recorded" in out and "--methods sir" in out
+    assert out.index("bon-for-power (best-of-n)") < out.index("sir-for-power (sir)")
     assert not (tmp_path / "s").exists()
 
 
@@ -250,7 +321,7 @@ def test_a_tiny_study_end_to_end(tiny_model_dir, tmp_path, capsys):  # noqa: F81
             "settings": {"model": str(tiny_model_dir), "max_new_tokens": 3, "no_chat_template": True,
                          "block_size": 2, "candidates": 2, "top_k": 2, "rollouts": 2, "horizon": 2},
             "arms": [{"name": "plain", "method": "plain"},
-                     {"name": "power-small", "method": "power", "match_best_of_n": True}]}
+                     {"name": "power-small", "method": "power", "match_best_of_n": True, "match_sir": True}]}
     calls = []
 
     def counted(argv):
@@ -258,7 +329,7 @@ def test_a_tiny_study_end_to_end(tiny_model_dir, tmp_path, capsys):  # noqa: F81
         return study._run_eval(argv)
 
     manifest = study.run_study(spec, tmp_path, run_eval=counted)
-    assert calls == ["plain", "power", "best-of-n"]
+    assert calls == ["plain", "power", "best-of-n", "sir"]
     arm_file = lambda name, method: tmp_path / "arms" / name / "math3" / f"{method}-seed0.jsonl"
     means = {name: study.mean_decoded_tokens(json.loads(line) for line in arm_file(name, method).read_text().splitlines())
              for name, method in (("plain", "plain"), ("power-small", "power"))}
@@ -267,6 +338,9 @@ def test_a_tiny_study_end_to_end(tiny_model_dir, tmp_path, capsys):  # noqa: F81
     assert match["num_samples"] == max(1, int(means["power-small"] / means["plain"] + 0.5)) > 1
     bon = [a for a in manifest["arms"] if a["name"] == "bon-for-power-small"][0]
     assert f"--num-samples {match['num_samples']}" in bon["command"]
+    sir = [a for a in manifest["arms"] if a["name"] == "sir-for-power-small"][0]
+    assert f"--num-samples {match['num_samples']}" in sir["command"] and match["sir_arm"] == "sir-for-power-small"
+    assert sir["decoded_tokens_per_problem"] > means["plain"]  # N plain samples' worth
     table = (tmp_path / "comparison.txt").read_text()
     assert "plain (baseline)" in table and "power-small" in table and "bon-for-power-small" in table
     assert (tmp_path / "combined" / "math3" / "comparison.json").is_file()
@@ -281,7 +355,7 @@ def test_a_tiny_study_end_to_end(tiny_model_dir, tmp_path, capsys):  # noqa: F81
     assert study.run_study(spec, tmp_path, run_eval=counted)["matches"] == manifest["matches"]
     assert calls == []  # every unit recorded: no arm ran again
     assert {p: p.read_bytes() for p in (tmp_path / "arms").rglob("*.jsonl")} == files
-    assert capsys.readouterr().err.count("units recorded, skipped") == 3
+    assert capsys.readouterr().err.count("units recorded, skipped") == 4
 
 
 def test_the_arithmetic_study_spec_loads_and_its_commands_parse(tmp_path, capsys):

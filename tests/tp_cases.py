@@ -24,6 +24,7 @@ CASES = {
                            skip_share=0.99, rollouts_per_round=2, round_tolerance=0.05, entropy_cut=3.2),
     "mcmc": dict(method="mcmc", block_size=4, mcmc_steps=2),
     "smc": dict(method="smc", num_particles=4, resample_every=2),
+    "sir": dict(method="sir", num_samples=3, temperature=0.8),
 }
 
 

@@ -1,8 +1,8 @@
 """Every setting of every method, declared once (powerfast/DESIGN.md section 3).
 
 A :class:`Setting` holds a setting's name, type, default, help text, command-line flag and
-check. The four config dataclasses (:class:`PowerConfig`, :class:`MCMCConfig`,
-:class:`SMCConfig`, :class:`SamplingConfig`) are built from them, are constructed by keyword
+check. The config dataclasses (:class:`PowerConfig`, :class:`MCMCConfig`, :class:`SMCConfig`,
+:class:`SamplingConfig`, :class:`SIRConfig`) are built from them, are constructed by keyword
 and validate on construction. Everything else is derived from these declarations, never
 retyped: the engine's ``SamplingParams`` (every setting as a request field), the command's
 flags (:func:`add_arguments` / :func:`settings_from_arguments`), the server's extra body
@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "METHODS", "METHOD_SETTINGS", "PRESETS", "RESAMPLERS", "ROLLOUT_PROPOSALS", "SETTINGS", "MCMCConfig",
-    "PowerConfig", "SMCConfig", "SamplingConfig", "Setting", "SettingError", "add_arguments", "check_settings",
-    "method_config", "preset_defaults", "setting_fields", "settings_from_arguments",
+    "CANDIDATE_PROPOSALS", "METHODS", "METHOD_SETTINGS", "PRESETS", "RESAMPLERS", "ROLLOUT_PROPOSALS", "SETTINGS", "MCMCConfig",
+    "PowerConfig", "SIRConfig", "SMCConfig", "SamplingConfig", "Setting", "SettingError", "add_arguments",
+    "check_settings", "method_config", "preset_defaults", "setting_fields", "settings_from_arguments",
 ]
 
-METHODS = ("power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n")
+METHODS = ("power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n", "sir")
 """The sampling methods by name (:func:`powerfast.samplers.factory.make_sampler`)."""
 ROLLOUT_PROPOSALS = ("base", "tempered")
+CANDIDATE_PROPOSALS = ("base", "tempered")
 RESAMPLERS = ("systematic", "chopthin")
 
 
@@ -149,6 +150,9 @@ SETTINGS: dict[str, Setting] = _declare(
             _boolean),
     Setting("rollout_proposal", str, "base",
             "rollouts from p ('base', the paper's) or from p at T = 1/alpha ('tempered')", choices=ROLLOUT_PROPOSALS),
+    Setting("candidate_proposal", str, "base",
+            "candidate blocks from p ('base', the paper's) or from p at T = 1/alpha ('tempered'); the choice among "
+            "them stays p^alpha * zeta_hat", choices=CANDIDATE_PROPOSALS),
     Setting("reuse_rollouts", bool, False,
             "the chosen candidate's rollouts become the next decision's candidates (needs H >= B)", _boolean),
     Setting("rollout_resample_every", int, 0,
@@ -183,8 +187,11 @@ SETTINGS: dict[str, Setting] = _declare(
     Setting("resampler", str, "systematic", "smc resampling: 'systematic' (weights reset) or 'chopthin'",
             choices=RESAMPLERS),
     Setting("eta", float, 3.0 + math.sqrt(8.0), "chopthin's bound on largest / smallest weight (>= 4)", _eta),
-    Setting("temperature", float, 1.0, "temperature of plain and best-of-n (0: greedy)", _non_negative_finite),
-    Setting("num_samples", int, 8, "N of best-of-n: samples drawn, the most likely kept", int_at_least(1)),
+    Setting("temperature", float, 1.0, "temperature of plain, best-of-n and sir's samples (0: greedy; sir needs > 0)",
+            _non_negative_finite),
+    Setting("num_samples", int, 8,
+            "N of best-of-n and sir: samples drawn; best-of-n keeps the most likely, sir draws one by p^alpha / q",
+            int_at_least(1)),
 )
 """Every setting of every method, by name."""
 
@@ -244,7 +251,8 @@ class PowerConfig:
     ``block_size = 1``). Fields: alpha, block_size (B), num_candidates (L), top_k (K),
     num_rollouts (M), horizon (H), jackknife, rollout_proposal ("base": rollouts from p,
     weight p(s)^(alpha-1); "tempered": from p at T = 1/alpha, weight prod_t sum_x
-    p(x|h_t)^alpha, powerfast/DESIGN.md section 6), reuse_rollouts, rollout_resample_every (R),
+    p(x|h_t)^alpha, powerfast/DESIGN.md section 6), candidate_proposal ("base": the L candidate
+    blocks from p; "tempered": from p at T = 1/alpha, section 2), reuse_rollouts, rollout_resample_every (R),
     rollout_groups (G), and the adaptive budgets skip_share, rollouts_per_round,
     round_tolerance, entropy_cut and entropy_cut_after (:data:`SETTINGS` has each one's help)."""
 
@@ -256,6 +264,7 @@ class PowerConfig:
     horizon: int = SETTINGS["horizon"].field()
     jackknife: bool = SETTINGS["jackknife"].field()
     rollout_proposal: str = SETTINGS["rollout_proposal"].field()
+    candidate_proposal: str = SETTINGS["candidate_proposal"].field()
     reuse_rollouts: bool = SETTINGS["reuse_rollouts"].field()
     rollout_resample_every: int = SETTINGS["rollout_resample_every"].field()
     rollout_groups: int = SETTINGS["rollout_groups"].field()
@@ -293,6 +302,11 @@ class PowerConfig:
                 raise SettingError("rollout_groups",
                                    f"the jackknife over resampled rollouts leaves one group out: it needs "
                                    f"rollout_groups >= 2, got {self.rollout_groups} (or set jackknife=False)")
+        if self.candidate_proposal != "base" and (self.block_size == 1 or self.reuse_rollouts):
+            raise SettingError("candidate_proposal",
+                               f"candidate_proposal={self.candidate_proposal!r} draws the L candidate blocks: it needs "
+                               f"block_size > 1 (the token level takes the Top-K next tokens; got {self.block_size}) "
+                               f"and no reuse_rollouts (reused candidates are rollouts; got {self.reuse_rollouts})")
         if self.reuse_rollouts and self.horizon < self.block_size:
             raise SettingError("reuse_rollouts",
                                f"reuse_rollouts needs horizon >= block_size (the rollouts become the next candidates), "
@@ -378,6 +392,24 @@ class SamplingConfig:
         SETTINGS["num_samples"].validate(self.num_samples)
 
 
+@dataclass(slots=True, frozen=True, kw_only=True)
+class SIRConfig:
+    """Sampling-importance-resampling from plain samples (powerfast/DESIGN.md section 6):
+    num_samples (N) completions drawn from q = p at ``temperature`` (> 0), one of them
+    returned with probability proportional to p(x)^alpha / q(x)."""
+
+    alpha: float = SETTINGS["alpha"].field()
+    temperature: float = SETTINGS["temperature"].field()
+    num_samples: int = SETTINGS["num_samples"].field()
+
+    def __post_init__(self) -> None:
+        _validate_fields(self)
+        if self.temperature == 0:
+            raise SettingError("temperature", f"sir weighs its samples by p^alpha / q, q the law at the temperature: "
+                                              f"temperature must be > 0 (greedy q is degenerate), "
+                                              f"got {self.temperature!r}")
+
+
 METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
     "power": tuple(f.name for f in dataclasses.fields(PowerConfig)),
     "mcmc": tuple(f.name for f in dataclasses.fields(MCMCConfig)),
@@ -386,6 +418,7 @@ METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
     "low-temp": ("alpha",),
     "greedy": (),
     "best-of-n": ("temperature", "num_samples"),
+    "sir": tuple(f.name for f in dataclasses.fields(SIRConfig)),
 }
 """The settings each method uses (the others are validated and ignored)."""
 
@@ -393,7 +426,7 @@ METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
 def method_config(method: str, *, preset: str = "paper", **settings):
     """The validated config of ``method`` (one of METHODS) from keyword settings; settings
     not given take ``preset``'s defaults, settings the method does not use are still checked.
-    Returns a PowerConfig, MCMCConfig, SMCConfig or SamplingConfig; SettingError (a
+    Returns a PowerConfig, MCMCConfig, SMCConfig, SamplingConfig or SIRConfig; SettingError (a
     ValueError naming the field) for an unknown method, an unknown setting or a bad value.
     """
     if method not in METHODS:
@@ -413,6 +446,8 @@ def method_config(method: str, *, preset: str = "paper", **settings):
         return SamplingConfig(temperature=1.0 / values["alpha"])
     if method == "greedy":
         return SamplingConfig(temperature=0.0)
+    if method == "sir":
+        return SIRConfig(**used)
     return SamplingConfig(**used)  # best-of-n
 
 

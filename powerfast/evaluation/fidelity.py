@@ -173,14 +173,40 @@ def adaptive_grid(alpha: float, num_tokens: int, *, rollouts: int = 8, skip_shar
     return grid
 
 
+def candidate_grid(alpha: float, num_tokens: int, *, candidates: Sequence[int] = (2, 4, 8), top_k: int = 2,
+                   rollouts: int = 8, block_size: int | None = None) -> list[MethodSpec]:
+    """Block-level lookahead with base against tempered candidate proposals at equal L and K:
+    methods ``power-candidates-base`` and ``power-candidates-tempered``, blocks of
+    B = ``block_size`` (default ceil(T / 2)), L in ``candidates``, K = min(``top_k``, L), M =
+    ``rollouts`` tempered rollouts to the end of the budget (the rollouts are the same in
+    both: only the candidate set differs, powerfast/DESIGN.md section 2)."""
+    from powerfast.samplers.factory import make_sampler
+
+    block = block_size or max(2, math.ceil(num_tokens / 2))
+    grid = []
+    for proposal in ("base", "tempered"):
+        for num in candidates:
+            k = min(top_k, num)
+
+            def build(runner, seed, num=num, k=k, proposal=proposal):
+                return make_sampler("power", runner, seed=seed, alpha=alpha, block_size=block, num_candidates=num,
+                                    top_k=k, num_rollouts=rollouts, horizon=num_tokens, rollout_proposal="tempered",
+                                    candidate_proposal=proposal)
+
+            grid.append(MethodSpec(f"power-candidates-{proposal}", f"B={block} L={num} K={k} M={rollouts}", build))
+    return grid
+
+
 def method_grid(alpha: float, num_tokens: int, *, mcmc_steps=(2, 8, 32), rollouts=(2, 4, 8, 16),
-                particles=(8, 32, 128), include: Sequence[str] | None = None,
-                adaptive: dict | None = None) -> list[MethodSpec]:
+                particles=(8, 32, 128), sir_samples=(8, 64), include: Sequence[str] | None = None,
+                adaptive: dict | None = None, candidates: dict | None = None) -> list[MethodSpec]:
     """The methods of the table. Power sampling is token level (Top-K = the vocabulary) with
     rollouts to the end of the budget; MCMC appends blocks of ceil(T / 2) tokens; SMC
     checks the ESS after every token (with the default of 16 it would never resample
-    within a few tokens). ``adaptive`` (the keywords of :func:`adaptive_grid`, ``{}`` for
-    its defaults) adds the adaptive budgets."""
+    within a few tokens); sir reweights N = ``sir_samples`` plain samples (T = 1), consistent
+    only as N grows: its TV at small N is its finite-N bias. ``adaptive`` (the keywords of
+    :func:`adaptive_grid`, ``{}`` for its defaults) adds the adaptive budgets; ``candidates`` (the keywords of
+    :func:`candidate_grid`) the block level's base and tempered candidate proposals."""
     from powerfast.samplers.factory import make_sampler
 
     def sampler(method: str, **settings):
@@ -212,8 +238,12 @@ def method_grid(alpha: float, num_tokens: int, *, mcmc_steps=(2, 8, 32), rollout
             grid.append(MethodSpec("power-resampled", f"M={m}, R=2, G=2", resampled))
     for n in particles:
         grid.append(MethodSpec("smc", f"N={n}", sampler("smc", alpha=alpha, num_particles=n, resample_every=1)))
+    for n in sir_samples:
+        grid.append(MethodSpec("sir", f"N={n}", sampler("sir", alpha=alpha, num_samples=n)))
     if adaptive:
         grid.extend(adaptive_grid(alpha, num_tokens, **adaptive))
+    if candidates is not None:
+        grid.extend(candidate_grid(alpha, num_tokens, **candidates))
     if include:
         grid = [m for m in grid if any(m.method == name or m.method.startswith(name + "-") or
                                        f"{m.method} {m.setting}" == name for name in include)]
@@ -404,10 +434,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated V:T:eos|noeos:seed specs (default 5:4:eos:0,4:5:noeos:1)")
     parser.add_argument("--methods", default=None,
                         help="comma-separated method names to keep (plain, low-temp, mcmc, power, power-tempered, "
-                             "power-base+reuse, power-resampled, smc, ...; default all)")
+                             "power-base+reuse, power-resampled, smc, sir, ...; default all)")
     parser.add_argument("--mcmc-steps", default="2,8,32", help="N_MCMC values (default 2,8,32)")
     parser.add_argument("--rollouts", default="2,4,8,16", help="M values of power sampling (default 2,4,8,16)")
     parser.add_argument("--particles", default="8,32,128", help="N values of SMC (default 8,32,128)")
+    parser.add_argument("--sir-samples", default="8,64", help="N values of sir (default 8,64)")
     parser.add_argument("--runtime", default="tabulated", choices=["tabulated", "paged"],
                         help="tabulated next-token laws (default) or the network on the paged runner")
     parser.add_argument("--seed", type=int, default=0)
@@ -430,6 +461,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="round_tolerance of --adaptive (default 0.05)")
     parser.add_argument("--adaptive-entropy", type=float, default=0.6,
                         help="entropy_cut (nats) of --adaptive's block-level rows (default 0.6)")
+    parser.add_argument("--candidate-proposals", default=None, metavar="L,...",
+                        help="add block-level rows with base and tempered candidate proposals at these L "
+                             "(K = min(2, L), B = ceil(T / 2), M = 8 tempered rollouts), e.g. 2,4,8")
     study = parser.add_argument_group("the horizon study on the embedded model (resumable: rerun to continue)")
     study.add_argument("--horizon-study", default=None, metavar="PATH.jsonl",
                        help="run (or continue) the spread of log zeta_hat per estimator, H and M; lines go to PATH")
@@ -511,10 +545,13 @@ def run(args: argparse.Namespace) -> int:
                                  per_round=args.adaptive_per_round, tolerance=args.adaptive_tolerance,
                                  entropy_cut=args.adaptive_entropy)
                             if args.adaptive else None)
+                candidates = (dict(candidates=_ints(args.candidate_proposals, "--candidate-proposals"))
+                              if args.candidate_proposals else None)
                 grid = method_grid(alpha, spec.num_tokens, mcmc_steps=_ints(args.mcmc_steps, "--mcmc-steps"),
                                    rollouts=_ints(args.rollouts, "--rollouts"),
-                                   particles=_ints(args.particles, "--particles"), include=include,
-                                   adaptive=adaptive)
+                                   particles=_ints(args.particles, "--particles"),
+                                   sir_samples=_ints(args.sir_samples, "--sir-samples"), include=include,
+                                   adaptive=adaptive, candidates=candidates)
                 rows.extend(measure(spec, alpha, grid, args.draws, seed=args.seed, runtime=args.runtime,
                                     progress=lambda line: print(line, file=sys.stderr, flush=True)))
         print(format_table(rows))

@@ -6,19 +6,20 @@ from powerfast.core.config import METHODS, SettingError, method_config
 from powerfast.samplers.ancestral import AncestralSampler
 from powerfast.samplers.mcmc import MCMCSampler
 from powerfast.samplers.power import PowerSampler
+from powerfast.samplers.sir import SIRSampler
 from powerfast.samplers.smc import SMCSampler
 
 __all__ = ["METHODS", "make_sampler"]
 
-_SAMPLERS = {"power": PowerSampler, "mcmc": MCMCSampler, "smc": SMCSampler}
+_SAMPLERS = {"power": PowerSampler, "mcmc": MCMCSampler, "smc": SMCSampler, "sir": SIRSampler}
 
 
 def make_sampler(method: str, model, tokenizer=None, *, seed: int | None = None, config=None, preset: str = "paper",
                  runner_options: dict | None = None, **settings):
     """A sampler by method name (one of METHODS).
 
-    config:  the method's full settings (a PowerConfig, MCMCConfig, SMCConfig or
-             SamplingConfig, as :func:`powerfast.core.config.method_config` makes them); or
+    config:  the method's full settings (a PowerConfig, MCMCConfig, SMCConfig, SamplingConfig
+             or SIRConfig, as :func:`powerfast.core.config.method_config` makes them); or
     settings: by name (``alpha=2.0, num_rollouts=16``; the names of
              :data:`powerfast.core.config.SETTINGS`), the rest taking ``preset``'s defaults
     runner_options: keywords of the :class:`~powerfast.runtime.runner.ModelRunner` made when

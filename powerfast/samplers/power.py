@@ -3,7 +3,8 @@
 Per block of B tokens, for every prompt of the batch at once:
 
 1. candidates: fork the sequence into L children and sample B tokens each from p
-   (B decode steps at batch L x prompts); token level (B = 1): the Top-K next tokens;
+   (B decode steps at batch L x prompts), or from p at temperature 1/alpha with
+   ``candidate_proposal="tempered"``; token level (B = 1): the Top-K next tokens;
 2. merge duplicate candidate blocks, keep the Top-K by base log-likelihood;
 3. rollouts: fork each kept candidate into M children and sample H tokens each from p
    (H decode steps at batch K x M x prompts); with ``rollout_proposal="tempered"`` from p
@@ -567,7 +568,9 @@ class PowerSampler(RunnerSampler):
         return decisions
 
     def _block_candidates(self, prompts, heads, block, eos, stats, live) -> dict[int, Decision]:
-        """Block level: L sampled blocks per prompt, duplicates merged, Top-K kept (a step program)."""
+        """Block level: L sampled blocks per prompt (from p, or from p at T = 1/alpha with
+        ``candidate_proposal="tempered"``), duplicates merged, Top-K kept by base
+        log-likelihood (a step program)."""
         num = self.config.num_candidates
         seqs, first_logits = [], []
         for i in prompts:
@@ -575,9 +578,11 @@ class PowerSampler(RunnerSampler):
             live.extend(children)
             seqs.extend(children)
             first_logits.append(heads[i][1].expand(num, -1))
+        # tempered candidates are drawn at T = 1/alpha; their base log-likelihoods rank and weigh them
+        temperature = 1.0 / self.config.alpha if self.config.candidate_proposal == "tempered" else 1.0
         sampled = yield from continuations_program(
             seqs, torch.cat(first_logits), block, self.seeds, eos_token_id=eos, want_last_logits=True,
-            stop_entropy=self.config.entropy_cut, stop_after=self.config.entropy_cut_after,
+            stop_entropy=self.config.entropy_cut, stop_after=self.config.entropy_cut_after, temperature=temperature,
         )
         # one device-to-host copy for the phase: tokens, lengths, log-likelihoods, the NaN check
         tokens, lengths, logliks, nan = to_host(sampled.tokens, sampled.lengths, sampled.base_logliks,

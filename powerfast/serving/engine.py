@@ -96,7 +96,7 @@ class Engine:
     tokenizer:    for string and chat prompts, stop strings and ``text`` (optional)
     max_queue:    requests waiting for admission at most (:class:`QueueFullError` past it)
     max_branches: sequences one request may decode at once at most (power K x M, SMC's N,
-                  best-of-N's N): a guard against one request taking the whole batch
+                  best-of-N's and sir's N): a guard against one request taking the whole batch
     runner_kwargs: passed to the ModelRunner built around ``model`` (block_size,
                   num_blocks, max_memory, backend, ...)
     """

@@ -65,7 +65,7 @@ class _Request:
         return {name: getattr(self, name) for name in SETTINGS}
 
     def config(self):
-        """The method's validated config (PowerConfig, MCMCConfig, SMCConfig or SamplingConfig)."""
+        """The method's validated config (PowerConfig, MCMCConfig, SMCConfig, SamplingConfig or SIRConfig)."""
         return method_config(self.method, **self.settings())
 
     def sampler(self, runner, tokenizer=None):
@@ -83,7 +83,7 @@ class _Request:
             return max(first, self.top_k * self.num_rollouts), "num_rollouts"
         if self.method == "smc":
             return self.num_particles, "num_particles"
-        if self.method == "best-of-n":
+        if self.method in ("best-of-n", "sir"):
             return self.num_samples, "num_samples"
         return 1, "method"
 

@@ -19,8 +19,8 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 @dataclass
 class RequestOutput:
     """What :meth:`Engine.step` reports of a request: tokens that became final since the
-    last output (plain and greedy: every step; power: every block; MCMC, SMC and
-    best-of-N: at the end) and everything so far.
+    last output (plain and greedy: every step; power: every block; MCMC, SMC, best-of-N and
+    sir: at the end) and everything so far.
 
     new_text / text: incremental detokenisation (a tokenizer is needed; "" without one);
     text that could be the start of a stop string or of a multi-byte character is held
