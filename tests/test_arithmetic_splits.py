@@ -99,6 +99,8 @@ def test_loads_rejects_an_unknown_split():
         ("3 + 4 = 7. 7 * 2 =", 2),  # cut mid-way: the last number (wrong, as it should be)
         ("no number", None),
         ("The answer is 2.5", None),
+        ("The answer is 5 * 3 = 15. 15 - 8 = 7. The answer is 7.", 7),  # an expression is no answer
+        ("The answer is 7 + 6 + 2 + 1.", 1),  # only an expression: the last number
     ],
 )
 def test_stated_answer(text, expected):

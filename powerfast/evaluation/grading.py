@@ -198,8 +198,10 @@ def stated_answer(text: str) -> int | None:
     """The integer a worked-steps completion states as its answer, or None.
 
     The number right after the first ``answer is`` (or ``answer:``, ``answer =``; any case;
-    only spaces, ``:``, ``*`` or ``$`` in between): ``"2 + 3 = 5. 5 * 4 = 20. The answer is
-    20."`` gives 20, where :func:`integer_answer` would take the first step's 5. Without
+    only spaces, ``:``, ``*`` or ``$`` in between) that does not start an expression (is not
+    followed by an operator, as in :func:`integer_answer`): ``"2 + 3 = 5. 5 * 4 = 20. The
+    answer is 20."`` gives 20, where :func:`integer_answer` would take the first step's 5, and
+    ``"The answer is 5 * 3 = 15. ... The answer is 13."`` gives 13. Without
     such a statement, the last number in the text (a completion cut by the budget mid-way
     is then usually wrong, as it should be); None when the text has no number. Numbers are
     read as by :func:`integer_answer`.
@@ -211,7 +213,7 @@ def stated_answer(text: str) -> int | None:
     starts = {m.start(): m for m in numbers}
     for marker in _STATED.finditer(text):
         number = starts.get(marker.end())
-        if number is not None:
+        if number is not None and not _OPERATOR_AFTER.match(text, number.end()):
             return _number_value(number.group(0))
     return _number_value(numbers[-1].group(0))
 
