@@ -40,6 +40,9 @@ CASES = {
     "power-tempered-reuse": dict(method="power", power=dict(alpha=4.0, block_size=2, num_candidates=3, top_k=2,
                                                               num_rollouts=3, horizon=3, rollout_proposal="tempered",
                                                               reuse_rollouts=True)),
+    "power-tempered-candidates": dict(method="power", power=dict(alpha=4.0, block_size=3, num_candidates=4, top_k=2,
+                                                                   num_rollouts=2, horizon=3, rollout_proposal="tempered",
+                                                                   candidate_proposal="tempered")),
     "mcmc": dict(method="mcmc", mcmc=dict(alpha=4.0, block_size=4, mcmc_steps=2)),
     "smc": dict(method="smc", smc=dict(alpha=4.0, num_particles=4, resample_every=2, ess_threshold=0.9)),
 }

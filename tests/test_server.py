@@ -326,6 +326,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "method": "sir", "num_samples": 0}, "num_samples"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "method": "sir", "alpha": 0},
      "alpha"),
+    ("/v1/completions", {"prompt": "x", "method": "power", "candidate_proposal": "low"}, "candidate_proposal"),
+    # tempered candidates draw blocks: the token level has none to draw
+    ("/v1/completions", {"prompt": "x", "method": "power", "candidate_proposal": "tempered", "block_size": 1},
+     "candidate_proposal"),
 ]
 
 
