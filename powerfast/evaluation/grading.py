@@ -191,6 +191,21 @@ def _number_value(token: str) -> int | None:
     return int(value)
 
 
+def _marked_number(text: str, markers: re.Pattern) -> int | None:
+    """The first number right after a match of ``markers`` that does not start an expression,
+    else the last number, else None (the rule of :func:`integer_answer` and :func:`stated_answer`)."""
+    text = text.replace("\u2212", "-")
+    numbers = list(_NUMBER.finditer(text))
+    if not numbers:
+        return None
+    starts = {m.start(): m for m in numbers}
+    for marker in markers.finditer(text):
+        number = starts.get(marker.end())
+        if number is not None and not _OPERATOR_AFTER.match(text, number.end()):
+            return _number_value(number.group(0))
+    return _number_value(numbers[-1].group(0))
+
+
 _STATED = re.compile(r"\banswer\s*(?:is|:|=)[\s:*$]*", re.IGNORECASE)
 
 
@@ -206,16 +221,7 @@ def stated_answer(text: str) -> int | None:
     is then usually wrong, as it should be); None when the text has no number. Numbers are
     read as by :func:`integer_answer`.
     """
-    text = text.replace("\u2212", "-")
-    numbers = list(_NUMBER.finditer(text))
-    if not numbers:
-        return None
-    starts = {m.start(): m for m in numbers}
-    for marker in _STATED.finditer(text):
-        number = starts.get(marker.end())
-        if number is not None and not _OPERATOR_AFTER.match(text, number.end()):
-            return _number_value(number.group(0))
-    return _number_value(numbers[-1].group(0))
+    return _marked_number(text, _STATED)
 
 
 def integer_answer(text: str) -> int | None:
@@ -237,13 +243,4 @@ def integer_answer(text: str) -> int | None:
     decimal part (``2.5``) is not an integer, and the answer is None when the rule picks
     it. The Unicode minus ``−`` counts as ``-``. Words ("twelve") are not numbers.
     """
-    text = text.replace("\u2212", "-")
-    numbers = list(_NUMBER.finditer(text))
-    if not numbers:
-        return None
-    starts = {m.start(): m for m in numbers}
-    for marker in _RESULT.finditer(text):
-        number = starts.get(marker.end())
-        if number is not None and not _OPERATOR_AFTER.match(text, number.end()):
-            return _number_value(number.group(0))
-    return _number_value(numbers[-1].group(0))
+    return _marked_number(text, _RESULT)
