@@ -427,6 +427,10 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' (default: $POWERFAST_API_KEY; none when unset)")
     parser.add_argument("--served-model-name", default=None, metavar="NAME",
                         help="the model name of the API (default: the model folder's or file's name)")
+    parser.add_argument("--step-timeout", type=float, default=None, metavar="SECONDS",
+                        help="a step that runs longer stops the server: the requests in flight get a 503 and it "
+                             "exits 1 (default: 60 under --tensor-parallel, where a rank that stops answering "
+                             "could hold a step forever; no limit on one process)")
 
 
 def _served_model_name(args: argparse.Namespace) -> str:
@@ -456,6 +460,8 @@ def _run_serve(args) -> int:
         raise ValueError(f"--max-queue must be >= 1, got {args.max_queue}")
     if args.kv_memory is not None and args.kv_memory < 1:
         raise ValueError(f"--kv-memory must be >= 1 MiB, got {args.kv_memory}")
+    if args.step_timeout is not None and not args.step_timeout > 0:
+        raise ValueError(f"--step-timeout must be > 0 seconds, got {args.step_timeout:g}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("POWERFAST_API_KEY") or None
     import uvicorn
 
@@ -467,26 +473,61 @@ def _run_serve(args) -> int:
     if tokenizer is None:
         raise ValueError(f"--model {args.model} has no tokenizer files: the server needs one for text prompts")
     runner_kwargs = {} if args.kv_memory is None else {"max_memory": args.kv_memory << 20}
+    step_timeout = args.step_timeout
     if args.tensor_parallel > 1:  # rank 0 serves; the others follow its steps (serving/lockstep.py)
         from powerfast.runtime.parallel import is_leader
-        from powerfast.serving.lockstep import LeaderEngine, follow
+        from powerfast.serving.lockstep import DEFAULT_STEP_TIMEOUT, LeaderEngine, follow
 
+        step_timeout = DEFAULT_STEP_TIMEOUT if step_timeout is None else step_timeout
         if not is_leader():
-            follow(Engine(model, tokenizer, max_queue=args.max_queue, **runner_kwargs))
+            follower = Engine(model, tokenizer, max_queue=args.max_queue, **runner_kwargs)
+            try:
+                follow(follower)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as error:  # noqa: BLE001 - one line, then out at once (torchrun ends the rest)
+                _exit_at_once(f"powerfast serve{_who(args)}: error: {type(error).__name__}: {error}")
             return 0
         engine = LeaderEngine(model, tokenizer, max_queue=args.max_queue, **runner_kwargs)
     else:
         engine = Engine(model, tokenizer, max_queue=args.max_queue, **runner_kwargs)
     model_name = _served_model_name(args)
-    app = build_app(AsyncEngine(engine), model_name, api_key=api_key)
+    served = AsyncEngine(engine, step_timeout=step_timeout)
+    app = build_app(served, model_name, api_key=api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+
+    def stop_serving(failure: BaseException) -> None:  # a failed step: the requests in flight have their 503
+        print(f"powerfast serve{_who(args)}: error: {failure}", file=sys.stderr, flush=True)
+        server.config.timeout_graceful_shutdown = _GRACE_S  # their answers are on the way: no long wait
+        server.should_exit = True
+
+    served.on_failure(stop_serving)
     print(f"serving {model_name} on http://{args.host}:{args.port}/v1 "
           f"({'API key required' if api_key else 'no API key'})", file=sys.stderr, flush=True)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        server.run()
     finally:
-        if args.tensor_parallel > 1:
+        if args.tensor_parallel > 1 and served.failure is None:
             engine.stop()
+    if served.failure is not None:
+        if args.tensor_parallel > 1:  # a step may still hold a collective with a rank that is gone
+            _exit_at_once(None)
+        return 1
     return 0
+
+
+_GRACE_S = 5.0
+"""Seconds the server waits for its answers to go out after a failed step."""
+
+
+def _exit_at_once(line: str | None) -> None:
+    """Print ``line`` (if any) on stderr and end the process with status 1 now, skipping the
+    interpreter's shutdown (which could wait on a collective with a rank that is gone)."""
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _is_kv_too_small(error: BaseException) -> bool:

@@ -2,9 +2,9 @@
 whose answer is known, and the jackknife standard error they rest on."""
 
 import math
-import os
 
 import pytest
+from conftest import fresh_seed
 import torch
 from test_lookahead import random_table_lm
 
@@ -14,7 +14,7 @@ from powerfast.runtime.lm import TableLM
 from powerfast.runtime.lm_runner import LMRunner
 from powerfast.samplers.power import PowerSampler
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = fresh_seed()
 PROMPT = [0, 1]
 
 

@@ -1,10 +1,10 @@
 """Incremental detokenisation gives the text of a full decode: checked at every step on random
 token ids (byte pieces, special tokens, unfinished characters included), drawn afresh."""
 
-import os
 import random
 
 import pytest
+from conftest import fresh_seed
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -26,10 +26,9 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
 
 
-def check_against_full_decode(tokenizer, ids: list[int]) -> int:
+def check_against_full_decode(tokenizer, ids: list[int], rng: random.Random) -> int:
     """Feed ``ids`` one (or a few) at a time; returns how many updates fell behind the full text."""
     detok = IncrementalDetokenizer(tokenizer)
-    rng = random.Random()
     n, behind = 0, 0
     while n < len(ids):
         n = min(len(ids), n + rng.choice([1, 1, 1, 2, 3]))
@@ -45,7 +44,7 @@ def check_against_full_decode(tokenizer, ids: list[int]) -> int:
 @pytest.mark.parametrize("kind", ["text", "random ids", "byte pieces"])
 def test_smollm2_incremental_text_is_the_full_decode(smollm2_tokenizer, kind):
     tok = smollm2_tokenizer
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     for _ in range(20):
         if kind == "text":
             sample = rng.choice(["Natalia sold 48 clips in April.", "Le café coûte 3,50 €.", "数学很有趣。 2+2=4",
@@ -58,14 +57,14 @@ def test_smollm2_incremental_text_is_the_full_decode(smollm2_tokenizer, kind):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             for _ in range(3):
                 ids.insert(rng.randrange(len(ids) + 1), rng.choice(tok.all_special_ids))
-        check_against_full_decode(tok, ids)
+        check_against_full_decode(tok, ids, rng)
 
 
 def test_word_level_incremental_text_is_the_full_decode(word_tokenizer):
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     for _ in range(50):
         ids = [rng.randrange(len(word_tokenizer)) for _ in range(rng.randint(1, 40))]
-        assert check_against_full_decode(word_tokenizer, ids) == 0
+        assert check_against_full_decode(word_tokenizer, ids, rng) == 0
 
 
 def test_decoding_work_grows_with_new_tokens_not_with_the_text(smollm2_tokenizer):
@@ -90,7 +89,7 @@ def test_the_direct_backend_decode_is_taken_only_where_it_is_the_same_call(smoll
     from powerfast.serving.detokenizer import _direct_decoder
 
     assert _direct_decoder(smollm2_tokenizer) is not None
-    ids = random.Random(int.from_bytes(os.urandom(4), "little")).choices(range(len(smollm2_tokenizer)), k=64)
+    ids = random.Random(fresh_seed()).choices(range(len(smollm2_tokenizer)), k=64)
     assert _direct_decoder(smollm2_tokenizer)(ids) == smollm2_tokenizer.decode(ids, skip_special_tokens=True)
     cleaning = PreTrainedTokenizerFast(tokenizer_object=word_tokenizer.backend_tokenizer, unk_token="<unk>",
                                        clean_up_tokenization_spaces=True)

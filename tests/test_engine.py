@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
 import random
 
 import pytest
+from conftest import fresh_seed
 import recorded
 import torch
 
@@ -21,7 +21,7 @@ from powerfast.serving.engine import Engine
 from powerfast.serving.errors import EngineClosedError, InvalidRequestError, QueueFullError, RequestTooLargeError
 from powerfast.serving.params import SamplingParams
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = fresh_seed()
 WANT = json.loads(recorded.PATH.read_text())
 SMALL_POWER = dict(method="power", block_size=3, num_candidates=4, top_k=2, num_rollouts=2, horizon=3)
 

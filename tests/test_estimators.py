@@ -1,10 +1,10 @@
 """The estimators against an independent float64 reference (numpy, term by term)."""
 
 import math
-import os
 
 import numpy as np
 import pytest
+from conftest import fresh_seed
 import torch
 
 from powerfast import (
@@ -14,7 +14,7 @@ from powerfast import (
     power_estimates,
 )
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = fresh_seed()
 
 
 def _lse(values: np.ndarray) -> float:

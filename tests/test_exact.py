@@ -2,16 +2,16 @@
 
 import itertools
 import math
-import os
 
 import pytest
+from conftest import fresh_seed
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from powerfast import HFLanguageModel, TableLM
 from powerfast.evaluation import exact
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = fresh_seed()
 
 
 def random_table_lm(vocab, eos, seed):

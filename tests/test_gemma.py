@@ -16,6 +16,7 @@ import importlib.util
 import random
 
 import pytest
+from conftest import fresh_seed
 import torch
 
 from powerfast import cli
@@ -77,7 +78,7 @@ def test_the_runner_matches_the_dense_forward_past_the_window(gemma):
     from powerfast.runtime.runner import ModelRunner
 
     model, tokenizer = gemma
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     words = "the cat sat on a mat and then it ran far away to find some food in an old house".split()
     prompt = tokenizer(" ".join(rng.choice(words) for _ in range(540)))["input_ids"][:530]
     assert len(prompt) == 530  # > the window of 512

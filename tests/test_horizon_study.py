@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 
 import pytest
+from conftest import fresh_seed
 from test_sampler import tiny_llama
 
 from powerfast.evaluation import horizon_study
 from powerfast.runtime.runner import ModelRunner
 
-SEED = int.from_bytes(os.urandom(4), "little") % 1000
+SEED = fresh_seed() % 1000
 PROMPTS = ([1, 2, 3], [4, 0, 2, 2])
 SMALL = dict(prompts=PROMPTS, horizons=(2, 3), rollouts=(2, 4), replicates=2, top_k=3, seed=SEED)
 

@@ -21,11 +21,11 @@ tensors, not of tensors that would be on the host there). The budgets, stated in
 from __future__ import annotations
 
 import math
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import fresh_seed
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 if str(BENCH) not in sys.path:
@@ -64,7 +64,7 @@ def test_device_to_host_reads_stay_within_the_methods_budget(runner, method, mon
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")  # the torch ops: the counter sees their CPU-only code
     extra = {"reuse_rollouts": True} if method == "power-reuse" else {}
     params = SamplingParams(method=method.replace("-reuse", ""), ignore_eos=True, max_tokens=TOKENS,
-                            seed=int.from_bytes(os.urandom(4), "little"), **SETTINGS, **extra)
+                            seed=fresh_seed(), **SETTINGS, **extra)
     engine = Engine(runner, None)
     with HostReadCounter() as counter:
         finals = engine.run([make_prompt(i) for i in range(REQUESTS)], params)

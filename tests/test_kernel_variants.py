@@ -20,6 +20,7 @@ import os
 import random
 
 import pytest
+from conftest import fresh_seed
 import torch
 import triton
 import triton.language as tl
@@ -111,7 +112,7 @@ def tiny_llama(device: str):
 
 def run_once(runner: ModelRunner, prompt_lengths: list[int], decode_steps: int) -> None:
     """Prefill prompts of these lengths, decode a few steps, free (no KV left behind)."""
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     vocab = runner.vocab_size
     seqs, _ = runner.prefill([[rng.randrange(vocab) for _ in range(n)] for n in prompt_lengths])
     for _ in range(decode_steps):

@@ -9,9 +9,9 @@ says what is needed; a pool of exactly the bound runs.
 
 from __future__ import annotations
 
-import os
 
 import pytest
+from conftest import fresh_seed
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -20,7 +20,7 @@ from powerfast.runtime.cache import KVCacheTooSmallError
 from powerfast.runtime.runner import ModelRunner
 from powerfast.samplers.factory import make_sampler
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = fresh_seed()
 
 SETTINGS = {
     "power-block": dict(method="power", config=PowerConfig(alpha=2.0, block_size=5, num_candidates=4, top_k=3,

@@ -1,9 +1,9 @@
 """The tempered lookahead, rollout ESS and rollout reuse against exact answers."""
 
 import math
-import os
 
 import pytest
+from conftest import fresh_seed
 import torch
 from test_sampler import tiny_llama
 
@@ -14,7 +14,7 @@ from powerfast.runtime.lm_runner import LMRunner
 from powerfast.runtime.runner import ModelRunner
 from powerfast.samplers.power import PowerSampler
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = fresh_seed()
 PROMPT = list(toy.TOY_PROMPT)
 
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning"),

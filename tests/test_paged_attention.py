@@ -17,6 +17,7 @@ import math
 import os
 
 import pytest
+from conftest import fresh_seed
 import torch
 from powerfast.kernels.paged_attention import paged_attention
 
@@ -146,7 +147,7 @@ def runner_on_triton_matches_dense(device: str, prompt_lengths: tuple[int, int])
 
     runner = ModelRunner(tiny_model("qwen2", seed=random.randrange(2**31)).to(device), num_blocks=128, backend="triton")
     assert runner.backend == "triton"
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     prompts = [random_tokens(rng, n) for n in prompt_lengths]
     seqs, logits = runner.prefill(prompts)
     children = runner.fork(seqs[1], 2)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import fresh_seed
 import torch
 from transformers import (
     LlamaConfig,
@@ -82,7 +83,7 @@ def runner(request):
 
 
 def test_prefill_of_ragged_prompts_matches_dense(runner):
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     prompts = [random_tokens(rng, n) for n in (1, 7, 16, 33, 50)]
     seqs, logits = runner.prefill(prompts)
     assert logits.shape == (len(prompts), VOCAB)
@@ -94,7 +95,7 @@ def test_prefill_of_ragged_prompts_matches_dense(runner):
 
 
 def test_fifty_decode_steps_match_dense(runner):
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     prompts = [random_tokens(rng, n) for n in (3, 16, 21)]
     seqs, logits = runner.prefill(prompts)
     steps = [logits]
@@ -112,7 +113,7 @@ def test_fifty_decode_steps_match_dense(runner):
 
 
 def test_decode_takes_device_tensors_of_tokens(runner):
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     prompt = random_tokens(rng, 9)
     seqs, logits = runner.prefill([prompt, prompt])
     next_tokens = logits.argmax(dim=-1)  # stays a tensor
@@ -122,7 +123,7 @@ def test_decode_takes_device_tensors_of_tokens(runner):
 
 
 def test_extend_scores_every_new_position(runner):
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     prompts = [random_tokens(rng, n) for n in (5, 18)]
     seqs, _ = runner.prefill(prompts)
     blocks = [random_tokens(rng, n) for n in (12, 3)]
@@ -142,7 +143,7 @@ def test_extend_scores_every_new_position(runner):
 
 @pytest.mark.parametrize("prefix_length", [32, 37], ids=["block-boundary", "mid-block"])
 def test_forked_children_diverge_and_survive_their_parent(runner, prefix_length):
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     prefix = random_tokens(rng, prefix_length)
     (parent,), _ = runner.prefill([prefix])
     children = runner.fork(parent, 4)
@@ -167,7 +168,7 @@ def test_forked_children_diverge_and_survive_their_parent(runner, prefix_length)
 
 
 def test_parent_keeps_decoding_after_fork_and_prefix_fork(runner):
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     prefix = random_tokens(rng, 21)
     (parent,), _ = runner.prefill([prefix])
     (child,) = runner.fork(parent, 1)
@@ -186,7 +187,7 @@ def test_parent_keeps_decoding_after_fork_and_prefix_fork(runner):
 def test_fork_of_a_long_prefix_into_64_shares_its_blocks():
     model = tiny_model("llama")
     runner = ModelRunner(model, block_size=16, num_blocks=63 + 64 + 8)
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     prefix = random_tokens(rng, 1000)
     (parent,), _ = runner.prefill([prefix])
     assert runner.cache.blocks_in_use == 63
@@ -207,7 +208,7 @@ def test_fork_of_a_long_prefix_into_64_shares_its_blocks():
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
 def test_other_families_match_dense(family):
     runner = ModelRunner(tiny_model(family, seed=random.randrange(2**31)), num_blocks=64)
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     prompts = [random_tokens(rng, n) for n in (4, 19)]
     seqs, logits = runner.prefill(prompts)
     next_tokens = random_tokens(rng, 2)
@@ -220,7 +221,7 @@ def test_other_families_match_dense(family):
 
 def test_out_of_blocks_is_a_clear_error_and_changes_nothing():
     runner = ModelRunner(tiny_model("llama"), block_size=16, num_blocks=4)
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     (seq,), _ = runner.prefill([random_tokens(rng, 40)])
     with pytest.raises(OutOfBlocksError, match="2 blocks needed, 1 free of 4"):
         runner.extend([seq], [random_tokens(rng, 30)])
@@ -347,7 +348,7 @@ def test_hf_language_model_scores_through_the_runner():
     from powerfast.runtime.lm import HFLanguageModel
 
     model = tiny_model("qwen2", seed=random.randrange(2**31))
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     sequences = [random_tokens(rng, n) for n in (1, 5, 17, 40, 5)]
     paged = HFLanguageModel(model, batch_size=2)
     dense = HFLanguageModel(model, use_runner=False)

@@ -1,10 +1,10 @@
 """The power sampler and the baselines against exact answers."""
 
 import math
-import os
 from collections import Counter
 
 import pytest
+from conftest import fresh_seed
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -18,7 +18,7 @@ from powerfast.samplers.factory import make_sampler
 from powerfast.samplers.mcmc import MCMCSampler
 from powerfast.samplers.power import PowerSampler
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = fresh_seed()
 PROMPT = list(toy.TOY_PROMPT)
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import fresh_seed
 
 from powerfast import cli
 from powerfast.core.config import (
@@ -37,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 def bad_values(name: str) -> list:
     """Values the setting must refuse, drawn afresh: wrong types and out-of-range numbers."""
     setting = SETTINGS[name]
-    rng = random.Random()
+    rng = random.Random(fresh_seed())
     wrong_type = {int: [1.5, "3", True], float: ["1.0", True, None], bool: [1, "yes", None],
                   str: [3, None, "no-such-" + str(rng.randrange(10**6))]}[setting.kind]
     out = list(wrong_type)

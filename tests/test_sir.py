@@ -3,10 +3,10 @@ the weights against float64 references, the exact p^alpha law as N grows, the al
 infinity limit (best-of-N), seeds, stats, leaks and errors."""
 
 import math
-import os
 from collections import Counter
 
 import pytest
+from conftest import fresh_seed
 import torch
 from test_sampler import tiny_llama
 from test_smc import random_table_lm
@@ -19,7 +19,7 @@ from powerfast.samplers.decoding import SeedStream
 from powerfast.samplers.factory import make_sampler
 from powerfast.samplers.sir import SIRSampler, draw_by_weight, importance_log_weights
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = fresh_seed()
 
 # the interpreter evaluates the log-sums of inactive rows too (then discards them)
 pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning"),

@@ -1,9 +1,9 @@
 """Power-SMC: resampling against its definitions, weights against float64, leaks, errors."""
 
 import math
-import os
 
 import pytest
+from conftest import fresh_seed
 import torch
 from test_sampler import tiny_llama
 
@@ -16,7 +16,7 @@ from powerfast.samplers import resampling
 from powerfast.samplers.factory import make_sampler
 from powerfast.samplers.smc import SMCSampler
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = fresh_seed()
 ETA = 3 + math.sqrt(8)
 UNIFORM_GRID = 20000  # expectations over the one uniform of a resampling, as grid averages
 

@@ -8,9 +8,9 @@ probabilities); the tiny random Llama declares two ids and draws both.
 
 from __future__ import annotations
 
-import os
 
 import pytest
+from conftest import fresh_seed
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -22,7 +22,7 @@ from powerfast.runtime.runner import ModelRunner
 from powerfast.samplers.decoding import SeedStream, sample_continuations
 from powerfast.samplers.factory import make_sampler
 
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = fresh_seed()
 A, B, C, END1, END2, BOS = range(6)
 STOPS = (END1, END2)
 

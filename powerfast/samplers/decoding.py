@@ -85,17 +85,28 @@ class SeedStream:
 # ------------------------------------------------------------------------ profiling
 
 
+def _nvtx():
+    """``torch.cuda.nvtx`` on CUDA, None elsewhere (a test may stand in for it)."""
+    return torch.cuda.nvtx if torch.cuda.is_available() else None
+
+
 @contextmanager
 def phase(name: str):
-    """An NVTX range named after a sampler phase on CUDA; nothing elsewhere."""
-    if torch.cuda.is_available():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
+    """An NVTX range named after a sampler phase on CUDA; nothing elsewhere.
+
+    The range is a start/end range closed by its own handle, not a push/pop on the thread's
+    stack: a phase of a step program stays open across its yields while the engine runs other
+    requests' programs, whose phases open and close in between, so each range must end only
+    itself."""
+    nvtx = _nvtx()
+    if nvtx is None:
         yield
+        return
+    handle = nvtx.range_start(name)
+    try:
+        yield
+    finally:
+        nvtx.range_end(handle)
 
 
 # ---------------------------------------------------------------------- decode loop

@@ -15,9 +15,12 @@ next one.
 
 Random numbers belong to requests: each request's program draws from its own seed
 stream (``SamplingParams.seed``), so what a request samples does not depend on what
-shares its batches. The logits themselves can differ in the last bits with the batch
-composition (different kernels, reduction orders), which can flip a draw that sits on a
-boundary: same distribution, rarely the same tokens. A request alone gives the tokens of
+shares its batches. A request without a seed gets one when it is added, from the operating
+system's randomness (:meth:`SamplingParams.resolved`), and is planned then, once: nothing
+later draws a seed, and no library's use of torch's global generator can change one. The
+logits themselves can differ in the last bits with the batch composition (different
+kernels, reduction orders), which can flip a draw that sits on a boundary: same
+distribution, rarely the same tokens. A request alone gives the tokens of
 ``make_sampler(...).generate([prompt])`` with the same seed.
 
 Admission: a request is admitted only when the KV blocks its method can hold at its
@@ -50,6 +53,7 @@ import torch
 from powerfast.samplers.program import Decode, Final, Prefill, Tokens
 from powerfast.samplers.prompts import PromptError, check_fits, encode_prompt
 from powerfast.samplers.sampling import Sample, sample_all
+from powerfast.serving import faults
 from powerfast.serving.detokenizer import IncrementalDetokenizer
 from powerfast.serving.errors import InvalidRequestError, QueueFullError, RequestTooLargeError
 from powerfast.serving.params import SamplingParams
@@ -114,7 +118,7 @@ class Engine:
         self.max_branches = max_branches
         self.cache = getattr(self.runner, "cache", None)
         self.device = getattr(self.runner, "device", torch.device("cpu"))
-        probe = SamplingParams(method="greedy").sampler(self.runner, tokenizer)
+        probe = SamplingParams(method="greedy", seed=0).sampler(self.runner, tokenizer)  # seeded: draws nothing
         self.context_length = probe.context_length
         self.vocab_size = probe.vocab_size
         self._lock = threading.Lock()  # guards the queues and counters (short holds only)
@@ -135,6 +139,18 @@ class Engine:
         self._finished = dict.fromkeys(FINISH_REASONS, 0)
         self._rejected = {"queue_full": 0, "invalid": 0, "too_large": 0}
         self._tokens_by_phase: dict[str, int] = {}
+        self.forward_errors_are_fatal = False
+        """Whether a failed forward or sampling launch ends the step with the error (tensor
+        parallelism: a forward is a collective, and a rank that fails alone breaks the
+        lockstep) instead of failing only the requests in it."""
+        self.sampled: list[tuple[str, torch.Tensor]] | None = None
+        """None, or a list that each step fills with (request id, sampled tokens) of every
+        sampling launch (device tensors, in launch order) and that turns on
+        ``last_step_positions``: what the tensor-parallel step guard hashes."""
+        self.last_step_positions: dict[str, int] = {}
+        """With ``sampled`` on: the positions each request's rows held in the last step's
+        decode forward, summed (its sequences' lengths before the new token)."""
+        self._fault = faults.from_env()  # test-only (powerfast/serving/faults.py); None normally
 
     # ------------------------------------------------------------------ requests
 
@@ -147,23 +163,27 @@ class Engine:
                 (:func:`powerfast.samplers.prompts.encode_prompt`): a string becomes a one-turn
                 user conversation through the tokenizer's chat template when it has one and
                 ``chat_template`` is True, and is tokenised as it is otherwise
+        A request without a seed gets a fresh one here (:meth:`SamplingParams.resolved`;
+        its outputs report it as ``seed``).
         Returns the request id. Raises InvalidRequestError (a bad prompt or params),
         RequestTooLargeError (could never fit), QueueFullError.
         """
-        prompt_ids, sampler, need = self._check_request(prompt, params, chat_template)
+        prompt_ids, params, sampler, need = self._check_request(prompt, params, chat_template)
         with self._lock:
             request_id = self._claim_id(request_id)
             self._enqueue(request_id, prompt_ids, params, sampler, need)
         return request_id
 
     def _check_request(self, prompt, params, chat_template: bool):
-        """``(prompt_ids, sampler, need)`` of a new request: its prompt encoded and its plan
-        (the KV blocks it needs at its peak). Counts a rejection and raises as
-        :meth:`add_request` says (InvalidRequestError, RequestTooLargeError)."""
+        """``(prompt_ids, params, sampler, need)`` of a new request: its prompt encoded, its
+        params resolved (the seed drawn, if none was given) and its plan (its sampler and the
+        KV blocks it needs at its peak): the one plan the request gets. Counts a rejection and
+        raises as :meth:`add_request` says (InvalidRequestError, RequestTooLargeError)."""
         try:
             if not isinstance(params, SamplingParams):
                 raise InvalidRequestError("params", f"params must be SamplingParams, got {type(params).__name__}")
             prompt_ids = self._encode(prompt, params.max_tokens, chat_template)
+            params = params.resolved()
             sampler, need = self._plan(prompt_ids, params)
         except RequestTooLargeError:
             self._count_rejected("too_large")
@@ -171,7 +191,7 @@ class Engine:
         except InvalidRequestError:
             self._count_rejected("invalid")
             raise
-        return prompt_ids, sampler, need
+        return prompt_ids, params, sampler, need
 
     def _id_in_use(self, request_id: str) -> bool:
         """Whether a request with this id is known and unfinished (lock held)."""
@@ -226,6 +246,11 @@ class Engine:
                 self._deferred_aborts.add(request_id)
         return True
 
+    def running_requests(self) -> list[Request]:
+        """The admitted requests still running, in admission order (thread-safe; read-only)."""
+        with self._lock:
+            return list(self._running)
+
     def request_ids(self) -> list[str]:
         """The ids of every request not yet finished (waiting or running). Thread-safe."""
         with self._lock:
@@ -277,12 +302,22 @@ class Engine:
         forward for the decode work of all running requests, whatever their method; after
         each forward, one sampling launch for every row whose program asks for a token.
         Returns the outputs of requests that have new final tokens or finished."""
+        return self._step()
+
+    def _step(self, admit: list[str] | None = None) -> list[RequestOutput]:
+        """:meth:`step`, admitting the waiting requests that fit (``admit`` None) or exactly
+        the requests ``admit`` names, in its order (decided on another rank)."""
         with self._step_lock:
+            if self._fault is not None:
+                self._fault.before_step(self.num_steps)
+            if self.sampled is not None:
+                self.sampled.clear()
             outputs = self._take_ready()
             self._apply_deferred_aborts(outputs)
-            self._admit(outputs)
+            self._admit(outputs, admit)
             forwards = 0
             self.last_step_rows = {}
+            self.last_step_positions = {}
             self.last_step_sample_launches = 0
             prefills = [r for r in self._running if isinstance(r.pending, Prefill)]
             if prefills:
@@ -326,18 +361,41 @@ class Engine:
             self._reserved -= request.need
             return self._finish(request, "abort")
 
-    def _admit(self, outputs: list[RequestOutput]) -> None:
-        """Start waiting requests in order while their reservations fit in the pool."""
+    def admissions(self) -> list[str]:
+        """The ids of the waiting requests a step would admit now: in order, while their
+        reservations fit in the pool beside the running requests' (thread-safe)."""
+        with self._lock:
+            return self._fitting()
+
+    def _fitting(self) -> list[str]:
+        """:meth:`admissions` with ``_lock`` held."""
         total = self.cache.num_blocks if self.cache is not None else 0
-        while True:
-            with self._lock:
-                if not self._waiting or (self.cache is not None and self._reserved + self._waiting[0].need > total):
-                    return
+        admitted, reserved = [], self._reserved
+        for request in self._waiting:
+            if self.cache is not None and reserved + request.need > total:
+                break
+            admitted.append(request.id)
+            reserved += request.need
+        return admitted
+
+    def _admit(self, outputs: list[RequestOutput], admit: list[str] | None = None) -> None:
+        """Start the waiting requests that fit (``admit`` None), or exactly those ``admit``
+        names: the first ones of the queue, in order (RuntimeError for any other: the ranks
+        of a tensor-parallel engine disagree)."""
+        started = []
+        with self._lock:
+            for request_id in self._fitting() if admit is None else admit:
+                if not self._waiting or self._waiting[0].id != request_id:
+                    head = self._waiting[0].id if self._waiting else "nothing"
+                    raise RuntimeError(f"step {self.num_steps} admits request {request_id!r}, but the head of this "
+                                       f"engine's queue is {head!r}")
                 request = self._waiting.popleft()
                 self._running.append(request)
                 self._reserved += request.need
+                started.append(request)
+        for request in started:
             sampler = request.sampler
-            sampler._forward_mark = sampler._forward_counts()
+            sampler._forward_mark = None  # its stats count its own forwards and rows (the engine's count)
             request.eos = sampler.eos_token_id(request.params.ignore_eos)
             request.program = sampler.program([request.prompt_ids], request.params.max_tokens, request.eos,
                                               stream=True)
@@ -348,12 +406,16 @@ class Engine:
         try:
             seqs, logits = self.runner.prefill(prompts)
         except Exception as error:  # noqa: BLE001 - the requests end, the engine goes on
+            if self.forward_errors_are_fatal:
+                raise
             for request in requests:
                 outputs.append(self._fail(request, error))
             return
         start = 0
         for request in requests:
             n = len(request.pending.prompts)
+            request.forwards += 1
+            request.forward_rows += n
             self._advance(request, (seqs[start : start + n], logits[start : start + n]), outputs)
             start += n
 
@@ -363,9 +425,15 @@ class Engine:
         else:
             seqs = [s for r in requests for s in r.pending.seqs]
             tokens = torch.cat([self._token_tensor(r.pending.tokens) for r in requests])
+        if self.sampled is not None:  # the step guard's positions (host ints, no sync)
+            for request in requests:
+                self.last_step_positions[request.id] = sum(
+                    seq.length if hasattr(seq, "length") else len(seq) for seq in request.pending.seqs)
         try:
             logits = self.runner.decode(seqs, tokens)
         except Exception as error:  # noqa: BLE001
+            if self.forward_errors_are_fatal:
+                raise
             for request in requests:
                 outputs.append(self._fail(request, error))
             return
@@ -374,6 +442,8 @@ class Engine:
             n = len(request.pending.seqs)
             self.last_step_rows[request.id] = n
             request.decoded += n
+            request.forwards += 1
+            request.forward_rows += n
             self._advance(request, logits[start : start + n], outputs)
             start += n
 
@@ -388,9 +458,15 @@ class Engine:
             try:
                 replies = sample_all([r.pending for r in waiting])
             except Exception as error:  # noqa: BLE001 - the requests end, the engine goes on
+                if self.forward_errors_are_fatal:
+                    raise
                 for request in waiting:
                     outputs.append(self._fail(request, error))
                 return
+            if self._fault is not None:
+                replies = self._fault.after_sampling(self.num_steps, replies, self.vocab_size)
+            if self.sampled is not None:
+                self.sampled.extend((request.id, reply.tokens) for request, reply in zip(waiting, replies))
             self.sample_launches += 1
             self.last_step_sample_launches += 1
             for request, reply in zip(waiting, replies):
@@ -436,6 +512,7 @@ class Engine:
                 request.params.ignore_eos)
             reason = "stop" if stopped or ended_on_eos or len(result.token_ids) < request.params.max_tokens else "length"
             self._count_phases(result.stats.tokens_by_phase)
+            result.stats.num_forwards, result.stats.forward_rows = request.forwards, request.forward_rows
             request.decoded = result.stats.tokens_total
             outputs.append(self._end(request, reason, result))
             return
@@ -549,7 +626,7 @@ class Engine:
             request_id=request.id, new_token_ids=new_tokens, new_text=new_text, token_ids=list(request.token_ids),
             text=request.text[: request.sent_text], finished=finished, finish_reason=reason,
             prompt_tokens=len(request.prompt_ids), decoded_tokens=request.decoded, arrival_time=request.arrival,
-            first_token_time=request.first_token, finish_time=now if finished else None,
+            first_token_time=request.first_token, finish_time=now if finished else None, seed=request.params.seed,
         )
 
     def _refresh_text(self, request: Request, final: bool = False) -> None:
@@ -583,13 +660,22 @@ class Engine:
             raise InvalidRequestError(error.field, str(error)) from None
         return ids
 
+    def _sampler(self, params: SamplingParams):
+        """The request's own sampler, with its own seed stream, from resolved params: drawing
+        a seed here would give each process its own (ValueError for params without one)."""
+        if params.seed is None:
+            raise ValueError("a request's sampler is built from resolved params (SamplingParams.resolved): "
+                             "this one has no seed")
+        return params.sampler(self.runner, self.tokenizer)
+
     def _plan(self, prompt_ids: list[int], params: SamplingParams):
-        """The request's own sampler (its own seed stream) and its peak KV need in blocks."""
+        """The request's own sampler (its own seed stream; ``params`` resolved) and its peak
+        KV need in blocks."""
         branches, which = params.branches()
         if branches > self.max_branches:
             raise RequestTooLargeError(which, f"the request decodes up to {branches} sequences at once ({which}); "
                                               f"this engine allows {self.max_branches} (max_branches)")
-        sampler = params.sampler(self.runner, self.tokenizer)
+        sampler = self._sampler(params)
         if self.cache is None:
             return sampler, 0
         need = sampler.peak_kv_blocks([len(prompt_ids)], params.max_tokens, self.cache.block_size) or 0

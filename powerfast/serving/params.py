@@ -10,6 +10,7 @@ names the field (``error.field``).
 from __future__ import annotations
 
 import dataclasses
+import secrets
 
 from powerfast.core.config import (
     METHODS,
@@ -59,6 +60,15 @@ class _Request:
             self.config()  # every setting, then the method's own constraints between them
         except SettingError as error:
             raise InvalidRequestError(error.field, str(error)) from None
+
+    def resolved(self):
+        """These params with their seed fixed: themselves when seeded, else a copy with a fresh
+        63-bit seed from the operating system's randomness (:mod:`secrets`), never from torch's
+        global generator, so that no library call anywhere can shift it. The engine resolves
+        a request once, when it is added; what runs it (on every rank) then draws nothing."""
+        if self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=secrets.randbits(63))
 
     def settings(self) -> dict:
         """Every setting of the request, by name."""

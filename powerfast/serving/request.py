@@ -43,6 +43,7 @@ class RequestOutput:
     finish_time: float | None = None
     result: Any = None  # the sampler's GenerationResult (with stats) when its program ran to its end;
     # None when the engine ended it first (an EOS or stop string streamed by a decode loop, an abort)
+    seed: int | None = None  # the request's seed: the one it was given, or the one drawn when it was added
 
 
 class Request:
@@ -64,6 +65,8 @@ class Request:
         self.sent_tokens = 0
         self.sent_text = 0
         self.decoded = 0
+        self.forwards = 0  # model forwards with rows of this request
+        self.forward_rows = 0  # its own rows over them
         self.arrival = time.monotonic()
         self.first_token: float | None = None
         self.stopped_by_string = False

@@ -8,7 +8,8 @@ requests with seeds ``seed, seed + 1, ...``), and answered from the engine's
     POST /v1/completions        prompt: a string, token ids, or a list of either
     POST /v1/chat/completions   messages: [{"role": ..., "content": ...}, ...]
     GET  /v1/models             the one served model
-    GET  /health                no authentication
+    GET  /health                200 while the engine runs; 503 once a step failed (naming the
+                                cause) or the engine stopped; no authentication
     GET  /metrics               Prometheus text format, by prometheus_client (powerfast.serving.metrics)
 
 The power-sampling settings are extra body fields with the names of
@@ -413,6 +414,10 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
 
     @app.get("/health")
     async def health():
+        if engine.failure is not None:
+            return JSONResponse({"status": "failed", "error": str(engine.failure)}, status_code=503)
+        if engine.closed:
+            return JSONResponse({"status": "stopped"}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models", dependencies=authorized)
