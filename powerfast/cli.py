@@ -497,7 +497,7 @@ def _run_serve(args) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
 
     def stop_serving(failure: BaseException) -> None:  # a failed step: the requests in flight have their 503
-        print(f"powerfast serve{_who(args)}: error: {failure}", file=sys.stderr, flush=True)
+        _say(f"powerfast serve{_who(args)}: error: {failure}")
         server.config.timeout_graceful_shutdown = _GRACE_S  # their answers are on the way: no long wait
         server.should_exit = True
 
@@ -524,7 +524,7 @@ def _exit_at_once(line: str | None) -> None:
     """Print ``line`` (if any) on stderr and end the process with status 1 now, skipping the
     interpreter's shutdown (which could wait on a collective with a rank that is gone)."""
     if line is not None:
-        print(line, file=sys.stderr, flush=True)
+        _say(line)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
@@ -552,6 +552,13 @@ def _kv_memory_hint(error, args: argparse.Namespace) -> str:
     )
 
 
+def _say(line: str) -> None:
+    """``line`` on stderr in one write: lines of the ranks of a launch, which share the
+    stream, never run into each other (a write of under a pipe's buffer is not split)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _who(args) -> str:
     """"" in one process; " (rank R)" on a rank other than 0 of a --tensor-parallel launch."""
     rank = int(os.environ.get("RANK", "0"))
@@ -567,15 +574,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as error:
         if not _is_out_of_blocks(error):
             raise
-        print(f"powerfast {args.command}{_who(args)}: error: {error}", file=sys.stderr)  # a need the check missed
+        _say(f"powerfast {args.command}{_who(args)}: error: {error}")  # a need the check missed
         return 2
     except (ValueError, FileNotFoundError, ImportError) as error:
         if _is_kv_too_small(error):  # what is too small, the least that would do, in one line
             error = _kv_memory_hint(error, args)
-        print(f"powerfast {args.command}{_who(args)}: error: {error}", file=sys.stderr)
+        _say(f"powerfast {args.command}{_who(args)}: error: {error}")
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted{_who(args)}", file=sys.stderr)
+        _say(f"interrupted{_who(args)}")
         return 130
 
 
