@@ -431,25 +431,36 @@ def _add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a step that runs longer stops the server: the requests in flight get a 503 and it "
                              "exits 1 (default: 60 under --tensor-parallel, where a rank that stops answering "
                              "could hold a step forever; no limit on one process)")
+    replicas = parser.add_argument_group(
+        "replicas (Ray Serve: many engines behind one endpoint; pip install 'powerfast[replicas]')")
+    replicas.add_argument("--replicas", type=int, default=None, metavar="N",
+                          help="N engine replicas, each with its own model, behind Ray Serve's proxy on --host:--port "
+                               "(with --max-replicas: the least autoscaling keeps) (default: one process, no Ray)")
+    replicas.add_argument("--max-replicas", type=int, default=None, metavar="M",
+                          help="autoscale between --replicas and M replicas by requests in flight (default: a fixed "
+                               "count)")
+    replicas.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C",
+                          help="CPUs each replica reserves (its torch threads) (default 1)")
+    replicas.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                          help="run the replicas on this Ray cluster ('auto', 'ray://host:10001') (default: a local "
+                               "Ray instance)")
 
 
 def _served_model_name(args: argparse.Namespace) -> str:
-    from pathlib import Path
-
     if args.served_model_name:
         return args.served_model_name
-    from powerfast.runtime.models import model_name
+    from powerfast.runtime.models import served_model_name
 
-    name = model_name(args.model)  # the default or a packaged model's name
-    if name is not None:
-        return name
-    path = Path(args.model)
-    return path.stem if path.suffix == ".gguf" else path.resolve().name
+    return served_model_name(args.model)
 
 
 def _run_serve(args) -> int:
     import importlib.util
 
+    with_replicas = args.replicas is not None or args.max_replicas is not None or args.ray_address is not None
+    if with_replicas and args.tensor_parallel > 1:
+        raise ValueError(f"--replicas and --tensor-parallel {args.tensor_parallel} do not combine: a replica is one "
+                         "process (run one tensor-parallel server per launch, or replicas of a model that fits)")
     _check_tensor_parallel(args)
     missing = [name for name in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(name) is None]
     if missing:
@@ -463,6 +474,8 @@ def _run_serve(args) -> int:
     if args.step_timeout is not None and not args.step_timeout > 0:
         raise ValueError(f"--step-timeout must be > 0 seconds, got {args.step_timeout:g}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("POWERFAST_API_KEY") or None
+    if with_replicas:
+        return _run_replicas(args, api_key)
     import uvicorn
 
     from powerfast.serving.async_engine import AsyncEngine
@@ -514,6 +527,25 @@ def _run_serve(args) -> int:
             _exit_at_once(None)
         return 1
     return 0
+
+
+def _run_replicas(args, api_key: str | None) -> int:
+    """``serve --replicas N``: engine replicas on Ray Serve (serving/replicas.py)."""
+    replicas = 1 if args.replicas is None else args.replicas
+    if replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {replicas}")
+    if args.max_replicas is not None and args.max_replicas < replicas:
+        raise ValueError(f"--max-replicas must be >= --replicas ({replicas}), got {args.max_replicas}")
+    if not args.cpus_per_replica > 0:
+        raise ValueError(f"--cpus-per-replica must be > 0, got {args.cpus_per_replica:g}")
+    from powerfast.serving.replicas import ReplicaConfig, require_serve, serve_replicas
+
+    require_serve()
+    config = ReplicaConfig(model=args.model, dtype=args.dtype, kv_memory_mib=args.kv_memory, max_queue=args.max_queue,
+                           served_model_name=_served_model_name(args), api_key=api_key,
+                           step_timeout=args.step_timeout)
+    return serve_replicas(config, host=args.host, port=args.port, address=args.ray_address, num_replicas=replicas,
+                          max_replicas=args.max_replicas, cpus_per_replica=args.cpus_per_replica)
 
 
 _GRACE_S = 5.0

@@ -35,6 +35,10 @@ from powerfast.runtime import models
     (["sample", "hi", "--kv-memory", "0"], "--kv-memory must be >= 1 MiB, got 0"),
     (["eval", "--task", "math500", "--methods", "plain,mcmc", "--mcmc-steps", "-1"],
      "mcmc_steps must be an int >= 0, got -1"),
+    (["serve", "--replicas", "2", "--tensor-parallel", "2"], "--replicas and --tensor-parallel 2 do not combine"),
+    (["serve", "--replicas", "0"], "--replicas must be >= 1, got 0"),
+    (["serve", "--replicas", "2", "--max-replicas", "1"], "--max-replicas must be >= --replicas (2), got 1"),
+    (["serve", "--replicas", "2", "--cpus-per-replica", "0"], "--cpus-per-replica must be > 0, got 0"),
 ])
 def test_settings_fail_before_anything_heavy_is_imported(argv, message, tmp_path):
     """No model, not even torch, is touched: the missing --model path is never looked at."""
@@ -48,6 +52,15 @@ def test_settings_fail_before_anything_heavy_is_imported(argv, message, tmp_path
     assert done.returncode == 2, done.stderr
     assert message in done.stderr and "does not exist" not in done.stderr
     assert done.stderr.count("\n") == 1  # one line, no traceback
+
+
+def test_replicas_of_a_model_that_does_not_exist_are_refused_before_ray_starts(tmp_path, capsys):
+    pytest.importorskip("ray.serve", reason="needs the replicas extra")
+    missing = tmp_path / "no-such-model"
+    assert cli.main(["serve", "--replicas", "2", "--model", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"model {str(missing)!r} is no packaged model" in err and err.count("\n") == 1
+    assert not __import__("ray").is_initialized()
 
 
 def test_kv_memory_too_small_is_one_line_with_the_least_that_would_do(tiny_model_dir, capsys, monkeypatch):  # noqa: F811

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["DEFAULT_MODEL_NAME", "NAMED_MODELS", "PackagedModel", "cache_dir", "default_model_dir", "load_model",
-           "model_name", "packaged_model_dir"]
+           "model_name", "packaged_model_dir", "served_model_name"]
 
 _QUIET_LOAD_BYTES = 1 << 30  # weight files smaller than this load without a progress bar
 
@@ -76,6 +76,16 @@ def model_name(path: str | os.PathLike | None) -> str | None:
     if isinstance(path, str) and path in NAMED_MODELS:
         return path
     return None
+
+
+def served_model_name(path: str | os.PathLike | None) -> str:
+    """The name a server gives ``path`` in its API: a packaged model's name (the default's
+    included), a .gguf file's stem, else the folder's name."""
+    name = model_name(path)
+    if name is not None:
+        return name
+    path = Path(path)
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
 
 
 def cache_dir() -> Path:
