@@ -5,7 +5,7 @@ prompt per call, EOS ignored (every completion is ``max_new_tokens`` long):
 
 - ``hf-generate``: ``model.generate`` of transformers with its own cache, temperature 1
   (the plain-decoding anchor);
-- ``plain``, ``low-temp`` (T = 1/alpha), ``best-of-n``, ``power``, ``mcmc``, ``smc``: the
+- ``plain``, ``low-temp`` (T = 1/alpha), ``best-of-n``, ``sir``, ``power``, ``mcmc``, ``smc``: the
   samplers of ``powerfast.samplers.factory.make_sampler``, all on one shared :class:`ModelRunner`;
 - ``power-tr``: power sampling with the tempered rollout proposal and rollout reuse
   (``PowerConfig(rollout_proposal="tempered", reuse_rollouts=True)``);
@@ -25,8 +25,8 @@ as long as the longest sequence of the run and a decode step at each batch size 
 prompt is measured around each call (``torch.cuda.synchronize`` on CUDA). The table gives,
 per method: settings, seconds per prompt, generated tokens, tokens decoded in all
 (candidates, rollouts, proposals), and the ratio to ``plain``; below it the ratios
-power / plain, power-tr / plain, power-rs / power, power-ad / power, smc / plain, mcmc / power, recompute-mcmc / mcmc and
-plain / hf-generate.
+power / plain, power-tr / plain, power-rs / power, power-ad / power, smc / plain, mcmc / power, recompute-mcmc / mcmc,
+sir / best-of-n and plain / hf-generate.
 
     python bench/e2e.py --model tiny --max-new-tokens 32
     python bench/e2e.py --model smollm2 --max-new-tokens 128 --block-size 32 --horizon 32 \\
@@ -86,10 +86,10 @@ __all__ = [
     "summary",
 ]
 
-METHODS = ("hf-generate", "plain", "low-temp", "best-of-n", "power", "power-tr", "power-rs", "power-ad", "smc",
-           "mcmc", "recompute-mcmc")
+METHODS = ("hf-generate", "plain", "low-temp", "best-of-n", "sir", "power", "power-tr", "power-rs", "power-ad",
+           "smc", "mcmc", "recompute-mcmc")
 MODELS = ("tiny", "smollm2", "qwen2.5-1.5b")
-RATIOS = (("power", "plain"), ("power-tr", "plain"), ("power-rs", "power"), ("power-ad", "power"), ("smc", "plain"), ("mcmc", "power"), ("recompute-mcmc", "mcmc"), ("plain", "hf-generate"))
+RATIOS = (("power", "plain"), ("power-tr", "plain"), ("power-rs", "power"), ("power-ad", "power"), ("smc", "plain"), ("mcmc", "power"), ("recompute-mcmc", "mcmc"), ("sir", "best-of-n"), ("plain", "hf-generate"))
 
 #: The adaptive budgets of ``power-ad`` (rounds only where M is even; the cut only at block level).
 ADAPTIVE = dict(skip_share=0.99, rollouts_per_round=2, round_tolerance=0.05, entropy_cut=2.5)
@@ -137,6 +137,8 @@ class _SettingsMethods:
             return f"T=1/{self.alpha:g}"
         if method == "best-of-n":
             return f"N={self.num_samples}"
+        if method == "sir":
+            return f"{a} N={self.num_samples} T={self.temperature:g}"
         if method in ("power", "power-tr", "power-rs", "power-ad"):
             jk = " jk" if self.jackknife else ""
             tr = {"power-tr": " tempered+reuse",
@@ -159,7 +161,7 @@ class _SettingsMethods:
     def decode_steps(self, method: str, max_new_tokens: int) -> int:
         """Sequential forwards of one prompt (EOS ignored): what a GPU's latency scales with."""
         t = max_new_tokens
-        if method in ("hf-generate", "plain", "low-temp", "best-of-n", "smc"):
+        if method in ("hf-generate", "plain", "low-temp", "best-of-n", "sir", "smc"):
             return t
         if method in ("power", "power-tr", "power-rs", "power-ad"):
             # power-ad: at most M / 2 rounds of rollouts per decision, decisions at most every
