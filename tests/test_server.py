@@ -433,6 +433,38 @@ def _wait_for(condition, live, timeout=20.0):
         time.sleep(0.005)
 
 
+async def mixed_request(http, settings: dict, stream: bool, cancel: bool, seed: int, outcome: dict) -> None:
+    """One request of the mixed-client tests on ``http`` (an httpx.AsyncClient): a short
+    completion with ``settings``, streamed or whole; with ``cancel`` the stream is left after
+    its first chunk, a whole request cancelled 50 ms in. Asserts a 200 (and a finish reason),
+    counts into ``outcome``: done, cancelled, cancelled_before_answer."""
+    path = "/v1/completions"
+    body = {"prompt": "Question: what is two plus two?", "max_tokens": 8, "seed": seed, "stream": stream, **settings}
+    if stream:
+        async with http.stream("POST", path, json=body) as response:
+            assert response.status_code == 200, await response.aread()
+            async for line in response.aiter_lines():
+                if cancel and line.startswith("data: {"):
+                    outcome["cancelled"] += 1
+                    return  # leaves the stream: the connection is closed
+                if line == "data: [DONE]":
+                    outcome["done"] += 1
+        return
+    request = asyncio.ensure_future(http.post(path, json=body))
+    if cancel:
+        await asyncio.sleep(0.05)
+        request.cancel()
+    try:
+        response = await request
+    except asyncio.CancelledError:
+        outcome["cancelled"] += 1
+        outcome["cancelled_before_answer"] += 1  # maybe before the server read it
+        return
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    outcome["done"] += 1
+
+
 def test_sixteen_clients_with_mixed_methods_and_cancellations(server):
     before = server.engine.stats()
     with server.http() as http:
@@ -442,39 +474,11 @@ def test_sixteen_clients_with_mixed_methods_and_cancellations(server):
     plan = [[(rng.choice(methods), rng.random() < 0.5, rng.random() < 0.25) for _ in range(4)] for _ in range(16)]
     outcome = {"done": 0, "cancelled": 0, "cancelled_before_answer": 0}
 
-    async def one(http, settings, stream, cancel, seed):
-        path = "/v1/completions"
-        body = {"prompt": "Question: what is two plus two?", "max_tokens": 8, "seed": seed, "stream": stream,
-                **settings}
-        if stream:
-            async with http.stream("POST", path, json=body) as response:
-                assert response.status_code == 200, await response.aread()
-                async for line in response.aiter_lines():
-                    if cancel and line.startswith("data: {"):
-                        outcome["cancelled"] += 1
-                        return  # leaves the stream: the connection is closed
-                    if line == "data: [DONE]":
-                        outcome["done"] += 1
-            return
-        request = asyncio.ensure_future(http.post(path, json=body))
-        if cancel:
-            await asyncio.sleep(0.05)
-            request.cancel()
-        try:
-            response = await request
-        except asyncio.CancelledError:
-            outcome["cancelled"] += 1
-            outcome["cancelled_before_answer"] += 1  # maybe before the server read it
-            return
-        assert response.status_code == 200, response.text
-        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
-        outcome["done"] += 1
-
     async def client(index):
         async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"},
                                      timeout=60) as http:
             for number, (settings, stream, cancel) in enumerate(plan[index]):
-                await one(http, settings, stream, cancel, seed=100 * index + number)
+                await mixed_request(http, settings, stream, cancel, 100 * index + number, outcome)
 
     async def everyone():
         await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(16))), timeout=80)
