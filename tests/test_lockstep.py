@@ -353,6 +353,9 @@ def test_a_failed_step_makes_health_503_and_the_requests_in_flight_end_with_its_
         assert error["message"] == "the engine's step 2 failed: RuntimeError: a collective failed"
         health = client.get("/health")
         assert health.status_code == 503 and health.json() == {"status": "failed", "error": error["message"]}
+        deadline = time.monotonic() + 10  # the callbacks run on the step thread, after the requests are told
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert len(failures) == 1 and str(failures[0]) == error["message"]
         assert client.post("/v1/completions", json=body).status_code == 503  # refused from now on
         stream = client.post("/v1/completions", json={**body, "stream": True})

@@ -147,6 +147,9 @@ class Engine:
         """None, or a list that each step fills with (request id, sampled tokens) of every
         sampling launch (device tensors, in launch order) and that turns on
         ``last_step_positions``: what the tensor-parallel step guard hashes."""
+        self.sampled_host: list[int] | None = None
+        """With ``sampled`` on: the step's sampled tokens of ``sampled``, flattened in its order,
+        read to the host in the step's one device-to-host copy (with the streamed tokens)."""
         self.last_step_positions: dict[str, int] = {}
         """With ``sampled`` on: the positions each request's rows held in the last step's
         decode forward, summed (its sequences' lengths before the new token)."""
@@ -312,6 +315,7 @@ class Engine:
                 self._fault.before_step(self.num_steps)
             if self.sampled is not None:
                 self.sampled.clear()
+                self.sampled_host = None
             outputs = self._take_ready()
             self._apply_deferred_aborts(outputs)
             self._admit(outputs, admit)
@@ -535,15 +539,23 @@ class Engine:
     def _collect_streamed(self, outputs: list[RequestOutput]) -> None:
         """Append the tokens the running decode loops sampled this step (one device-to-host
         copy for all requests) and report them; a request whose token is one of its EOS ids
-        or completes a stop string ends here, without decoding further."""
+        or completes a stop string ends here, without decoding further. With ``sampled`` on,
+        every token the step sampled rides on the same copy (``sampled_host``, for the guard)."""
         flat = [(r, m) for r in self._running for m in r.streamed]
+        guarded = [t.reshape(-1).to(torch.long) for _, t in self.sampled] if self.sampled else []
         if not flat:
+            if guarded:
+                self.sampled_host = torch.cat(guarded).tolist()
             return
         # one device-to-host copy: every streamed row's token and whether it was live, side by side
-        # (a streaming loop has one row: the request's one output)
+        # (a streaming loop has one row: the request's one output), then the guard's tokens
         first = [(m.tokens, m.live) if m.tokens.shape[0] == 1 else (m.tokens[:1], m.live[:1]) for _, m in flat]
-        tokens, live = torch.stack([torch.cat([t for t, _ in first]),
-                                    torch.cat([a for _, a in first]).to(torch.long)]).tolist()
+        host = torch.cat([torch.cat([t for t, _ in first]).to(torch.long),
+                          torch.cat([a for _, a in first]).to(torch.long), *guarded]).tolist()
+        count = len(first)
+        tokens, live = host[:count], host[count : 2 * count]
+        if guarded:
+            self.sampled_host = host[2 * count :]
         touched: dict[str, Request] = {}
         for (request, _), token, alive in zip(flat, tokens, live):
             request.streamed = []

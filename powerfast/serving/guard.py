@@ -15,7 +15,8 @@ go to the clients before its check: they are rank 0's own, and no forward has mi
 ranks' different states yet.
 
 What is hashed, per request: the tokens of every row it sampled in the step (all sampling
-launches, rollouts and candidates included; one device-to-host copy for all of them), its
+launches, rollouts and candidates included; read to the host in the engine's one copy of the
+step, beside its streamed tokens), its
 rows in the step's decode forward and their positions (the sequences' lengths), its prompt
 and output lengths, its last output token, its forwards and rows so far; per step: the step
 counter, every output the step reported (finished or not, why, its length and last token),
@@ -54,8 +55,10 @@ def fingerprint(engine, step: int, outputs: list) -> tuple[int, list[tuple[str, 
 
     sampled = engine.sampled or []
     if sampled:
-        flat = torch.cat([tokens.reshape(-1) for _, tokens in sampled]).to(dtype=torch.int64)
-        values = flat.cpu().tolist()  # one copy for every launch of the step
+        values = getattr(engine, "sampled_host", None)  # read with the step's streamed tokens
+        if values is None or len(values) != sum(tokens.numel() for _, tokens in sampled):
+            flat = torch.cat([tokens.reshape(-1) for _, tokens in sampled]).to(dtype=torch.int64)
+            values = flat.cpu().tolist()  # one copy for every launch of the step
         start = 0
         for request_id, tokens in sampled:
             count = tokens.numel()
