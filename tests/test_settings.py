@@ -125,6 +125,28 @@ def test_requests_roll_out_tempered_and_the_paper_preset_from_p():
     assert SamplingParams(method="power", rollout_proposal="base").config().rollout_proposal == "base"
 
 
+def test_the_small_preset_is_the_validated_configuration():
+    # the preset must be what validation chose: the power arm of the test specs, committed before the
+    # test ran (bench/study_test_*.json), every setting the arm names and nothing else changed
+    import json
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    specs = sorted(p for p in bench.glob("study_test_*.json") if not p.stem.endswith("_token"))
+    assert len(specs) == 4, specs
+    for spec in specs:
+        arm = next(a for a in json.loads(spec.read_text())["arms"] if a["name"] == "power-small")
+        assert {k: v for k, v in arm["settings"].items() if k != "kv_memory"} == PRESETS["small"], spec.name
+    config = method_config("power", preset="small")
+    assert (config.alpha, config.block_size, config.num_candidates, config.top_k, config.num_rollouts,
+            config.horizon, config.rollout_proposal, config.candidate_proposal) == (
+        8.0, 8, 8, 4, 4, 16, "tempered", "tempered")
+    # alpha is shared: the other methods target the same p^8 under it, their own settings unchanged
+    assert method_config("smc", preset="small").alpha == 8.0
+    assert method_config("smc", preset="small").num_particles == method_config("smc").num_particles
+    assert settings_from_arguments(parsed(["--preset", "small", "--rollouts", "6"])) == {
+        **preset_defaults("small"), "num_rollouts": 6}
+
+
 def parsed(argv: list[str]) -> argparse.Namespace:
     return cli.build_parser(["sample", "x", *argv]).parse_args(["sample", "x", *argv])
 

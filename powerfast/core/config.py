@@ -201,6 +201,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "rollout_proposal": "tempered", "mcmc_steps": 2, "num_particles": 8, "num_samples": 4},
     "adaptive": {"rollout_proposal": "tempered", "skip_share": 0.99, "rollouts_per_round": 2,
                  "round_tolerance": 0.05},
+    "small": {"alpha": 8.0, "block_size": 8, "num_candidates": 8, "top_k": 4, "num_rollouts": 4, "horizon": 16,
+              "rollout_proposal": "tempered", "candidate_proposal": "tempered"},
 }
 """Named sets of defaults other than the paper's (``paper``: none). ``serving`` (the engine's
 requests and the HTTP server) scales the lookahead down so a request answers in seconds, with
@@ -210,7 +212,10 @@ model against 15.9 for the paper's rollouts from p (README, "Choosing M and H on
 tempered rollouts, no rollouts for a decided decision (top p^alpha share >= 0.99), rollouts
 in rounds of 2 until the choice's standard error is <= 0.05 (README, "Adaptive rollout
 budgets", has the measurements behind it; entropy cuts stay off: their threshold depends on
-the model)."""
+the model). ``small`` is the lookahead that validation chose for small models (SmolLM2-135M and
+Gemma 3 270M on multi-step arithmetic, bench/RESULTS.md "where does power sampling win?"):
+alpha 8, tempered candidates, B = 8, L = 8, K = M = 4, H = 16, tempered rollouts; about 20x
+greedy's decoded tokens. Chosen on validation, it did not beat greedy there."""
 
 
 def preset_defaults(preset: str = "paper") -> dict[str, Any]:
