@@ -38,12 +38,19 @@ Compute-matched best-of-N: for an arm marked ``match_best_of_n`` the study runs 
 arm first (``"plain_arm"`` names it; default the arm named ``plain``, else the only arm of
 method ``plain``), then the arm, then ``best-of-n`` as the arm ``bon-for-<arm>`` with
 ``num_samples = max(1, floor(ratio + 1/2))``, ``ratio`` the arm's mean decoded tokens per
-problem over the plain arm's (means over the study's units; a record without
+problem over the plain arm's (or the ``"sample_arm"``'s, below) (means over the study's units; a record without
 ``decoded_tokens`` counts its ``num_tokens``, as ``powerfast compare`` does): the nearest
 integer, halves rounded up (20.5 gives 21). Best-of-N draws N samples of plain decoding,
 so its compute is about N times plain's; it runs with the common settings and the plain
 arm's (``temperature`` included). ``STUDY_DIR/manifest.json`` records the arms, their
 commands, their decoded tokens per problem, and per match the two means, the ratio and N.
+
+A plain arm stops at a task's stop strings; a best-of-N or sir sample runs to EOS or
+``max_new_tokens`` (its weight reads the whole sample), so on a few-shot task one sample
+costs more than a plain problem and the plain ratio would give too large an N. ``"sample_arm":
+"<name>"`` names an arm of method ``best-of-n`` with ``num_samples`` 1 (one sample, decoded as
+the matched arms decode theirs); it runs right after the plain arm, and N is the arm's
+decoded tokens over its (the manifest's match says ``sample_arm``).
 
 Compute-matched sir: ``match_sir`` (the same forms as ``match_best_of_n``, on an arm or on
 the spec) adds the arm ``sir-for-<arm>`` after the arm (and after its best-of-N when both are
@@ -307,6 +314,7 @@ class Study:
     arms: list[Arm]
     baseline: str
     plain_arm: str | None
+    sample_arm: str | None = None  # whose decoded tokens per problem are one matched sample's cost
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -343,7 +351,8 @@ def load_spec(spec: Mapping | str | Path, baseline: str | None = None) -> Study:
     if not isinstance(spec, Mapping):
         spec = json.loads(Path(spec).read_text(encoding="utf-8"))
     keys = [b.key for b in MATCHED_BASELINES]
-    known = {"task", "seeds", "limit", "concurrency", "settings", "arms", "baseline", "plain_arm", *keys}
+    known = {"task", "seeds", "limit", "concurrency", "settings", "arms", "baseline", "plain_arm", "sample_arm",
+             *keys}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ValueError(f"unknown key(s) in the study: {', '.join(unknown)}; the keys are {', '.join(sorted(known))}")
@@ -390,13 +399,22 @@ def load_spec(spec: Mapping | str | Path, baseline: str | None = None) -> Study:
         clash = [b.arm_name(a.name) for a in matched for b in a.baselines() if b.arm_name(a.name) in names]
         if clash:
             raise ValueError(f"arm name(s) {', '.join(clash)} are the names of the compute-matched baseline arms")
+    sample_arm = spec.get("sample_arm")
+    if sample_arm is not None:
+        if sample_arm not in names:
+            raise ValueError(f"sample_arm {sample_arm!r} is not an arm: the arms are {', '.join(names)}")
+        one = next(a for a in arms if a.name == sample_arm)
+        if one.method != "best-of-n" or one.settings.get("num_samples") != 1 or one.baselines():
+            raise ValueError(f"sample_arm {sample_arm!r} must be an unmatched best-of-n arm with num_samples 1 "
+                             f"(one matched sample, run as the matched arms run it), got method {one.method!r} and "
+                             f"settings {one.settings!r}")
     chosen = baseline if baseline is not None else spec.get("baseline", "plain")
     if not isinstance(chosen, str) or not chosen:
         raise ValueError(f"baseline must be an arm's name, got {chosen!r}")
     limit = _positive_or_none(spec, "limit")
     concurrency = _positive_or_none(spec, "concurrency")
     return Study(spec["task"], _seeds(spec.get("seeds")), limit, concurrency,
-                 canonical_settings(spec.get("settings"), "settings"), arms, chosen, plain_arm)
+                 canonical_settings(spec.get("settings"), "settings"), arms, chosen, plain_arm, sample_arm)
 
 
 def _spec_matching(matching, baseline: MatchedBaseline, arms: list[Arm]) -> None:
@@ -434,12 +452,12 @@ def arm_settings(study: Study, arm: Arm) -> dict[str, Any]:
 
 
 def run_order(study: Study) -> list[Arm]:
-    """The plain arm first when an arm is matched; each matched arm followed by its
-    compute-matched baselines (:data:`MATCHED_BASELINES` order)."""
+    """The plain arm (and the sample arm) first when an arm is matched; each matched arm
+    followed by its compute-matched baselines (:data:`MATCHED_BASELINES` order)."""
     order = list(study.arms)
     if any(a.baselines() for a in order):
-        plain = study.arm(study.plain_arm)
-        order = [plain] + [a for a in order if a is not plain]
+        first = [study.arm(study.plain_arm)] + ([study.arm(study.sample_arm)] if study.sample_arm else [])
+        order = first + [a for a in order if a not in first]
     return order
 
 
@@ -605,19 +623,20 @@ def run_study(spec: Mapping | str | Path, study_dir: str | Path, baseline: str |
         baselines = arm.baselines()
         if not baselines:
             continue
-        plain = study.plain_arm
+        plain = study.sample_arm or study.plain_arm  # whose tokens are one sample's cost
         num_samples = None
         if arm.name in tokens and plain in tokens:
             plain_records = flat(_units(study_dir, task.name, study.arm(plain), study.seeds, problem_ids))
             arm_records = flat(_units(study_dir, task.name, arm, study.seeds, problem_ids))
             match = matched_num_samples(arm_records, plain_records)
             num_samples = match["num_samples"]
+            extra = {"sample_arm": plain} if study.sample_arm else {}
             manifest["matches"].append({"arm": arm.name, **{f"{b.short}_arm": b.arm_name(arm.name) for b in baselines},
-                                        **match})
+                                        **match, **extra})
             say = print if dry_run else _say
             say(f"{', '.join(b.arm_name(arm.name) for b in baselines)}: ratio {match['ratio']:.3f} = "
                 f"{match['arm_tokens_per_problem']:.1f} / {match['plain_tokens_per_problem']:.1f} decoded tokens per "
-                f"problem -> num_samples {num_samples}")
+                f"problem ({plain}) -> num_samples {num_samples}")
         elif not dry_run:
             raise RuntimeError(f"arm {arm.name} or {plain} has no records to match")
         for baseline in baselines:
