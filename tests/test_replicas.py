@@ -74,10 +74,18 @@ class Replicas:
             time.sleep(0.1)
 
     def wait_replicas(self, count: int, timeout: float = 120.0) -> None:
+        """Until ``count`` replicas run and answer. A broadcast can still reach a replica that was
+        just killed (the controller has not dropped it yet): that error means "not yet"."""
+        from ray.exceptions import RayActorError
+
         deadline = time.monotonic() + timeout
         while True:
             deployment = serve.status().applications[APP_NAME].deployments["PowerfastReplica"]
-            if deployment.replica_states.get("RUNNING", 0) == count and len(self.states()) == count:
+            try:
+                answering = len(self.states())
+            except RayActorError:
+                answering = -1
+            if deployment.replica_states.get("RUNNING", 0) == count and answering == count:
                 return
             assert time.monotonic() < deadline, f"not {count} running replicas: {deployment.replica_states}"
             time.sleep(0.5)
