@@ -48,9 +48,10 @@ commands, their decoded tokens per problem, and per match the two means, the rat
 A plain arm stops at a task's stop strings; a best-of-N or sir sample runs to EOS or
 ``max_new_tokens`` (its weight reads the whole sample), so on a few-shot task one sample
 costs more than a plain problem and the plain ratio would give too large an N. ``"sample_arm":
-"<name>"`` names an arm of method ``best-of-n`` with ``num_samples`` 1 (one sample, decoded as
-the matched arms decode theirs); it runs right after the plain arm, and N is the arm's
-decoded tokens over its (the manifest's match says ``sample_arm``).
+"<name>"`` names an arm of method ``best-of-n`` with ``num_samples`` k >= 2 (at k = 1 the one
+sample streams and stops at stop strings, as plain does); it runs right after the plain arm,
+one sample's cost is its decoded tokens per problem over k, and N is the arm's decoded tokens
+over that (the manifest's match says ``sample_arm``).
 
 Compute-matched sir: ``match_sir`` (the same forms as ``match_best_of_n``, on an arm or on
 the spec) adds the arm ``sir-for-<arm>`` after the arm (and after its best-of-N when both are
@@ -153,11 +154,14 @@ def choose_num_samples(ratio: float) -> int:
     return max(1, math.floor(ratio + 0.5))
 
 
-def matched_num_samples(arm_records: Iterable[Mapping], plain_records: Iterable[Mapping]) -> dict[str, float | int]:
+def matched_num_samples(arm_records: Iterable[Mapping], plain_records: Iterable[Mapping],
+                        samples_per_record: int = 1) -> dict[str, float | int]:
     """The best-of-N matching an arm's compute: ``{"arm_tokens_per_problem",
-    "plain_tokens_per_problem", "ratio", "num_samples"}`` from the two arms' records."""
+    "plain_tokens_per_problem", "ratio", "num_samples"}`` from the two arms' records; with
+    ``samples_per_record`` k the second arm's records hold k samples each (a best-of-k arm),
+    and one sample's cost is their mean over k."""
     arm = mean_decoded_tokens(arm_records)
-    plain = mean_decoded_tokens(plain_records)
+    plain = mean_decoded_tokens(plain_records) / samples_per_record
     if plain <= 0:
         raise ValueError(f"the plain arm decoded {plain} tokens per problem: no ratio to match")
     ratio = arm / plain
@@ -404,10 +408,11 @@ def load_spec(spec: Mapping | str | Path, baseline: str | None = None) -> Study:
         if sample_arm not in names:
             raise ValueError(f"sample_arm {sample_arm!r} is not an arm: the arms are {', '.join(names)}")
         one = next(a for a in arms if a.name == sample_arm)
-        if one.method != "best-of-n" or one.settings.get("num_samples") != 1 or one.baselines():
-            raise ValueError(f"sample_arm {sample_arm!r} must be an unmatched best-of-n arm with num_samples 1 "
-                             f"(one matched sample, run as the matched arms run it), got method {one.method!r} and "
-                             f"settings {one.settings!r}")
+        k = one.settings.get("num_samples")
+        if one.method != "best-of-n" or isinstance(k, bool) or not isinstance(k, int) or k < 2 or one.baselines():
+            raise ValueError(f"sample_arm {sample_arm!r} must be an unmatched best-of-n arm with num_samples >= 2 "
+                             f"(at 1 a sample streams and stops at stop strings like plain; a matched best-of-N's "
+                             f"do not), got method {one.method!r} and settings {one.settings!r}")
     chosen = baseline if baseline is not None else spec.get("baseline", "plain")
     if not isinstance(chosen, str) or not chosen:
         raise ValueError(f"baseline must be an arm's name, got {chosen!r}")
@@ -628,7 +633,8 @@ def run_study(spec: Mapping | str | Path, study_dir: str | Path, baseline: str |
         if arm.name in tokens and plain in tokens:
             plain_records = flat(_units(study_dir, task.name, study.arm(plain), study.seeds, problem_ids))
             arm_records = flat(_units(study_dir, task.name, arm, study.seeds, problem_ids))
-            match = matched_num_samples(arm_records, plain_records)
+            per_record = study.arm(plain).settings["num_samples"] if study.sample_arm else 1
+            match = matched_num_samples(arm_records, plain_records, per_record)
             num_samples = match["num_samples"]
             extra = {"sample_arm": plain} if study.sample_arm else {}
             manifest["matches"].append({"arm": arm.name, **{f"{b.short}_arm": b.arm_name(arm.name) for b in baselines},
@@ -636,7 +642,7 @@ def run_study(spec: Mapping | str | Path, study_dir: str | Path, baseline: str |
             say = print if dry_run else _say
             say(f"{', '.join(b.arm_name(arm.name) for b in baselines)}: ratio {match['ratio']:.3f} = "
                 f"{match['arm_tokens_per_problem']:.1f} / {match['plain_tokens_per_problem']:.1f} decoded tokens per "
-                f"problem ({plain}) -> num_samples {num_samples}")
+                f"problem ({plain}{f' / {per_record}' if per_record > 1 else ''}) -> num_samples {num_samples}")
         elif not dry_run:
             raise RuntimeError(f"arm {arm.name} or {plain} has no records to match")
         for baseline in baselines:

@@ -211,16 +211,16 @@ def test_a_study_matches_runs_combines_and_resumes(tmp_path, capsys):
 
 
 def test_a_sample_arm_sets_the_cost_of_one_matched_sample(tmp_path):
-    # plain stops at the task's stop strings, a best-of-N sample does not: N comes from best-of-1
+    # plain stops at the task's stop strings, a best-of-N sample does not: N comes from best-of-2
     spec = {"task": str(FIXTURE), "limit": 2, "sample_arm": "one",
             "arms": [{"name": "power-a4", "method": "power", "match_best_of_n": True, "match_sir": True},
                      {"name": "plain", "method": "plain"},
-                     {"name": "one", "method": "best-of-n", "settings": {"num_samples": 1}}]}
-    fake = FakeEval({"plain": 20, "power": 410, "best-of-n": 50, "sir": 50})
+                     {"name": "one", "method": "best-of-n", "settings": {"num_samples": 2}}]}
+    fake = FakeEval({"plain": 20, "power": 410, "best-of-n": 50, "sir": 50})  # per sample: 2 x 50 per record
     manifest = study.run_study(spec, tmp_path, run_eval=fake)
     assert [m for m, _ in fake.calls] == ["plain", "best-of-n", "power", "best-of-n", "sir"]  # plain, one, arm, N
     [match] = manifest["matches"]
-    assert (match["ratio"], match["num_samples"], match["sample_arm"]) == (8.2, 8, "one")  # 410 / 50, not / 20
+    assert (match["ratio"], match["num_samples"], match["sample_arm"]) == (8.2, 8, "one")  # 410 / (100 / 2), not 410 / 20
     assert all("--num-samples 8" in a["command"] for a in manifest["arms"] if a["name"].endswith("-for-power-a4"))
     # without it, the plain arm's tokens (the rule before)
     fake = FakeEval({"plain": 20, "power": 410, "best-of-n": 50, "sir": 50})
@@ -229,11 +229,11 @@ def test_a_sample_arm_sets_the_cost_of_one_matched_sample(tmp_path):
     assert study.run_study(other, tmp_path / "plain", run_eval=fake)["matches"][0]["num_samples"] == 21
     import re
 
-    two = {**spec, "arms": [*spec["arms"][:2], {**spec["arms"][2], "settings": {"num_samples": 2}}]}
+    one = {**spec, "arms": [*spec["arms"][:2], {**spec["arms"][2], "settings": {"num_samples": 1}}]}
     for wrong, message in (({**spec, "sample_arm": "nope"}, "sample_arm 'nope' is not an arm"),
                            ({**spec, "sample_arm": "plain"}, "sample_arm 'plain' must be an unmatched best-of-n arm "
-                                                             "with num_samples 1"),
-                           (two, "got method 'best-of-n' and settings {'num_samples': 2}")):
+                                                             "with num_samples >= 2"),
+                           (one, "got method 'best-of-n' and settings {'num_samples': 1}")):
         with pytest.raises(ValueError, match=re.escape(message)):
             study.load_spec(wrong)
 
