@@ -59,8 +59,11 @@ def load_records(arm_dir: Path) -> list[dict]:
 
 
 def _split(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    full = tokenizer(prompt + completion)["input_ids"]
+    """The prompt's ids by eval's one rule for a plain-text prompt, the completion's after them."""
+    from powerfast.samplers.prompts import encode_prompt
+
+    prompt_ids = encode_prompt(prompt, tokenizer, chat_template=False)
+    full = encode_prompt(prompt + completion, tokenizer, chat_template=False)
     if full[:len(prompt_ids)] != prompt_ids:  # the completion merged with the prompt's last token
         return prompt_ids, tokenizer(completion, add_special_tokens=False)["input_ids"]
     return prompt_ids, full[len(prompt_ids):]

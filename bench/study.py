@@ -628,23 +628,23 @@ def run_study(spec: Mapping | str | Path, study_dir: str | Path, baseline: str |
         baselines = arm.baselines()
         if not baselines:
             continue
-        plain = study.sample_arm or study.plain_arm  # whose tokens are one sample's cost
+        cost_arm = study.sample_arm or study.plain_arm  # its tokens per problem / k: one sample's cost
         num_samples = None
-        if arm.name in tokens and plain in tokens:
-            plain_records = flat(_units(study_dir, task.name, study.arm(plain), study.seeds, problem_ids))
+        if arm.name in tokens and cost_arm in tokens:
+            cost_records = flat(_units(study_dir, task.name, study.arm(cost_arm), study.seeds, problem_ids))
             arm_records = flat(_units(study_dir, task.name, arm, study.seeds, problem_ids))
-            per_record = study.arm(plain).settings["num_samples"] if study.sample_arm else 1
-            match = matched_num_samples(arm_records, plain_records, per_record)
+            per_record = study.arm(cost_arm).settings["num_samples"] if study.sample_arm else 1
+            match = matched_num_samples(arm_records, cost_records, per_record)
             num_samples = match["num_samples"]
-            extra = {"sample_arm": plain} if study.sample_arm else {}
+            extra = {"sample_arm": cost_arm} if study.sample_arm else {}
             manifest["matches"].append({"arm": arm.name, **{f"{b.short}_arm": b.arm_name(arm.name) for b in baselines},
                                         **match, **extra})
             say = print if dry_run else _say
             say(f"{', '.join(b.arm_name(arm.name) for b in baselines)}: ratio {match['ratio']:.3f} = "
                 f"{match['arm_tokens_per_problem']:.1f} / {match['plain_tokens_per_problem']:.1f} decoded tokens per "
-                f"problem ({plain}{f' / {per_record}' if per_record > 1 else ''}) -> num_samples {num_samples}")
+                f"problem ({cost_arm}{f' / {per_record}' if per_record > 1 else ''}) -> num_samples {num_samples}")
         elif not dry_run:
-            raise RuntimeError(f"arm {arm.name} or {plain} has no records to match")
+            raise RuntimeError(f"arm {arm.name} or {cost_arm} has no records to match")
         for baseline in baselines:
             one_arm(matched_arm(study, arm, baseline, num_samples))
 
