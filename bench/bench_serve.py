@@ -214,7 +214,8 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/bench_serve.py`` (the docs' commands are parsed with it)."""
     from powerfast.core.config import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -227,7 +228,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     for name, value in CPU_SETTINGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=value, help=f"(default {value})")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    from powerfast.core.config import METHODS
+
+    args = build_parser().parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
         if method not in METHODS:

@@ -128,7 +128,8 @@ def plain_vs_generate(model, args, device: torch.device) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/device_decode.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-1.5b", help="qwen2.5-1.5b (random weights) or tiny")
     parser.add_argument("--device", default=None)
@@ -149,7 +150,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny random Llama, short prefix (not a measurement)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.smoke:
         args.model, args.device, args.batches, args.prefix_len = "tiny", "cpu", "1,3", 40
         args.warmup, args.steps, args.new_tokens, args.prompt_len = 1, 2, 4, 8

@@ -38,7 +38,8 @@ def _int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/device_engine.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="qwen2.5-1.5b", help="a bench/e2e.py model name (default qwen2.5-1.5b)")
     parser.add_argument("--methods", default="plain,power")
@@ -50,7 +51,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=0.0, help="skip passes projected past this (0: none)")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, a few tokens")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     settings = dict(DEVICE_SETTINGS)
     if args.smoke:
         args.model, args.requests, args.max_tokens, args.prompt_len, args.kv_memory_mib = "tiny", 4, 8, 8, 64

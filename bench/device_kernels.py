@@ -246,13 +246,18 @@ def table(results, copy_bw: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/device_kernels.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--budget-s", type=float, default=0.0, help="start no row after this many seconds (0: none)")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, kernels under TRITON_INTERPRET=1")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("--smoke needs TRITON_INTERPRET=1 (set before the kernels are imported)", file=sys.stderr)

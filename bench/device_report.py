@@ -107,7 +107,8 @@ def check(out_dir: Path, stages: list[str], max_files: int, require_ok: bool) ->
     return problems
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/device_report.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p_add = commands.add_parser("add", help="merge one stage into the results JSON")
@@ -125,7 +126,11 @@ def main(argv=None) -> int:
     p_check.add_argument("stages", nargs="+")
     p_check.add_argument("--max-files", type=int, default=8)
     p_check.add_argument("--require-ok", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.command == "add":
         add(args.results, args.stage, args.status, args.seconds, args.limit, args.stage_json)

@@ -127,7 +127,8 @@ def timed_runs(model, prompt: list[int], new_tokens: int, batches, repeats: int,
     return results, skipped
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/device_runner.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prefix-len", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -138,7 +139,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=0.0, help="start no timed run after this (0: none)")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny random Llama, short prefix")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.smoke:
         args.prefix_len, args.new_tokens, args.batches, args.repeats = 32, 4, [1, 4], 1
         device, dtype = "cpu", torch.float32

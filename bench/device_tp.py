@@ -45,12 +45,17 @@ def _model_folder(folder: Path) -> Path:
     return folder
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/device_tp.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the CPU check with gloo (no GPU needed)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--budget-s", type=float, default=120.0)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     gpus = torch.cuda.device_count()
     results: dict = {"gpus": gpus}
     if not args.smoke and gpus < 2:

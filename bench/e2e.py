@@ -650,7 +650,8 @@ def _parse_case(text: str) -> tuple[int, list[str]]:
     return int(length), methods
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/e2e.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=MODELS, default="tiny")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -669,7 +670,11 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "flash"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", default=None, help="folder for e2e.json and table.txt")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -580,11 +580,16 @@ def read_sites_table(counts: list[ReadCount]) -> str:
 # ---------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/engine_host.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps: the whole run in under a minute")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers as JSON")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     settings = QUICK if args.quick else Settings()
     torch.set_num_threads(1)
     if os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available():

@@ -24,7 +24,8 @@ from powerfast.evaluation import arithmetic
 DATA_FILE = Path(__file__).resolve().parent.parent / "powerfast" / "data" / "arithmetic.json"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/make_arithmetic.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=arithmetic.DEFAULT_COUNT, help="problems (default %(default)s)")
     parser.add_argument("--seed", type=int, default=arithmetic.DEFAULT_SEED, help="seed (default %(default)s)")
@@ -32,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare with the file instead of writing it")
     parser.add_argument("--set", default=None, choices=tuple(arithmetic.SPLIT_SETS),
                         help="write a split set instead (its declaration fixes count and seed)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.set is not None:
         if args.count != arithmetic.DEFAULT_COUNT or args.seed != arithmetic.DEFAULT_SEED:

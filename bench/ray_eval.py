@@ -89,7 +89,8 @@ def timed_records(evaluation):
     return times
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/ray_eval.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
     parser.add_argument("--problems", type=int, default=40)
@@ -100,7 +101,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-single-process", action="store_true", help="skip the single-process row")
     parser.add_argument("--sleep", type=float, default=None, metavar="S",
                         help="no model: every unit sleeps S seconds (measures the orchestration alone)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     counts = [int(x) for x in args.workers.split(",")]
     os.environ.setdefault("POWERFAST_INTERPRET_OPS", "0")
 

@@ -49,11 +49,16 @@ def summary(values: list[float]) -> str:
     return f"median {statistics.median(values):.2f} s (range {min(values):.2f}-{max(values):.2f})"
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python bench/startup.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", default=None, help="POWERFAST_CACHE for the runs")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     env = dict(os.environ)
     if args.cache:
         env["POWERFAST_CACHE"] = args.cache

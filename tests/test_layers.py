@@ -58,7 +58,10 @@ def test_import_contract_catches_an_import_up_a_layer(tmp_path):
     assert "powerfast.core.config -> powerfast.samplers.power" in result.stdout
 
 
-@pytest.mark.parametrize("path", SOURCES + [ROOT / "README.md", ROOT / "pyproject.toml"], ids=lambda p: str(p.relative_to(ROOT)))
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("path", SOURCES + DOCS + [ROOT / "pyproject.toml"], ids=lambda p: str(p.relative_to(ROOT)))
 def test_design_citations_resolve(path):
     design = (ROOT / "powerfast" / "DESIGN.md").read_text()
     sections = {int(n) for n in re.findall(r"^## (\d+)\. ", design, re.M)}

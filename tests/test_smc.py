@@ -291,7 +291,7 @@ def test_smc_tv_shrinks_with_n_to_the_noise_floor(spec, torch_ops):
     not worse than N = 8 beyond the noise. (At 600 draws the old N = 8 > N = 128 - 0.03
     check sat within a few noise sd and failed on a random seed.) (With an EOS the one-token completion [EOS] can carry
     a large share of p^alpha while the prefix-only proposal almost never draws it: there
-    SMC plateaus above the floor; see the fidelity table in the README.)"""
+    SMC plateaus above the floor; see the fidelity table in docs/studies.md.)"""
     from powerfast.evaluation import fidelity
 
     vocab, num_tokens, model_seed = spec

@@ -96,7 +96,7 @@ class Setting:
     name:    the keyword (config field, request field, JSON body field)
     kind:    int, float, bool or str (the JSON and command-line type)
     default: the paper's value (presets may name others)
-    help:    one line for ``--help``, docstrings and README
+    help:    one line for ``--help``, docstrings and the docs
     check:   value -> None, or what the value must be (None: one of ``choices``)
     choices: the values a str setting takes
     flag:    the command-line spelling (default ``--name-with-dashes``; a bool that defaults
@@ -207,11 +207,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 """Named sets of defaults other than the paper's (``paper``: none). ``serving`` (the engine's
 requests and the HTTP server) scales the lookahead down so a request answers in seconds, with
 tempered rollouts: at its M = 4 and H = 16 they spread log zeta_hat 2.8 nats on the embedded
-model against 15.9 for the paper's rollouts from p (README, "Choosing M and H on a real model").
+model against 15.9 for the paper's rollouts from p (docs/studies.md, "Choosing M and H on a real model").
 ``adaptive`` keeps the paper's shape and spends the rollouts where a decision needs them:
 tempered rollouts, no rollouts for a decided decision (top p^alpha share >= 0.99), rollouts
-in rounds of 2 until the choice's standard error is <= 0.05 (README, "Adaptive rollout
-budgets", has the measurements behind it; entropy cuts stay off: their threshold depends on
+in rounds of 2 until the choice's standard error is <= 0.05 (docs/studies.md, "Adaptive rollout
+budgets: measured", has the measurements behind it; entropy cuts stay off: their threshold depends on
 the model). ``small`` is the lookahead that validation chose for small models (SmolLM2-135M and
 Gemma 3 270M on multi-step arithmetic, bench/RESULTS.md "where does power sampling win?"):
 alpha 8, tempered candidates, B = 8, L = 8, K = M = 4, H = 16, tempered rollouts; about 20x
