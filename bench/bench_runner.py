@@ -20,8 +20,8 @@ Run under pytest (quick, tiny random Llama; part of the suite with --benchmark-d
 
 or as a script printing a table:
 
-    python bench/bench_runner.py                 # tiny model
-    python bench/bench_runner.py --model smollm2 # SmolLM2-135M-Instruct (GGUF, ~20 s to load)
+    python -m bench.bench_runner                 # tiny model
+    python -m bench.bench_runner --model smollm2 # SmolLM2-135M-Instruct (GGUF, ~20 s to load)
 """
 
 from __future__ import annotations
@@ -254,14 +254,18 @@ if pytest is not None:
 # ------------------------------------------------------------------ script
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--prefix-len", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = tiny_llama() if args.model == "tiny" else smollm2()

@@ -2,7 +2,7 @@
 concurrency, against the same prompts run one ``make_sampler(...).generate([prompt])``
 call at a time (what a server without the engine would do).
 
-    python bench/bench_serve.py --concurrency 1,4,16 --methods plain,power --requests 32 --max-tokens 32
+    python -m bench.bench_serve --concurrency 1,4,16 --methods plain,power --requests 32 --max-tokens 32
     pytest bench/bench_serve.py                       # timings, tiny random Llama
     pytest bench/bench_serve.py --benchmark-disable   # one pass (CI)
 
@@ -28,12 +28,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from e2e import make_prompts, tiny_llama  # noqa: E402
-
-from powerfast.runtime.runner import ModelRunner  # noqa: E402
-from powerfast.serving.engine import Engine  # noqa: E402
+from bench.e2e import make_prompts, tiny_llama
+from powerfast.runtime.runner import ModelRunner
+from powerfast.serving.engine import Engine
 from powerfast.serving.params import SamplingParams
 
 #: Power sampling on a CPU (bench/RESULTS.md's scaled-down settings, shorter blocks).
@@ -214,7 +211,7 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from powerfast.core.config import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -227,6 +224,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     for name, value in CPU_SETTINGS.items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=value, help=f"(default {value})")
+    return parser
+
+
+def main(argv=None) -> int:
+    from powerfast.core.config import METHODS
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:

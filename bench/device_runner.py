@@ -14,8 +14,8 @@ allocator size a timed run meets is compiled and reserved before the clock start
 ``--smoke`` runs the same code on the CPU with a tiny random Llama (torch backend): a
 check that the script works, not a measurement.
 
-    python3 bench/device_runner.py [--prefix-len 1000] [--new-tokens 64] [--backend auto] [--json PATH]
-    python3 bench/device_runner.py --smoke --json PATH
+    python3 -m bench.device_runner [--prefix-len 1000] [--new-tokens 64] [--backend auto] [--json PATH]
+    python3 -m bench.device_runner --smoke --json PATH
 
 Targets (reported, not enforced): batch 64 runner throughput >= HF and KV memory <= 1/8
 of HF's; batch 1 throughput within 10% of HF.
@@ -32,14 +32,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from bench_runner import HEADER, run_hf, run_runner, summary, tiny_llama  # noqa: E402
-from e2e import qwen25_1p5b_config  # noqa: E402
-
-from powerfast.runtime.runner import ModelRunner  # noqa: E402
+from bench.bench_runner import HEADER, run_hf, run_runner, summary, tiny_llama
+from bench.e2e import qwen25_1p5b_config
+from powerfast.runtime.runner import ModelRunner
 
 
 def build_model(dtype: torch.dtype, device: str):
@@ -127,7 +122,7 @@ def timed_runs(model, prompt: list[int], new_tokens: int, batches, repeats: int,
     return results, skipped
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prefix-len", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -138,7 +133,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=0.0, help="start no timed run after this (0: none)")
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny random Llama, short prefix")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.smoke:
         args.prefix_len, args.new_tokens, args.batches, args.repeats = 32, 4, [1, 4], 1
         device, dtype = "cpu", torch.float32

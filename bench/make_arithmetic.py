@@ -1,7 +1,7 @@
 """Write ``powerfast/data/arithmetic.json``, the problems of the ``arithmetic`` task, or a split set.
 
-    python bench/make_arithmetic.py [--count 300] [--seed 20250801] [--out FILE] [--check]
-    python bench/make_arithmetic.py --set arithmetic2|multistep [--out FILE] [--check]
+    python -m bench.make_arithmetic [--count 300] [--seed 20250801] [--out FILE] [--check]
+    python -m bench.make_arithmetic --set arithmetic2|multistep [--out FILE] [--check]
 
 With ``--set`` the file is ``dumps(generate_set(SPLIT_SETS[name]))`` (its declaration fixes
 count, seed and splits), ``powerfast/data/<name>.json`` by default.
@@ -24,7 +24,7 @@ from powerfast.evaluation import arithmetic
 DATA_FILE = Path(__file__).resolve().parent.parent / "powerfast" / "data" / "arithmetic.json"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=arithmetic.DEFAULT_COUNT, help="problems (default %(default)s)")
     parser.add_argument("--seed", type=int, default=arithmetic.DEFAULT_SEED, help="seed (default %(default)s)")
@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="compare with the file instead of writing it")
     parser.add_argument("--set", default=None, choices=tuple(arithmetic.SPLIT_SETS),
                         help="write a split set instead (its declaration fixes count and seed)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.set is not None:
