@@ -291,10 +291,11 @@ def format_summary(summary: dict) -> str:
 
 
 def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} wants comma-separated integers, got {text!r}") from None
+    """``"4,16, 64"`` as [4, 16, 64]; ValueError naming ``flag`` for anything else."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not all(item.lstrip("+-").isdigit() for item in items):
+        raise ValueError(f"{flag} wants comma-separated integers, got {text!r}")
+    return [int(item) for item in items]
 
 
 def _kv_bytes_per_token(model) -> int:
@@ -312,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rollouts", default="4,16,64,256", help="M values (default 4,16,64,256)")
     parser.add_argument("--estimators", default="base,tempered,resampled",
                         help="base, tempered, resampled (every 8 tokens) (default all three)")
-    parser.add_argument("--replicates", type=int, default=8,
-                        help="replicates per cell below M = 256 (default 8; 3 from M = 256 on)")
+    parser.add_argument("--replicates", type=int, default=8, help="per cell below M = 256 (default 8; 3 from M = 256 on)")
     parser.add_argument("--max-rows", type=int, default=1024,
                         help="rollouts decoded at once at most (bounds the KV memory; default 1024)")
     parser.add_argument("--decisions", default=None, metavar="LIST",
