@@ -17,16 +17,12 @@ bench/device_check.sh.
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from e2e import (  # noqa: E402
+from bench.e2e import (
     METHODS,
     Settings,
     build_model,
@@ -38,7 +34,7 @@ from e2e import (  # noqa: E402
     warm_up_long_context,
 )
 
-from powerfast.runtime.runner import ModelRunner  # noqa: E402
+from powerfast.runtime.runner import ModelRunner
 
 # tiny random Llama: every phase of every method runs, in seconds
 TINY_TOKENS = 32

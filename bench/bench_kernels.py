@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from device_kernels import torch_sample  # the same torch baseline the GPU script times
+
+from bench.device_kernels import torch_sample  # the same torch baseline the GPU script times
 
 from powerfast.core import estimators, ops
 

@@ -20,8 +20,8 @@ Run under pytest (quick, tiny random Llama; part of the suite with --benchmark-d
 
 or as a script printing a table:
 
-    python bench/bench_runner.py                 # tiny model
-    python bench/bench_runner.py --model smollm2 # SmolLM2-135M-Instruct (GGUF, ~20 s to load)
+    python -m bench.bench_runner                 # tiny model
+    python -m bench.bench_runner --model smollm2 # SmolLM2-135M-Instruct (GGUF, ~20 s to load)
 """
 
 from __future__ import annotations
@@ -255,7 +255,6 @@ if pytest is not None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/bench_runner.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--prefix-len", type=int, default=1000)

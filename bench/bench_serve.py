@@ -2,7 +2,7 @@
 concurrency, against the same prompts run one ``make_sampler(...).generate([prompt])``
 call at a time (what a server without the engine would do).
 
-    python bench/bench_serve.py --concurrency 1,4,16 --methods plain,power --requests 32 --max-tokens 32
+    python -m bench.bench_serve --concurrency 1,4,16 --methods plain,power --requests 32 --max-tokens 32
     pytest bench/bench_serve.py                       # timings, tiny random Llama
     pytest bench/bench_serve.py --benchmark-disable   # one pass (CI)
 
@@ -28,12 +28,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from e2e import make_prompts, tiny_llama  # noqa: E402
-
-from powerfast.runtime.runner import ModelRunner  # noqa: E402
-from powerfast.serving.engine import Engine  # noqa: E402
+from bench.e2e import make_prompts, tiny_llama
+from powerfast.runtime.runner import ModelRunner
+from powerfast.serving.engine import Engine
 from powerfast.serving.params import SamplingParams
 
 #: Power sampling on a CPU (bench/RESULTS.md's scaled-down settings, shorter blocks).
@@ -215,7 +212,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/bench_serve.py`` (the docs' commands are parsed with it)."""
     from powerfast.core.config import METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -234,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from powerfast.core.config import METHODS
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     for method in methods:
         if method not in METHODS:

@@ -83,7 +83,7 @@ inner_budget() {
 stage_tests() {
     run_limited "$PYTHON" -m pytest -v -rfE -p no:cacheprovider --continue-on-collection-errors -m cuda tests 2>&1 | tee -a "$LOG" > "$WORK/pytest.txt"
     local rc=${PIPESTATUS[0]}
-    "$PYTHON" bench/device_report.py pytest "$WORK/pytest.txt" --json "$STAGE_JSON"
+    "$PYTHON" -m bench.device_report pytest "$WORK/pytest.txt" --json "$STAGE_JSON"
     return "$rc"
 }
 
@@ -92,7 +92,7 @@ stage_kernels() {
     local smoke=()
     [[ "$SMOKE" == 1 ]] && smoke=(--smoke)
     TRITON_INTERPRET="$([[ "$SMOKE" == 1 ]] && echo 1)" \
-        run_limited "$PYTHON" -u bench/device_kernels.py --json "$STAGE_JSON" \
+        run_limited "$PYTHON" -u -m bench.device_kernels --json "$STAGE_JSON" \
         --budget-s "$(inner_budget 25)" "${smoke[@]}"
 }
 
@@ -102,7 +102,7 @@ stage_kernels() {
 stage_runtime() {
     local smoke=()
     [[ "$SMOKE" == 1 ]] && smoke=(--smoke)
-    run_limited "$PYTHON" -u bench/device_runner.py --json "$STAGE_JSON" --budget-s "$(inner_budget 30)" "${smoke[@]}"
+    run_limited "$PYTHON" -u -m bench.device_runner --json "$STAGE_JSON" --budget-s "$(inner_budget 30)" "${smoke[@]}"
 }
 
 # Decode step: eager vs CUDA graphs (DECODE_MODES adds compiled, compiled+graphs: inductor
@@ -112,7 +112,7 @@ stage_runtime() {
 stage_decode() {
     local args=(--modes "${DECODE_MODES:-eager,graphs}")
     [[ "$SMOKE" == 1 ]] && args=(--smoke --modes eager,graphs,compiled)
-    run_limited "$PYTHON" -u bench/device_decode.py "${args[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 30)"
+    run_limited "$PYTHON" -u -m bench.device_decode "${args[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 30)"
 }
 
 # Continuous batching: requests/s and tokens/s through the engine at 1, 8, 16 concurrent
@@ -121,7 +121,7 @@ stage_decode() {
 stage_engine() {
     local smoke=()
     [[ "$SMOKE" == 1 ]] && smoke=(--smoke)
-    run_limited "$PYTHON" -u bench/device_engine.py "${smoke[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 20)"
+    run_limited "$PYTHON" -u -m bench.device_engine "${smoke[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 20)"
 }
 
 # Qwen2.5-1.5B configuration, random weights, bf16, EOS ignored, paper settings (alpha 4,
@@ -148,7 +148,7 @@ stage_e2e() {
     fi
     # e2e skips what its budget cannot fit; a SIGTERM (the limit, 60 s after that budget) stops
     # it and it still prints what it measured
-    run_limited "$PYTHON" -u bench/e2e.py "${args[@]}" --num-prompts 1 --reps 1 \
+    run_limited "$PYTHON" -u -m bench.e2e "${args[@]}" --num-prompts 1 --reps 1 \
         --budget-s "$(inner_budget 60)" --out "$WORK/e2e"
     local rc=$?
     [[ -f "$WORK/e2e/e2e.json" ]] && cp "$WORK/e2e/e2e.json" "$STAGE_JSON"
@@ -160,7 +160,7 @@ stage_e2e() {
 stage_tp() {
     local smoke=()
     [[ "$SMOKE" == 1 ]] && smoke=(--smoke)
-    run_limited "$PYTHON" -u bench/device_tp.py "${smoke[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 20)"
+    run_limited "$PYTHON" -u -m bench.device_tp "${smoke[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 20)"
 }
 
 # ------------------------------------------------------------------------------ driver
@@ -196,7 +196,7 @@ run_stage() {
         [[ -n "$(tail -c 1 "$LOG")" ]] && echo >> "$LOG"  # a killed stage may leave half a line
     fi
     [[ "$status" == ok ]] || failed=1
-    "$PYTHON" bench/device_report.py add "$RESULTS" "$name" "$status" $(( SECONDS - started )) "$limit" "$STAGE_JSON"
+    "$PYTHON" -m bench.device_report add "$RESULTS" "$name" "$status" $(( SECONDS - started )) "$limit" "$STAGE_JSON"
     summaries+=("-- $name: $status, $(( SECONDS - started )) s of ${limit} s")
     echo "${summaries[-1]}" | tee -a "$TABLE" | tee -a "$LOG"
 }
@@ -228,5 +228,5 @@ echo "== summary (${SECONDS} s in all; full results in $OUT)"
 printf '%s\n' "${summaries[@]}"
 check=()
 [[ "$SMOKE" == 1 ]] && check=(--require-ok)
-"$PYTHON" bench/device_report.py check "$OUT" "${names[@]}" "${check[@]}" || failed=1
+"$PYTHON" -m bench.device_report check "$OUT" "${names[@]}" "${check[@]}" || failed=1
 exit $failed

@@ -14,8 +14,8 @@ forward), ``graphs`` (CUDA graphs per batch bucket), ``compiled+graphs``. On a C
 ``graphs`` pads batches to their bucket and runs eagerly, and ``compiled`` uses the
 ``--cpu-compile-backend`` (default inductor).
 
-    python bench/device_decode.py [--model qwen2.5-1.5b] [--batches 1,8,64,256] [--out DIR]
-    python bench/device_decode.py --model tiny --device cpu --batches 1,8,64   # CPU rows
+    python -m bench.device_decode [--model qwen2.5-1.5b] [--batches 1,8,64,256] [--out DIR]
+    python -m bench.device_decode --model tiny --device cpu --batches 1,8,64   # CPU rows
 
 Prints a table (stdout; progress on stderr) and writes every number to ``--json`` (or
 ``decode.json`` under ``--out``). ``--budget-s`` bounds the run: modes and batches left
@@ -35,14 +35,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from e2e import build_model, hf_generate  # noqa: E402
-
-from powerfast.runtime.runner import ModelRunner  # noqa: E402
-from powerfast.samplers.decoding import SeedStream, sample_continuations  # noqa: E402
+from bench.e2e import build_model, hf_generate
+from powerfast.runtime.runner import ModelRunner
+from powerfast.samplers.decoding import SeedStream, sample_continuations
 
 MODES = ("eager", "graphs", "compiled", "compiled+graphs")
 
@@ -129,7 +124,6 @@ def plain_vs_generate(model, args, device: torch.device) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/device_decode.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-1.5b", help="qwen2.5-1.5b (random weights) or tiny")
     parser.add_argument("--device", default=None)

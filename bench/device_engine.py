@@ -7,8 +7,8 @@ weights (bf16 on CUDA), random-token prompts, EOS ignored, plain and power sampl
 ``bench/bench_serve.py``'s; this script adds the device model, a time budget (a pass
 projected past it is skipped and listed) and the JSON the device report reads.
 
-    python bench/device_engine.py [--model qwen2.5-1.5b] [--requests 16] [--max-tokens 48]
-    python bench/device_engine.py --smoke        # tiny model on the CPU (what CI runs; not a measurement)
+    python -m bench.device_engine [--model qwen2.5-1.5b] [--requests 16] [--max-tokens 48]
+    python -m bench.device_engine --smoke        # tiny model on the CPU (what CI runs; not a measurement)
 """
 
 from __future__ import annotations
@@ -22,14 +22,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from bench_serve import TINY_SETTINGS, run_engine, run_sequential, table  # noqa: E402
-from e2e import build_model, make_prompts  # noqa: E402
-
-from powerfast.runtime.runner import ModelRunner  # noqa: E402
+from bench.bench_serve import TINY_SETTINGS, run_engine, run_sequential, table
+from bench.e2e import build_model, make_prompts
+from powerfast.runtime.runner import ModelRunner
 
 DEVICE_SETTINGS = {"block_size": 16, "horizon": 16, "num_candidates": 8, "top_k": 4, "num_rollouts": 4}
 
@@ -39,7 +34,6 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/device_engine.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="qwen2.5-1.5b", help="a bench/e2e.py model name (default qwen2.5-1.5b)")
     parser.add_argument("--methods", default="plain,power")

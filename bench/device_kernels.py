@@ -1,7 +1,7 @@
 """Kernel timings on a CUDA device (a stage of bench/device_check.sh).
 
-    python3 bench/device_kernels.py [--json PATH] [--budget-s S] [--no-sweep]
-    TRITON_INTERPRET=1 python3 bench/device_kernels.py --smoke   # CPU, tiny shapes, interpreter
+    python -m bench.device_kernels [--json PATH] [--budget-s S] [--no-sweep]
+    TRITON_INTERPRET=1 python -m bench.device_kernels --smoke   # CPU, tiny shapes, interpreter
 
 Medians from ``triton.testing.do_bench``. The ceiling is a measured device-to-device copy:
 copy bandwidth = (bytes read + bytes written) / time. A kernel's bandwidth is the bytes
@@ -247,7 +247,6 @@ def table(results, copy_bw: float) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/device_kernels.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None, help="write every number here")
     parser.add_argument("--budget-s", type=float, default=0.0, help="start no row after this many seconds (0: none)")

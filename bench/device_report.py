@@ -1,9 +1,9 @@
 """Bookkeeping of bench/device_check.sh: one JSON of every stage's numbers, the pytest
 summary, and the final check of what the script leaves under $OUT.
 
-    python3 bench/device_report.py add RESULTS_JSON STAGE STATUS SECONDS LIMIT [STAGE_JSON]
-    python3 bench/device_report.py pytest PYTEST_LOG [--json PATH]
-    python3 bench/device_report.py check OUT_DIR STAGE [STAGE ...] [--max-files 8] [--require-ok]
+    python -m bench.device_report add RESULTS_JSON STAGE STATUS SECONDS LIMIT [STAGE_JSON]
+    python -m bench.device_report pytest PYTEST_LOG [--json PATH]
+    python -m bench.device_report check OUT_DIR STAGE [STAGE ...] [--max-files 8] [--require-ok]
 
 ``add`` merges one stage's result into RESULTS_JSON (rewritten whole after each stage, so a
 run killed later still leaves the stages before it). ``pytest`` prints pytest's closing
@@ -108,7 +108,6 @@ def check(out_dir: Path, stages: list[str], max_files: int, require_ok: bool) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/device_report.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p_add = commands.add_parser("add", help="merge one stage into the results JSON")

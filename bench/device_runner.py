@@ -14,8 +14,8 @@ allocator size a timed run meets is compiled and reserved before the clock start
 ``--smoke`` runs the same code on the CPU with a tiny random Llama (torch backend): a
 check that the script works, not a measurement.
 
-    python3 bench/device_runner.py [--prefix-len 1000] [--new-tokens 64] [--backend auto] [--json PATH]
-    python3 bench/device_runner.py --smoke --json PATH
+    python3 -m bench.device_runner [--prefix-len 1000] [--new-tokens 64] [--backend auto] [--json PATH]
+    python3 -m bench.device_runner --smoke --json PATH
 
 Targets (reported, not enforced): batch 64 runner throughput >= HF and KV memory <= 1/8
 of HF's; batch 1 throughput within 10% of HF.
@@ -32,14 +32,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from bench_runner import HEADER, run_hf, run_runner, summary, tiny_llama  # noqa: E402
-from e2e import qwen25_1p5b_config  # noqa: E402
-
-from powerfast.runtime.runner import ModelRunner  # noqa: E402
+from bench.bench_runner import HEADER, run_hf, run_runner, summary, tiny_llama
+from bench.e2e import qwen25_1p5b_config
+from powerfast.runtime.runner import ModelRunner
 
 
 def build_model(dtype: torch.dtype, device: str):
@@ -128,7 +123,6 @@ def timed_runs(model, prompt: list[int], new_tokens: int, batches, repeats: int,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/device_runner.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prefix-len", type=int, default=1000)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -8,12 +8,13 @@ tokens and whether they equal the single-GPU ones. With fewer GPUs it prints "sk
 (and succeeds). ``--smoke`` runs the same check on the CPU with gloo (what CI's smoke run
 does). Correctness only: no timing (GPU speed of TP is unmeasured until a multi-GPU run).
 
-    python bench/device_tp.py [--smoke] [--json out.json] [--budget-s 120]
+    python -m bench.device_tp [--smoke] [--json out.json] [--budget-s 120]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import socket
@@ -26,7 +27,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+
+
+def _tp_cases():
+    """tests/tp_cases.py, the cases the tests run (tests/ is no package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("tp_cases", ROOT / "tests" / "tp_cases.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _free_port() -> int:
@@ -46,7 +54,6 @@ def _model_folder(folder: Path) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/device_tp.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the CPU check with gloo (no GPU needed)")
     parser.add_argument("--json", default=None)
@@ -62,9 +69,9 @@ def main(argv=None) -> int:
         print(f"skipped: {gpus} GPU")
         results["skipped"] = f"{gpus} GPU"
     else:
-        import tp_cases
-
         from powerfast.runtime.models import load_model
+
+        tp_cases = _tp_cases()
 
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:

@@ -28,10 +28,10 @@ per method: settings, seconds per prompt, generated tokens, tokens decoded in al
 power / plain, power-tr / plain, power-rs / power, power-ad / power, smc / plain, mcmc / power, recompute-mcmc / mcmc,
 sir / best-of-n and plain / hf-generate.
 
-    python bench/e2e.py --model tiny --max-new-tokens 32
-    python bench/e2e.py --model smollm2 --max-new-tokens 128 --block-size 32 --horizon 32 \\
+    python -m bench.e2e --model tiny --max-new-tokens 32
+    python -m bench.e2e --model smollm2 --max-new-tokens 128 --block-size 32 --horizon 32 \\
         --num-candidates 8 --top-k 4 --num-rollouts 4 --mcmc-block-size 32 --num-samples 4 --out out/e2e
-    python bench/e2e.py --model qwen2.5-1.5b --max-new-tokens 768 --budget-s 200 --out $OUT/e2e
+    python -m bench.e2e --model qwen2.5-1.5b --max-new-tokens 768 --budget-s 200 --out $OUT/e2e
 
 ``--case T:method,method`` (repeatable) runs other lengths in the same process, e.g.
 ``--case 768:hf-generate,plain,power --case 384:mcmc,recompute-mcmc``. With ``--budget-s``
@@ -56,12 +56,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
-from powerfast.core.config import (  # noqa: E402
+from powerfast.core.config import (
     SETTINGS,
     MCMCConfig,
     add_arguments,
@@ -69,9 +66,9 @@ from powerfast.core.config import (  # noqa: E402
     setting_fields,
     settings_from_arguments,
 )
-from powerfast.runtime.runner import ModelRunner  # noqa: E402
-from powerfast.samplers.factory import make_sampler  # noqa: E402
-from powerfast.samplers.prompts import encode_prompts  # noqa: E402
+from powerfast.runtime.runner import ModelRunner
+from powerfast.samplers.factory import make_sampler
+from powerfast.samplers.prompts import encode_prompts
 
 __all__ = [
     "METHODS",
@@ -651,7 +648,6 @@ def _parse_case(text: str) -> tuple[int, list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/e2e.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=MODELS, default="tiny")
     parser.add_argument("--max-new-tokens", type=int, default=32)
@@ -674,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -42,9 +42,9 @@ template). Sections:
    on a GPU. On this CPU nothing is transferred: the counts are the calls a GPU run
    would make. The call sites with the most reads are listed per method.
 
-    python bench/engine_host.py                 # about 3-5 minutes on a 2-core CPU
-    python bench/engine_host.py --quick         # fewer steps, under a minute (CI)
-    python bench/engine_host.py --json out.json # also write every number as JSON
+    python -m bench.engine_host                 # about 3-5 minutes on a 2-core CPU
+    python -m bench.engine_host --quick         # fewer steps, under a minute (CI)
+    python -m bench.engine_host --json out.json # also write every number as JSON
 """
 
 from __future__ import annotations
@@ -64,21 +64,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-import powerfast  # noqa: E402
+import powerfast
+from powerfast.runtime import models as models_module
+from powerfast.runtime.runner import ModelRunner
+from powerfast.samplers.decoding import sample_step
+from powerfast.serving.engine import Engine
+from powerfast.serving.params import SamplingParams
 
 POWERFAST_DIR = str(Path(powerfast.__file__).resolve().parent) + os.sep
-
-
-from powerfast.runtime import models as models_module  # noqa: E402
-from powerfast.runtime.runner import ModelRunner  # noqa: E402
-from powerfast.samplers.decoding import sample_step  # noqa: E402
-from powerfast.serving.engine import Engine  # noqa: E402
-from powerfast.serving.params import SamplingParams  # noqa: E402
-
 TINY_VOCAB = 256
 REAL_VOCAB = 49152
 PROMPT_LENGTH = 8
@@ -581,7 +574,6 @@ def read_sites_table(counts: list[ReadCount]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/engine_host.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps: the whole run in under a minute")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers as JSON")

@@ -1,7 +1,7 @@
 """Write ``powerfast/data/arithmetic.json``, the problems of the ``arithmetic`` task, or a split set.
 
-    python bench/make_arithmetic.py [--count 300] [--seed 20250801] [--out FILE] [--check]
-    python bench/make_arithmetic.py --set arithmetic2|multistep [--out FILE] [--check]
+    python -m bench.make_arithmetic [--count 300] [--seed 20250801] [--out FILE] [--check]
+    python -m bench.make_arithmetic --set arithmetic2|multistep [--out FILE] [--check]
 
 With ``--set`` the file is ``dumps(generate_set(SPLIT_SETS[name]))`` (its declaration fixes
 count, seed and splits), ``powerfast/data/<name>.json`` by default.
@@ -25,7 +25,6 @@ DATA_FILE = Path(__file__).resolve().parent.parent / "powerfast" / "data" / "ari
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/make_arithmetic.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=arithmetic.DEFAULT_COUNT, help="problems (default %(default)s)")
     parser.add_argument("--seed", type=int, default=arithmetic.DEFAULT_SEED, help="seed (default %(default)s)")
@@ -37,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
 
     if args.set is not None:
         if args.count != arithmetic.DEFAULT_COUNT or args.seed != arithmetic.DEFAULT_SEED:

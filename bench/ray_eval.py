@@ -9,7 +9,7 @@ the first row. Per row: wall seconds and units/s of the whole run (worker start-
 model loads included), the steady units/s (from the first recorded unit to the last, so
 start-up excluded) and the speed-up of the steady rate over one worker.
 
-    python bench/ray_eval.py --workers 1,2 --problems 40 --max-new-tokens 64
+    python -m bench.ray_eval --workers 1,2 --problems 40 --max-new-tokens 64
 
 Each Ray worker reserves ``--cpus-per-worker`` CPUs; Ray gives it that many torch threads.
 
@@ -25,14 +25,9 @@ import functools
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 WORDS = ["<unk>", "<eos>", "the", "answer", "is", "a", "b", "c", "1", "2", "3", "plus", "equals", "\\boxed{", "}"]
 
@@ -90,7 +85,6 @@ def timed_records(evaluation):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/ray_eval.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
     parser.add_argument("--problems", type=int, default=40)

@@ -1,6 +1,6 @@
 """Start-up of the ``powerfast`` command: wall time of fresh processes, and where it goes.
 
-    python bench/startup.py [--repeats 5] [--cache DIR]
+    python -m bench.startup [--repeats 5] [--cache DIR]
 
 Runs, each ``--repeats`` times in a fresh interpreter (the operating system's file cache
 warm, as for a user's second run):
@@ -50,15 +50,14 @@ def summary(values: list[float]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/startup.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", default=None, help="POWERFAST_CACHE for the runs")
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     env = dict(os.environ)
     if args.cache:
         env["POWERFAST_CACHE"] = args.cache

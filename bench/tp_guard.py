@@ -30,7 +30,6 @@ import time
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python bench/tp_guard.py`` (the docs' commands are parsed with it)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None)
     parser.add_argument("--requests", type=int, default=4)
@@ -40,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> int:
-    args = build_parser().parse_args()
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     import torch.distributed as dist
 

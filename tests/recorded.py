@@ -1,7 +1,9 @@
 """Outputs of every sampler on a tiny random Llama, recorded to catch changes of behaviour.
 
-``python tests/recorded.py`` rewrites ``tests/data/recorded_outputs.json``: do that only
-when a change of the random stream is intended (and say so in the commit). The tests in
+``python tests/recorded.py`` rewrites ``tests/data/recorded_outputs.json`` (powerfast imported
+from this checkout: installed with ``pip install -e .``, or ``PYTHONPATH=$PWD`` in the
+repository root): do that only when a change of the random stream is intended (and say so in
+the commit). The tests in
 ``test_engine.py`` compare today's ``generate`` and engine runs against the file. The file
 is recorded on the CPU with the kernels under ``TRITON_INTERPRET=1``, as the tests run
 there: other kernels (a GPU's) give logits that differ in the last bits, which can flip
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -90,7 +91,6 @@ def record() -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent.parent))
     PATH.parent.mkdir(exist_ok=True)
     PATH.write_text(json.dumps(record()) + "\n")
     print(f"wrote {PATH}")

@@ -333,14 +333,9 @@ def test_entropy_cut_settings_are_checked():
 
 
 def test_the_benchmarks_skip_check_measures_what_the_skip_would_change():
-    """bench/adaptive.py's check on a fixed decision: share, TV to the estimate, zeta ratio."""
-    import sys
-    from pathlib import Path
-
+    """bench/lab/adaptive.py's check on a fixed decision: share, TV to the estimate, zeta ratio."""
+    from bench.lab import adaptive
     from powerfast.samplers.results import BlockRecord
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import adaptive
 
     logp = [-0.01, -3.0]  # shares at alpha 4: 1 / (1 + e^-11.96) = 0.9999936...
     share = 1.0 / (1.0 + math.exp(-4 * 2.99))

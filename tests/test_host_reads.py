@@ -21,21 +21,14 @@ tensors, not of tensors that would be on the host there). The budgets, stated in
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import fresh_seed
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-from engine_host import HostReadCounter, make_prompt, tiny_model  # noqa: E402
-
-from powerfast.runtime.runner import ModelRunner  # noqa: E402
-from powerfast.serving.engine import Engine  # noqa: E402
-from powerfast.serving.params import SamplingParams  # noqa: E402
+from bench.engine_host import HostReadCounter, make_prompt, tiny_model
+from powerfast.runtime.runner import ModelRunner
+from powerfast.serving.engine import Engine
+from powerfast.serving.params import SamplingParams
 
 REQUESTS, TOKENS, BLOCK = 3, 16, 4
 SETTINGS = dict(block_size=BLOCK, num_candidates=4, top_k=2, num_rollouts=2, horizon=4, mcmc_steps=2,
@@ -79,9 +72,8 @@ def test_the_counter_sees_reads_of_cpu_tensors(runner, monkeypatch):
     """The counter is not blind on the CPU: a ``.tolist()`` of the active rows per token,
     planted in the decode loop (code compiled under decoding.py's file name), shows up
     as one more read per step."""
-    import engine_host
-
     import powerfast.samplers.decoding as decoding
+    from bench import engine_host
 
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
     params = SamplingParams(method="plain", ignore_eos=True, max_tokens=8, seed=1)

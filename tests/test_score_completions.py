@@ -1,21 +1,18 @@
-"""bench/score_completions.py: log p(completion | prompt) against a float64 token-by-token
+"""bench/lab/score_completions.py: log p(completion | prompt) against a float64 token-by-token
 reference, and the per-arm comparison against a baseline's completions."""
 
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import fresh_seed
+from test_cli import WORDS, tiny_model_dir  # noqa: F401 - the same tiny model folder as the CLI tests
 from transformers import AutoModelForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import score_completions  # noqa: E402
-from test_cli import WORDS, tiny_model_dir  # noqa: E402,F401 - the same tiny model folder as the CLI tests
+from bench.lab import score_completions
 
 
 def reference_logprob(model, prompt_ids, completion_ids) -> float:

@@ -1,19 +1,17 @@
-"""bench/study.py: compute-matched best-of-N and sir, the combined folder, resuming, and a tiny study end to end."""
+"""bench/lab/study.py: compute-matched best-of-N and sir, the combined folder, resuming, and a tiny study end to end."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from test_cli import tiny_model_dir  # noqa: F401 - the same tiny model folder as the CLI tests
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import study  # noqa: E402
-from powerfast.evaluation.compare import compare  # noqa: E402
-from powerfast.evaluation.tasks import load_task  # noqa: E402
+from bench.lab import study
+from powerfast.evaluation.compare import compare
+from powerfast.evaluation.tasks import load_task
 
 FIXTURE = Path(__file__).parent / "fixtures" / "math3.jsonl"
-from test_cli import tiny_model_dir  # noqa: E402,F401 - the same tiny model folder as the CLI tests
+BENCH = Path(__file__).resolve().parents[1] / "bench"  # the study specs stay beside the lab, not in it
 
 
 def record(pid, method, decoded=None, num_tokens=5, correct=False, seed=0):
@@ -389,11 +387,11 @@ def test_a_tiny_study_end_to_end(tiny_model_dir, tmp_path, capsys):  # noqa: F81
 def test_the_arithmetic_study_spec_loads_and_its_commands_parse(tmp_path, capsys):
     """bench/study_arithmetic.json (the evidence study): every arm's command parses with
     powerfast eval's own parser (the dry run), the power arms get matched best-of-N arms."""
-    spec = study.load_spec(json.loads((Path(study.__file__).parent / "study_arithmetic.json").read_text()))
+    spec = study.load_spec(json.loads((BENCH / "study_arithmetic.json").read_text()))
     assert spec.task == "arithmetic" and len(load_task(spec.task).problems) >= 300
     assert sorted(a.name for a in spec.arms if a.match) == ["power-adaptive", "power-base", "power-resampled",
                                                                 "power-tempered"]
-    assert study.main([str(Path(study.__file__).parent / "study_arithmetic.json"), "--out", str(tmp_path / "s"),
+    assert study.main([str(BENCH / "study_arithmetic.json"), "--out", str(tmp_path / "s"),
                        "--dry-run"]) == 0
     out = capsys.readouterr()
     text = out.out + out.err

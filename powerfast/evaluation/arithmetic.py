@@ -12,7 +12,7 @@ by :data:`ANSWER_INSTRUCTION`; no prompt occurs twice. Answers are graded exactl
 :func:`powerfast.evaluation.grading.integer_answer`.
 
 The shipped set, ``powerfast/data/arithmetic.json``, is ``dumps(generate())``, written by
-``python bench/make_arithmetic.py``. Its 300 problems were studied (bench/studies/arithmetic):
+``python -m bench.make_arithmetic``. Its 300 problems were studied (bench/studies/arithmetic):
 they are spent for choosing settings.
 
 **Split sets** (:data:`SPLIT_SETS`): fresh problems for validation-then-test studies, each
@@ -21,7 +21,7 @@ problems the validation split and the rest the test split (fixed in the data fil
 ``split``). ``arithmetic2`` is single-step again, with wider ranges (the spent set used up
 most of the small ones) and none of the spent prompts; ``multistep`` holds two- and
 three-step problems answered with worked steps (``(a + b) * c - d``). Both are written by
-``python bench/make_arithmetic.py --set NAME``; tasks ``NAME-val`` and ``NAME-test`` load
+``python -m bench.make_arithmetic --set NAME``; tasks ``NAME-val`` and ``NAME-test`` load
 them (:func:`powerfast.evaluation.tasks.load_task`). Every set has two prompt formats
 (:func:`format_prompt`): ``chat`` (the question and an instruction, for an
 instruction-tuned model under its chat template) and ``fewshot`` (plain text: three worked

@@ -464,61 +464,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidate-proposals", default=None, metavar="L,...",
                         help="add block-level rows with base and tempered candidate proposals at these L "
                              "(K = min(2, L), B = ceil(T / 2), M = 8 tempered rollouts), e.g. 2,4,8")
-    study = parser.add_argument_group("the horizon study on the embedded model (resumable: rerun to continue)")
-    study.add_argument("--horizon-study", default=None, metavar="PATH.jsonl",
-                       help="run (or continue) the spread of log zeta_hat per estimator, H and M; lines go to PATH")
-    study.add_argument("--study-horizons", default="4,8,16,32,64", help="H values (default 4,8,16,32,64)")
-    study.add_argument("--study-rollouts", default="4,16,64,256", help="M values (default 4,16,64,256)")
-    study.add_argument("--study-estimators", default="base,tempered,resampled",
-                       help="base, tempered, resampled (every 8 tokens) (default all three)")
-    study.add_argument("--study-replicates", type=int, default=8,
-                       help="replicates per cell below M = 256 (default 8; 3 from M = 256 on)")
-    study.add_argument("--study-max-rows", type=int, default=1024,
-                       help="rollouts decoded at once at most (bounds the KV memory; default 1024)")
-    study.add_argument("--study-decisions", default=None, metavar="LIST",
-                       help="draw only these decisions (0-3; default all): processes on copies of PATH split "
-                            "the cells, and their lines together are what one process would have drawn")
-    study.add_argument("--study-summary-only", action="store_true",
-                       help="print the table of what PATH holds, run nothing")
-
-
-def _horizon_study(args: argparse.Namespace) -> str:
-    from powerfast.evaluation import horizon_study
-
-    if not args.study_summary_only:
-        # every setting is checked before the model loads
-        rows = args.study_max_rows
-        if rows < 1:
-            raise ValueError(f"--study-max-rows must be >= 1, got {rows}")
-        horizons = _ints(args.study_horizons, "--study-horizons")
-        rollouts = _ints(args.study_rollouts, "--study-rollouts")
-        estimators = [e.strip() for e in args.study_estimators.split(",") if e.strip()]
-        horizon_study.cells(estimators, horizons, rollouts, args.study_replicates)
-        decisions = None if args.study_decisions is None else horizon_study.check_decisions(
-            _ints(args.study_decisions, "--study-decisions"))
-        from powerfast.runtime.models import load_model
-        from powerfast.runtime.runner import ModelRunner
-
-        model, tokenizer = load_model(None)
-        # the KV pool: every rollout of a batch with its whole horizon, the prompts shared
-        runner = ModelRunner(model, max_memory=max(512, rows * (max(horizons) + 64) * _kv_bytes_per_token(model)
-                                                   >> 20) << 20)
-        horizon_study.run_study(args.horizon_study, runner, tokenizer, horizons=horizons,
-                                rollouts=rollouts, estimators=estimators,
-                                replicates=args.study_replicates, seed=args.seed, max_rows=rows,
-                                decisions=decisions,
-                                progress=lambda line: print(line, file=sys.stderr, flush=True))
-    lines = horizon_study.read_lines(args.horizon_study)
-    if not lines:
-        raise ValueError(f"{args.horizon_study} holds no study lines yet")
-    return horizon_study.format_summary(horizon_study.summarise(lines))
-
-
-def _kv_bytes_per_token(model) -> int:
-    config = model.config
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
 
 
 def _parse_model(text: str) -> ModelSpec:
@@ -558,9 +503,6 @@ def run(args: argparse.Namespace) -> int:
     if args.zeta_variance:
         print()
         print(format_zeta_variance(zeta_variance_rows()))
-    if args.horizon_study:
-        print()
-        print(_horizon_study(args))
     if args.rollout_ess:
         print()
         proposals = [p.strip() for p in args.rollout_proposals.split(",") if p.strip()]

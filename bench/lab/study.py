@@ -74,7 +74,7 @@ own files are never modified), and ``powerfast compare`` runs on ``STUDY_DIR/com
 ``STUDY_DIR/comparison.txt`` and stdout, ``comparison.json`` and
 ``accuracy_vs_decoded_tokens.png`` into the combined task folder.
 
-    python bench/study.py study.json --out runs/study [--baseline plain] [--dry-run]
+    python -m bench.lab.study study.json --out runs/study [--baseline plain] [--dry-run]
 
 ``--dry-run`` prints each arm, how many of its units are recorded, and its
 ``powerfast eval`` command (a matched best-of-N's or sir's ``--num-samples`` once both means
@@ -95,12 +95,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 __all__ = ["MATCHED_BASELINES", "Arm", "MatchedBaseline", "Study", "arm_argv", "arm_identity", "choose_num_samples",
-           "combine", "identity_changes", "load_spec", "main", "matched_arm", "matched_num_samples",
+           "build_parser", "combine", "identity_changes", "load_spec", "main", "matched_arm", "matched_num_samples",
            "mean_decoded_tokens", "read_arm_records", "run_study", "settings_argv"]
 
 #: Arms whose method is one of these are matched when ``match_best_of_n`` (``match_sir``) is ``true``.
@@ -678,15 +674,19 @@ def _write_manifest(study_dir: Path, manifest: Mapping) -> None:
     (study_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.lab.study", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", help="the study's JSON file")
     parser.add_argument("--out", required=True, metavar="STUDY_DIR", help="the study's folder (rerun to resume)")
     parser.add_argument("--baseline", default=None, metavar="ARM",
                         help="the arm the comparison tests the others against (default: the spec's, else plain)")
     parser.add_argument("--dry-run", action="store_true", help="print the arms and their commands; run nothing")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         run_study(args.spec, args.out, baseline=args.baseline, dry_run=args.dry_run)
     except (ValueError, RuntimeError, FileNotFoundError) as error:

@@ -8,7 +8,7 @@ are more likely and still wrong, the target itself prefers the wrong answers and
 can help. This script tells the two apart on an eval's records (validation records only: reading
 the test split's answers this way is for after the test):
 
-    python bench/score_completions.py --model default --baseline greedy \\
+    python -m bench.lab.score_completions --model default --baseline greedy \\
         bench/studies/validation/smollm2-multistep-pass3/arms/greedy \\
         bench/studies/validation/smollm2-multistep-pass3/arms/block-tempered-a8-k4 [--json out.json]
 
@@ -29,11 +29,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-__all__ = ["completion_logprob", "load_records", "main", "summarise"]
+__all__ = ["build_parser", "completion_logprob", "load_records", "main", "summarise"]
 
 
 def completion_logprob(model, prompt_ids: list[int], completion_ids: list[int]) -> float:
@@ -83,12 +79,18 @@ def summarise(scores: dict[str, dict[str, dict]], baseline: str) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.lab.score_completions",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("arms", nargs="+", type=Path, help="arm folders (<arm>/<task>/*.jsonl)")
     parser.add_argument("--model", default="default", help="a model folder, .gguf, named model, or 'default'")
     parser.add_argument("--baseline", default=None, help="the arm (folder name) to compare with (default: the first)")
     parser.add_argument("--json", type=Path, default=None, help="write every record's score here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     from powerfast.runtime.models import load_model
 

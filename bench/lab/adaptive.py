@@ -6,7 +6,7 @@ with the same seed and report per generated token the tokens the model decoded a
 sequential forwards (both counts, the same on every machine), how many decisions each rule
 settled, and the wall time (this machine only).
 
-    python bench/adaptive.py [--setting main|paper32] [--max-new-tokens 256] [--json out.json]
+    python -m bench.lab.adaptive [--setting main|paper32] [--max-new-tokens 256] [--json out.json]
 
 ``main``: B = 32, L = 8, K = 4, M = 4, H = 32 (README command 1); ``paper32``: L = 32,
 K = M = 8, B = H = 32. Variants: skip_share 0.99; rounds of 2 rollouts at tolerance 0.05;
@@ -91,8 +91,8 @@ def measure(model, tokenizer, setting: dict, extra: dict, max_new_tokens: int, s
                 forwards_per_token=forwards / generated, rules=dict(rules), seconds=seconds, skip_check=checks)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.lab.adaptive", description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="main")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--entropy", type=float, default=2.5, help="entropy_cut of the cut variants (nats)")
@@ -102,6 +102,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--variants", default=None,
                         help="comma-separated variant names to run (default all; 'fixed' prints the skip check)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     from powerfast.runtime.models import load_model
 

@@ -22,20 +22,30 @@ alpha x log-probability gaps between the candidates (what the estimate must reso
 how often the argmax of the estimated choice distribution (alpha log p + log zeta_hat) of
 one replicate agrees with the reference argmax at the largest M (its replicates' mean log
 zeta_hat).
+
+    python -m bench.lab.horizon_study bench/horizon_study.jsonl [--horizons 4,8,16,32,64]
+        [--rollouts 4,16,64,256] [--estimators base,tempered,resampled] [--replicates 8]
+        [--max-rows 1024] [--decisions 0,1] [--seed 0] [--summary-only]
+
+runs (or continues) the study on the embedded model, then prints the table of what the file
+holds; ``--summary-only`` prints the table and runs nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["STUDY_PROMPTS", "ESTIMATORS", "cells", "run_study", "read_lines", "summarise", "format_summary"]
+__all__ = ["STUDY_PROMPTS", "ESTIMATORS", "cells", "run_study", "read_lines", "summarise", "format_summary",
+           "build_parser", "main"]
 
 STUDY_PROMPTS = (
     "What is 17 * 23? Think step by step.",
@@ -275,3 +285,83 @@ def format_summary(summary: dict) -> str:
     for decision, gaps in sorted(summary["gaps"].items()):
         lines.append(f"- decision {decision}: " + ", ".join(f"{g:.2f}" for g in gaps))
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ command
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    """``"4,16, 64"`` as [4, 16, 64]; ValueError naming ``flag`` for anything else."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not all(item.lstrip("+-").isdigit() for item in items):
+        raise ValueError(f"{flag} wants comma-separated integers, got {text!r}")
+    return [int(item) for item in items]
+
+
+def _kv_bytes_per_token(model) -> int:
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * next(model.parameters()).element_size()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.lab.horizon_study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("path", metavar="PATH.jsonl",
+                        help="the study's lines: run (or continue) the cells missing there (rerun to resume)")
+    parser.add_argument("--horizons", default="4,8,16,32,64", help="H values (default 4,8,16,32,64)")
+    parser.add_argument("--rollouts", default="4,16,64,256", help="M values (default 4,16,64,256)")
+    parser.add_argument("--estimators", default="base,tempered,resampled",
+                        help="base, tempered, resampled (every 8 tokens) (default all three)")
+    parser.add_argument("--replicates", type=int, default=8, help="per cell below M = 256 (default 8; 3 from M = 256 on)")
+    parser.add_argument("--max-rows", type=int, default=1024,
+                        help="rollouts decoded at once at most (bounds the KV memory; default 1024)")
+    parser.add_argument("--decisions", default=None, metavar="LIST",
+                        help="draw only these decisions (0-3; default all): processes on copies of PATH split "
+                             "the cells, and their lines together are what one process would have drawn")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--summary-only", action="store_true", help="print the table of what PATH holds, run nothing")
+    return parser
+
+
+def run(args: argparse.Namespace) -> str:
+    """Run (or continue) the study ``args`` describe on the embedded model, unless
+    ``--summary-only``; the table of what the file then holds."""
+    if not args.summary_only:
+        # every setting is checked before the model loads
+        rows = args.max_rows
+        if rows < 1:
+            raise ValueError(f"--max-rows must be >= 1, got {rows}")
+        horizons = _ints(args.horizons, "--horizons")
+        rollouts = _ints(args.rollouts, "--rollouts")
+        estimators = [e.strip() for e in args.estimators.split(",") if e.strip()]
+        cells(estimators, horizons, rollouts, args.replicates)
+        decisions = None if args.decisions is None else check_decisions(_ints(args.decisions, "--decisions"))
+        from powerfast.runtime.models import load_model
+        from powerfast.runtime.runner import ModelRunner
+
+        model, tokenizer = load_model(None)
+        # the KV pool: every rollout of a batch with its whole horizon, the prompts shared
+        runner = ModelRunner(model, max_memory=max(512, rows * (max(horizons) + 64) * _kv_bytes_per_token(model)
+                                                   >> 20) << 20)
+        run_study(args.path, runner, tokenizer, horizons=horizons, rollouts=rollouts, estimators=estimators,
+                  replicates=args.replicates, seed=args.seed, max_rows=rows, decisions=decisions,
+                  progress=lambda line: print(line, file=sys.stderr, flush=True))
+    lines = read_lines(args.path)
+    if not lines:
+        raise ValueError(f"{args.path} holds no study lines yet")
+    return format_summary(summarise(lines))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        print(run(args))
+    except ValueError as error:
+        print(f"horizon_study: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
