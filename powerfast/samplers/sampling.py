@@ -119,15 +119,14 @@ class Launch(NamedTuple):
     was_active: torch.Tensor
 
 
-class _Split:
-    """The (rows,) outputs of one launch over many Samples, split into each Sample's rows
-    when a reply first reads that field: a field no program reads is never split."""
+class _LogProbs:
+    """A launch's (rows,) base, tempered and log-power-sum outputs, each split into the
+    Samples' rows when a reply first reads it (a loop at temperature 1 reads none)."""
 
-    __slots__ = ("fields", "sizes", "parts")
+    __slots__ = ("sizes", "fields", "parts")
 
-    def __init__(self, fields: tuple, sizes: list[int]) -> None:
-        self.fields, self.sizes = fields, sizes
-        self.parts: list = [None] * len(fields)
+    def __init__(self, sizes: list[int], *fields: torch.Tensor) -> None:
+        self.sizes, self.fields, self.parts = sizes, fields, [None] * len(fields)
 
     def part(self, field: int, index: int) -> torch.Tensor:
         parts = self.parts[field]
@@ -137,21 +136,23 @@ class _Split:
 
 
 class _SplitReply:
-    """A :class:`Sampled` of one Sample of a shared launch, its fields read from the
-    launch's tensors on first use (the same views ``Sampled`` would hold)."""
+    """A :class:`Sampled` of one Sample of a shared launch: the fields every decode loop
+    reads at every step (tokens, was_active, active, logliks) are its rows of the launch's
+    tensors; the log-probs are read through :class:`_LogProbs`."""
 
-    __slots__ = ("_split", "_index")
+    __slots__ = ("tokens", "was_active", "active", "logliks", "_logprobs", "_index")
 
-    def __init__(self, split: _Split, index: int) -> None:
-        self._split, self._index = split, index
+    def __init__(self, logprobs: _LogProbs, index: int, tokens, was_active, active, logliks) -> None:
+        self.tokens, self.was_active, self.active, self.logliks = tokens, was_active, active, logliks
+        self._logprobs, self._index = logprobs, index
+
+    base_logprobs = property(lambda self: self._logprobs.part(0, self._index))
+    tempered_logprobs = property(lambda self: self._logprobs.part(1, self._index))
+    log_power_sums = property(lambda self: self._logprobs.part(2, self._index))
 
     def _replace(self, **fields) -> Sampled:
         """A :class:`Sampled` of these fields, ``fields`` replaced (as ``Sampled._replace``)."""
         return Sampled(*(getattr(self, name) for name in Sampled._fields))._replace(**fields)
-
-
-for _position, _name in enumerate(Sampled._fields):
-    setattr(_SplitReply, _name, property(lambda self, _field=_position: self._split.part(_field, self._index)))
 
 
 def sample_all(samples: list[Sample]) -> list[Sampled]:
@@ -160,8 +161,8 @@ def sample_all(samples: list[Sample]) -> list[Sampled]:
     temperature and EOS id its own launch would give it, so the same tokens). The logits
     are used in place when they are consecutive rows of one tensor (the engine's decode
     forward), else concatenated; the per-row offsets, temperatures and EOS ids go to the
-    device in one upload. Each reply's fields are views of the launch's tensors, made when
-    first read."""
+    device in one upload. The replies' fields are views of the launch's tensors (the
+    log-probs made when first read)."""
     return sample_launch(samples).replies
 
 
@@ -194,5 +195,7 @@ def sample_launch(samples: list[Sample]) -> Launch:
     logliks = torch.cat([s.logliks for s in samples])
     out = ops.sample_rows(logits, offsets=params[0], temperatures=params[2].view(torch.float64),
                           eos_token_ids=params[1], active=active, logliks=logliks)
-    split = _Split((*out, was_active, active, logliks), sizes)
-    return Launch([_SplitReply(split, index) for index in range(len(samples))], out[0], was_active)
+    tokens, base, tempered, log_power_sums = out
+    logprobs = _LogProbs(sizes, base, tempered, log_power_sums)
+    state = zip(*(torch.split(t, sizes) for t in (tokens, was_active, active, logliks)))
+    return Launch([_SplitReply(logprobs, index, *rows) for index, rows in enumerate(state)], tokens, was_active)

@@ -443,15 +443,13 @@ class Engine:
             for request in requests:
                 outputs.append(self._fail(request, error))
             return
-        start = 0
-        for request in requests:
-            n = len(request.pending.seqs)
+        sizes = [len(request.pending.seqs) for request in requests]
+        for request, n, rows in zip(requests, sizes, torch.split(logits, sizes)):
             self.last_step_rows[request.id] = n
             request.decoded += n
             request.forwards += 1
             request.forward_rows += n
-            self._advance(request, logits[start : start + n], outputs)
-            start += n
+            self._advance(request, rows, outputs)
 
     def _run_samples(self, outputs: list[RequestOutput]) -> None:
         """Answer every program that waits on a Sample, all rows in one launch, and run
