@@ -10,6 +10,7 @@ import random
 import pytest
 from conftest import fresh_seed
 import recorded
+from test_engine import CharTokenizer
 import torch
 
 from powerfast.samplers.sampling import Sample, Sampled, sample_all, sample_launch
@@ -22,18 +23,6 @@ VOCAB = 32
 @pytest.fixture(scope="module")
 def model():
     return recorded.tiny_model()
-
-
-class CharTokenizer:
-    """Token id t is the letter chr(97 + t); EOS (5) is special and decodes to nothing."""
-
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [ord(c) - 97 for c in text]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + t) for t in ids if not (skip_special_tokens and t == 5))
 
 
 def random_samples(rng: random.Random, count: int, shared_logits: bool) -> list[Sample]:

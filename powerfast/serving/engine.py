@@ -153,6 +153,8 @@ class Engine:
         self.last_step_positions: dict[str, int] = {}
         """With ``sampled`` on: the positions each request's rows held in the last step's
         decode forward, summed (its sequences' lengths before the new token)."""
+        self._launches: list[Launch] = []  # the sampling launches of the running step
+        self._launched_rows = 0  # their rows so far: a streamed Sample's first row is read at its place
         self._fault = faults.from_env()  # test-only (powerfast/serving/faults.py); None normally
 
     # ------------------------------------------------------------------ requests
@@ -316,8 +318,7 @@ class Engine:
             if self.sampled is not None:
                 self.sampled.clear()
                 self.sampled_host = None
-            self._launches: list[Launch] = []  # this step's sampling launches
-            self._launched_rows = 0  # their rows so far
+            self._launches, self._launched_rows = [], 0
             outputs = self._take_ready()
             self._apply_deferred_aborts(outputs)
             self._admit(outputs, admit)
