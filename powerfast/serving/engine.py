@@ -572,7 +572,7 @@ class Engine:
             return
         yielded = [m if m.tokens.shape[0] == 1 else Tokens(m.tokens[:1], m.live[:1])
                    for _, m in flat if not isinstance(m, int)]
-        launched = sum(launch.tokens.shape[0] for launch in launches) if launches else 0
+        launched = sum(launch.tokens.shape[0] for launch in launches)
         # one device-to-host copy: the launches' tokens, then the yielded ones, the live flags in the
         # same order, then the guard's tokens
         parts = ([launch.tokens for launch in launches] + [m.tokens for m in yielded]
