@@ -24,7 +24,7 @@ import torch
 from powerfast.core import ops
 from powerfast.runtime import custom_ops as library
 
-__all__ = ["SEED_MIX", "Sample", "Sampled", "sample_all", "row_offsets"]
+__all__ = ["SEED_MIX", "Launch", "Sample", "Sampled", "sample_all", "sample_launch", "row_offsets"]
 
 SEED_MIX = -7046029254386353131
 """0x9E3779B97F4A7C15 as a signed int64 (wrapping multiply): spreads seeds over offsets."""
@@ -109,15 +109,69 @@ def _same_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((rows, vocab), (row_stride, 1), first.storage_offset())
 
 
+class Launch(NamedTuple):
+    """What one launch answered: ``replies``, one per Sample in order, and the launch's own
+    (rows,) ``tokens`` and ``was_active`` over all their rows (Sample ``i``'s rows follow
+    those of the Samples before it): what a driver reads to the host once for everyone."""
+
+    replies: list
+    tokens: torch.Tensor
+    was_active: torch.Tensor
+
+
+class _LogProbs:
+    """A launch's (rows,) base, tempered and log-power-sum outputs, each split into the
+    Samples' rows when a reply first reads it (a loop at temperature 1 reads none)."""
+
+    __slots__ = ("sizes", "fields", "parts")
+
+    def __init__(self, sizes: list[int], *fields: torch.Tensor) -> None:
+        self.sizes, self.fields, self.parts = sizes, fields, [None] * len(fields)
+
+    def part(self, field: int, index: int) -> torch.Tensor:
+        parts = self.parts[field]
+        if parts is None:
+            parts = self.parts[field] = torch.split(self.fields[field], self.sizes)
+        return parts[index]
+
+
+class _SplitReply:
+    """A :class:`Sampled` of one Sample of a shared launch: the fields every decode loop
+    reads at every step (tokens, was_active, active, logliks) are its rows of the launch's
+    tensors; the log-probs are read through :class:`_LogProbs`."""
+
+    __slots__ = ("tokens", "was_active", "active", "logliks", "_logprobs", "_index")
+
+    def __init__(self, logprobs: _LogProbs, index: int, tokens, was_active, active, logliks) -> None:
+        self.tokens, self.was_active, self.active, self.logliks = tokens, was_active, active, logliks
+        self._logprobs, self._index = logprobs, index
+
+    base_logprobs = property(lambda self: self._logprobs.part(0, self._index))
+    tempered_logprobs = property(lambda self: self._logprobs.part(1, self._index))
+    log_power_sums = property(lambda self: self._logprobs.part(2, self._index))
+
+    def _replace(self, **fields) -> Sampled:
+        """A :class:`Sampled` of these fields, ``fields`` replaced (as ``Sampled._replace``)."""
+        return Sampled(*(getattr(self, name) for name in Sampled._fields))._replace(**fields)
+
+
 def sample_all(samples: list[Sample]) -> list[Sampled]:
     """Answer every Sample: one alone with :func:`_sample_one`; several in ONE launch of
     :func:`powerfast.core.ops.sample_rows` over all their rows (each row keeps the offset,
     temperature and EOS id its own launch would give it, so the same tokens). The logits
     are used in place when they are consecutive rows of one tensor (the engine's decode
     forward), else concatenated; the per-row offsets, temperatures and EOS ids go to the
-    device in one upload."""
+    device in one upload. The replies' fields are views of the launch's tensors (the
+    log-probs made when first read)."""
+    return sample_launch(samples).replies
+
+
+def sample_launch(samples: list[Sample]) -> Launch:
+    """:func:`sample_all`, with the launch's tokens and live rows as whole tensors besides
+    the replies (the engine reads the streamed rows from them, one copy for all)."""
     if len(samples) == 1:
-        return [_sample_one(samples[0])]
+        reply = _sample_one(samples[0])
+        return Launch([reply], reply.tokens, reply.was_active)
     device = samples[0].logits.device
     logits = _same_rows([s.logits for s in samples])
     if logits is None:
@@ -141,6 +195,7 @@ def sample_all(samples: list[Sample]) -> list[Sampled]:
     logliks = torch.cat([s.logliks for s in samples])
     out = ops.sample_rows(logits, offsets=params[0], temperatures=params[2].view(torch.float64),
                           eos_token_ids=params[1], active=active, logliks=logliks)
-    parts = [torch.split(t, sizes) for t in (*out, was_active, active, logliks)]
-    replies = [Sampled(*fields) for fields in zip(*parts)]
-    return replies
+    tokens, base, tempered, log_power_sums = out
+    logprobs = _LogProbs(sizes, base, tempered, log_power_sums)
+    state = zip(*(torch.split(t, sizes) for t in (tokens, was_active, active, logliks)))
+    return Launch([_SplitReply(logprobs, index, *rows) for index, rows in enumerate(state)], tokens, was_active)

@@ -52,7 +52,7 @@ import torch
 
 from powerfast.samplers.program import Decode, Final, Prefill, Tokens
 from powerfast.samplers.prompts import PromptError, check_fits, encode_prompt
-from powerfast.samplers.sampling import Sample, sample_all
+from powerfast.samplers.sampling import Launch, Sample, sample_launch
 from powerfast.serving import faults
 from powerfast.serving.detokenizer import IncrementalDetokenizer
 from powerfast.serving.errors import InvalidRequestError, QueueFullError, RequestTooLargeError
@@ -153,6 +153,8 @@ class Engine:
         self.last_step_positions: dict[str, int] = {}
         """With ``sampled`` on: the positions each request's rows held in the last step's
         decode forward, summed (its sequences' lengths before the new token)."""
+        self._launches: list[Launch] = []  # the sampling launches of the running step
+        self._launched_rows = 0  # their rows so far: a streamed Sample's first row is read at its place
         self._fault = faults.from_env()  # test-only (powerfast/serving/faults.py); None normally
 
     # ------------------------------------------------------------------ requests
@@ -316,6 +318,7 @@ class Engine:
             if self.sampled is not None:
                 self.sampled.clear()
                 self.sampled_host = None
+            self._launches, self._launched_rows = [], 0
             outputs = self._take_ready()
             self._apply_deferred_aborts(outputs)
             self._admit(outputs, admit)
@@ -428,7 +431,7 @@ class Engine:
             seqs, tokens = requests[0].pending
         else:
             seqs = [s for r in requests for s in r.pending.seqs]
-            tokens = torch.cat([self._token_tensor(r.pending.tokens) for r in requests])
+            tokens = self._joined_tokens([r.pending.tokens for r in requests])
         if self.sampled is not None:  # the step guard's positions (host ints, no sync)
             for request in requests:
                 self.last_step_positions[request.id] = sum(
@@ -441,15 +444,13 @@ class Engine:
             for request in requests:
                 outputs.append(self._fail(request, error))
             return
-        start = 0
-        for request in requests:
-            n = len(request.pending.seqs)
+        sizes = [len(request.pending.seqs) for request in requests]
+        for request, n, rows in zip(requests, sizes, torch.split(logits, sizes)):
             self.last_step_rows[request.id] = n
             request.decoded += n
             request.forwards += 1
             request.forward_rows += n
-            self._advance(request, logits[start : start + n], outputs)
-            start += n
+            self._advance(request, rows, outputs)
 
     def _run_samples(self, outputs: list[RequestOutput]) -> None:
         """Answer every program that waits on a Sample, all rows in one launch, and run
@@ -460,23 +461,40 @@ class Engine:
             if not waiting:
                 return
             try:
-                replies = sample_all([r.pending for r in waiting])
+                launch = sample_launch([r.pending for r in waiting])
             except Exception as error:  # noqa: BLE001 - the requests end, the engine goes on
                 if self.forward_errors_are_fatal:
                     raise
                 for request in waiting:
                     outputs.append(self._fail(request, error))
                 return
+            replies = launch.replies
             if self._fault is not None:
                 replies = self._fault.after_sampling(self.num_steps, replies, self.vocab_size)
+                launch = launch._replace(tokens=torch.cat([reply.tokens for reply in replies]))
             if self.sampled is not None:
                 self.sampled.extend((request.id, reply.tokens) for request, reply in zip(waiting, replies))
             self.sample_launches += 1
             self.last_step_sample_launches += 1
+            row = self._launched_rows
+            self._launches.append(launch)
             for request, reply in zip(waiting, replies):
-                if request.pending.stream:  # read after the step, all requests' at once
-                    request.streamed.append(Tokens(reply.tokens, reply.was_active))
+                pending = request.pending
+                if pending.stream:  # read after the step, all requests' at once: its first row's place
+                    request.streamed.append(row)
+                row += pending.logits.shape[0]
                 self._advance(request, reply, outputs)
+            self._launched_rows = row
+
+    def _joined_tokens(self, tokens: list) -> torch.Tensor:
+        """The decode forward's (rows,) int64 input: every request's Decode tokens, in order.
+        The sampled tokens a decode loop feeds back are 1-D int64 tensors on the device,
+        joined in one ``cat``; anything else is converted first."""
+        device = self.device
+        if all(type(t) is torch.Tensor and t.dim() == 1 and t.dtype == torch.long and t.device == device
+               for t in tokens):
+            return torch.cat(tokens)
+        return torch.cat([self._token_tensor(t) for t in tokens])
 
     def _token_tensor(self, tokens) -> torch.Tensor:
         if isinstance(tokens, torch.Tensor):
@@ -540,27 +558,40 @@ class Engine:
         """Append the tokens the running decode loops sampled this step (one device-to-host
         copy for all requests) and report them; a request whose token is one of its EOS ids
         or completes a stop string ends here, without decoding further. With ``sampled`` on,
-        every token the step sampled rides on the same copy (``sampled_host``, for the guard)."""
+        every token the step sampled rides on the same copy (``sampled_host``, for the guard).
+
+        A streamed Sample left its first row's place among the step's launched rows
+        (``request.streamed``: an int), read from the launches' whole token and live tensors;
+        a ``Tokens`` yield its own tensors (their first row: a streaming loop has one row)."""
+        launches, self._launches, self._launched_rows = self._launches, [], 0
         flat = [(r, m) for r in self._running for m in r.streamed]
         guarded = [t.reshape(-1).to(torch.long) for _, t in self.sampled] if self.sampled else []
         if not flat:
             if guarded:
                 self.sampled_host = torch.cat(guarded).tolist()
             return
-        # one device-to-host copy: every streamed row's token and whether it was live, side by side
-        # (a streaming loop has one row: the request's one output), then the guard's tokens
-        first = [(m.tokens, m.live) if m.tokens.shape[0] == 1 else (m.tokens[:1], m.live[:1]) for _, m in flat]
-        host = torch.cat([torch.cat([t for t, _ in first]).to(torch.long),
-                          torch.cat([a for _, a in first]).to(torch.long), *guarded]).tolist()
-        count = len(first)
-        tokens, live = host[:count], host[count : 2 * count]
+        yielded = [m if m.tokens.shape[0] == 1 else Tokens(m.tokens[:1], m.live[:1])
+                   for _, m in flat if not isinstance(m, int)]
+        launched = sum(launch.tokens.shape[0] for launch in launches)
+        # one device-to-host copy: the launches' tokens, then the yielded ones, the live flags in the
+        # same order, then the guard's tokens
+        parts = ([launch.tokens for launch in launches] + [m.tokens for m in yielded]
+                 + [launch.was_active for launch in launches] + [m.live for m in yielded])
+        count = launched + len(yielded)
+        host = torch.cat([torch.cat(parts[: len(parts) // 2]).to(torch.long),
+                          torch.cat(parts[len(parts) // 2 :]).to(torch.long), *guarded]).tolist()
         if guarded:
             self.sampled_host = host[2 * count :]
         touched: dict[str, Request] = {}
-        for (request, _), token, alive in zip(flat, tokens, live):
+        position = launched  # the next yielded row
+        for request, streamed in flat:
             request.streamed = []
-            if alive and not (request.token_ids and request.token_ids[-1] in request.eos):
-                request.token_ids.append(int(token))
+            if isinstance(streamed, int):
+                row = streamed
+            else:
+                row, position = position, position + 1
+            if host[count + row] and not (request.token_ids and request.token_ids[-1] in request.eos):
+                request.token_ids.append(host[row])
                 touched[request.id] = request
         for request in touched.values():
             ended = request.token_ids[-1] in request.eos

@@ -71,4 +71,4 @@ class Request:
         self.first_token: float | None = None
         self.stopped_by_string = False
         self.eos: tuple[int, ...] = ()
-        self.streamed: list[Tokens] = []  # this step's sampled tokens, still on the device
+        self.streamed: list[Tokens | int] = []  # this step's sampled tokens: yielded, or a launched row's place
