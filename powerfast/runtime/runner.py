@@ -10,7 +10,7 @@ keyword arguments.
 - prefill / extend: the new tokens of all sequences packed into ``input_ids (1, T)``
   (ragged, no padding), ``logits_to_keep`` = the positions wanted.
 
-Sequences are handles (:class:`powerfast.runtime.cache.Sequence`); ``fork`` shares the KV
+Sequences are handles (:class:`powerfast.runtime.cache.KVSequence`); ``fork`` shares the KV
 blocks of a prefix, ``free`` releases them.
 
 **Device-resident metadata.** Each live sequence owns a row of two persistent device
@@ -36,8 +36,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
-from collections.abc import Sequence as SequenceABC
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +44,9 @@ import torch
 from powerfast.core import ops
 from powerfast.runtime import attention, parallel
 from powerfast.runtime.attention import CONTEXT_KWARG, PagedAttentionContext
-from powerfast.runtime.cache import CacheConfig, PagedKVCache, Sequence
+from powerfast.runtime.cache import CacheConfig, KVSequence, PagedKVCache
 
-__all__ = ["BATCH_BUCKETS", "DecodeBatch", "ModelRunner", "RunnerConfig", "Sequence", "check_supported"]
+__all__ = ["BATCH_BUCKETS", "DecodeBatch", "ModelRunner", "RunnerConfig", "check_supported"]
 
 _MIN_SHARED_PREFIX = 64  # positions; shorter shared prefixes are not worth a cascade
 
@@ -259,7 +258,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ sequences
 
     @torch.inference_mode()
-    def fork(self, seq: Sequence, n: int, length: int | None = None) -> list[Sequence]:
+    def fork(self, seq: KVSequence, n: int, length: int | None = None) -> list[KVSequence]:
         """n children sharing ``seq``'s first ``length`` positions (default all); no KV copied.
 
         The children's metadata rows are copies of the parent's, made on the device.
@@ -276,9 +275,9 @@ class ModelRunner:
             self._seq_lens.index_fill_(0, child_rows, children[0].length)
         return children
 
-    def free(self, seqs: Sequence | Iterable[Sequence]) -> None:
+    def free(self, seqs: KVSequence | Iterable[KVSequence]) -> None:
         """Release sequences' blocks and metadata rows; parents and children can be freed in any order."""
-        seqs = [seqs] if isinstance(seqs, Sequence) else list(seqs)
+        seqs = [seqs] if isinstance(seqs, KVSequence) else list(seqs)
         self.cache.free(seqs)
         for seq in seqs:
             row = self._rows.pop(seq.seq_id, None)
@@ -289,7 +288,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ forwards
 
     @torch.inference_mode()
-    def prefill(self, prompts: SequenceABC[SequenceABC[int]]) -> tuple[list[Sequence], torch.Tensor]:
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[KVSequence], torch.Tensor]:
         """New sequences for ragged prompts, run in one packed forward.
 
         prompts: N non-empty lists of token ids
@@ -306,7 +305,7 @@ class ModelRunner:
         return seqs, logits
 
     @torch.inference_mode()
-    def decode(self, seqs: SequenceABC[Sequence], next_tokens: SequenceABC[int] | torch.Tensor) -> torch.Tensor:
+    def decode(self, seqs: Sequence[KVSequence], next_tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Append one token to each sequence in one batched forward.
 
         next_tokens: (N,) token ids, a list or a tensor (kept on the device: no sync)
@@ -328,7 +327,7 @@ class ModelRunner:
         return self.decode_forward(batch, input_ids)
 
     @torch.inference_mode()
-    def extend(self, seqs: SequenceABC[Sequence], token_lists: SequenceABC[SequenceABC[int]]) -> list[torch.Tensor]:
+    def extend(self, seqs: Sequence[KVSequence], token_lists: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Append several tokens to each sequence in one packed forward, scoring every position.
 
         token_lists: N non-empty lists of token ids
@@ -340,7 +339,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ the decode step
 
-    def prepare_decode(self, seqs: SequenceABC[Sequence]) -> DecodeBatch:
+    def prepare_decode(self, seqs: Sequence[KVSequence]) -> DecodeBatch:
         """Host part of a decode step: room for one more token in each sequence (blocks
         allocated, copy-on-write done), the changed block-table entries uploaded, and the
         batch's row indices (uploaded once per distinct batch, then reused).
@@ -473,7 +472,7 @@ class ModelRunner:
         self.upload_bytes += len(values) * torch.empty((), dtype=dtype).element_size()
         return ops.upload_ints(values, dtype, self.device)
 
-    def _take_rows(self, seqs: SequenceABC[Sequence]) -> list[int]:
+    def _take_rows(self, seqs: Sequence[KVSequence]) -> list[int]:
         """Fresh metadata rows for sequences (growing the tensors if needed)."""
         if len(self._free_rows) < len(seqs):
             self._grow_rows(len(seqs) - len(self._free_rows))
@@ -502,7 +501,7 @@ class ModelRunner:
         self._block_tables, self._table_width = tables, width
         self._graphs.clear()
 
-    def _sync_rows(self, seqs: SequenceABC[Sequence], force: bool = False) -> None:
+    def _sync_rows(self, seqs: Sequence[KVSequence], force: bool = False) -> None:
         """Upload the whole row (table and length) of sequences without one (or all, with force)."""
         todo = [seq for seq in seqs if force or seq.seq_id not in self._rows]
         if not todo:
@@ -524,7 +523,7 @@ class ModelRunner:
         for seq, row in zip(todo, rows):
             self._mirrors[row] = list(seq.block_table)
 
-    def _patch_rows(self, seqs: SequenceABC[Sequence]) -> None:
+    def _patch_rows(self, seqs: Sequence[KVSequence]) -> None:
         """Upload the block-table entries that changed since the rows were last synced
         (a decode step: a new block at a boundary, or a copy-on-write of the last one)."""
         patches: list[int] = []
@@ -546,7 +545,7 @@ class ModelRunner:
         values = self._upload(patches, torch.int64).view(-1, 3)
         self._block_tables[values[:, 0], values[:, 1]] = values[:, 2].to(torch.int32)
 
-    def _batch_rows(self, seqs: SequenceABC[Sequence], padded: int) -> torch.Tensor:
+    def _batch_rows(self, seqs: Sequence[KVSequence], padded: int) -> torch.Tensor:
         """(padded,) int64 device row indices of a batch, PAD_ROW past the real ones; one
         upload per distinct batch, then reused from a small cache."""
         key = (padded, *(seq.seq_id for seq in seqs))
