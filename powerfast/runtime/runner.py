@@ -7,8 +7,8 @@ forward gets explicit ``position_ids`` and the paged context through the forward
 keyword arguments.
 
 - decode: ``input_ids (num_seqs, 1)``, ``logits_to_keep=1``;
-- prefill / extend: the new tokens of all sequences packed into ``input_ids (1, T)``
-  (ragged, no padding), ``logits_to_keep`` = the positions wanted.
+- prefill: the prompts of all sequences packed into ``input_ids (1, T)`` (ragged, no
+  padding), ``logits_to_keep`` = each prompt's last position.
 
 Sequences are handles (:class:`powerfast.runtime.cache.KVSequence`); ``fork`` shares the KV
 blocks of a prefix, ``free`` releases them.
@@ -20,7 +20,7 @@ device, a decode step uploads only the table entries that changed (a block bound
 copy-on-write: one entry per sequence), a free returns the row for reuse. A decode step
 computes positions, slots and the new lengths on the device from these rows, so a step
 that crosses no block boundary uploads nothing (``upload_bytes`` counts what is
-uploaded). Prefill and extend build their packed metadata on the host, as before.
+uploaded). Prefill builds its packed metadata on the host.
 
 **Compile and CUDA graphs.** The decode forward is one function of tensors
 (:meth:`ModelRunner.decode_forward`). ``compile=True`` runs it under ``torch.compile``;
@@ -154,7 +154,7 @@ def check_supported(model) -> None:
 
 
 class ModelRunner:
-    """Prefill, decode, extend, fork and free sequences of an HF causal LM on a paged KV cache.
+    """Prefill, decode, fork and free sequences of an HF causal LM on a paged KV cache.
 
     model:       a ``transformers`` causal LM whose attention layers go through
                  ``AttentionInterface`` and pass keyword arguments through (Llama, Qwen2,
@@ -298,7 +298,7 @@ class ModelRunner:
             raise ValueError("prefill needs at least one prompt")
         seqs = [self.cache.new_sequence() for _ in prompts]
         try:
-            logits = self._forward(seqs, prompts, last_only=True)
+            logits = self._forward(seqs, prompts)
         except BaseException:
             self.free(seqs)  # the caller never saw these handles
             raise
@@ -325,17 +325,6 @@ class ModelRunner:
             input_ids = self._upload(tokens, torch.int64)
         batch = self.prepare_decode(seqs)
         return self.decode_forward(batch, input_ids)
-
-    @torch.inference_mode()
-    def extend(self, seqs: Sequence[KVSequence], token_lists: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """Append several tokens to each sequence in one packed forward, scoring every position.
-
-        token_lists: N non-empty lists of token ids
-        Returns N tensors (len(token_lists[i]), V): row j is the logits after token j.
-        """
-        counts = [len(tokens) for tokens in token_lists]
-        logits = self._forward(seqs, token_lists, last_only=False)
-        return list(logits.split(counts, dim=0))
 
     # ------------------------------------------------------------------ the decode step
 
@@ -562,11 +551,11 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ internals
 
-    def _forward(self, seqs, token_lists, last_only: bool, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """One model forward appending ``token_lists[i]`` to ``seqs[i]``.
+    def _forward(self, seqs, token_lists) -> torch.Tensor:
+        """One model forward appending ``token_lists[i]`` to ``seqs[i]`` (prefill).
 
         Decode layout (one token per sequence): input (N, 1). Otherwise packed (1, T).
-        Returns logits (N, V) if last_only else (T, V).
+        Returns logits (N, V) after each sequence's last new token.
         """
         num_seqs = len(seqs)
         if num_seqs == 0:
@@ -575,18 +564,14 @@ class ModelRunner:
             raise ValueError(f"{len(token_lists)} token lists for {num_seqs} sequences")
         if len({id(seq) for seq in seqs}) != num_seqs:
             raise ValueError("a sequence appears twice in one batch")
-        if input_ids is None:
-            counts = [len(tokens) for tokens in token_lists]
-            for index, count in enumerate(counts):
-                if count == 0:
-                    raise ValueError(f"token list {index} is empty")
-            flat_tokens = [int(t) for tokens in token_lists for t in tokens]
-            low, high = min(flat_tokens), max(flat_tokens)
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary [0, {self.vocab_size})")
-        else:
-            counts = [1] * num_seqs
-            flat_tokens = []
+        counts = [len(tokens) for tokens in token_lists]
+        for index, count in enumerate(counts):
+            if count == 0:
+                raise ValueError(f"token list {index} is empty")
+        flat_tokens = [int(t) for tokens in token_lists for t in tokens]
+        low, high = min(flat_tokens), max(flat_tokens)
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary [0, {self.vocab_size})")
         decode_layout = all(count == 1 for count in counts)
 
         start_lengths = [seq.length for seq in seqs]
@@ -630,17 +615,13 @@ class ModelRunner:
             shared_prefix_blocks=self._shared_prefix_blocks(seqs, start_lengths) if decode_layout else 0,
         )
         if decode_layout:
-            if input_ids is None:
-                input_ids = meta64[3 * num_tokens :].view(num_seqs, 1)
+            input_ids = meta64[3 * num_tokens :].view(num_seqs, 1)
             position_ids = query_positions.view(num_seqs, 1)
             logits_to_keep = 1
         else:
             input_ids = meta64[3 * num_tokens :].view(1, num_tokens)
             position_ids = query_positions.view(1, num_tokens)
-            if last_only:
-                logits_to_keep = ctx.query_start_loc[1:].to(torch.long) - 1
-            else:
-                logits_to_keep = 0
+            logits_to_keep = ctx.query_start_loc[1:].to(torch.long) - 1
 
         self._attach()
         output = self.model(
