@@ -11,7 +11,8 @@ keyword arguments.
   padding), ``logits_to_keep`` = each prompt's last position.
 
 Sequences are handles (:class:`powerfast.runtime.cache.KVSequence`); ``fork`` shares the KV
-blocks of a prefix, ``free`` releases them.
+blocks of a prefix, ``free`` releases them. The runner implements the runner interface
+(:class:`powerfast.runtime.protocol.Runner`) that the samplers and the engine use.
 
 **Device-resident metadata.** Each live sequence owns a row of two persistent device
 tensors, ``block_tables (rows, width) int32`` and ``seq_lens (rows,) int32``, kept in
@@ -45,6 +46,7 @@ from powerfast.core import ops
 from powerfast.runtime import attention, parallel
 from powerfast.runtime.attention import CONTEXT_KWARG, PagedAttentionContext
 from powerfast.runtime.cache import CacheConfig, KVSequence, PagedKVCache
+from powerfast.runtime.protocol import eos_token_ids
 
 __all__ = ["BATCH_BUCKETS", "DecodeBatch", "ModelRunner", "RunnerConfig", "check_supported"]
 
@@ -154,7 +156,8 @@ def check_supported(model) -> None:
 
 
 class ModelRunner:
-    """Prefill, decode, fork and free sequences of an HF causal LM on a paged KV cache.
+    """Prefill, decode, fork and free sequences of an HF causal LM on a paged KV cache: a
+    :class:`~powerfast.runtime.protocol.Runner`.
 
     model:       a ``transformers`` causal LM whose attention layers go through
                  ``AttentionInterface`` and pass keyword arguments through (Llama, Qwen2,
@@ -165,7 +168,9 @@ class ModelRunner:
     block_size, num_blocks, max_memory, gpu_memory_fraction, backend, compile, cuda_graphs:
                  see :class:`RunnerConfig`.
 
-    Logits come back on the model's device in the model's dtype.
+    Logits come back on the model's device in the model's dtype. ``eos_token_ids`` are the
+    ids the model declares (:func:`powerfast.runtime.protocol.eos_token_ids`), ``context_length`` its
+    ``max_position_embeddings`` (None if it declares none).
 
     Counters (host ints, cumulative; reset them freely):
     ``upload_bytes``: sequence metadata copied host -> device (block tables, lengths,
@@ -195,7 +200,10 @@ class ModelRunner:
         self.device = first_param.device
         self.dtype = first_param.dtype
         num_layers, self.num_heads, kv_heads, head_dim = _model_geometry(model)
-        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        text_config = model.config.get_text_config()
+        self.vocab_size = int(text_config.vocab_size)
+        self.context_length: int | None = getattr(text_config, "max_position_embeddings", None)
+        self.eos_token_ids = eos_token_ids(hf_model=model)
         self.backend = attention.resolve_backend(backend, self.device, self.dtype, block_size)
         cache_config = CacheConfig(
             num_layers=num_layers,
@@ -222,7 +230,7 @@ class ModelRunner:
         self.num_forwards = 0
         self.forward_rows = 0
         # device-resident metadata: one row per live sequence (row PAD_ROW is padding)
-        max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 0
+        max_positions = self.context_length or 0
         width = -(-max_positions // block_size) if max_positions else self.cache.num_blocks
         self._table_width = max(1, min(width, self.cache.num_blocks))
         self._block_tables = torch.zeros(_INITIAL_ROWS, self._table_width, dtype=torch.int32, device=self.device)
