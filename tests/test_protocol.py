@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,12 +33,11 @@ LAW = {0: {1: 0.5, 2: 0.3, 3: 0.2}, 1: {4: 1.0}, 2: {4: 1.0}, 3: {4: 1.0}, 4: {5
 certain: 4, 5, EOS. A completion of [0, 2] is [4, 5, EOS] under every method, with log p = 0."""
 
 
+@dataclass(eq=False, slots=True)
 class ChainHandle:
-    __slots__ = ("_tokens", "_freed")
+    """A sequence of the chain: only its length is public."""
 
-    def __init__(self, tokens: list[int]) -> None:
-        self._tokens = tokens
-        self._freed = False
+    _tokens: list[int]
 
     @property
     def length(self) -> int:
