@@ -33,6 +33,7 @@ _LAZY = {
     "GenerationStats": "powerfast.samplers.results",
     "BlockRecord": "powerfast.samplers.results",
     "LMRunner": "powerfast.runtime.lm_runner",
+    "Runner": "powerfast.runtime.protocol",
     "CacheConfig": "powerfast.runtime.cache",
     "OutOfBlocksError": "powerfast.runtime.cache",
     "KVCacheTooSmallError": "powerfast.runtime.cache",

@@ -135,8 +135,8 @@ def test_no_upload_in_a_decode_step_without_block_boundary():
 
 @pytest.mark.parametrize("bucketing", [False, True])
 def test_device_rows_follow_the_host_tables(bucketing):
-    """Random forks, decodes, extends and frees: every live row equals its host table,
-    and the decode logits equal the dense forward."""
+    """Random forks, decodes (a run of steps of one sequence, or one step of a batch) and frees:
+    every live row equals its host table, and the decode logits equal the dense forward."""
     rng = random.Random(1234)
     runner = ModelRunner(tiny_model("qwen2"), block_size=4, num_blocks=200, backend="torch", cuda_graphs=bucketing)
     prompts = [[rng.randrange(1, 300) for _ in range(rng.randrange(1, 9))] for _ in range(3)]
@@ -158,7 +158,8 @@ def test_device_rows_follow_the_host_tables(bucketing):
         elif action < 0.5:
             seq = rng.choice(live)
             new = [rng.randrange(1, 300) for _ in range(rng.randrange(1, 6))]
-            runner.extend([seq], [new])
+            for token in new:
+                runner.decode([seq], [token])
             ids[seq.seq_id] += new
         else:
             batch = rng.sample(live, rng.randrange(1, len(live) + 1))

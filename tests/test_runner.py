@@ -79,7 +79,7 @@ def runner(request):
     return ModelRunner(tiny_model(request.param, seed=random.randrange(2**31)), block_size=16, num_blocks=256)
 
 
-# ------------------------------------------------------------------ prefill / decode / extend
+# ------------------------------------------------------------------ prefill / decode
 
 
 def test_prefill_of_ragged_prompts_matches_dense(runner):
@@ -122,22 +122,6 @@ def test_decode_takes_device_tensors_of_tokens(runner):
         assert_close(row, dense_logits(runner, prompt + [token])[-1])
 
 
-def test_extend_scores_every_new_position(runner):
-    rng = random.Random(fresh_seed())
-    prompts = [random_tokens(rng, n) for n in (5, 18)]
-    seqs, _ = runner.prefill(prompts)
-    blocks = [random_tokens(rng, n) for n in (12, 3)]
-    per_position = runner.extend(seqs, blocks)
-    assert [p.shape for p in per_position] == [(12, VOCAB), (3, VOCAB)]
-    for prompt, block, logits in zip(prompts, blocks, per_position):
-        assert_close(logits, dense_logits(runner, prompt + block)[len(prompt) :])
-    # a decode after an extend continues from the extended length
-    next_tokens = random_tokens(rng, 2)
-    logits = runner.decode(seqs, next_tokens)
-    for i, (prompt, block) in enumerate(zip(prompts, blocks)):
-        assert_close(logits[i], dense_logits(runner, prompt + block + [next_tokens[i]])[-1])
-
-
 # ------------------------------------------------------------------ fork
 
 
@@ -176,7 +160,7 @@ def test_parent_keeps_decoding_after_fork_and_prefix_fork(runner):
     parent_token, child_token, resample_tokens = random_tokens(rng, 1), random_tokens(rng, 1), random_tokens(rng, 4)
     parent_logits = runner.decode([parent], parent_token)
     child_logits = runner.decode([child], child_token)
-    resample_logits = runner.extend([resample], [resample_tokens])[0]
+    resample_logits = torch.cat([runner.decode([resample], [token]) for token in resample_tokens])
     assert_close(parent_logits[0], dense_logits(runner, prefix + parent_token)[-1])
     assert_close(child_logits[0], dense_logits(runner, prefix + child_token)[-1])
     assert_close(resample_logits, dense_logits(runner, prefix[:13] + resample_tokens)[13:])
@@ -223,9 +207,10 @@ def test_out_of_blocks_is_a_clear_error_and_changes_nothing():
     runner = ModelRunner(tiny_model("llama"), block_size=16, num_blocks=4)
     rng = random.Random(fresh_seed())
     (seq,), _ = runner.prefill([random_tokens(rng, 40)])
+    children = runner.fork(seq, 2)  # each needs its own copy of the shared, partly filled last block
     with pytest.raises(OutOfBlocksError, match="2 blocks needed, 1 free of 4"):
-        runner.extend([seq], [random_tokens(rng, 30)])
-    assert runner.cache.blocks_in_use == 3 and seq.length == 40
+        runner.decode(children, random_tokens(rng, 2))
+    assert runner.cache.blocks_in_use == 3 and [s.length for s in (seq, *children)] == [40, 40, 40]
 
 
 def test_bad_inputs_are_refused(runner):
@@ -237,7 +222,7 @@ def test_bad_inputs_are_refused(runner):
     with pytest.raises(ValueError, match="2 next tokens for 1"):
         runner.decode([seq], [1, 2])
     with pytest.raises(ValueError, match="empty"):
-        runner.extend([seq], [[]])
+        runner.prefill([[1], []])
     runner.free(seq)
     with pytest.raises(ValueError, match="was freed"):
         runner.decode([seq], [1])
@@ -295,12 +280,12 @@ def test_dense_fallback_keeps_an_eager_model_eager():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_fork_extend_free_never_leaks_and_matches_dense(seed):
+def test_random_fork_decode_free_never_leaks_and_matches_dense(seed):
     rng = random.Random(seed)
     runner = ModelRunner(tiny_model("qwen2", seed=seed), block_size=8, num_blocks=40)
     live: dict[int, tuple[object, list[int]]] = {}
     for step in range(30):
-        action = rng.choice(["prefill", "fork", "extend", "extend", "decode", "free"])
+        action = rng.choice(["prefill", "fork", "decode steps", "decode steps", "decode", "free"])
         try:
             if action == "prefill" or not live:
                 prompts = [random_tokens(rng, rng.randint(1, 20)) for _ in range(rng.randint(1, 2))]
@@ -313,18 +298,15 @@ def test_random_fork_extend_free_never_leaks_and_matches_dense(seed):
                 length = rng.randint(0, seq.length)
                 for child in runner.fork(seq, rng.randint(1, 3), length=length):
                     live[child.seq_id] = (child, tokens[:length])
-            elif action in ("extend", "decode"):
+            elif action.startswith("decode"):
                 chosen = rng.sample(list(live), k=rng.randint(1, min(3, len(live))))
-                chosen = [c for c in chosen if live[c][0].length > 0] or chosen
-                counts = [1 if action == "decode" else rng.randint(1, 9) for _ in chosen]
-                new = [random_tokens(rng, n) for n in counts]
-                per_position = runner.extend([live[c][0] for c in chosen], new)
-                for c, block, logits in zip(chosen, new, per_position):
-                    seq, tokens = live[c]
-                    tokens = tokens + block
-                    live[c] = (seq, tokens)
-                    if len(tokens) > len(block):  # a forked empty sequence has no logits to check before
-                        assert_close(logits, dense_logits(runner, tokens)[len(tokens) - len(block) :])
+                for _ in range(1 if action == "decode" else rng.randint(2, 9)):
+                    new = random_tokens(rng, len(chosen))
+                    logits = runner.decode([live[c][0] for c in chosen], new)  # OutOfBlocksError changes nothing
+                    for c, token, row in zip(chosen, new, logits):
+                        seq, tokens = live[c]
+                        live[c] = (seq, tokens + [token])
+                        assert_close(row, dense_logits(runner, tokens + [token])[-1])
             else:
                 victim = rng.choice(list(live))
                 runner.free(live.pop(victim)[0])

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import random
+import typing
 from pathlib import Path
 
 import pytest
@@ -103,10 +104,17 @@ def test_cross_field_errors_name_a_field():
     assert error.value.field == "nonsense"
 
 
-def test_sampling_params_derive_every_setting_with_the_serving_preset():
+def test_sampling_params_hold_every_setting_with_the_serving_preset():
+    # SamplingParams is written out (readable by grep and an IDE): this keeps it equal to the
+    # declarations, failing when a setting or request field is added, renamed, retyped or
+    # given another default without the class
     fields = {field.name: field.default for field in dataclasses.fields(SamplingParams)}
+    types = typing.get_type_hints(SamplingParams)
     assert list(fields) == list(REQUEST_FIELDS) + list(SETTINGS)
     assert {name: fields[name] for name in SETTINGS} == preset_defaults("serving")
+    assert {name: types[name] for name in SETTINGS} == {name: setting.kind for name, setting in SETTINGS.items()}
+    assert {name: (types[name], fields[name]) for name in REQUEST_FIELDS} == \
+        {name: (kind, default) for name, (kind, default, _) in REQUEST_FIELDS.items()}
     assert all(SETTINGS[name].help in SamplingParams.__doc__ for name in SETTINGS)
     with pytest.raises(TypeError):
         SamplingParams("power")  # noqa: keyword only

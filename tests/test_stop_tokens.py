@@ -115,7 +115,7 @@ def test_hf_model_declares_both_ids_and_the_decode_loop_stops_on_each():
     assert HFLanguageModel(model).eos_token_ids == (4, 5) and HFLanguageModel(model).eos_token_id == 4
     runner = ModelRunner(model, block_size=16, num_blocks=128)
     sampler = make_sampler("plain", runner, seed=SEED)
-    assert sampler.eos_token_id(ignore_eos=False) == (4, 5) and sampler.eos_token_id(ignore_eos=True) == ()
+    assert runner.eos_token_ids == (4, 5) and sampler.runner is runner  # every id the model declares
     # the fused sampling kernel (under the interpreter) handles the first id, the loop the second
     results = sampler.generate([[0, 1, 2]] * 12, max_new_tokens=12)
     last = [r.token_ids[-1] for r in results]

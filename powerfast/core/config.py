@@ -227,8 +227,8 @@ def preset_defaults(preset: str = "paper") -> dict[str, Any]:
 
 def setting_fields(preset: str = "paper") -> list[tuple[str, type, Any]]:
     """Every setting as a ``dataclasses.make_dataclass`` field with ``preset``'s default: how
-    a class holding all the settings (the engine's ``SamplingParams``, the benchmarks'
-    ``Settings``) is derived instead of retyped."""
+    a class holding all the settings (the benchmarks' ``Settings``) is derived instead of
+    retyped."""
     defaults = preset_defaults(preset)
     return [(name, setting.kind, dataclasses.field(default=defaults[name], metadata={"setting": setting}))
             for name, setting in SETTINGS.items()]

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
-from powerfast.runtime.lm import HFLanguageModel, LanguageModel, eos_token_ids, stop_token_ids
+from powerfast.runtime.lm import HFLanguageModel, LanguageModel
+from powerfast.runtime.protocol import eos_token_ids
 
 __all__ = ["MAX_SEQUENCES", "as_language_model", "continuations", "power_conditional", "scaling_factor",
            "sequence_distribution"]
@@ -39,15 +40,10 @@ def as_language_model(model) -> LanguageModel:
     if hasattr(model, "config") and hasattr(model, "forward") and hasattr(model.config, "vocab_size"):
         return HFLanguageModel(model)
     raise TypeError(
-        f"model must be a powerfast.LanguageModel (vocab_size, eos_token_id, next_token_logprobs), e.g. "
+        f"model must be a powerfast.LanguageModel (vocab_size, eos_token_ids, next_token_logprobs), e.g. "
         f"powerfast.HFLanguageModel(hf_model) or powerfast.TableLM, or a Hugging Face causal LM; "
         f"got {type(model).__name__}"
     )
-
-
-def _stop_ids(model: LanguageModel, eos_token_id) -> frozenset[int]:
-    """The ids that end a continuation: ``eos_token_id`` (an id or a list) or the model's own."""
-    return frozenset(eos_token_ids(model) if eos_token_id is None else stop_token_ids(eos_token_id))
 
 
 def _check_args(model: LanguageModel, prefix_ids: Sequence[int], alpha: float, num_tokens: int, max_sequences: int) -> None:
@@ -77,12 +73,12 @@ def continuations(
     """Every continuation of ``prefix_ids`` with positive probability.
 
     Continuations have exactly ``num_tokens`` tokens, or fewer when they end in EOS (any of
-    the EOS ids). ``eos_token_id=None`` uses the model's (all of ``eos_token_ids`` if it has them).
+    the EOS ids). ``eos_token_id=None`` uses the model's ``eos_token_ids``.
     model: a LanguageModel or a Hugging Face causal LM (wrapped in HFLanguageModel).
     returns (continuations, logprobs): the token tuples and their float64 log p(c | prefix), (C,)
     """
     model = as_language_model(model)
-    eos = _stop_ids(model, eos_token_id)
+    eos = frozenset(model.eos_token_ids if eos_token_id is None else eos_token_ids(eos_token_id))
     prefix = tuple(int(t) for t in prefix_ids)
     done: list[tuple[int, ...]] = []
     done_logprobs: list[torch.Tensor] = []
@@ -162,7 +158,7 @@ def scaling_factor(
     _check_args(model, prefix_ids, alpha, num_tokens, max_sequences)
     if not 0 <= int(token) < model.vocab_size:
         raise ValueError(f"token {token} is outside the vocabulary [0, {model.vocab_size})")
-    eos = _stop_ids(model, eos_token_id)
+    eos = frozenset(model.eos_token_ids if eos_token_id is None else eos_token_ids(eos_token_id))
     if num_tokens == 1 or int(token) in eos:
         return 1.0
     _, logprobs = continuations(model, list(prefix_ids) + [int(token)], num_tokens - 1, eos)

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable
-from collections.abc import Sequence as SequenceABC
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from powerfast.core import ops
 
-__all__ = ["BlockAllocator", "CacheConfig", "KVCacheTooSmallError", "OutOfBlocksError", "PagedKVCache", "Sequence"]
+__all__ = [
+    "BlockAllocator", "CacheConfig", "KVCacheTooSmallError", "KVSequence", "OutOfBlocksError", "PagedKVCache",
+]
 
 _DEFAULT_GPU_MEMORY_FRACTION = 0.5  # of the free device memory, when no size is given on CUDA
 _DEFAULT_CPU_MEMORY_BYTES = 256 * 2**20  # when no size is given on the CPU
@@ -192,7 +193,7 @@ class BlockAllocator:
 
 
 @dataclass(slots=True, eq=False)
-class Sequence:
+class KVSequence:
     """A handle on cached positions: ``length`` positions in the blocks of ``block_table``.
 
     Made by :meth:`PagedKVCache.new_sequence` / :meth:`PagedKVCache.fork`; treat as read-only.
@@ -205,7 +206,7 @@ class Sequence:
 
     def __repr__(self) -> str:
         state = ", freed" if self.freed else ""
-        return f"Sequence(id={self.seq_id}, length={self.length}, blocks={len(self.block_table)}{state})"
+        return f"KVSequence(id={self.seq_id}, length={self.length}, blocks={len(self.block_table)}{state})"
 
 
 class PagedKVCache:
@@ -259,11 +260,11 @@ class PagedKVCache:
 
     # ------------------------------------------------------------------ sequences
 
-    def new_sequence(self) -> Sequence:
+    def new_sequence(self) -> KVSequence:
         """An empty sequence (no blocks until something is appended)."""
-        return Sequence(seq_id=next(self._seq_ids))
+        return KVSequence(seq_id=next(self._seq_ids))
 
-    def fork(self, seq: Sequence, n: int, length: int | None = None) -> list[Sequence]:
+    def fork(self, seq: KVSequence, n: int, length: int | None = None) -> list[KVSequence]:
         """n children sharing ``seq``'s first ``length`` positions (default: all of them).
 
         No KV is copied and no block is allocated: the shared blocks' refcounts go up by n.
@@ -277,9 +278,9 @@ class PagedKVCache:
             raise ValueError(f"fork length must be in [0, {seq.length}] for {seq}, got {length}")
         table = seq.block_table[: -(-length // self.block_size)]
         self.allocator.share(table, times=n)
-        return [Sequence(seq_id=next(self._seq_ids), block_table=list(table), length=length) for _ in range(n)]
+        return [KVSequence(seq_id=next(self._seq_ids), block_table=list(table), length=length) for _ in range(n)]
 
-    def free(self, seqs: Iterable[Sequence]) -> None:
+    def free(self, seqs: Iterable[KVSequence]) -> None:
         """Release the blocks of each sequence. A sequence can be freed once."""
         seqs = list(seqs)
         seen: set[int] = set()
@@ -293,7 +294,7 @@ class PagedKVCache:
             seq.block_table = []
             seq.freed = True
 
-    def append_slots(self, seqs: SequenceABC[Sequence], num_new_tokens: SequenceABC[int]) -> list[int]:
+    def append_slots(self, seqs: Sequence[KVSequence], num_new_tokens: Sequence[int]) -> list[int]:
         """Make room for ``num_new_tokens[i]`` more positions of ``seqs[i]`` and advance the lengths.
 
         Allocates the blocks needed and copies shared, partly filled last blocks before
@@ -359,8 +360,8 @@ class PagedKVCache:
                 value_cache.index_copy_(0, dst_blocks, value_cache.index_select(0, src_blocks))
 
     @staticmethod
-    def _check_live(seq: Sequence) -> None:
-        if not isinstance(seq, Sequence):
-            raise TypeError(f"expected a powerfast.runtime.cache.Sequence, got {type(seq).__name__}")
+    def _check_live(seq: KVSequence) -> None:
+        if not isinstance(seq, KVSequence):
+            raise TypeError(f"expected a powerfast.runtime.cache.KVSequence, got {type(seq).__name__}")
         if seq.freed:
             raise ValueError(f"{seq} was freed")

@@ -1,6 +1,6 @@
 """The minimal language-model interface the exact oracle and the toy need.
 
-``LanguageModel`` is a protocol: anything with ``vocab_size``, ``eos_token_id`` and
+``LanguageModel`` is a protocol: anything with ``vocab_size``, ``eos_token_ids`` and
 ``next_token_logprobs(sequences)`` is one. Two implementations ship here:
 
 - :class:`TableLM` — a toy model defined by a Python function ``prefix -> {token: prob}``;
@@ -16,43 +16,18 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["LanguageModel", "TableLM", "HFLanguageModel", "eos_token_ids", "hf_eos_token_ids", "stop_token_ids"]
+from powerfast.runtime.protocol import eos_token_ids
 
-
-def stop_token_ids(eos_token_id) -> tuple[int, ...]:
-    """End-of-sequence ids as a tuple: () for None, (id,) for an int, the distinct ids of a list."""
-    if eos_token_id is None:
-        return ()
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
-        raise ValueError(f"eos_token_id must be an int >= 0, a list of them, or None; got {eos_token_id!r}")
-    return tuple(dict.fromkeys(ids))
-
-
-def hf_eos_token_ids(model) -> tuple[int, ...]:
-    """Every EOS id a Hugging Face model declares: its generation config's ``eos_token_id``
-    (an int or a list: instruct models often list several), else its config's."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        eos = getattr(config, "eos_token_id", None)
-    return stop_token_ids(eos)
-
-
-def eos_token_ids(model) -> tuple[int, ...]:
-    """Every id that ends a sequence of a :class:`LanguageModel`: its ``eos_token_ids``
-    when it has them (e.g. :class:`HFLanguageModel`), else its single ``eos_token_id``."""
-    ids = getattr(model, "eos_token_ids", None)
-    return stop_token_ids(model.eos_token_id if ids is None else ids)
+__all__ = ["LanguageModel", "TableLM", "HFLanguageModel"]
 
 
 @runtime_checkable
 class LanguageModel(Protocol):
-    """What the exact oracle needs of a model. A model whose sequences can end on several
-    ids also has ``eos_token_ids`` (a tuple); ``eos_token_id`` is then the first of them."""
+    """What the exact oracle needs of a model: its vocabulary size, every id that ends a
+    sequence (a tuple, () for none; :func:`eos_token_ids` makes one) and its next-token law."""
 
     vocab_size: int
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
 
     def next_token_logprobs(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
         """(N, V) log-probabilities of the next token after each of the N sequences."""
@@ -67,7 +42,7 @@ class TableLM:
                   0; the values must sum to 1. It must be deterministic: its tables are
                   memoised per prefix.
     vocab_size:   number of token ids, all in [0, vocab_size)
-    eos_token_id: the end-of-sequence id, or None
+    eos_token_id: the end-of-sequence id, or None (``eos_token_ids`` holds it as a tuple)
     token_names:  optional names for printing, indexed by token id
     """
 
@@ -87,6 +62,7 @@ class TableLM:
         self._next_token = next_token
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
+        self.eos_token_ids = eos_token_ids(eos_token_id)
         self.token_names = list(token_names) if token_names is not None else None
         self._row_of_prefix: dict[tuple[int, ...], int] = {}
         self._rows: list[torch.Tensor] = []
@@ -156,7 +132,7 @@ class HFLanguageModel:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.vocab_size = int(model.config.vocab_size)
-        self.eos_token_ids = hf_eos_token_ids(model) if eos_token_id is None else stop_token_ids(eos_token_id)
+        self.eos_token_ids = eos_token_ids(eos_token_id, hf_model=model)
         self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
         self.batch_size = batch_size
         if use_runner is None:

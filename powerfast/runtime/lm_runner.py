@@ -1,10 +1,10 @@
 """Any :class:`~powerfast.LanguageModel` behind the runner interface, without a KV cache.
 
-:class:`LMRunner` offers the five calls the samplers make of a
-:class:`~powerfast.runtime.runner.ModelRunner` (``prefill``, ``decode``, ``fork``, ``free`` and
-the facts ``vocab_size`` / ``eos_token_ids`` / ``context_length``) for a model that only
-scores token lists, such as the paper's toy (:mod:`powerfast.evaluation.toy`). Each call rescores
-the sequences' full token lists, so it is for small models and exactness tests, not speed.
+:class:`LMRunner` implements :class:`powerfast.runtime.protocol.Runner` (``prefill``,
+``decode``, ``fork``, ``free`` and the facts ``vocab_size`` / ``eos_token_ids`` /
+``context_length``; no KV pool: ``cache`` is None) for a model that only scores token lists,
+such as the paper's toy (:mod:`powerfast.evaluation.toy`). Each call rescores the sequences'
+full token lists, so it is for small models and exactness tests, not speed.
 Logits are the model's log-probabilities (float32; -inf for impossible tokens).
 """
 
@@ -14,13 +14,13 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from powerfast.runtime.lm import LanguageModel, eos_token_ids
+from powerfast.runtime.lm import LanguageModel
 
 __all__ = ["LMRunner", "TokenSequence"]
 
 
 class TokenSequence:
-    """A sequence handle of :class:`LMRunner`: its token ids."""
+    """A sequence handle of :class:`LMRunner`: its token ids (``length`` of them)."""
 
     __slots__ = ("tokens", "freed")
 
@@ -28,18 +28,25 @@ class TokenSequence:
         self.tokens = tokens
         self.freed = False
 
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
     def __len__(self) -> int:
         return len(self.tokens)
 
 
 class LMRunner:
-    """Runner interface over a LanguageModel; ``live_sequences`` counts unfreed handles."""
+    """The runner interface (:class:`~powerfast.runtime.protocol.Runner`) over a LanguageModel,
+    on the CPU and without a KV pool; ``live_sequences`` counts unfreed handles."""
+
+    cache = None  # no KV pool: nothing to reserve or check
+    device = torch.device("cpu")
 
     def __init__(self, lm: LanguageModel, context_length: int | None = None) -> None:
         self.lm = lm
         self.vocab_size = int(lm.vocab_size)
-        self.eos_token_ids = eos_token_ids(lm)
-        self.eos_token_id = self.eos_token_ids[0] if self.eos_token_ids else None
+        self.eos_token_ids = tuple(lm.eos_token_ids)
         self.context_length = context_length
         self.live_sequences = 0
         self.num_forwards = 0  # prefill / decode calls, and the rows over them, as ModelRunner counts

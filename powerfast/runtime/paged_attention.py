@@ -41,7 +41,7 @@ class PagedAttentionContext:
 
     The forward's new tokens are flattened sequence after sequence (``num_tokens`` of
     them): the model is called with ``input_ids`` of shape ``(num_seqs, 1)`` for decode or
-    ``(1, num_tokens)`` for a packed prefill / extend; both flatten to that order.
+    ``(1, num_tokens)`` for a packed prefill; both flatten to that order.
 
     key_caches, value_caches: per layer, (num_blocks, block_size, kv_heads, head_dim)
     slot_mapping:     (num_tokens,) int64, the slot each new token's k/v is written to

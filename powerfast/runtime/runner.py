@@ -7,11 +7,12 @@ forward gets explicit ``position_ids`` and the paged context through the forward
 keyword arguments.
 
 - decode: ``input_ids (num_seqs, 1)``, ``logits_to_keep=1``;
-- prefill / extend: the new tokens of all sequences packed into ``input_ids (1, T)``
-  (ragged, no padding), ``logits_to_keep`` = the positions wanted.
+- prefill: the prompts of all sequences packed into ``input_ids (1, T)`` (ragged, no
+  padding), ``logits_to_keep`` = each prompt's last position.
 
-Sequences are handles (:class:`powerfast.runtime.cache.Sequence`); ``fork`` shares the KV
-blocks of a prefix, ``free`` releases them.
+Sequences are handles (:class:`powerfast.runtime.cache.KVSequence`); ``fork`` shares the KV
+blocks of a prefix, ``free`` releases them. The runner implements the runner interface
+(:class:`powerfast.runtime.protocol.Runner`) that the samplers and the engine use.
 
 **Device-resident metadata.** Each live sequence owns a row of two persistent device
 tensors, ``block_tables (rows, width) int32`` and ``seq_lens (rows,) int32``, kept in
@@ -20,7 +21,7 @@ device, a decode step uploads only the table entries that changed (a block bound
 copy-on-write: one entry per sequence), a free returns the row for reuse. A decode step
 computes positions, slots and the new lengths on the device from these rows, so a step
 that crosses no block boundary uploads nothing (``upload_bytes`` counts what is
-uploaded). Prefill and extend build their packed metadata on the host, as before.
+uploaded). Prefill builds its packed metadata on the host.
 
 **Compile and CUDA graphs.** The decode forward is one function of tensors
 (:meth:`ModelRunner.decode_forward`). ``compile=True`` runs it under ``torch.compile``;
@@ -36,8 +37,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable
-from collections.abc import Sequence as SequenceABC
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +45,10 @@ import torch
 from powerfast.core import ops
 from powerfast.runtime import attention, parallel
 from powerfast.runtime.attention import CONTEXT_KWARG, PagedAttentionContext
-from powerfast.runtime.cache import CacheConfig, PagedKVCache, Sequence
+from powerfast.runtime.cache import CacheConfig, KVSequence, PagedKVCache
+from powerfast.runtime.protocol import eos_token_ids
 
-__all__ = ["BATCH_BUCKETS", "DecodeBatch", "ModelRunner", "RunnerConfig", "Sequence", "check_supported"]
+__all__ = ["BATCH_BUCKETS", "DecodeBatch", "ModelRunner", "RunnerConfig", "check_supported"]
 
 _MIN_SHARED_PREFIX = 64  # positions; shorter shared prefixes are not worth a cascade
 
@@ -155,7 +156,8 @@ def check_supported(model) -> None:
 
 
 class ModelRunner:
-    """Prefill, decode, extend, fork and free sequences of an HF causal LM on a paged KV cache.
+    """Prefill, decode, fork and free sequences of an HF causal LM on a paged KV cache: a
+    :class:`~powerfast.runtime.protocol.Runner`.
 
     model:       a ``transformers`` causal LM whose attention layers go through
                  ``AttentionInterface`` and pass keyword arguments through (Llama, Qwen2,
@@ -166,7 +168,9 @@ class ModelRunner:
     block_size, num_blocks, max_memory, gpu_memory_fraction, backend, compile, cuda_graphs:
                  see :class:`RunnerConfig`.
 
-    Logits come back on the model's device in the model's dtype.
+    Logits come back on the model's device in the model's dtype. ``eos_token_ids`` are the
+    ids the model declares (:func:`powerfast.runtime.protocol.eos_token_ids`), ``context_length`` its
+    ``max_position_embeddings`` (None if it declares none).
 
     Counters (host ints, cumulative; reset them freely):
     ``upload_bytes``: sequence metadata copied host -> device (block tables, lengths,
@@ -196,7 +200,10 @@ class ModelRunner:
         self.device = first_param.device
         self.dtype = first_param.dtype
         num_layers, self.num_heads, kv_heads, head_dim = _model_geometry(model)
-        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        text_config = model.config.get_text_config()
+        self.vocab_size = int(text_config.vocab_size)
+        self.context_length: int | None = getattr(text_config, "max_position_embeddings", None)
+        self.eos_token_ids = eos_token_ids(hf_model=model)
         self.backend = attention.resolve_backend(backend, self.device, self.dtype, block_size)
         cache_config = CacheConfig(
             num_layers=num_layers,
@@ -223,7 +230,7 @@ class ModelRunner:
         self.num_forwards = 0
         self.forward_rows = 0
         # device-resident metadata: one row per live sequence (row PAD_ROW is padding)
-        max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None) or 0
+        max_positions = self.context_length or 0
         width = -(-max_positions // block_size) if max_positions else self.cache.num_blocks
         self._table_width = max(1, min(width, self.cache.num_blocks))
         self._block_tables = torch.zeros(_INITIAL_ROWS, self._table_width, dtype=torch.int32, device=self.device)
@@ -259,7 +266,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ sequences
 
     @torch.inference_mode()
-    def fork(self, seq: Sequence, n: int, length: int | None = None) -> list[Sequence]:
+    def fork(self, seq: KVSequence, n: int, length: int | None = None) -> list[KVSequence]:
         """n children sharing ``seq``'s first ``length`` positions (default all); no KV copied.
 
         The children's metadata rows are copies of the parent's, made on the device.
@@ -276,9 +283,9 @@ class ModelRunner:
             self._seq_lens.index_fill_(0, child_rows, children[0].length)
         return children
 
-    def free(self, seqs: Sequence | Iterable[Sequence]) -> None:
+    def free(self, seqs: KVSequence | Iterable[KVSequence]) -> None:
         """Release sequences' blocks and metadata rows; parents and children can be freed in any order."""
-        seqs = [seqs] if isinstance(seqs, Sequence) else list(seqs)
+        seqs = [seqs] if isinstance(seqs, KVSequence) else list(seqs)
         self.cache.free(seqs)
         for seq in seqs:
             row = self._rows.pop(seq.seq_id, None)
@@ -289,7 +296,7 @@ class ModelRunner:
     # ------------------------------------------------------------------ forwards
 
     @torch.inference_mode()
-    def prefill(self, prompts: SequenceABC[SequenceABC[int]]) -> tuple[list[Sequence], torch.Tensor]:
+    def prefill(self, prompts: Sequence[Sequence[int]]) -> tuple[list[KVSequence], torch.Tensor]:
         """New sequences for ragged prompts, run in one packed forward.
 
         prompts: N non-empty lists of token ids
@@ -299,14 +306,14 @@ class ModelRunner:
             raise ValueError("prefill needs at least one prompt")
         seqs = [self.cache.new_sequence() for _ in prompts]
         try:
-            logits = self._forward(seqs, prompts, last_only=True)
+            logits = self._forward(seqs, prompts)
         except BaseException:
             self.free(seqs)  # the caller never saw these handles
             raise
         return seqs, logits
 
     @torch.inference_mode()
-    def decode(self, seqs: SequenceABC[Sequence], next_tokens: SequenceABC[int] | torch.Tensor) -> torch.Tensor:
+    def decode(self, seqs: Sequence[KVSequence], next_tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Append one token to each sequence in one batched forward.
 
         next_tokens: (N,) token ids, a list or a tensor (kept on the device: no sync)
@@ -327,20 +334,9 @@ class ModelRunner:
         batch = self.prepare_decode(seqs)
         return self.decode_forward(batch, input_ids)
 
-    @torch.inference_mode()
-    def extend(self, seqs: SequenceABC[Sequence], token_lists: SequenceABC[SequenceABC[int]]) -> list[torch.Tensor]:
-        """Append several tokens to each sequence in one packed forward, scoring every position.
-
-        token_lists: N non-empty lists of token ids
-        Returns N tensors (len(token_lists[i]), V): row j is the logits after token j.
-        """
-        counts = [len(tokens) for tokens in token_lists]
-        logits = self._forward(seqs, token_lists, last_only=False)
-        return list(logits.split(counts, dim=0))
-
     # ------------------------------------------------------------------ the decode step
 
-    def prepare_decode(self, seqs: SequenceABC[Sequence]) -> DecodeBatch:
+    def prepare_decode(self, seqs: Sequence[KVSequence]) -> DecodeBatch:
         """Host part of a decode step: room for one more token in each sequence (blocks
         allocated, copy-on-write done), the changed block-table entries uploaded, and the
         batch's row indices (uploaded once per distinct batch, then reused).
@@ -473,7 +469,7 @@ class ModelRunner:
         self.upload_bytes += len(values) * torch.empty((), dtype=dtype).element_size()
         return ops.upload_ints(values, dtype, self.device)
 
-    def _take_rows(self, seqs: SequenceABC[Sequence]) -> list[int]:
+    def _take_rows(self, seqs: Sequence[KVSequence]) -> list[int]:
         """Fresh metadata rows for sequences (growing the tensors if needed)."""
         if len(self._free_rows) < len(seqs):
             self._grow_rows(len(seqs) - len(self._free_rows))
@@ -502,7 +498,7 @@ class ModelRunner:
         self._block_tables, self._table_width = tables, width
         self._graphs.clear()
 
-    def _sync_rows(self, seqs: SequenceABC[Sequence], force: bool = False) -> None:
+    def _sync_rows(self, seqs: Sequence[KVSequence], force: bool = False) -> None:
         """Upload the whole row (table and length) of sequences without one (or all, with force)."""
         todo = [seq for seq in seqs if force or seq.seq_id not in self._rows]
         if not todo:
@@ -524,7 +520,7 @@ class ModelRunner:
         for seq, row in zip(todo, rows):
             self._mirrors[row] = list(seq.block_table)
 
-    def _patch_rows(self, seqs: SequenceABC[Sequence]) -> None:
+    def _patch_rows(self, seqs: Sequence[KVSequence]) -> None:
         """Upload the block-table entries that changed since the rows were last synced
         (a decode step: a new block at a boundary, or a copy-on-write of the last one)."""
         patches: list[int] = []
@@ -546,7 +542,7 @@ class ModelRunner:
         values = self._upload(patches, torch.int64).view(-1, 3)
         self._block_tables[values[:, 0], values[:, 1]] = values[:, 2].to(torch.int32)
 
-    def _batch_rows(self, seqs: SequenceABC[Sequence], padded: int) -> torch.Tensor:
+    def _batch_rows(self, seqs: Sequence[KVSequence], padded: int) -> torch.Tensor:
         """(padded,) int64 device row indices of a batch, PAD_ROW past the real ones; one
         upload per distinct batch, then reused from a small cache."""
         key = (padded, *(seq.seq_id for seq in seqs))
@@ -563,11 +559,11 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ internals
 
-    def _forward(self, seqs, token_lists, last_only: bool, input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """One model forward appending ``token_lists[i]`` to ``seqs[i]``.
+    def _forward(self, seqs, token_lists) -> torch.Tensor:
+        """One model forward appending ``token_lists[i]`` to ``seqs[i]`` (prefill).
 
         Decode layout (one token per sequence): input (N, 1). Otherwise packed (1, T).
-        Returns logits (N, V) if last_only else (T, V).
+        Returns logits (N, V) after each sequence's last new token.
         """
         num_seqs = len(seqs)
         if num_seqs == 0:
@@ -576,18 +572,14 @@ class ModelRunner:
             raise ValueError(f"{len(token_lists)} token lists for {num_seqs} sequences")
         if len({id(seq) for seq in seqs}) != num_seqs:
             raise ValueError("a sequence appears twice in one batch")
-        if input_ids is None:
-            counts = [len(tokens) for tokens in token_lists]
-            for index, count in enumerate(counts):
-                if count == 0:
-                    raise ValueError(f"token list {index} is empty")
-            flat_tokens = [int(t) for tokens in token_lists for t in tokens]
-            low, high = min(flat_tokens), max(flat_tokens)
-            if low < 0 or high >= self.vocab_size:
-                raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary [0, {self.vocab_size})")
-        else:
-            counts = [1] * num_seqs
-            flat_tokens = []
+        counts = [len(tokens) for tokens in token_lists]
+        for index, count in enumerate(counts):
+            if count == 0:
+                raise ValueError(f"token list {index} is empty")
+        flat_tokens = [int(t) for tokens in token_lists for t in tokens]
+        low, high = min(flat_tokens), max(flat_tokens)
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(f"token id {low if low < 0 else high} is outside the vocabulary [0, {self.vocab_size})")
         decode_layout = all(count == 1 for count in counts)
 
         start_lengths = [seq.length for seq in seqs]
@@ -631,17 +623,13 @@ class ModelRunner:
             shared_prefix_blocks=self._shared_prefix_blocks(seqs, start_lengths) if decode_layout else 0,
         )
         if decode_layout:
-            if input_ids is None:
-                input_ids = meta64[3 * num_tokens :].view(num_seqs, 1)
+            input_ids = meta64[3 * num_tokens :].view(num_seqs, 1)
             position_ids = query_positions.view(num_seqs, 1)
             logits_to_keep = 1
         else:
             input_ids = meta64[3 * num_tokens :].view(1, num_tokens)
             position_ids = query_positions.view(1, num_tokens)
-            if last_only:
-                logits_to_keep = ctx.query_start_loc[1:].to(torch.long) - 1
-            else:
-                logits_to_keep = 0
+            logits_to_keep = ctx.query_start_loc[1:].to(torch.long) - 1
 
         self._attach()
         output = self.model(

@@ -4,7 +4,9 @@ run alone)."""
 
 from __future__ import annotations
 
-from powerfast.runtime.lm import hf_eos_token_ids
+import torch
+
+from powerfast.runtime.protocol import Runner
 from powerfast.samplers.decoding import SeedStream
 from powerfast.samplers.program import drive
 from powerfast.samplers.prompts import check_max_new_tokens, encode_prompts
@@ -35,24 +37,29 @@ def forked_peak_blocks(prompt_lengths: list[int], num_branches: int, count: int,
 # ------------------------------------------------------------------- sampler base
 
 
-def as_runner(model, **runner_kwargs):
-    """``model`` itself if it is a ModelRunner or an LMRunner (then no runner settings may
-    be given), else a :class:`powerfast.runtime.runner.ModelRunner` around it with ``runner_kwargs``."""
-    from powerfast.runtime.lm_runner import LMRunner
-    from powerfast.runtime.runner import ModelRunner
+def as_runner(model, **runner_kwargs) -> Runner:
+    """A :class:`powerfast.runtime.runner.ModelRunner` with ``runner_kwargs`` around a model (a
+    ``torch.nn.Module``: a Hugging Face causal LM); anything else is taken as a ready runner
+    (:class:`powerfast.runtime.protocol.Runner`; then no runner settings may be given)."""
+    if isinstance(model, torch.nn.Module):
+        from powerfast.runtime.runner import ModelRunner
 
-    if isinstance(model, (ModelRunner, LMRunner)):
-        if runner_kwargs:
-            raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready runner")
-        return model
-    return ModelRunner(model, **runner_kwargs)
+        return ModelRunner(model, **runner_kwargs)
+    if runner_kwargs:
+        raise ValueError(f"runner settings {sorted(runner_kwargs)} given with a ready runner")
+    if not isinstance(model, Runner):
+        raise TypeError(f"model must be a Hugging Face causal LM or a runner (powerfast.runtime.protocol.Runner: "
+                        f"prefill, decode, fork, free, vocab_size, context_length, eos_token_ids, device, cache, "
+                        f"num_forwards, forward_rows); got {type(model).__name__}")
+    return model
 
 
 class RunnerSampler:
     """What every sampler holds: a runner around the model, a tokenizer, a seed stream.
 
-    model:         a Hugging Face causal LM, a :class:`powerfast.runtime.runner.ModelRunner`, or
-                   a :class:`powerfast.runtime.lm_runner.LMRunner` (any LanguageModel, e.g. the toy)
+    model:         a Hugging Face causal LM, or a runner (:class:`powerfast.runtime.protocol.Runner`:
+                   a :class:`powerfast.runtime.runner.ModelRunner`, a
+                   :class:`powerfast.runtime.lm_runner.LMRunner` over any LanguageModel, ...)
     tokenizer:     optional; needed for string prompts and for ``text`` in the results
     seed:          makes ``generate`` reproducible (None: fresh randomness)
     runner_kwargs: passed to the ModelRunner built around ``model``
@@ -61,27 +68,11 @@ class RunnerSampler:
     method = "base"
 
     def __init__(self, model, tokenizer=None, seed: int | None = None, **runner_kwargs) -> None:
-        from powerfast.runtime.lm_runner import LMRunner
-
-        self.runner = as_runner(model, **runner_kwargs)
+        self.runner: Runner = as_runner(model, **runner_kwargs)
         self.tokenizer = tokenizer
         self.seeds = SeedStream(seed)
-        if isinstance(self.runner, LMRunner):
-            self.vocab_size = self.runner.vocab_size
-            self.context_length = self.runner.context_length
-            self._eos_ids = self.runner.eos_token_ids
-        else:
-            model = self.runner.model
-            self.vocab_size = int(self.runner.vocab_size)
-            self.context_length = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-            self._eos_ids = hf_eos_token_ids(model)
-
-    def eos_token_id(self, ignore_eos: bool) -> tuple[int, ...]:
-        """Every id that ends a completion (all the model declares), or () with ignore_eos.
-
-        Pass it as ``eos_token_id`` of :func:`sample_continuations`; test a token with ``in``.
-        """
-        return () if ignore_eos else self._eos_ids
+        self.vocab_size = self.runner.vocab_size
+        self.context_length = self.runner.context_length
 
     def encode(self, prompts, max_new_tokens: int, chat_template: bool = True) -> list[list[int]]:
         """Checked token-id lists of ``prompts`` (see :func:`encode_prompts`), leaving room for
@@ -104,7 +95,8 @@ class RunnerSampler:
         progress:      optional callable ``(tokens_done, max_new_tokens)``
         """
         prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
-        return drive(self.program(prompt_ids, max_new_tokens, self.eos_token_id(ignore_eos), progress), self.runner)
+        eos = () if ignore_eos else self.runner.eos_token_ids
+        return drive(self.program(prompt_ids, max_new_tokens, eos, progress), self.runner)
 
     def program(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress=None,
                 stream: bool = False):
@@ -124,7 +116,7 @@ class RunnerSampler:
         cannot hold :meth:`peak_kv_blocks`; nothing for runners without a paged pool."""
         from powerfast.runtime.cache import KVCacheTooSmallError
 
-        cache = getattr(self.runner, "cache", None)
+        cache = self.runner.cache
         if cache is None:
             return
         needed = self.peak_kv_blocks(prompt_lengths, max_new_tokens, cache.block_size)
@@ -144,4 +136,4 @@ class RunnerSampler:
 
     def _forward_counts(self) -> tuple[int, int]:
         """(forwards, rows over them) the runner has run so far."""
-        return getattr(self.runner, "num_forwards", 0), getattr(self.runner, "forward_rows", 0)
+        return self.runner.num_forwards, self.runner.forward_rows

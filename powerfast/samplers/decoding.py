@@ -14,7 +14,7 @@ import torch
 
 from powerfast.core import ops
 from powerfast.runtime import custom_ops as library
-from powerfast.runtime.lm import stop_token_ids
+from powerfast.runtime.protocol import eos_token_ids
 from powerfast.samplers.program import Decode, drive
 from powerfast.samplers.sampling import SEED_MIX, Sample
 
@@ -228,7 +228,7 @@ def continuations_program(
     stop_after:   the first step at which ``stop_entropy`` may stop a row (>= 1: a row keeps
                   at least this many tokens, unless it ends earlier)
     """
-    eos_ids = stop_token_ids(eos_token_id)
+    eos_ids = eos_token_ids(eos_token_id)
     eos_token_id = eos_ids[0] if eos_ids else None  # the sampling ops handle the first id
     num_rows = first_logits.shape[0]
     device = first_logits.device

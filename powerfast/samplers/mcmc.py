@@ -158,10 +158,6 @@ class MCMCSampler(RunnerSampler):
             else:
                 self._drop(child, live)
 
-    @property
-    def runner_device(self):
-        return getattr(self.runner, "device", "cpu")
-
     def _replace(self, chain: _Chain, seq, live: list) -> None:
         self._drop(chain.seq, live)
         chain.seq = seq

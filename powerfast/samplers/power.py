@@ -44,11 +44,6 @@ from powerfast.samplers.results import BlockRecord, GenerationStats
 __all__ = ["PowerSampler", "Decision"]
 
 
-def _length(seq) -> int:
-    """Positions a runner sequence holds (a ModelRunner handle's ``length``, an LMRunner one's tokens)."""
-    return seq.length if hasattr(seq, "length") else len(seq)
-
-
 @dataclass(slots=True)
 class Decision:
     """The scored candidates of one prompt at one block (internal, then recorded)."""
@@ -63,7 +58,7 @@ class Decision:
 class PowerSampler(RunnerSampler):
     """Samples from p(x)^alpha with the Monte Carlo lookahead of the paper.
 
-    model:     a Hugging Face causal LM, or a :class:`powerfast.runtime.runner.ModelRunner`
+    model:     a Hugging Face causal LM, or a runner (:class:`powerfast.runtime.protocol.Runner`)
     tokenizer: optional; needed for string prompts and for ``text`` in the results
     config:    :class:`PowerConfig`
     seed:      makes ``generate`` reproducible (None: fresh randomness)
@@ -167,7 +162,8 @@ class PowerSampler(RunnerSampler):
         rollouts) and not taken: candidates with their log-probs, p_hat, the configured
         probabilities and log zeta. Prompts may repeat: each copy is a fresh estimate."""
         prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
-        decided = drive(self._first_decisions(prompt_ids, max_new_tokens, self.eos_token_id(ignore_eos)), self.runner)
+        eos = () if ignore_eos else self.runner.eos_token_ids
+        decided = drive(self._first_decisions(prompt_ids, max_new_tokens, eos), self.runner)
         return [decided[i][1] for i in range(len(prompt_ids))]
 
     def _first_decisions(self, prompt_ids: list[list[int]], max_new_tokens: int, eos):
@@ -384,7 +380,7 @@ class PowerSampler(RunnerSampler):
         with phase("fork"):
             rollout_seqs, first_logits, rollout_starts = [], [], []
             for i, k in needs:
-                rollout_starts.append(_length(decisions[i].candidate_seqs[k]))
+                rollout_starts.append(decisions[i].candidate_seqs[k].length)
                 children = self.runner.fork(decisions[i].candidate_seqs[k], num)
                 live.extend(children)
                 rollout_seqs.extend(children)
@@ -600,9 +596,9 @@ class PowerSampler(RunnerSampler):
             candidates = [tokens[j, : lengths[j]].tolist() for j in unique]
             kept = [seqs[j] for j in unique]
             if self.config.entropy_cut:  # a block cut short: its sequence was fed on; cut it back
-                start = _length(heads[i][0])
+                start = heads[i][0].length
                 for index, (j, candidate) in enumerate(zip(unique, candidates)):
-                    if _length(kept[index]) > start + len(candidate) and not (candidate and candidate[-1] in eos):
+                    if kept[index].length > start + len(candidate) and not (candidate and candidate[-1] in eos):
                         [child] = self.runner.fork(kept[index], 1, length=start + len(candidate))
                         live.append(child)
                         self.runner.free([kept[index]])

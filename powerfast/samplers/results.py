@@ -50,7 +50,7 @@ class GenerationStats:
     tokens_by_phase: tokens decoded by the model per phase ("prefill", "candidates",
                      "rollouts", "sample", "proposals", ...); ``tokens_total`` adds them
                      up except the prompt's prefill
-    num_forwards:    model forwards (prefill, decode steps, extends) of the ``generate``
+    num_forwards:    model forwards (prefill and decode steps) of the ``generate``
                      call up to this result: on a GPU a decode step costs about the same at
                      batch 1 and 64, so forwards, not tokens, bound the latency. Prompts
                      generated together share forwards and all count them.

@@ -63,7 +63,7 @@ class SIRSampler(AncestralSampler):
     """Sampling-importance-resampling: N plain samples from p at a temperature, one returned
     with probability proportional to p^alpha / q.
 
-    model:     a Hugging Face causal LM, a ModelRunner or an LMRunner
+    model:     a Hugging Face causal LM, or a runner (:class:`powerfast.runtime.protocol.Runner`)
     tokenizer: optional; needed for string prompts and for ``text`` in the results
     config:    :class:`SIRConfig` (alpha, temperature > 0, num_samples N)
     seed:      makes ``generate`` reproducible (None: fresh randomness)
@@ -104,7 +104,8 @@ class SIRSampler(AncestralSampler):
         N :class:`WeightedSample`. Normalised, the weights are the probabilities of the draw
         :meth:`generate` makes from the same pool."""
         prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
-        pool = drive(self.sample_pool(prompt_ids, max_new_tokens, self.eos_token_id(ignore_eos)), self.runner)
+        eos = () if ignore_eos else self.runner.eos_token_ids
+        pool = drive(self.sample_pool(prompt_ids, max_new_tokens, eos), self.runner)
         out = []
         for i in range(len(prompt_ids)):
             log_weights = self.log_weights(pool, i).tolist()

@@ -70,7 +70,7 @@ def _effective_sample_sizes(particles: list[list[_Particle]]) -> torch.Tensor:
 class SMCSampler(RunnerSampler):
     """Sequential Monte Carlo power sampling (Power-SMC).
 
-    model:     a Hugging Face causal LM, a ModelRunner or an LMRunner
+    model:     a Hugging Face causal LM, or a runner (:class:`powerfast.runtime.protocol.Runner`)
     tokenizer: optional; needed for string prompts and for ``text`` in the results
     config:    :class:`SMCConfig`
     seed:      makes ``generate`` reproducible (None: fresh randomness)
@@ -114,7 +114,8 @@ class SMCSampler(RunnerSampler):
         (token ids, base log-likelihood, log-weight). The weighted particles estimate the
         power distribution; normalised, the weights are the probabilities of a draw."""
         prompt_ids = self.encode(prompts, max_new_tokens, chat_template)
-        groups, _ = drive(self._run(prompt_ids, max_new_tokens, self.eos_token_id(ignore_eos), None), self.runner)
+        eos = () if ignore_eos else self.runner.eos_token_ids
+        groups, _ = drive(self._run(prompt_ids, max_new_tokens, eos, None), self.runner)
         return [[(p.tokens, p.loglik, p.log_weight) for p in group] for group in groups]
 
     def _run(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress):

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 
 import torch
 
+from powerfast.runtime.protocol import Runner
 from powerfast.samplers.program import Decode, Final, Prefill, Tokens
 from powerfast.samplers.prompts import PromptError, check_fits, encode_prompt
 from powerfast.samplers.sampling import Launch, Sample, sample_launch
@@ -94,9 +95,9 @@ class EngineStats:
 
 
 class Engine:
-    """Continuous batching of step programs over one :class:`powerfast.runtime.runner.ModelRunner`.
+    """Continuous batching of step programs over one runner (:class:`powerfast.runtime.protocol.Runner`).
 
-    model:        a Hugging Face causal LM or a ready ModelRunner (or an LMRunner)
+    model:        a Hugging Face causal LM or a ready runner (a ModelRunner, an LMRunner, ...)
     tokenizer:    for string and chat prompts, stop strings and ``text`` (optional)
     max_queue:    requests waiting for admission at most (:class:`QueueFullError` past it)
     max_branches: sequences one request may decode at once at most (power K x M, SMC's N,
@@ -112,15 +113,14 @@ class Engine:
         for name, value in (("max_queue", max_queue), ("max_branches", max_branches)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        self.runner = as_runner(model, **runner_kwargs)
+        self.runner: Runner = as_runner(model, **runner_kwargs)
         self.tokenizer = tokenizer
         self.max_queue = max_queue
         self.max_branches = max_branches
-        self.cache = getattr(self.runner, "cache", None)
-        self.device = getattr(self.runner, "device", torch.device("cpu"))
-        probe = SamplingParams(method="greedy", seed=0).sampler(self.runner, tokenizer)  # seeded: draws nothing
-        self.context_length = probe.context_length
-        self.vocab_size = probe.vocab_size
+        self.cache = self.runner.cache
+        self.device = self.runner.device
+        self.context_length = self.runner.context_length
+        self.vocab_size = self.runner.vocab_size
         self._lock = threading.Lock()  # guards the queues and counters (short holds only)
         self._step_lock = threading.Lock()  # held for a whole step
         self._waiting: deque[Request] = deque()
@@ -292,8 +292,8 @@ class Engine:
             return EngineStats(
                 num_waiting=len(self._waiting), num_running=len(self._running), kv_blocks_total=total,
                 kv_blocks_used=total - free, kv_blocks_free=free, kv_blocks_reserved=self._reserved,
-                num_steps=self.num_steps, num_forwards=getattr(self.runner, "num_forwards", 0),
-                forward_rows=getattr(self.runner, "forward_rows", 0), last_step_forwards=self.last_step_forwards,
+                num_steps=self.num_steps, num_forwards=self.runner.num_forwards,
+                forward_rows=self.runner.forward_rows, last_step_forwards=self.last_step_forwards,
                 sample_launches=self.sample_launches, last_step_sample_launches=self.last_step_sample_launches,
                 requests_finished=dict(self._finished), requests_rejected=dict(self._rejected),
                 tokens_by_phase=dict(self._tokens_by_phase), max_queue=self.max_queue,
@@ -403,7 +403,7 @@ class Engine:
         for request in started:
             sampler = request.sampler
             sampler._forward_mark = None  # its stats count its own forwards and rows (the engine's count)
-            request.eos = sampler.eos_token_id(request.params.ignore_eos)
+            request.eos = () if request.params.ignore_eos else self.runner.eos_token_ids
             request.program = sampler.program([request.prompt_ids], request.params.max_tokens, request.eos,
                                               stream=True)
             self._advance(request, None, outputs, first=True)
@@ -434,8 +434,7 @@ class Engine:
             tokens = self._joined_tokens([r.pending.tokens for r in requests])
         if self.sampled is not None:  # the step guard's positions (host ints, no sync)
             for request in requests:
-                self.last_step_positions[request.id] = sum(
-                    seq.length if hasattr(seq, "length") else len(seq) for seq in request.pending.seqs)
+                self.last_step_positions[request.id] = sum(seq.length for seq in request.pending.seqs)
         try:
             logits = self.runner.decode(seqs, tokens)
         except Exception as error:  # noqa: BLE001
@@ -530,8 +529,7 @@ class Engine:
                 request.text, request.stop_scan = "", 0
             request.token_ids = final_ids
             stopped = self._hit_stop_string(request)
-            ended_on_eos = bool(result.token_ids) and result.token_ids[-1] in request.sampler.eos_token_id(
-                request.params.ignore_eos)
+            ended_on_eos = bool(result.token_ids) and result.token_ids[-1] in request.eos
             reason = "stop" if stopped or ended_on_eos or len(result.token_ids) < request.params.max_tokens else "length"
             self._count_phases(result.stats.tokens_by_phase)
             result.stats.num_forwards, result.stats.forward_rows = request.forwards, request.forward_rows

@@ -1,8 +1,9 @@
 """What a request asks for: :class:`SamplingParams`, the method and its settings.
 
-Its fields are derived, not retyped: the request's own fields (method, max_tokens, seed,
-stop, ignore_eos) and then every setting of :data:`powerfast.core.config.SETTINGS` with the
-``serving`` preset's defaults. Every field is validated on construction whether the
+Its fields are written out, so that a reader and an IDE see them: the request's own fields
+(method, max_tokens, seed, stop, ignore_eos) and then every setting of
+:data:`powerfast.core.config.SETTINGS` with the ``serving`` preset's defaults;
+``tests/test_settings.py`` fails when they drift from those declarations. Every field is validated on construction whether the
 request's method uses it or not; :class:`~powerfast.serving.errors.InvalidRequestError`
 names the field (``error.field``).
 """
@@ -10,16 +11,11 @@ names the field (``error.field``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
+from dataclasses import dataclass
 
-from powerfast.core.config import (
-    METHODS,
-    SETTINGS,
-    SettingError,
-    method_config,
-    preset_defaults,
-    setting_fields,
-)
+from powerfast.core.config import METHODS, SETTINGS, SettingError, method_config, preset_defaults
 from powerfast.serving.errors import InvalidRequestError
 
 __all__ = ["REQUEST_FIELDS", "SamplingParams", "SERVING_PRESET"]
@@ -37,10 +33,46 @@ REQUEST_FIELDS = {
 """The fields of a request that are not a method's settings: (type, default, help)."""
 
 
-class _Request:
-    """The behaviour of :class:`SamplingParams` (its fields are made below)."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SamplingParams:
+    """What a request asks for: the method and its settings, validated on construction
+    (InvalidRequestError naming the field), keyword only. The request's own fields
+    (:data:`REQUEST_FIELDS`), then every setting of :data:`powerfast.core.config.SETTINGS` in its
+    order with the ``serving`` preset's default (``tests/test_settings.py`` keeps them equal)."""
 
-    __slots__ = ()
+    # the request's own fields (REQUEST_FIELDS)
+    method: str = "plain"
+    max_tokens: int = 256
+    seed: int | None = None
+    stop: tuple = ()
+    ignore_eos: bool = False
+    # every setting (SETTINGS), with the serving preset's defaults
+    alpha: float = 4.0
+    block_size: int = 16
+    num_candidates: int = 8
+    top_k: int = 4
+    num_rollouts: int = 4
+    horizon: int = 16
+    jackknife: bool = True
+    rollout_proposal: str = "tempered"
+    candidate_proposal: str = "base"
+    reuse_rollouts: bool = False
+    rollout_resample_every: int = 0
+    rollout_groups: int = 2
+    skip_share: float = 0.0
+    rollouts_per_round: int = 0
+    round_tolerance: float = 0.05
+    entropy_cut: float = 0.0
+    entropy_cut_after: int = 1
+    mcmc_steps: int = 2
+    num_particles: int = 8
+    ess_threshold: float = 0.5
+    resample_every: int = 16
+    ramp_tokens: int = 0
+    resampler: str = "systematic"
+    eta: float = 3.0 + math.sqrt(8.0)
+    temperature: float = 1.0
+    num_samples: int = 4
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in METHODS:
@@ -98,22 +130,14 @@ class _Request:
         return 1, "method"
 
 
-def _fields() -> list[tuple]:
-    fields = [(name, kind, dataclasses.field(default=default)) for name, (kind, default, _) in REQUEST_FIELDS.items()]
-    return fields + setting_fields(SERVING_PRESET)
-
-
-def _doc() -> str:
+def _field_help() -> str:
+    """The fields' help, from their declarations (the settings' defaults are the serving preset's,
+    scaled for serving, not the papers')."""
     defaults = preset_defaults(SERVING_PRESET)
-    lines = ["What a request asks for: the method and its settings, validated on construction",
-             "(InvalidRequestError naming the field), keyword only. Fields:", ""]
-    lines += [f"    {name}: {help}" for name, (_, _, help) in REQUEST_FIELDS.items()]
-    lines += [f"    {name}: {setting.help} (default {defaults[name]!r})" for name, setting in SETTINGS.items()]
-    lines += ["", f"Settings take the {SERVING_PRESET!r} preset's defaults (scaled for serving, not the papers')."]
+    lines = ["    Fields:", ""]
+    lines += [f"        {name}: {help}" for name, (_, _, help) in REQUEST_FIELDS.items()]
+    lines += [f"        {name}: {setting.help} (default {defaults[name]!r})" for name, setting in SETTINGS.items()]
     return "\n".join(lines)
 
 
-SamplingParams = dataclasses.make_dataclass(
-    "SamplingParams", _fields(), bases=(_Request,), frozen=True, kw_only=True, slots=True,
-    namespace={"__doc__": _doc(), "__module__": __name__},
-)
+SamplingParams.__doc__ += "\n\n" + _field_help()
