@@ -14,7 +14,7 @@ import pytest
 import torch
 from device_kernels import torch_sample  # the same torch baseline the GPU script times
 
-from powerfast.core import estimators, ops
+from powerfast.ops import jackknife, sampling, topk
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -60,7 +60,7 @@ def test_sample_tokens(benchmark, backend, shape):
     logits = _logits(shape)
     logliks = torch.zeros(shape[0], device=DEVICE)
     if backend == "triton":
-        fn = lambda: ops.sample_tokens(logits, 0.7, seed=0, logliks=logliks)  # noqa: E731
+        fn = lambda: sampling.sample_tokens(logits, 0.7, seed=0, logliks=logliks)  # noqa: E731
     else:
         fn = lambda: torch_sample(logits, 0.7, logliks)  # noqa: E731
     benchmark.group = f"sample {shape}"
@@ -75,7 +75,7 @@ def test_token_logprobs(benchmark, backend, shape):
     logits = _logits(shape)
     tokens = torch.randint(0, shape[1], (shape[0],), device=DEVICE)
     if backend == "triton":
-        fn = lambda: ops.token_logprobs(logits, tokens)  # noqa: E731
+        fn = lambda: sampling.token_logprobs(logits, tokens)  # noqa: E731
     else:
         fn = lambda: torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None]).squeeze(1)  # noqa: E731
     benchmark.group = f"token_logprobs {shape}"
@@ -89,9 +89,9 @@ def test_topk_logprobs(benchmark, backend, shape):
     _skip_interpreted(backend)
     logits = _logits(shape)
     if backend == "triton":
-        fn = lambda: ops.topk_logprobs(logits, 8)  # noqa: E731
+        fn = lambda: topk.topk_logprobs(logits, 8)  # noqa: E731
     else:
-        fn = lambda: ops._torch_topk_logprobs(logits, 8)  # noqa: E731
+        fn = lambda: topk._torch_topk_logprobs(logits, 8)  # noqa: E731
     benchmark.group = f"topk {shape}"
     benchmark(_synchronized(fn))
     _record_bandwidth(benchmark, logits.numel() * logits.element_size())
@@ -105,9 +105,9 @@ def test_power_estimates(benchmark, backend, shape):
     cand = torch.log_softmax(torch.randn(batch, num_candidates, device=DEVICE), -1)
     rollouts = -torch.rand(batch, num_candidates, num_rollouts, device=DEVICE) * 300
     if backend == "triton":
-        fn = lambda: ops.power_estimates(cand, rollouts, 4.0)  # noqa: E731
+        fn = lambda: jackknife._power_estimates_nosync(cand, rollouts, 4.0)  # noqa: E731
     else:
-        fn = lambda: estimators.power_estimates(cand, rollouts, 4.0)  # noqa: E731
+        fn = lambda: jackknife.torch_power_estimates(cand, rollouts, 4.0)  # noqa: E731
     benchmark.group = f"power_estimates {shape}"
     benchmark(_synchronized(fn))
     _record_bandwidth(benchmark, (cand.numel() + rollouts.numel()) * 4)
