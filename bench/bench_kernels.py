@@ -1,4 +1,5 @@
-"""pytest-benchmark: each kernel against its torch reference.
+"""pytest-benchmark: each op's kernel against its torch reference, one benchmark per op of
+powerfast.ops (sampling, topk, jackknife, kv_cache, paged_attention).
 
     pytest bench/bench_kernels.py                      # timings
     pytest bench/bench_kernels.py --benchmark-disable  # a smoke run (CI)
@@ -14,12 +15,15 @@ import pytest
 import torch
 from device_kernels import torch_sample  # the same torch baseline the GPU script times
 
-from powerfast.ops import jackknife, sampling, topk
+from powerfast.ops import jackknife, kv_cache, paged_attention, sampling, topk
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 VOCAB_SHAPES = [(64, 32000), (64, 151936), (512, 151936)]
 ESTIMATE_SHAPES = [(1, 8, 8), (64, 8, 8)]
+# one layer of Qwen2.5-7B (28 query heads, 4 KV heads of 128), blocks of 16; smaller on a CPU
+KV_HEADS, QUERY_HEADS, HEAD_DIM, BLOCK = 4, 28, 128, 16
+DECODE_SHAPES = [(1, 1024), (64, 1024)] if CUDA else [(1, 256), (8, 256)]  # (sequences, cached positions)
 BACKENDS = ["torch", "triton"]
 
 
@@ -111,3 +115,52 @@ def test_power_estimates(benchmark, backend, shape):
     benchmark.group = f"power_estimates {shape}"
     benchmark(_synchronized(fn))
     _record_bandwidth(benchmark, (cand.numel() + rollouts.numel()) * 4)
+
+
+def _kv_caches(num_blocks):
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    key_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE).to(dtype)
+    return key_cache, torch.randn_like(key_cache)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_tokens", [64, 512])
+def test_write_kv(benchmark, backend, num_tokens):
+    _skip_interpreted(backend)
+    key_cache, value_cache = _kv_caches(4 * num_tokens // BLOCK)
+    key = torch.randn(num_tokens, KV_HEADS, HEAD_DIM, device=DEVICE).to(key_cache.dtype)
+    value = torch.randn_like(key)
+    slots = torch.randperm(key_cache.shape[0] * BLOCK, device=DEVICE)[:num_tokens]
+    if backend == "triton":
+        fn = lambda: kv_cache.write_kv(key_cache, value_cache, key, value, slots)  # noqa: E731
+    else:
+        fn = lambda: kv_cache._torch_write_kv(key_cache, value_cache, key, value, slots)  # noqa: E731
+    benchmark.group = f"write_kv {num_tokens} tokens"
+    benchmark(_synchronized(fn))
+    _record_bandwidth(benchmark, 2 * key.numel() * key.element_size())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"N{s[0]}-L{s[1]}")
+def test_paged_attention_decode(benchmark, backend, shape):
+    """One decode step of one layer: a query per sequence over its cached positions."""
+    _skip_interpreted(backend)
+    num_seqs, length = shape
+    blocks_per_seq = length // BLOCK
+    key_cache, value_cache = _kv_caches(num_seqs * blocks_per_seq)
+    rows = torch.arange(num_seqs, device=DEVICE)
+    positions = torch.full((num_seqs,), length - 1, device=DEVICE)
+    ctx = paged_attention.PagedAttentionContext(
+        key_caches=[key_cache], value_caches=[value_cache], slot_mapping=positions,
+        block_tables=torch.randperm(num_seqs * blocks_per_seq, device=DEVICE).view(num_seqs, -1).int(),
+        seq_lens=torch.full((num_seqs,), length, dtype=torch.int32, device=DEVICE),
+        cu_seqlens_k=torch.arange(num_seqs + 1, dtype=torch.int32, device=DEVICE) * length,
+        query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32, device=DEVICE),
+        query_seq_index=rows, query_positions=positions, max_query_len=1, max_seq_len=length, backend=backend,
+    )
+    query = torch.randn(num_seqs, QUERY_HEADS, HEAD_DIM, device=DEVICE).to(key_cache.dtype)
+    attend = paged_attention.BACKEND_FUNCTIONS[backend]
+    fn = lambda: attend(query, key_cache, value_cache, ctx, HEAD_DIM**-0.5)  # noqa: E731
+    benchmark.group = f"paged_attention decode {shape}"
+    benchmark(_synchronized(fn))
+    _record_bandwidth(benchmark, 2 * num_seqs * length * KV_HEADS * HEAD_DIM * key_cache.element_size())

@@ -69,6 +69,8 @@ class SampleOutput(NamedTuple):
 
 
 def check_temperature(temperature: float) -> float:
+    """A sampling temperature as a float: positive and finite (greedy decoding is
+    :func:`greedy_tokens`, not temperature 0); ValueError naming the value otherwise."""
     try:
         value = float(temperature)
     except (TypeError, ValueError):
