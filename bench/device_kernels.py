@@ -27,8 +27,7 @@ import triton
 import triton.testing
 from powerfast.kernels import sampling as sampling_kernels
 
-from powerfast.core import estimators, ops
-from powerfast.runtime import custom_ops as library
+from powerfast.ops import jackknife, kv_cache, sampling, topk
 
 VOCAB_SHAPES = [(64, 32000), (64, 151936), (512, 151936)]
 ESTIMATE_SHAPES = [(1, 8, 8), (64, 8, 8)]
@@ -141,12 +140,12 @@ def rows(clock: Clock, copy_bw: float, smoke: bool, results: list) -> None:
             tokens = torch.randint(0, shape[1], (shape[0],), device=device)
             record(
                 "sample T=0.7", shape, dtype, num_bytes,
-                lambda: ops.sample_tokens(logits, 0.7, seed=1, logliks=logliks),
+                lambda: sampling.sample_tokens(logits, 0.7, seed=1, logliks=logliks),
                 lambda: torch_sample(logits, 0.7, logliks),
             )
             record(
                 "sample T=1", shape, dtype, num_bytes,
-                lambda: ops.sample_tokens(logits, 1.0, seed=1, logliks=logliks),
+                lambda: sampling.sample_tokens(logits, 1.0, seed=1, logliks=logliks),
                 lambda: torch_sample_t1(logits, logliks),
             )
             # the engine's one launch for many requests: four (temperature, EOS) groups in one
@@ -155,21 +154,21 @@ def rows(clock: Clock, copy_bw: float, smoke: bool, results: list) -> None:
             active, row_logliks = torch.ones(shape[0], dtype=torch.bool, device=device), logliks.clone()
             record(
                 "sample_rows 4 groups", shape, dtype, num_bytes,
-                lambda: ops.sample_rows(logits, offsets=mixed["offsets"], temperatures=mixed["temperatures"],
-                                        eos_token_ids=mixed["eos"], active=active.clone(), logliks=row_logliks),
-                lambda: [library.sample_tokens(logits[index], mixed["offsets"][index], active[index].clone(),
-                                               row_logliks[index].clone(), temperature, eos)
+                lambda: sampling.sample_rows(logits, offsets=mixed["offsets"], temperatures=mixed["temperatures"],
+                                             eos_token_ids=mixed["eos"], active=active.clone(), logliks=row_logliks),
+                lambda: [sampling.sample_tokens_op(logits[index], mixed["offsets"][index], active[index].clone(),
+                                                   row_logliks[index].clone(), temperature, eos)
                          for index, temperature, eos in mixed["groups"]],
             )
             record(
                 "token_logprobs", shape, dtype, num_bytes,
-                lambda: ops.token_logprobs(logits, tokens),
+                lambda: sampling.token_logprobs(logits, tokens),
                 lambda: torch.log_softmax(logits.float(), -1).gather(1, tokens[:, None]).squeeze(1),
             )
             record(
                 "topk_logprobs k=8", shape, dtype, num_bytes,
-                lambda: ops.topk_logprobs(logits, 8),
-                lambda: ops._torch_topk_logprobs(logits, 8),
+                lambda: topk.topk_logprobs(logits, 8),
+                lambda: topk._torch_topk_logprobs(logits, 8),
             )
             del logits
 
@@ -179,8 +178,8 @@ def rows(clock: Clock, copy_bw: float, smoke: bool, results: list) -> None:
         rollouts = -torch.rand(batch, num_candidates, num_rollouts, device=device) * 300
         record(
             "power_estimates jk", shape, torch.float32, (cand.numel() + rollouts.numel()) * 4,
-            lambda: ops.power_estimates(cand, rollouts, 4.0),
-            lambda: estimators.power_estimates(cand, rollouts, 4.0),
+            lambda: jackknife._power_estimates_nosync(cand, rollouts, 4.0),
+            lambda: jackknife.torch_power_estimates(cand, rollouts, 4.0),
         )
 
     # KV write: decode tokens of one layer (Qwen2.5-7B: 4 kv heads x 128), bf16 (fp32 when smoke)
@@ -195,16 +194,16 @@ def rows(clock: Clock, copy_bw: float, smoke: bool, results: list) -> None:
     itemsize = key.element_size()
     record(
         "write_kv", tuple(key.shape), kv_dtype, 2 * key.numel() * itemsize,
-        lambda: ops.write_kv(key_cache, value_cache, key, value, slots),
-        lambda: ops._torch_write_kv(key_cache, value_cache, key, value, slots),
+        lambda: kv_cache.write_kv(key_cache, value_cache, key, value, slots),
+        lambda: kv_cache._torch_write_kv(key_cache, value_cache, key, value, slots),
     )
     copies = kv["copies"]
     src = torch.arange(0, copies, device=device)
     dst = torch.arange(copies, 2 * copies, device=device)
     record(
         "copy_blocks", (copies, *block_shape), kv_dtype, 2 * copies * key_cache[0].numel() * itemsize,
-        lambda: ops.copy_blocks(key_cache, value_cache, src, dst),
-        lambda: ops._torch_copy_blocks(key_cache, value_cache, src, dst),
+        lambda: kv_cache.copy_blocks(key_cache, value_cache, src, dst),
+        lambda: kv_cache._torch_copy_blocks(key_cache, value_cache, src, dst),
     )
 
 

@@ -358,7 +358,8 @@ def sampling_table(results: dict[int, dict[int, float]], timings: list[StepTimin
 
 READ_ACCESSORS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 #: code that runs only for CPU tensors: the torch references of the ops, the CPU branch of write_kv
-CPU_ONLY_CODE = (("ops.py", "_torch_"), ("custom_ops.py", "_write_kv"), ("library.py", "_write_kv"))
+#: (a path under powerfast/ and a function-name prefix)
+CPU_ONLY_CODE = (("ops/", "_torch_"), ("ops/kv_cache.py", "_write_kv"))
 
 
 class HostReadCounter:
@@ -442,8 +443,7 @@ class HostReadCounter:
         function = frame.f_code.co_name
         site = f"{path}:{frame.f_lineno} {function} {accessor}"
         self.reads[site] += 1
-        file_name = os.path.basename(path)
-        cpu_only = any(file_name == name and function.startswith(prefix) for name, prefix in CPU_ONLY_CODE)
+        cpu_only = any(path.startswith(place) and function.startswith(prefix) for place, prefix in CPU_ONLY_CODE)
         if not cpu_only and not self.is_host(tensor):
             self.gpu_reads[site] += 1
 

@@ -1,7 +1,8 @@
 """Scaling factors, leave-one-out and jackknife of the power-distribution estimate, in
 one launch (one program per decision row).
 
-Per row, with the (K, M) tile of rollout log-likelihoods ``l`` in registers:
+Per row, with the (K, M) tile of rollout scores ``l`` in registers (a rollout's log weight
+divided by alpha - 1: its base log-likelihood when drawn from p; ``powerfast.ops.jackknife``):
 
     w[k, r]          = (alpha - 1) * (l[k, r] - max l)        (-inf where l = -inf)
     log zeta[k]      = logsumexp_r w[k, r] - log M             (+ (alpha - 1) * max l on output)
@@ -12,9 +13,9 @@ Per row, with the (K, M) tile of rollout log-likelihoods ``l`` in registers:
     p_jk             = M * p_hat - (M - 1) / M * sum_s softmax_k(alpha * c + log zeta^(-s))
 
 clamped at 0 and renormalised, falling back to p_hat when everything clamps (the
-contract of ``powerfast.core.estimators.power_estimates``). Shifting by the row maxima before
+contract of ``powerfast.ops.jackknife.torch_power_estimates``). Shifting by the row maxima before
 multiplying by alpha keeps the weights' rounding error proportional to their spread, not
-to the log-likelihoods' size (down to -2000 and beyond).
+to the scores' size (down to -2000 and beyond).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import triton.language as tl
 def _power_estimate_kernel(
     # data ptrs
     candidate_logprobs_ptr,  # (B, K)
-    rollout_logliks_ptr,  # (B, K, M)
+    rollout_scores_ptr,  # (B, K, M)
     probs_ptr,  # (B, K) out, contiguous
     p_hat_ptr,  # (B, K) out, contiguous
     log_zeta_ptr,  # (B, K) out, contiguous
@@ -68,16 +69,16 @@ def _power_estimate_kernel(
         candidate_logprobs_ptr + row * stride_cand_b + ks * stride_cand_k, mask=k_valid, other=neg_inf
     ).to(DTYPE)
     tile_mask = k_valid[:, None] & m_valid[None, :]
-    logliks = tl.load(
-        rollout_logliks_ptr + row * stride_roll_b + ks[:, None] * stride_roll_k + ms[None, :] * stride_roll_m,
+    scores = tl.load(
+        rollout_scores_ptr + row * stride_roll_b + ks[:, None] * stride_roll_k + ms[None, :] * stride_roll_m,
         mask=tile_mask,
         other=neg_inf,
     ).to(DTYPE)
 
-    # weights, shifted by the row's largest log-likelihood
-    loglik_max = tl.max(tl.max(logliks, axis=1), axis=0)
-    loglik_shift = tl.where(loglik_max == neg_inf, 0.0, loglik_max)
-    weights = tl.where(logliks == neg_inf, neg_inf, alpha_minus_one * (logliks - loglik_shift))
+    # weights, shifted by the row's largest score
+    score_max = tl.max(tl.max(scores, axis=1), axis=0)
+    score_shift = tl.where(score_max == neg_inf, 0.0, score_max)
+    weights = tl.where(scores == neg_inf, neg_inf, alpha_minus_one * (scores - score_shift))
 
     # log zeta (shifted): logsumexp over rollouts - log M
     weight_max = tl.max(weights, axis=1)
@@ -129,7 +130,7 @@ def _power_estimate_kernel(
     out = row * num_candidates + ks
     tl.store(probs_ptr + out, probs, mask=k_valid)
     tl.store(p_hat_ptr + out, p_hat, mask=k_valid)
-    tl.store(log_zeta_ptr + out, log_zeta + alpha_minus_one * loglik_shift, mask=k_valid)
+    tl.store(log_zeta_ptr + out, log_zeta + alpha_minus_one * score_shift, mask=k_valid)
 
 
 def _fp32_pair(value: float) -> tuple[float, float]:
@@ -140,24 +141,24 @@ def _fp32_pair(value: float) -> tuple[float, float]:
 
 def power_estimates(
     candidate_logprobs: torch.Tensor,
-    rollout_logliks: torch.Tensor,
+    rollout_scores: torch.Tensor,
     alpha: float,
     jackknife: bool = True,
 ):
-    """Launcher (arguments checked by ``powerfast.core.ops.power_estimates``).
+    """Launcher (arguments checked by ``powerfast.ops.jackknife``).
 
-    candidate_logprobs: (..., K); rollout_logliks: (..., K, M); alpha > 0
+    candidate_logprobs: (..., K); rollout_scores: (..., K, M); alpha > 0
     returns (probs, p_hat, log_zeta), each (..., K), in the promoted input dtype when it is
     float32 / float64 (float32 otherwise); computed in float64 iff an input is float64.
     """
     batch_shape = candidate_logprobs.shape[:-1]
-    num_candidates, num_rollouts = rollout_logliks.shape[-2:]
+    num_candidates, num_rollouts = rollout_scores.shape[-2:]
     cand = candidate_logprobs.reshape(-1, num_candidates)
-    rollouts = rollout_logliks.reshape(-1, num_candidates, num_rollouts)
+    rollouts = rollout_scores.reshape(-1, num_candidates, num_rollouts)
     num_rows = cand.shape[0]
-    out_dtype = torch.promote_types(candidate_logprobs.dtype, rollout_logliks.dtype)
+    out_dtype = torch.promote_types(candidate_logprobs.dtype, rollout_scores.dtype)
     compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-    device = rollout_logliks.device
+    device = rollout_scores.device
     probs = torch.empty(num_rows, num_candidates, dtype=compute_dtype, device=device)
     p_hat = torch.empty_like(probs)
     log_zeta = torch.empty_like(probs)

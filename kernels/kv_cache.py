@@ -93,7 +93,7 @@ def _same_strides(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
 
 
 def write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
-    """Launcher (arguments checked by ``powerfast.core.ops.write_kv``).
+    """Launcher (arguments checked by ``powerfast.ops.kv_cache.write_kv``).
 
     key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim), written in place
     key, value: (num_tokens, kv_heads, head_dim); slot_mapping: (num_tokens,), -1 = skip
@@ -130,7 +130,7 @@ def write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
 
 
 def copy_blocks(key_cache, value_cache, src_blocks, dst_blocks) -> None:
-    """Launcher (arguments checked by ``powerfast.core.ops.copy_blocks``).
+    """Launcher (arguments checked by ``powerfast.ops.kv_cache.copy_blocks``).
 
     key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim), written in place
     src_blocks, dst_blocks: (n,) block ids; block src[i] is copied onto dst[i]

@@ -299,7 +299,7 @@ def sample_logprob(
     num_warps: Optional[int] = None,
 ):
     """Sample from softmax(logits / temperature), score, accumulate (arguments checked by
-    ``powerfast.core.ops.sample_tokens``).
+    ``powerfast.ops.sampling.sample_tokens``).
 
     logits: (N, V); offsets: (N,) int or None (arange(N)); active: (N,) bool or None;
     logliks: (N,) fp32 or None, updated in place; returns (tokens (N,) int64,
@@ -337,7 +337,7 @@ def sample_logprob_rows(
     num_warps: Optional[int] = None,
 ):
     """:func:`sample_logprob` with a temperature and an EOS id per row, in one launch
-    (arguments checked by ``powerfast.core.ops.sample_rows``; the Philox key is 0).
+    (arguments checked by ``powerfast.ops.sampling.sample_rows``; the Philox key is 0).
 
     temperatures: (N,) fp64, 0 for greedy rows; eos_ids: (N,) int64, -1 for none.
     Returns (tokens, base_logprobs, tempered_logprobs, log_power_sums), all (N,) tensors:

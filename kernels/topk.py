@@ -67,7 +67,7 @@ def _topk_logprobs_kernel(
 
 
 def topk_logprobs(logits: torch.Tensor, k: int, block_v: int | None = None, num_warps: int | None = None):
-    """Launcher (arguments checked by ``powerfast.core.ops.topk_logprobs``).
+    """Launcher (arguments checked by ``powerfast.ops.topk.topk_logprobs``).
 
     logits: (N, V); k in [1, V]
     returns (token_ids (N, k) int64, logprobs (N, k) fp32) sorted by descending log-prob,

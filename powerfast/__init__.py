@@ -14,11 +14,11 @@ _LAZY = {
     "SamplingConfig": "powerfast.core.config",
     "SMCConfig": "powerfast.core.config",
     "SIRConfig": "powerfast.core.config",
-    "PowerEstimate": "powerfast.core.estimators",
-    "leave_one_out_log_scaling_factors": "powerfast.core.estimators",
-    "log_scaling_factors": "powerfast.core.estimators",
-    "power_distribution": "powerfast.core.estimators",
-    "power_estimates": "powerfast.core.estimators",
+    "PowerEstimate": "powerfast.ops.jackknife",
+    "leave_one_out_log_scaling_factors": "powerfast.ops.jackknife",
+    "log_scaling_factors": "powerfast.ops.jackknife",
+    "power_distribution": "powerfast.ops.jackknife",
+    "power_estimates": "powerfast.ops.jackknife",
     "HFLanguageModel": "powerfast.runtime.lm",
     "LanguageModel": "powerfast.runtime.lm",
     "TableLM": "powerfast.runtime.lm",
@@ -43,7 +43,7 @@ _LAZY = {
 }
 
 # the layers, reachable as attributes (``powerfast.evaluation.exact.power_conditional``), imported on first use
-_SUBMODULES = ("cli", "core", "evaluation", "kernels", "runtime", "samplers", "serving")
+_SUBMODULES = ("cli", "core", "evaluation", "kernels", "ops", "runtime", "samplers", "serving")
 
 __all__ = list(_LAZY)
 

@@ -8,8 +8,8 @@ from conftest import fresh_seed
 import torch
 from test_lookahead import random_table_lm
 
-from powerfast.core import estimators
 from powerfast.core.config import PowerConfig
+from powerfast.ops import jackknife
 from powerfast.runtime.lm import TableLM
 from powerfast.runtime.lm_runner import LMRunner
 from powerfast.samplers.power import PowerSampler
@@ -33,7 +33,7 @@ def test_choice_standard_error_matches_the_jackknife_by_hand():
     alpha, rows, k, n = 3.0, 4, 5, 6
     cand = torch.log_softmax(torch.randn(rows, k, generator=generator, dtype=torch.float64), -1)
     rolls = -torch.rand(rows, k, n, generator=generator, dtype=torch.float64) * 4
-    got = estimators.choice_standard_error(cand, rolls, alpha)
+    got = jackknife.choice_standard_error(cand, rolls, alpha)
     for r in range(rows):
         loo = []
         for s in range(n):
@@ -45,9 +45,9 @@ def test_choice_standard_error_matches_the_jackknife_by_hand():
         torch.testing.assert_close(got[r], want, rtol=1e-12, atol=1e-15)
     # equal columns: nothing varies, the error is 0
     flat = rolls[..., :1].expand(rows, k, n)
-    assert float(estimators.choice_standard_error(cand, flat, alpha).abs().max()) < 1e-15
+    assert float(jackknife.choice_standard_error(cand, flat, alpha).abs().max()) < 1e-15
     with pytest.raises(ValueError, match="at least 2 rollouts"):
-        estimators.choice_standard_error(cand, rolls[..., :1], alpha)
+        jackknife.choice_standard_error(cand, rolls[..., :1], alpha)
 
 
 # ------------------------------------------------------------------- the rules

@@ -24,7 +24,7 @@ import random
 import pytest
 import torch
 from powerfast.kernels.paged_attention import paged_attention
-from test_paged_attention import make_case
+from test_ops_paged_attention import make_case
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,

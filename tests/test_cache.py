@@ -324,11 +324,11 @@ def no_sync_allowed(device: str):
 
 
 def copy_on_write_copies_without_sync(device: str) -> None:
-    from powerfast.core import ops
+    from powerfast.ops.device import upload_ints
 
     values = [5, -1, 2**40, 0, 7]
     with no_sync_allowed(device):
-        uploaded = ops.upload_ints(values, torch.int64, torch.device(device))
+        uploaded = upload_ints(values, torch.int64, torch.device(device))
     assert uploaded.device.type == device and uploaded.dtype == torch.int64 and uploaded.tolist() == values
 
     cache = PagedKVCache(CacheConfig(num_layers=2, num_kv_heads=1, head_dim=2, block_size=4, num_blocks=16, device=device))

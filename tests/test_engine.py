@@ -431,11 +431,11 @@ def test_one_sampling_launch_per_forward_for_every_request(model, monkeypatch):
     EOS) share each step's ONE sampling launch: every step that ran a decode forward and
     no prefill launched the sampling op once, over all the rows of the forward; and each
     request still gets the tokens it gets alone."""
-    from powerfast.core import ops
+    from powerfast.samplers import sampling
 
     launches = []
-    real = ops.sample_rows
-    monkeypatch.setattr(ops, "sample_rows", lambda logits, **kw: launches.append(logits.shape[0]) or real(logits, **kw))
+    real = sampling.sample_rows
+    monkeypatch.setattr(sampling, "sample_rows", lambda logits, **kw: launches.append(logits.shape[0]) or real(logits, **kw))
     params = [SamplingParams(method="plain", max_tokens=12, seed=SEED + 1, ignore_eos=True),
               SamplingParams(method="low-temp", max_tokens=12, seed=SEED + 2, ignore_eos=True),
               SamplingParams(method="greedy", max_tokens=12, seed=SEED + 3),

@@ -145,7 +145,7 @@ def test_runner_runs_of_two_lengths_launch_one_attention_variant(recorded):
 @cpu_twin
 def test_split_counts_and_offset_metadata_launch_one_variant_each(recorded):
     """Direct launches with 2, 3 and 5 splits and metadata slices at odd offsets."""
-    from test_paged_attention import float64_reference, make_case
+    from test_ops_paged_attention import float64_reference, make_case
 
     for splits, lengths, offset in ((2, [40, 9], 0), (3, [70], 1), (5, [150, 33, 2], 3)):
         query, key_cache, value_cache, ctx = make_case(lengths, [1] * len(lengths), 2, 1, 16, 16)

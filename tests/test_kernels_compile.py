@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
              dict(K=5, BLOCK_K=8, BLOCK_V=4096), 8)
     for dt, tdt in (("fp32", tl.float32), ("fp64", tl.float64)):
         compile_(jackknife._power_estimate_kernel,
-                 {**{n: "*" + dt for n in ("candidate_logprobs_ptr", "rollout_logliks_ptr", "probs_ptr", "p_hat_ptr", "log_zeta_ptr")},
+                 {**{n: "*" + dt for n in ("candidate_logprobs_ptr", "rollout_scores_ptr", "probs_ptr", "p_hat_ptr", "log_zeta_ptr")},
                   **{n: "fp32" for n in ("alpha_hi", "alpha_lo", "alpha_minus_one_hi", "alpha_minus_one_lo")}},
                  dict(JACKKNIFE=True, DTYPE=tdt, BLOCK_K=8, BLOCK_M=16), 4)
     compile_(kv_cache._write_kv_kernel,

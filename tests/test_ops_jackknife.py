@@ -1,5 +1,5 @@
-"""ops.power_estimates / power_distribution (one-launch kernel) against the float64
-estimator (powerfast.core.estimators.power_estimates) on the same input values.
+"""The jackknife op (powerfast.ops.jackknife): its dispatch (the one-launch kernel here)
+against the float64 torch reference (torch_power_estimates) on the same input values.
 
 Tolerances: float32 inputs (fp32 compute) probs / p_hat atol 2e-5 + rtol 1e-4,
 log_zeta atol 1e-4 + rtol 1e-6 (log-likelihoods down to -2000 times alpha - 1 = 7 are
@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from powerfast.core import estimators, ops
+from powerfast.ops import jackknife
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 TOL = {
@@ -36,11 +36,11 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
 
 
-def _check(candidate_logprobs, rollout_logliks, alpha, jackknife=True):
-    dtype = torch.promote_types(candidate_logprobs.dtype, rollout_logliks.dtype)
-    got = ops.power_estimates(candidate_logprobs, rollout_logliks, alpha, jackknife)
-    ref = estimators.power_estimates(
-        candidate_logprobs.double().cpu(), rollout_logliks.double().cpu(), alpha, jackknife
+def _check(candidate_logprobs, rollout_scores, alpha, use_jackknife=True):
+    dtype = torch.promote_types(candidate_logprobs.dtype, rollout_scores.dtype)
+    got = jackknife._power_estimates_nosync(candidate_logprobs, rollout_scores, alpha, use_jackknife)
+    ref = jackknife.torch_power_estimates(
+        candidate_logprobs.double().cpu(), rollout_scores.double().cpu(), alpha, use_jackknife
     )
     for name, actual, expected in zip(("probs", "p_hat", "log_zeta"), got, ref):
         assert actual.dtype == dtype and actual.shape == expected.shape, name
@@ -51,7 +51,7 @@ def _check(candidate_logprobs, rollout_logliks, alpha, jackknife=True):
         assert torch.isfinite(actual[finite]).all(), f"{name}: not fully written / not finite"
         err = (actual[finite] - expected[finite]).abs()
         bound = atol + rtol * expected[finite].abs()
-        assert (err <= bound).all(), f"{name}: max error {err.max().item()} (alpha {alpha}, shape {tuple(rollout_logliks.shape)})"
+        assert (err <= bound).all(), f"{name}: max error {err.max().item()} (alpha {alpha}, shape {tuple(rollout_scores.shape)})"
     probs = got.probs.double().cpu()
     assert (probs >= 0).all()
     live = probs.sum(-1) > 0
@@ -62,8 +62,8 @@ def _check(candidate_logprobs, rollout_logliks, alpha, jackknife=True):
 def _inputs(batch, num_candidates, num_rollouts, dtype, device, low=-2000.0):
     candidate_logprobs = torch.log_softmax(torch.randn(batch, num_candidates, dtype=torch.float64) * 3, -1)
     scale = torch.rand(batch, 1, 1, dtype=torch.float64) ** 3  # some rows tight, some spread to `low`
-    rollout_logliks = torch.rand(batch, num_candidates, num_rollouts, dtype=torch.float64) * low * scale
-    return candidate_logprobs.to(dtype).to(device), rollout_logliks.to(dtype).to(device)
+    rollout_scores = torch.rand(batch, num_candidates, num_rollouts, dtype=torch.float64) * low * scale
+    return candidate_logprobs.to(dtype).to(device), rollout_scores.to(dtype).to(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,7 +74,7 @@ def _inputs(batch, num_candidates, num_rollouts, dtype, device, low=-2000.0):
 def test_random_inputs_match_estimator(device, dtype, alpha, num_rollouts, num_candidates, poisoned_empty):
     cand, rollouts = _inputs(3, num_candidates, num_rollouts, dtype, device)
     _check(cand, rollouts, alpha)
-    _check(cand, rollouts, alpha, jackknife=False)
+    _check(cand, rollouts, alpha, use_jackknife=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -106,31 +106,33 @@ def test_neg_inf_candidates_and_rollouts(device, dtype, poisoned_empty):
     cand[0, :] = -math.inf
     got = _check(cand, rollouts, 4.0)
     assert (got.probs[0] == 0).all()
+    with pytest.raises(ValueError, match=r"-inf in row \[0\]"):
+        jackknife.power_estimates(cand, rollouts, 4.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-10), (torch.float32, 5e-4)], ids=["f64", "f32"])
 @pytest.mark.parametrize("alpha", [1.5, 4.0])
 def test_shift_invariance(device, dtype, atol, alpha):
-    """Adding a constant to a row's candidate log-probs or rollout log-likelihoods does not
+    """Adding a constant to a row's candidate log-probs or rollout scores does not
     change the distribution (fp32: up to the rounding of the shifted inputs themselves)."""
     cand, rollouts = _inputs(5, 8, 8, dtype, device, low=-100.0)
-    base = ops.power_distribution(cand, rollouts, alpha)
-    shifted = ops.power_distribution(cand - 37.0, rollouts - 1500.0, alpha)
+    base = jackknife.power_distribution(cand, rollouts, alpha)
+    shifted = jackknife.power_distribution(cand - 37.0, rollouts - 1500.0, alpha)
     assert torch.allclose(base, shifted, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_power_distribution_matches_checked_estimator_and_batch_dims(device):
+def test_power_distribution_matches_reference_and_batch_dims(device):
     cand, rollouts = _inputs(6, 4, 8, torch.float32, device, low=-200.0)
     cand = cand.reshape(2, 3, 4)
     rollouts = rollouts.reshape(2, 3, 4, 8)
-    got = ops.power_distribution(cand, rollouts, 4.0)
-    ref = estimators.power_distribution(cand.double().cpu(), rollouts.double().cpu(), 4.0)
+    got = jackknife.power_distribution(cand, rollouts, 4.0)
+    ref = jackknife.torch_power_estimates(cand.double().cpu(), rollouts.double().cpu(), 4.0).probs
     assert got.shape == (2, 3, 4)
     assert torch.allclose(got.double().cpu(), ref, atol=2e-5, rtol=1e-4)
     # non-contiguous views
-    got_t = ops.power_distribution(cand.transpose(0, 1), rollouts.transpose(0, 1), 4.0)
+    got_t = jackknife.power_distribution(cand.transpose(0, 1), rollouts.transpose(0, 1), 4.0)
     assert torch.allclose(got_t.transpose(0, 1), got, atol=1e-6)
 
 
@@ -144,12 +146,12 @@ def test_paper_toy_example():
     # zeta(k) = sum_s p(s)^alpha = E_p[p^(alpha-1)]: two equally weighted pseudo-rollouts
     # with exp(3 l) = 2 p^4 reproduce it
     rollouts = torch.stack([(torch.log(2 * plan.exp() ** 4)) / 3, (torch.log(2 * guess.exp() ** 4)) / 3])[None]
-    probs = ops.power_distribution(cand, rollouts, alpha, jackknife=False)
+    probs = jackknife.power_distribution(cand, rollouts, alpha, jackknife=False)
     assert abs(probs[0, 0].item() - 0.548) < 1e-3
 
 
 @pytest.mark.parametrize(
-    "cand_shape, roll_shape, alpha, jackknife, message",
+    "cand_shape, roll_shape, alpha, use_jackknife, message",
     [
         ((2, 3), (2, 3, 4), 0.0, True, "alpha"),
         ((2, 3), (2, 3, 4), math.nan, True, "alpha"),
@@ -158,6 +160,7 @@ def test_paper_toy_example():
         ((2, 3), (2, 3, 0), 4.0, False, "at least one"),
     ],
 )
-def test_rejects_bad_arguments(cand_shape, roll_shape, alpha, jackknife, message):
+@pytest.mark.parametrize("estimate", ["power_distribution", "_power_estimates_nosync"])
+def test_rejects_bad_arguments(estimate, cand_shape, roll_shape, alpha, use_jackknife, message):
     with pytest.raises(ValueError, match=message):
-        ops.power_distribution(torch.zeros(cand_shape), torch.zeros(roll_shape), alpha, jackknife)
+        getattr(jackknife, estimate)(torch.zeros(cand_shape), torch.zeros(roll_shape), alpha, use_jackknife)

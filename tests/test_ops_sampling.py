@@ -1,4 +1,5 @@
-"""ops.sample_tokens / score_tokens / token_logprobs against float64 torch references.
+"""The sampling op (powerfast.ops.sampling): sample_tokens / score_tokens / token_logprobs /
+sample_rows and the powerfast::sample_tokens operator against float64 torch references.
 
 On a CPU-only machine the "cpu" cases run the Triton kernel under TRITON_INTERPRET=1 (set
 by conftest); the "cuda" twins run it on a GPU. Tolerances on log-probs (absolute, vs the
@@ -18,7 +19,8 @@ import pytest
 import torch
 from scipy import stats
 
-from powerfast.core import ops
+from powerfast.ops import sampling
+from powerfast.ops.device import use_triton
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -72,7 +74,7 @@ def test_sample_logprobs_match_reference(device, dtype, shape, poisoned_empty):
     logits = _logits(num_rows, vocab, dtype, device)
     logliks = torch.randn(num_rows, device=device, dtype=torch.float32) * 10
     start = logliks.clone()
-    out = ops.sample_tokens(logits, 0.7, seed=int(torch.randint(0, 2**62, ())), logliks=logliks)
+    out = sampling.sample_tokens(logits, 0.7, seed=int(torch.randint(0, 2**62, ())), logliks=logliks)
     assert out.tokens.dtype == torch.int64 and out.tokens.shape == (num_rows,)
     assert ((out.tokens >= 0) & (out.tokens < vocab)).all()
     _assert_close(out.base_logprobs, _ref_logprobs(logits, out.tokens))
@@ -88,10 +90,10 @@ def test_token_logprobs_and_score_match_reference(device, dtype, shape, poisoned
     logits = _logits(num_rows, vocab, dtype, device)
     tokens = torch.randint(0, vocab, (num_rows,), device=device)
     tokens[0] = vocab - 1  # the last entry of the vocabulary
-    got = ops.token_logprobs(logits, tokens)
+    got = sampling.token_logprobs(logits, tokens)
     assert got.dtype == torch.float32 and got.shape == (num_rows,)
     _assert_close(got, _ref_logprobs(logits, tokens))
-    scored = ops.score_tokens(logits, tokens.int(), 1.7)
+    scored = sampling.score_tokens(logits, tokens.int(), 1.7)
     assert torch.equal(scored.tokens.cpu(), tokens.cpu())
     _assert_close(scored.base_logprobs, _ref_logprobs(logits, tokens))
     _assert_close(scored.tempered_logprobs, _ref_logprobs(logits, tokens, 1.7))
@@ -100,7 +102,7 @@ def test_token_logprobs_and_score_match_reference(device, dtype, shape, poisoned
 @pytest.mark.parametrize("device", DEVICES)
 def test_temperature_one_has_no_tempered_output(device):
     logits = _logits(3, 100, torch.float32, device)
-    out = ops.sample_tokens(logits, 1.0, seed=5)
+    out = sampling.sample_tokens(logits, 1.0, seed=5)
     assert out.tempered_logprobs is None
     _assert_close(out.base_logprobs, _ref_logprobs(logits, out.tokens))
 
@@ -110,12 +112,12 @@ def _draw_counts(logits_row, temperature, num_draws, block_v=None):
     logits = logits_row[None, :].expand(num_draws, -1)
     seed = int(torch.randint(0, 2**62, ()))
     offsets = torch.arange(num_draws, device=logits.device)
-    if ops._use_triton(logits):
+    if use_triton(logits):
         from powerfast.kernels.sampling import sample_logprob
 
         tokens = sample_logprob(logits, temperature, seed=seed, offsets=offsets, block_v=block_v)[0]
     else:
-        tokens = ops.sample_tokens(logits, temperature, seed=seed, offsets=offsets).tokens
+        tokens = sampling.sample_tokens(logits, temperature, seed=seed, offsets=offsets).tokens
     return torch.bincount(tokens.cpu(), minlength=logits.shape[1]).double()
 
 
@@ -176,10 +178,10 @@ def test_frequencies_large_vocab_chunk_boundary(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_same_seed_same_tokens(device):
     logits = _logits(16, 3000, torch.bfloat16, device, scale=0.5)
-    first = ops.sample_tokens(logits, 0.9, seed=1234)
-    again = ops.sample_tokens(logits, 0.9, seed=1234)
-    other = ops.sample_tokens(logits, 0.9, seed=1235)
-    shifted = ops.sample_tokens(logits, 0.9, seed=1234, offsets=torch.arange(16, device=device) + 16)
+    first = sampling.sample_tokens(logits, 0.9, seed=1234)
+    again = sampling.sample_tokens(logits, 0.9, seed=1234)
+    other = sampling.sample_tokens(logits, 0.9, seed=1235)
+    shifted = sampling.sample_tokens(logits, 0.9, seed=1234, offsets=torch.arange(16, device=device) + 16)
     assert torch.equal(first.tokens, again.tokens)
     assert torch.equal(first.base_logprobs, again.base_logprobs)
     assert not torch.equal(first.tokens, other.tokens)
@@ -195,7 +197,7 @@ def test_inactive_rows_untouched_and_eos_deactivates(device):
     active = torch.tensor([True, True, False, True, False, True], device=device)
     logliks = torch.randn(num_rows, device=device)
     start = logliks.clone()
-    out = ops.sample_tokens(logits, 1.3, seed=9, active=active, eos_token_id=eos, logliks=logliks)
+    out = sampling.sample_tokens(logits, 1.3, seed=9, active=active, eos_token_id=eos, logliks=logliks)
     inactive = torch.tensor([2, 4])
     assert (out.tokens[inactive] == eos).all()
     assert (out.base_logprobs[inactive] == 0).all() and (out.tempered_logprobs[inactive] == 0).all()
@@ -209,7 +211,7 @@ def test_inactive_rows_untouched_and_eos_deactivates(device):
     _assert_close(out.base_logprobs[live], _ref_logprobs(logits[live], out.tokens[live]))
     _assert_close((logliks - start)[live], _ref_logprobs(logits[live], out.tokens[live]))
     # without eos_token_id inactive rows return token 0
-    again = ops.sample_tokens(logits, 1.0, seed=9, active=torch.zeros(num_rows, dtype=torch.bool, device=device))
+    again = sampling.sample_tokens(logits, 1.0, seed=9, active=torch.zeros(num_rows, dtype=torch.bool, device=device))
     assert (again.tokens == 0).all() and (again.base_logprobs == 0).all()
 
 
@@ -231,15 +233,15 @@ def test_sample_tokens_rejects_bad_arguments(kwargs, message):
     args = {"temperature": 1.0, "seed": 0, **kwargs}
     temperature = args.pop("temperature")
     with pytest.raises(ValueError, match=message):
-        ops.sample_tokens(torch.randn(3, 10), temperature, **args)
+        sampling.sample_tokens(torch.randn(3, 10), temperature, **args)
 
 
 def test_dispatch_reads_environment(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert ops._use_triton(cpu)
+    assert use_triton(cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not ops._use_triton(cpu)
+    assert not use_triton(cpu)
     assert os.environ["TRITON_INTERPRET"] == "0"
 
 
@@ -248,12 +250,12 @@ def test_strided_tokens_and_offsets(device):
     """A column slice (stride > 1) of tokens / offsets is read element by element."""
     logits = _logits(5, 300, torch.float32, device)
     grid = torch.randint(0, 300, (5, 4), device=device)
-    scored = ops.score_tokens(logits, grid[:, 2])
+    scored = sampling.score_tokens(logits, grid[:, 2])
     assert torch.equal(scored.tokens.cpu(), grid[:, 2].cpu())
     _assert_close(scored.base_logprobs, _ref_logprobs(logits, grid[:, 2]))
     offsets = torch.arange(20, device=device).view(5, 4)
-    strided = ops.sample_tokens(logits, 1.0, seed=3, offsets=offsets[:, 1])
-    packed = ops.sample_tokens(logits, 1.0, seed=3, offsets=offsets[:, 1].contiguous())
+    strided = sampling.sample_tokens(logits, 1.0, seed=3, offsets=offsets[:, 1])
+    packed = sampling.sample_tokens(logits, 1.0, seed=3, offsets=offsets[:, 1].contiguous())
     assert torch.equal(strided.tokens.cpu(), packed.tokens.cpu())
 
 
@@ -287,8 +289,8 @@ def test_log_power_sums_match_float64(device, backend, dtype, shape, monkeypatch
     for temperature in (0.25, 1 / 0.7):
         want = _ref_log_power_sums(logits, temperature)
         tol = 1e-4 + 1e-5 * want.abs()
-        sampled = ops.sample_tokens(logits, temperature, seed=int(torch.randint(0, 2**62, ())))
-        scored = ops.score_tokens(logits, torch.randint(0, vocab, (num_rows,), device=device), temperature)
+        sampled = sampling.sample_tokens(logits, temperature, seed=int(torch.randint(0, 2**62, ())))
+        scored = sampling.score_tokens(logits, torch.randint(0, vocab, (num_rows,), device=device), temperature)
         for out in (sampled, scored):
             got = out.log_power_sums.double().cpu()
             assert out.log_power_sums.dtype == torch.float32 and got.shape == (num_rows,)
@@ -298,7 +300,7 @@ def test_log_power_sums_match_float64(device, backend, dtype, shape, monkeypatch
                                        out.base_logprobs.double().cpu() / temperature - got, atol=2e-3, rtol=1e-5)
     if vocab > 1:
         # sharper than the base (alpha > 1): sum p^alpha < 1
-        assert (ops.sample_tokens(logits, 0.25, seed=1).log_power_sums < 0).all()
+        assert (sampling.sample_tokens(logits, 0.25, seed=1).log_power_sums < 0).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -310,9 +312,9 @@ def test_log_power_sums_inactive_rows_and_temperature_one(device, backend, monke
             pytest.skip("the torch reference runs on CPU tensors only")
         monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
     logits = _logits(6, 50, torch.float32, device)
-    assert ops.sample_tokens(logits, 1.0, seed=3).log_power_sums is None
+    assert sampling.sample_tokens(logits, 1.0, seed=3).log_power_sums is None
     active = torch.tensor([True, False, True, False, True, True], device=device)
-    out = ops.sample_tokens(logits, 0.25, seed=3, active=active.clone())
+    out = sampling.sample_tokens(logits, 0.25, seed=3, active=active.clone())
     want = _ref_log_power_sums(logits, 0.25)
     got = out.log_power_sums.double().cpu()
     assert (got[~active.cpu()] == 0).all()
@@ -332,8 +334,6 @@ def test_sample_rows_give_every_row_what_its_own_launch_gives(device, backend, d
     activity in ONE sample_rows call get, bit for bit, the tokens, log-probs, log power
     sums, activity and log-likelihoods of the operator called once per (temperature, EOS)
     group, as each request's decode loop calls it alone."""
-    from powerfast.runtime import custom_ops
-
     if backend == "torch":
         if device == "cuda":
             pytest.skip("the torch reference runs on CPU tensors only")
@@ -348,7 +348,7 @@ def test_sample_rows_give_every_row_what_its_own_launch_gives(device, backend, d
     active = torch.rand(num_rows) < 0.8
     logliks = torch.randn(num_rows, dtype=torch.float32)
     row_active, row_logliks = active.clone().to(device), logliks.clone().to(device)
-    out = ops.sample_rows(logits, offsets=offsets.to(device),
+    out = sampling.sample_rows(logits, offsets=offsets.to(device),
                           temperatures=torch.tensor(temperatures, dtype=torch.float64, device=device),
                           eos_token_ids=torch.tensor(eos_ids, device=device), active=row_active, logliks=row_logliks)
     groups: dict = {}
@@ -357,8 +357,8 @@ def test_sample_rows_give_every_row_what_its_own_launch_gives(device, backend, d
     for (temperature, eos), rows in groups.items():
         index = torch.tensor(rows)
         sub_active, sub_logliks = active[index].to(device), logliks[index].to(device)
-        want = custom_ops.sample_tokens(logits[index.to(device)], offsets[index].to(device), sub_active, sub_logliks,
-                                        temperature, eos)
+        want = sampling.sample_tokens_op(logits[index.to(device)], offsets[index].to(device), sub_active, sub_logliks,
+                                         temperature, eos)
         got = (out.tokens, out.base_logprobs, out.tempered_logprobs, out.log_power_sums)
         for name, expected, actual in zip(("tokens", "base", "tempered", "log power sums"), want, got):
             assert torch.equal(actual.cpu()[index], expected.cpu()), (name, temperature, eos)
@@ -375,7 +375,7 @@ def test_sample_rows_greedy_rows_take_the_first_maximum_across_chunks(device):
     logits[0, 10] = logits[0, 4100] = 50.0  # a tie across chunks: the first
     logits[1, 8999] = 60.0  # the last chunk's last entry
     logits[2, 4096] = 70.0  # the first entry of a chunk
-    out = ops.sample_rows(logits, offsets=torch.arange(3, device=device), temperatures=torch.zeros(3, dtype=torch.float64,
+    out = sampling.sample_rows(logits, offsets=torch.arange(3, device=device), temperatures=torch.zeros(3, dtype=torch.float64,
                           device=device), eos_token_ids=torch.full((3,), -1, device=device),
                           active=torch.ones(3, dtype=torch.bool, device=device), logliks=torch.zeros(3, device=device))
     assert out.tokens.cpu().tolist() == [10, 8999, 4096]
@@ -391,4 +391,4 @@ def test_sample_rows_refuses_bad_row_tensors_naming_them():
     for name, bad in (("temperatures", torch.ones(4)), ("eos_token_ids", torch.full((3,), -1)),
                       ("offsets", None), ("logliks", torch.zeros(4, dtype=torch.float64))):
         with pytest.raises(ValueError, match=name):
-            ops.sample_rows(logits, **{**good, name: bad})
+            sampling.sample_rows(logits, **{**good, name: bad})

@@ -1,4 +1,4 @@
-"""ops.topk_logprobs against a float64 reference: log_softmax in float64, then the k best
+"""The top-k op (powerfast.ops.topk.topk_logprobs) against a float64 reference: log_softmax in float64, then the k best
 by (log-prob descending, token id ascending). Log-prob tolerance 2e-5 + 2e-6 * |lp|; ids
 must match exactly (the tie rule is part of the contract, and bf16 / fp16 logits tie often).
 """
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from powerfast.core import ops
+from powerfast.ops import topk
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 SHAPES = [(1, 1, 1), (3, 7, 3), (64, 1000, 8), (3, 5003, 32), (3, 32000, 8), (1, 151936, 8), (3, 151936, 4)]
@@ -44,7 +44,7 @@ def test_topk_matches_reference(device, dtype, shape, poisoned_empty):
     logits = (torch.randn(num_rows, vocab, dtype=torch.float64) * 3).to(dtype).to(device)
     if vocab > 4096:
         logits[0, vocab - 1] = 30.0  # the best token is the last one of the vocabulary
-    ids, logprobs = ops.topk_logprobs(logits, k)
+    ids, logprobs = topk.topk_logprobs(logits, k)
     ref_ids, ref_logprobs = _reference(logits, k)
     assert ids.dtype == torch.int64 and logprobs.dtype == torch.float32
     assert ids.shape == (num_rows, k) and logprobs.shape == (num_rows, k)
@@ -59,7 +59,7 @@ def test_topk_ties_and_ascending_input(device):
     vocab = 300
     logits = torch.arange(vocab, dtype=torch.float32, device=device)[None].repeat(2, 1)
     logits[1] = torch.tensor([1.0, 2.0]).repeat(vocab // 2)
-    ids, logprobs = ops.topk_logprobs(logits, 5)
+    ids, logprobs = topk.topk_logprobs(logits, 5)
     assert ids[0].tolist() == [299, 298, 297, 296, 295]
     assert ids[1].tolist() == [1, 3, 5, 7, 9]
     ref_ids, ref_logprobs = _reference(logits, 5)
@@ -70,4 +70,4 @@ def test_topk_ties_and_ascending_input(device):
 @pytest.mark.parametrize("k", [0, 11, 2.0, True])
 def test_topk_rejects_bad_k(k):
     with pytest.raises(ValueError, match="k must be"):
-        ops.topk_logprobs(torch.randn(2, 10), k)
+        topk.topk_logprobs(torch.randn(2, 10), k)

@@ -33,6 +33,23 @@ def test_submodules_are_attributes_of_the_package():
     assert "has no attribute 'nothing'" in done.stdout
 
 
+def test_the_exported_estimate_is_the_checked_one():
+    import math
+
+    import powerfast
+    from powerfast.ops import jackknife
+
+    assert powerfast.power_estimates is jackknife.power_estimates
+    assert powerfast.power_distribution is jackknife.power_distribution
+    dead = torch.tensor([[-math.inf, -math.inf]])  # nothing possible: the unchecked estimate gives zeros
+    assert jackknife._power_estimates_nosync(dead, torch.zeros(1, 2, 3), 4.0).probs.tolist() == [[0.0, 0.0]]
+    for estimate in (powerfast.power_estimates, powerfast.power_distribution):
+        with pytest.raises(ValueError, match=r"every candidate log-prob is -inf in row \[0\]"):
+            estimate(dead, torch.zeros(1, 2, 3), 4.0)
+        with pytest.raises(ValueError, match=r"rollout_scores contains NaN"):
+            estimate(torch.zeros(1, 2), torch.full((1, 2, 3), math.nan), 4.0)
+
+
 def tiny_llama(seed: int):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

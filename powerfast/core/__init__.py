@@ -1,12 +1,12 @@
-"""The bottom layer: settings, the estimators' math and the ops that dispatch to the kernels.
+"""The bottom layer: the settings, declared once and validated (``powerfast.core.config``).
 
-Pure functions of tensors and validated settings: no model, no cache, no state. Everything
-above imports from here; nothing here imports from above (``powerfast/DESIGN.md`` section 3).
+No model, no cache, no state. Everything above imports from here; nothing here imports from
+above (``powerfast/DESIGN.md`` section 3).
 """
 
 
 def __getattr__(name: str):
-    """Submodules on first use (``powerfast.core.estimators``): no import costs before it."""
+    """Submodules on first use (``powerfast.core.config``): no import costs before it."""
     import importlib.util
 
     if importlib.util.find_spec(f"{__name__}.{name}") is None:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from powerfast.core.estimators import power_estimates
 from powerfast.evaluation import exact
+from powerfast.ops.jackknife import torch_power_estimates
 from powerfast.runtime.lm import TableLM
 
 __all__ = [
@@ -159,7 +159,7 @@ def simulate(
             draws.append(logliks[index])
         rollout_logliks = torch.stack(draws, dim=1).to(dtype)  # (n, K, M)
         candidate_logprobs = case.candidate_logprobs.to(dtype).expand(n, -1)
-        jack = power_estimates(candidate_logprobs, rollout_logliks, alpha, jackknife=True)
+        jack = torch_power_estimates(candidate_logprobs, rollout_logliks, alpha, jackknife=True)
         plain_parts.append(jack.p_hat)
         jack_parts.append(jack.probs)
     return torch.cat(plain_parts), torch.cat(jack_parts)

@@ -1,4 +1,4 @@
-"""The runtime: the paged KV cache, the attention function and its backends, the custom ops,
+"""The runtime: the paged KV cache, the attention function registered with transformers,
 the model runner (any Hugging Face causal LM, or a table model) and model loading.
 
 It runs forwards, forks and frees sequences; it knows nothing of alpha or of any sampler

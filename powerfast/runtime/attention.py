@@ -8,8 +8,9 @@ forward's keyword arguments under :data:`CONTEXT_KWARG`, and ``module.layer_idx`
 the layer's pool. The function writes the new keys and values into their slots, attends
 causally over each sequence's cached positions and returns ``(out (B, S, H, D), None)``.
 
-The backends (torch, Triton, flash-attn) live in :mod:`powerfast.runtime.paged_attention`
-and are reached through the custom ops of :mod:`powerfast.runtime.custom_ops`.
+The backends (torch, Triton, flash-attn) live in :mod:`powerfast.ops.paged_attention`
+and are reached through the custom ops ``powerfast::write_kv`` (:mod:`powerfast.ops.kv_cache`)
+and ``powerfast::paged_attention``.
 
 Sharing the model: :func:`install_dense_fallback` remembers the model's own attention
 implementation on the model and adds a forward pre-hook, so a call of the model without
@@ -22,8 +23,14 @@ import functools
 
 import torch
 
-from powerfast.runtime import custom_ops
-from powerfast.runtime.paged_attention import BACKENDS, PagedAttentionContext, resolve_backend, torch_paged_attention
+from powerfast.ops.kv_cache import write_kv_op
+from powerfast.ops.paged_attention import (
+    BACKENDS,
+    PagedAttentionContext,
+    paged_attention_op,
+    resolve_backend,
+    torch_paged_attention,
+)
 
 __all__ = [
     "ATTENTION_NAME",
@@ -98,13 +105,13 @@ def paged_attention_forward(
     queries = query.transpose(1, 2).reshape(num_tokens, num_heads, head_dim)
     keys = key.transpose(1, 2).reshape(num_tokens, kv_heads, head_dim)
     values = value.transpose(1, 2).reshape(num_tokens, kv_heads, head_dim)
-    # two custom operators (powerfast.runtime.custom_ops): torch.compile and graph capture see each
+    # two custom operators (powerfast.ops): torch.compile and graph capture see each
     # as one opaque op. On the CPU the torch backend writes with plain torch (the Triton
     # kernel would run under TRITON_INTERPRET=1 in every layer of every forward).
-    custom_ops.write_kv(key_cache, value_cache, keys, values, ctx.slot_mapping, ctx.backend != "torch")
+    write_kv_op(key_cache, value_cache, keys, values, ctx.slot_mapping, ctx.backend != "torch")
     if queries.dtype != key_cache.dtype:
         queries = queries.to(key_cache.dtype)
-    out = custom_ops.paged_attention(
+    out = paged_attention_op(
         queries, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_k, ctx.query_start_loc,
         ctx.query_seq_index, ctx.query_positions, float(scaling), ctx.max_query_len, ctx.max_seq_len,
         ctx.shared_prefix_blocks, ctx.backend, 0.0 if softcap is None else float(softcap),
@@ -142,7 +149,7 @@ def _transformers_skips_unknown_masks() -> bool:
 
 def register() -> str:
     """Register :func:`paged_attention_forward` with transformers' ``AttentionInterface``
-    (idempotent) and the custom operators of :mod:`powerfast.runtime.custom_ops`. Returns the name.
+    (idempotent); importing this module registers the custom operators it calls. Returns the name.
 
     The model must build no attention mask under this implementation (no mask tensors,
     no data-dependent checks): :func:`no_mask` is registered with transformers'

@@ -13,7 +13,7 @@ one per child, instead of 64 x 63. Freeing decrements refcounts; a block returns
 the free list at refcount 0, so parents and children can be freed in any order.
 
 Only Python lists are touched here; tensors are the pools and the block copies, which
-go through :func:`powerfast.core.ops.copy_blocks` on CUDA and plain torch on the CPU.
+go through :func:`powerfast.ops.kv_cache.copy_blocks` on CUDA and plain torch on the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from powerfast.core import ops
+from powerfast.ops.device import upload_ints
+from powerfast.ops.kv_cache import copy_blocks
 
 __all__ = [
     "BlockAllocator", "CacheConfig", "KVCacheTooSmallError", "KVSequence", "OutOfBlocksError", "PagedKVCache",
@@ -350,11 +351,11 @@ class PagedKVCache:
 
     def _copy_blocks(self, src: list[int], dst: list[int]) -> None:
         device = self.config.device
-        src_blocks = ops.upload_ints(src, torch.int64, device)  # pinned, non-blocking: no sync per copy-on-write
-        dst_blocks = ops.upload_ints(dst, torch.int64, device)
+        src_blocks = upload_ints(src, torch.int64, device)  # pinned, non-blocking: no sync per copy-on-write
+        dst_blocks = upload_ints(dst, torch.int64, device)
         for key_cache, value_cache in zip(self.key_caches, self.value_caches):
             if key_cache.is_cuda:
-                ops.copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
+                copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
             else:  # plain torch on the CPU (ops would interpret its Triton kernel under TRITON_INTERPRET=1)
                 key_cache.index_copy_(0, dst_blocks, key_cache.index_select(0, src_blocks))
                 value_cache.index_copy_(0, dst_blocks, value_cache.index_select(0, src_blocks))

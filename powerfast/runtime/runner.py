@@ -2,7 +2,7 @@
 
 The model runs with ``use_cache=False`` and no cache argument: its attention layers call
 the registered paged attention function (:mod:`powerfast.runtime.attention`), which reads and
-writes the runner's pools through two custom operators (:mod:`powerfast.runtime.custom_ops`). Each
+writes the runner's pools through two custom operators (:mod:`powerfast.ops`). Each
 forward gets explicit ``position_ids`` and the paged context through the forward's
 keyword arguments.
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from powerfast.core import ops
+from powerfast.ops.device import upload_ints
 from powerfast.runtime import attention, parallel
 from powerfast.runtime.attention import CONTEXT_KWARG, PagedAttentionContext
 from powerfast.runtime.cache import CacheConfig, KVSequence, PagedKVCache
@@ -467,7 +467,7 @@ class ModelRunner:
     def _upload(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         """A host list as a device tensor; counted in ``upload_bytes``."""
         self.upload_bytes += len(values) * torch.empty((), dtype=dtype).element_size()
-        return ops.upload_ints(values, dtype, self.device)
+        return upload_ints(values, dtype, self.device)
 
     def _take_rows(self, seqs: Sequence[KVSequence]) -> list[int]:
         """Fresh metadata rows for sequences (growing the tensors if needed)."""

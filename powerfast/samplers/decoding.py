@@ -12,8 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from powerfast.core import ops
-from powerfast.runtime import custom_ops as library
+from powerfast.ops.sampling import SampleOutput, check_temperature, sample_tokens_op
 from powerfast.runtime.protocol import eos_token_ids
 from powerfast.samplers.program import Decode, drive
 from powerfast.samplers.sampling import SEED_MIX, Sample
@@ -147,7 +146,7 @@ def sample_step(
     logliks: torch.Tensor,
     temperature: float,
     eos_token_id: int | None,
-) -> ops.SampleOutput:
+) -> SampleOutput:
     """One step's sampling as a function of device tensors: sample (temperature 0:
     argmax), score, accumulate, in one fused operator; no Python value read from the device.
 
@@ -168,11 +167,11 @@ def sample_step(
     rows = logits.shape[0]
     offsets = seed * SEED_MIX + counter * rows + torch.arange(rows, device=logits.device)
     eos = -1 if eos_token_id is None else int(eos_token_id)
-    tokens, base, tempered, log_power_sums = library.sample_tokens(
+    tokens, base, tempered, log_power_sums = sample_tokens_op(
         logits, offsets, active, logliks, float(temperature), eos
     )
     counter.add_(1)
-    return ops.SampleOutput(tokens, base, tempered, log_power_sums)
+    return SampleOutput(tokens, base, tempered, log_power_sums)
 
 
 def continuations_program(
@@ -243,7 +242,7 @@ def continuations_program(
     log_power_sums = torch.zeros(num_rows, dtype=torch.float32, device=device) if want_log_power_sums else None
     for value in set(schedule):
         if value != 0:
-            ops._check_temperature(value)
+            check_temperature(value)
     seed = seeds.next()
     eos = -1 if eos_token_id is None else int(eos_token_id)
     logits = first_logits

@@ -10,8 +10,9 @@ Per block of B tokens, for every prompt of the batch at once:
    (H decode steps at batch K x M x prompts); with ``rollout_proposal="tempered"`` from p
    at temperature 1/alpha, each rollout weighted by the product of its steps'
    ``sum_x p(x)^alpha`` (powerfast/DESIGN.md section 6);
-4. estimate: ``ops.power_estimates`` turns candidate log-probs and rollout
-   log-likelihoods into p_hat / jackknife probabilities over the candidates;
+4. estimate: ``powerfast.ops.jackknife`` turns candidate log-probs and rollout scores
+   (log-likelihoods, or log weights / (alpha - 1)) into p_hat / jackknife probabilities
+   over the candidates;
 5. select: draw one candidate, which already holds the block's KV: it becomes the
    sequence; everything else is freed.
 
@@ -33,8 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-from powerfast.core import estimators, ops
 from powerfast.core.config import PowerConfig
+from powerfast.ops.device import upload_ints
+from powerfast.ops.jackknife import _power_estimates_nosync, choice_standard_error
+from powerfast.ops.topk import topk_logprobs
 from powerfast.samplers.base import RunnerSampler, appended_blocks, blocks_for
 from powerfast.samplers.decoding import check_no_nan, continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Decode, Final, Prefill, drive
@@ -297,8 +300,8 @@ class PowerSampler(RunnerSampler):
                     k_i = len(decisions[i].candidates)
                     cand[row, :k_i] = decisions[i].candidate_logprobs.float()  # host tensors (the candidates' copy)
                     rolls[row, :k_i] = rolls_of[i]
-                estimate = ops.power_estimates(cand.to(device), rolls.to(device), cfg.alpha,
-                                               cfg.jackknife and count >= 2)
+                estimate = _power_estimates_nosync(cand.to(device), rolls.to(device), cfg.alpha,
+                                                   cfg.jackknife and count >= 2)
                 probs, p_hat, log_zeta = (t.double() for t in to_host(*estimate))  # one copy
                 for row, i in enumerate(group):
                     k_i = len(decisions[i].candidates)
@@ -357,8 +360,8 @@ class PowerSampler(RunnerSampler):
         if rounds * cfg.rollouts_per_round >= cfg.num_rollouts:
             rule[i] = "all rounds"
             return False
-        error = estimators.choice_standard_error(decision.candidate_logprobs.double(),
-                                                 torch.cat(columns, -1).double(), cfg.alpha)
+        error = choice_standard_error(decision.candidate_logprobs.double(),
+                                      torch.cat(columns, -1).double(), cfg.alpha)
         if float(error.max()) <= cfg.round_tolerance:
             rule[i] = "converged"
             return False
@@ -405,23 +408,23 @@ class PowerSampler(RunnerSampler):
             live[:] = [s for s in live if id(s) not in drop]
         shape = (len(needs), groups)
         if resampled:
-            # one column per group: log zeta_hat of the group, handed as the "log-likelihood"
+            # one column per group: log zeta_hat of the group, handed as the rollout score
             # whose (alpha - 1) multiple the estimator averages (see the tempered case)
-            equivalent = weights / (cfg.alpha - 1.0) if cfg.alpha != 1.0 else torch.zeros_like(weights)
-            per_candidate, lengths, ess, nan = to_host(equivalent.float().view(shape), decoded, stage_ess, nan)
+            scores = weights / (cfg.alpha - 1.0) if cfg.alpha != 1.0 else torch.zeros_like(weights)
+            per_candidate, lengths, ess, nan = to_host(scores.float().view(shape), decoded, stage_ess, nan)
             raise_on_nan(nan, "rollouts")
             return per_candidate, ess, lengths, None, rollout_seqs, rollout_starts
         if tempered:
-            # log weight of a rollout = sum_t log c_t; the estimator weighs (alpha - 1) * loglik,
+            # log weight of a rollout = sum_t log c_t; the estimator weighs (alpha - 1) * score,
             # so hand it log weight / (alpha - 1) (at alpha = 1 every weight is 0 either way)
             weights = rollouts.log_power_sums.double()
-            equivalent = weights / (cfg.alpha - 1.0) if cfg.alpha != 1.0 else torch.zeros_like(weights)
+            scores = weights / (cfg.alpha - 1.0) if cfg.alpha != 1.0 else torch.zeros_like(weights)
         else:
             weights = (cfg.alpha - 1.0) * rollouts.base_logliks.double()
-            equivalent = rollouts.base_logliks
+            scores = rollouts.base_logliks
         # one device-to-host copy for the round: what the estimate and the records need
         per_candidate, log_weights, lengths, nan = to_host(
-            equivalent.float().view(shape), weights.view(shape), rollouts.lengths.view(shape).sum(-1),
+            scores.float().view(shape), weights.view(shape), rollouts.lengths.view(shape).sum(-1),
             nan_flag(rollouts.base_logliks))
         raise_on_nan(nan, "rollouts")
         return per_candidate, log_weights, lengths, rollouts, rollout_seqs, rollout_starts
@@ -479,7 +482,7 @@ class PowerSampler(RunnerSampler):
             self.runner.free(seqs)
             drop = {id(s) for s in seqs}
             live[:] = [s for s in live if id(s) not in drop]
-            index = ops.upload_ints(ancestors, torch.long, device)
+            index = upload_ints(ancestors, torch.long, device)
             seqs, logits, active = survivors, out.last_logits[index], out.active[index]
 
     def _reuse(self, out: dict, prompts: list[int], rollouts, rollout_seqs: list, rollout_rows: dict,
@@ -541,7 +544,7 @@ class PowerSampler(RunnerSampler):
         """Token level: the Top-K next tokens (those with probability > 0) of each prompt (a step program)."""
         k = min(self.config.top_k, self.vocab_size)
         logits = torch.stack([heads[i][1] for i in prompts])
-        token_ids, logprobs = to_host(*ops.topk_logprobs(logits, k))  # one copy
+        token_ids, logprobs = to_host(*topk_logprobs(logits, k))  # one copy
         all_seqs, all_tokens = [], []
         decisions = {}
         for row, i in enumerate(prompts):

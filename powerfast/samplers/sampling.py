@@ -7,7 +7,7 @@ answers it: :func:`powerfast.samplers.program.drive` (one program, as ``generate
 runs it) with one call of the ``powerfast::sample_tokens`` operator;
 :class:`powerfast.serving.engine.Engine` with :func:`sample_all`, which samples the
 rows of every request that waits on a ``Sample`` in ONE launch of
-:func:`powerfast.core.ops.sample_rows` (offsets, temperatures and EOS ids as device
+:func:`powerfast.ops.sampling.sample_rows` (offsets, temperatures and EOS ids as device
 tensors, one upload).
 
 Row ``i`` of a Sample draws at the counter-based offset
@@ -21,8 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from powerfast.core import ops
-from powerfast.runtime import custom_ops as library
+from powerfast.ops.sampling import sample_rows, sample_tokens_op
 
 __all__ = ["SEED_MIX", "Launch", "Sample", "Sampled", "sample_all", "sample_launch", "row_offsets"]
 
@@ -86,7 +85,7 @@ def _sample_one(sample: Sample) -> Sampled:
     # arange plus a host scalar: no upload (int64 addition wraps as _wrap64 does)
     offsets = torch.arange(rows, dtype=torch.int64, device=device) + _wrap64(sample.seed * SEED_MIX + sample.counter * rows)
     was_active = sample.active.clone()
-    tokens, base, tempered, log_power_sums = library.sample_tokens(
+    tokens, base, tempered, log_power_sums = sample_tokens_op(
         sample.logits, offsets, sample.active, sample.logliks, float(sample.temperature), int(sample.eos_token_id))
     return Sampled(tokens, base, tempered, log_power_sums, was_active, sample.active, sample.logliks)
 
@@ -157,7 +156,7 @@ class _SplitReply:
 
 def sample_all(samples: list[Sample]) -> list[Sampled]:
     """Answer every Sample: one alone with :func:`_sample_one`; several in ONE launch of
-    :func:`powerfast.core.ops.sample_rows` over all their rows (each row keeps the offset,
+    :func:`powerfast.ops.sampling.sample_rows` over all their rows (each row keeps the offset,
     temperature and EOS id its own launch would give it, so the same tokens). The logits
     are used in place when they are consecutive rows of one tensor (the engine's decode
     forward), else concatenated; the per-row offsets, temperatures and EOS ids go to the
@@ -193,7 +192,7 @@ def sample_launch(samples: list[Sample]) -> Launch:
     was_active = torch.cat([s.active for s in samples])
     active = was_active.clone()
     logliks = torch.cat([s.logliks for s in samples])
-    out = ops.sample_rows(logits, offsets=params[0], temperatures=params[2].view(torch.float64),
+    out = sample_rows(logits, offsets=params[0], temperatures=params[2].view(torch.float64),
                           eos_token_ids=params[1], active=active, logliks=logliks)
     tokens, base, tempered, log_power_sums = out
     logprobs = _LogProbs(sizes, base, tempered, log_power_sums)

@@ -3,7 +3,7 @@
 N particles per prompt are forked from the prompt (no KV copied). Step t samples every
 live particle from p at temperature 1/alpha_t and multiplies its weight by
 
-    c_t(h) = sum_x p(x | h)^alpha_t        (log: ``ops.sample_tokens(...).log_power_sums``)
+    c_t(h) = sum_x p(x | h)^alpha_t        (log: ``powerfast.ops.sampling.sample_tokens(...).log_power_sums``)
 
 which is the incremental weight ``p^alpha_t / q`` of the tempered proposal q; the fused
 sampling kernel returns it with the token, no second softmax. With a ramp (alpha_t from 1
@@ -25,8 +25,8 @@ import time
 
 import torch
 
-from powerfast.core import ops
 from powerfast.core.config import SMCConfig
+from powerfast.ops.device import upload_ints
 from powerfast.samplers import resampling
 from powerfast.samplers.base import RunnerSampler, forked_peak_blocks
 from powerfast.samplers.decoding import check_no_nan, continuations_program, nan_flag, phase, raise_on_nan, to_host
@@ -146,7 +146,7 @@ class SMCSampler(RunnerSampler):
                         particle.log_weight = -math.log(cfg.num_particles)
                     running.extend(particles[i])
                     source_rows.extend([i] * cfg.num_particles)
-            logits = prompt_logits[ops.upload_ints(source_rows, torch.long, prompt_logits.device)]
+            logits = prompt_logits[upload_ints(source_rows, torch.long, prompt_logits.device)]
             device = logits.device
             step, alpha_prev = 0, 1.0
             while step < max_new_tokens:  # one segment of R tokens (the last may be shorter), then a check
@@ -174,7 +174,7 @@ class SMCSampler(RunnerSampler):
                                                      live)
                 if not running:
                     break
-                logits = out.last_logits[ops.upload_ints(keep_rows, torch.long, device)]
+                logits = out.last_logits[upload_ints(keep_rows, torch.long, device)]
                 if progress is not None:
                     progress(step, max_new_tokens)
             for group in particles:

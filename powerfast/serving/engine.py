@@ -498,9 +498,9 @@ class Engine:
     def _token_tensor(self, tokens) -> torch.Tensor:
         if isinstance(tokens, torch.Tensor):
             return tokens.reshape(-1).to(device=self.device, dtype=torch.long)
-        from powerfast.core import ops
+        from powerfast.ops.device import upload_ints
 
-        return ops.upload_ints([int(t) for t in tokens], torch.long, self.device)
+        return upload_ints([int(t) for t in tokens], torch.long, self.device)
 
     def _advance(self, request: Request, reply, outputs: list[RequestOutput], first: bool = False) -> None:
         """Send ``reply`` to the program and run it to its next forward (or its end),

@@ -1,4 +1,4 @@
-"""ops.write_kv / ops.copy_blocks against the torch reference: exact equality (a copy),
+"""The KV-cache ops (powerfast.ops.kv_cache): write_kv / copy_blocks against the torch reference: exact equality (a copy),
 except an fp32 -> bf16 cast on write under the interpreter (within one bf16 ulp)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from powerfast.core import ops
+from powerfast.ops import kv_cache
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -32,8 +32,8 @@ def test_write_kv_matches_reference(device, dtype, slot_dtype, geometry):
     key = torch.randn(num_tokens, kv_heads, head_dim).to(dtype).to(device)
     value = torch.randn(num_tokens, kv_heads, head_dim, dtype=torch.float32).to(device)  # cast on write
     expected_key, expected_value = key_cache.clone().cpu(), value_cache.clone().cpu()
-    ops._torch_write_kv(expected_key, expected_value, key.cpu(), value.cpu(), slots.cpu())
-    ops.write_kv(key_cache, value_cache, key, value, slots)
+    kv_cache._torch_write_kv(expected_key, expected_value, key.cpu(), value.cpu(), slots.cpu())
+    kv_cache.write_kv(key_cache, value_cache, key, value, slots)
     assert torch.equal(key_cache.cpu(), expected_key)
     if dtype == torch.bfloat16 and not value_cache.is_cuda:
         # fp32 -> bf16 casts under the interpreter may round differently: within one bf16 ulp
@@ -52,8 +52,8 @@ def test_write_kv_strided_inputs(device):
     key, value = packed[:, 0], packed[:, 1]
     slots = torch.tensor([3, 9, -1, 31, 0], device=device)
     expected_key, expected_value = key_cache.clone().cpu(), value_cache.clone().cpu()
-    ops._torch_write_kv(expected_key, expected_value, key.cpu(), value.cpu(), slots.cpu())
-    ops.write_kv(key_cache, value_cache, key, value, slots)
+    kv_cache._torch_write_kv(expected_key, expected_value, key.cpu(), value.cpu(), slots.cpu())
+    kv_cache.write_kv(key_cache, value_cache, key, value, slots)
     assert torch.equal(key_cache.cpu(), expected_key) and torch.equal(value_cache.cpu(), expected_value)
 
 
@@ -64,18 +64,18 @@ def test_copy_blocks_matches_reference(device, dtype):
     src = torch.tensor([0, 5, 2], device=device)
     dst = torch.tensor([7, 1, 3], device=device)
     expected_key, expected_value = key_cache.clone().cpu(), value_cache.clone().cpu()
-    ops._torch_copy_blocks(expected_key, expected_value, src.cpu(), dst.cpu())
-    ops.copy_blocks(key_cache, value_cache, src, dst)
+    kv_cache._torch_copy_blocks(expected_key, expected_value, src.cpu(), dst.cpu())
+    kv_cache.copy_blocks(key_cache, value_cache, src, dst)
     assert torch.equal(key_cache.cpu(), expected_key) and torch.equal(value_cache.cpu(), expected_value)
     assert torch.equal(key_cache[7].cpu(), key_cache[0].cpu())
-    ops.copy_blocks(key_cache, value_cache, src[:0], dst[:0])  # nothing to copy
+    kv_cache.copy_blocks(key_cache, value_cache, src[:0], dst[:0])  # nothing to copy
 
 
 def test_kv_rejects_bad_arguments():
     key_cache, value_cache = _caches(2, 4, 1, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="key must have shape"):
-        ops.write_kv(key_cache, value_cache, torch.zeros(3, 2, 8), torch.zeros(3, 2, 8), torch.zeros(3, dtype=torch.long))
+        kv_cache.write_kv(key_cache, value_cache, torch.zeros(3, 2, 8), torch.zeros(3, 2, 8), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="slot_mapping"):
-        ops.write_kv(key_cache, value_cache, torch.zeros(3, 1, 8), torch.zeros(3, 1, 8), torch.zeros(3))
+        kv_cache.write_kv(key_cache, value_cache, torch.zeros(3, 1, 8), torch.zeros(3, 1, 8), torch.zeros(3))
     with pytest.raises(ValueError, match="differ"):
-        ops.copy_blocks(key_cache, value_cache, torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+        kv_cache.copy_blocks(key_cache, value_cache, torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long))

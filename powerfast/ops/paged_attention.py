@@ -16,8 +16,13 @@ of each scaled score, and a layer's sliding window (``sliding_window`` W: Mistra
 a query at position p sees the keys at ``p - W + 1 .. p``, its own included (transformers'
 ``kv_idx > q_idx - W``); None or 0 is no window. The window is a per-layer constant (a host
 int), so a compiled or captured decode step stays one graph. The KV cache keeps every
-position: only what a query sees changes. The model calls them through the custom op of
-:mod:`powerfast.runtime.custom_ops`, never directly.
+position: only what a query sees changes.
+
+The model calls them through the ``torch.library`` operator ``powerfast::paged_attention(query,
+key_cache, value_cache, <paged metadata>, scale, max_query_len, max_seq_len,
+shared_prefix_blocks, backend, softcap, sliding_window) -> out`` (:func:`paged_attention_op`),
+never directly: ``torch.compile`` and CUDA-graph capture see one opaque operator with a fake
+implementation.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BACKENDS", "BACKEND_FUNCTIONS", "PagedAttentionContext", "flash_attn_available", "resolve_backend",
-           "torch_paged_attention"]
+__all__ = ["BACKENDS", "BACKEND_FUNCTIONS", "PagedAttentionContext", "flash_attn_available", "paged_attention_op",
+           "resolve_backend", "torch_paged_attention"]
 
 BACKENDS = ("auto", "torch", "triton", "flash")
 FLASH_BLOCK_MULTIPLE = 256
@@ -347,3 +352,66 @@ def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionCon
 
 
 BACKEND_FUNCTIONS = {"torch": torch_paged_attention, "triton": _triton_paged_attention, "flash": _flash_paged_attention}
+
+
+# ------------------------------------------------------------------- the custom operator
+
+
+def _paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    query_seq_index: torch.Tensor,
+    query_positions: torch.Tensor,
+    scale: float,
+    max_query_len: int,
+    max_seq_len: int,
+    shared_prefix_blocks: int,
+    backend: str,
+    softcap: float,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """query: (num_tokens, num_heads, head_dim) -> (num_tokens, num_heads, head_dim), in query's dtype.
+
+    The metadata are those of :class:`PagedAttentionContext`;
+    softcap: attention-logit soft-capping (Gemma 2), 0.0 for none; sliding_window: the layer's
+    window W (a query at position p sees keys p - W + 1 .. p), 0 for none.
+    """
+    ctx = PagedAttentionContext(
+        key_caches=[key_cache],
+        value_caches=[value_cache],
+        slot_mapping=query_positions,  # unused by the backends
+        block_tables=block_tables,
+        seq_lens=seq_lens,
+        cu_seqlens_k=cu_seqlens_k,
+        query_start_loc=query_start_loc,
+        query_seq_index=query_seq_index,
+        query_positions=query_positions,
+        max_query_len=max_query_len,
+        max_seq_len=max_seq_len,
+        backend=backend,
+        shared_prefix_blocks=shared_prefix_blocks,
+    )
+    out = BACKEND_FUNCTIONS[backend](query, key_cache, value_cache, ctx, scale, softcap or None, sliding_window or None)
+    return out.to(query.dtype).contiguous()
+
+
+_paged_attention_op = torch.library.custom_op("powerfast::paged_attention", mutates_args=())(_paged_attention)
+
+
+@_paged_attention_op.register_fake
+def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_k, query_start_loc, query_seq_index,
+      query_positions, scale, max_query_len, max_seq_len, shared_prefix_blocks, backend, softcap, sliding_window=0):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def paged_attention_op(*args) -> torch.Tensor:
+    """``torch.ops.powerfast.paged_attention`` (see :func:`_paged_attention` for the arguments):
+    the operator while ``torch.compile`` traces, its implementation directly otherwise."""
+    if torch.compiler.is_compiling():
+        return torch.ops.powerfast.paged_attention(*args)
+    return _paged_attention(*args)

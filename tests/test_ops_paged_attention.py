@@ -21,7 +21,7 @@ from conftest import fresh_seed
 import torch
 from powerfast.kernels.paged_attention import paged_attention
 
-from powerfast.runtime.attention import PagedAttentionContext, torch_paged_attention
+from powerfast.ops.paged_attention import PagedAttentionContext, torch_paged_attention
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 

@@ -1,16 +1,15 @@
-"""Device ops of the runtime: Triton kernels on CUDA, torch references elsewhere.
+"""The sampling op: sample (or score) one token per row of logits, with its log-probs.
 
-Every op here has two implementations with one contract:
+One contract, two implementations:
 
-- the Triton kernel in ``powerfast.kernels`` (one module per op), used for CUDA tensors,
-  and for CPU tensors when ``TRITON_INTERPRET=1`` is set (that is how CI runs the kernels:
-  under the interpreter, on CPU);
-- a plain torch reference (``_torch_*`` below, and ``powerfast.core.estimators`` for the
-  power-distribution estimate), used for CPU tensors otherwise.
+- the Triton kernel of ``powerfast.kernels.sampling`` (one fused pass over the vocabulary),
+  used for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1`` is set (that is how
+  CI runs the kernels: under the interpreter, on CPU);
+- the torch reference (``_torch_*`` below), used for CPU tensors otherwise.
 
-The dispatch is decided per call by :func:`_use_triton`. No op synchronises with the
-device: arguments are checked only as far as their shapes, dtypes and Python values
-allow (values inside tensors, e.g. NaNs or out-of-range token ids, are not inspected).
+The dispatch is decided per call by :func:`powerfast.ops.device.use_triton`. No function
+here synchronises with the device (values inside tensors, e.g. NaNs or out-of-range token
+ids, are not inspected).
 
 Sampling is counter-based: the noise of row ``i`` is a pure function of ``seed``,
 ``offsets[i]`` and the vocabulary index, so a call is reproducible for a given seed and
@@ -18,33 +17,35 @@ offsets. The caller must change ``seed`` or ``offsets`` between decoding steps t
 fresh draws. The Triton kernel and the torch reference use different generators (Philox
 in the kernel, ``torch.Generator`` in the reference): the same seed gives the same tokens
 on the same path, not across paths.
+
+The decode loops call the op as the ``torch.library`` operator
+``powerfast::sample_tokens(logits, offsets, active!, logliks!, temperature, eos_token_id)
+-> (tokens, base_logprobs, tempered_logprobs, log_power_sums)`` (:func:`sample_tokens_op`):
+the RNG counter is a device tensor (``offsets``) and the kernel key is fixed, so no Python
+value changes between steps, and ``torch.compile`` / CUDA-graph capture see one opaque
+operator with a fake implementation; temperature 0 is greedy. See
+:func:`powerfast.samplers.decoding.sample_step` for how offsets are derived from a device
+seed and a device step counter.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
-from powerfast.core import estimators
-from powerfast.core.estimators import PowerEstimate
+from powerfast.ops.device import INT_DTYPES, check_logits, check_row_vector, use_triton
 
 __all__ = [
-    "PowerEstimate",
     "SampleOutput",
-    "copy_blocks",
+    "check_temperature",
     "greedy_tokens",
-    "power_distribution",
-    "power_estimates",
     "sample_rows",
     "sample_tokens",
+    "sample_tokens_op",
     "score_tokens",
     "token_logprobs",
-    "topk_logprobs",
-    "upload_ints",
-    "write_kv",
 ]
 
 
@@ -64,33 +65,12 @@ class SampleOutput(NamedTuple):
     section 6). None when T == 1 (where it is 0); 0 for inactive rows."""
 
 
-def _use_triton(tensor: torch.Tensor) -> bool:
-    """Triton for CUDA tensors, and for CPU tensors when TRITON_INTERPRET=1 (read per call).
-
-    POWERFAST_INTERPRET_OPS=0 keeps CPU tensors on the torch references even under the
-    interpreter: tests that push hundreds of thousands of rows through the samplers use
-    it, since the interpreter runs one program per row.
-    """
-    if tensor.is_cuda:
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("POWERFAST_INTERPRET_OPS", "1") != "0"
-
-
 # ------------------------------------------------------------------------------ checks
 
 
-def _check_logits(logits: torch.Tensor) -> None:
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (N, V), got shape {tuple(logits.shape)}")
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"logits must be float32, float16, bfloat16 or float64, got dtype {logits.dtype}")
-    if logits.shape[1] < 1:
-        raise ValueError(f"logits must have a non-empty vocabulary, got shape {tuple(logits.shape)}")
-
-
-def _check_temperature(temperature: float) -> float:
+def check_temperature(temperature: float) -> float:
+    """A sampling temperature as a float: positive and finite (greedy decoding is
+    :func:`greedy_tokens`, not temperature 0); ValueError naming the value otherwise."""
     try:
         value = float(temperature)
     except (TypeError, ValueError):
@@ -103,28 +83,12 @@ def _check_temperature(temperature: float) -> float:
     return value
 
 
-def _check_row_vector(name: str, tensor: Optional[torch.Tensor], num_rows: int, dtypes, device) -> None:
-    if tensor is None:
-        return
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tuple(tensor.shape) != (num_rows,):
-        raise ValueError(f"{name} must have shape ({num_rows},), got shape {tuple(tensor.shape)}")
-    if tensor.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
-    if tensor.device != device:
-        raise ValueError(f"{name} is on {tensor.device}, logits on {device}")
-
-
-_INT_DTYPES = (torch.int64, torch.int32)
-
-
 def _check_sampling_args(logits, offsets, active, logliks, eos_token_id, tokens=None) -> None:
     num_rows = logits.shape[0]
-    _check_row_vector("offsets", offsets, num_rows, _INT_DTYPES, logits.device)
-    _check_row_vector("active", active, num_rows, (torch.bool,), logits.device)
-    _check_row_vector("logliks", logliks, num_rows, (torch.float32,), logits.device)
-    _check_row_vector("tokens", tokens, num_rows, _INT_DTYPES, logits.device)
+    check_row_vector("offsets", offsets, num_rows, INT_DTYPES, logits.device)
+    check_row_vector("active", active, num_rows, (torch.bool,), logits.device)
+    check_row_vector("logliks", logliks, num_rows, (torch.float32,), logits.device)
+    check_row_vector("tokens", tokens, num_rows, INT_DTYPES, logits.device)
     if logliks is not None and not logliks.is_contiguous():
         raise ValueError(f"logliks must be contiguous (updated in place), got strides {logliks.stride()}")
     if active is not None and not active.is_contiguous():
@@ -144,7 +108,7 @@ def _check_seed(seed) -> int:
     return seed
 
 
-# ------------------------------------------------------------- torch references: sampling
+# ------------------------------------------------------------------- torch references
 
 
 def _torch_log_softmax(logits: torch.Tensor) -> torch.Tensor:
@@ -254,29 +218,6 @@ def _torch_score_tokens(logits, tokens, temperature, active, eos_token_id, logli
                               _torch_log_power_sums(logits, temperature))
 
 
-def _torch_topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    values, token_ids = torch.topk(logits.float(), k, dim=-1)
-    return token_ids, values - torch.logsumexp(logits.float(), dim=-1, keepdim=True)
-
-
-# ------------------------------------------------------------------ torch references: KV
-
-
-def _torch_write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
-    num_blocks, block_size = key_cache.shape[:2]
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
-    value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
-
-
-def _torch_copy_blocks(key_cache, value_cache, src_blocks, dst_blocks) -> None:
-    src = src_blocks.long()
-    dst = dst_blocks.long()
-    key_cache[dst] = key_cache[src]
-    value_cache[dst] = value_cache[src]
-
-
 # ----------------------------------------------------------------------------- public API
 
 
@@ -308,11 +249,11 @@ def sample_tokens(
     tempered_logprobs (N,) float32 under softmax(logits / T), or None when T == 1,
     log_power_sums (N,) float32 log sum_x softmax(logits)_x^(1/T), or None when T == 1).
     """
-    _check_logits(logits)
-    temperature = _check_temperature(temperature)
+    check_logits(logits)
+    temperature = check_temperature(temperature)
     seed = _check_seed(seed)
     _check_sampling_args(logits, offsets, active, logliks, eos_token_id)
-    if _use_triton(logits):
+    if use_triton(logits):
         from powerfast.kernels.sampling import sample_logprob
 
         return SampleOutput(
@@ -348,16 +289,16 @@ def sample_rows(
     tensor: at temperature 0 or 1 the tempered log-probs equal the base ones and the log
     power sums are 0. Values inside the tensors are not checked (no host sync).
     """
-    _check_logits(logits)
+    check_logits(logits)
     num_rows = logits.shape[0]
     _check_sampling_args(logits, offsets, active, logliks, None)
-    for name, tensor, dtypes in (("offsets", offsets, _INT_DTYPES), ("temperatures", temperatures, (torch.float64,)),
+    for name, tensor, dtypes in (("offsets", offsets, INT_DTYPES), ("temperatures", temperatures, (torch.float64,)),
                                  ("eos_token_ids", eos_token_ids, (torch.int64,)), ("active", active, (torch.bool,)),
                                  ("logliks", logliks, (torch.float32,))):
         if tensor is None:
             raise ValueError(f"{name} must be a ({num_rows},) tensor, got None")
-        _check_row_vector(name, tensor, num_rows, dtypes, logits.device)
-    if _use_triton(logits):
+        check_row_vector(name, tensor, num_rows, dtypes, logits.device)
+    if use_triton(logits):
         from powerfast.kernels.sampling import sample_logprob_rows
 
         return SampleOutput(*sample_logprob_rows(logits, offsets=offsets, temperatures=temperatures,
@@ -382,12 +323,12 @@ def score_tokens(
     returns SampleOutput(tokens (N,) int64, base_logprobs (N,), tempered_logprobs (N,) or None,
     log_power_sums (N,) or None).
     """
-    _check_logits(logits)
-    temperature = _check_temperature(temperature)
+    check_logits(logits)
+    temperature = check_temperature(temperature)
     _check_sampling_args(logits, None, active, logliks, eos_token_id, tokens=tokens)
     if tokens is None:
         raise ValueError("tokens must be a (N,) integer tensor, got None")
-    if _use_triton(logits):
+    if use_triton(logits):
         from powerfast.kernels.sampling import score_logprob
 
         return SampleOutput(
@@ -409,146 +350,66 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """Greedy decoding (temperature 0): logits (N, V) -> (N,) int64 argmax (first on ties)."""
-    _check_logits(logits)
+    check_logits(logits)
     return torch.argmax(logits, dim=-1)
 
 
-def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k tokens of each row and their base log-probs, without a full log-softmax.
+# ------------------------------------------------------------------- the custom operator
 
-    logits: (N, V) float32 / bfloat16 / float16; k: int in [1, V]
-    returns (token_ids (N, k) int64, logprobs (N, k) float32), sorted by descending logprob.
-    Ties between equal logits are broken towards the smaller token id.
+
+def _sample_tokens(
+    logits: torch.Tensor,
+    offsets: torch.Tensor,
+    active: torch.Tensor,
+    logliks: torch.Tensor,
+    temperature: float,
+    eos_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample (or, at temperature 0, pick the argmax of) one token per row and score it.
+
+    logits: (N, V); offsets: (N,) int64 per-row RNG counters (the kernel key is fixed at 0);
+    active: (N,) bool and logliks: (N,) float32, updated in place as by
+    :func:`sample_tokens`; eos_token_id: -1 for none.
+    Returns (tokens (N,) int64, base_logprobs (N,) float32, tempered_logprobs (N,) float32,
+    equal to base_logprobs at temperature 0 or 1, log_power_sums (N,) float32
+    ``log sum_x p(x)^(1/T)``, 0 at temperature 0 or 1 and for inactive rows).
     """
-    _check_logits(logits)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= logits.shape[1]:
-        raise ValueError(f"k must be an int in [1, {logits.shape[1]}], got {k!r}")
-    if _use_triton(logits):
-        from powerfast.kernels.topk import topk_logprobs as _triton_topk
-
-        return _triton_topk(logits, k)
-    return _torch_topk_logprobs(logits, k)
-
-
-def power_estimates(
-    candidate_logprobs: torch.Tensor,
-    rollout_logliks: torch.Tensor,
-    alpha: float,
-    jackknife: bool = True,
-) -> PowerEstimate:
-    """The estimate of :func:`powerfast.core.estimators.power_estimates`, in one kernel launch.
-
-    candidate_logprobs: (..., K)    base log p(candidate | prefix); -inf allowed
-    rollout_logliks:    (..., K, M) base log-likelihood of each rollout
-    alpha:              > 0;  jackknife: bias-corrected estimate (needs M >= 2)
-    returns PowerEstimate(probs (..., K), p_hat (..., K), log_zeta (..., K)), in the
-    promoted dtype of the inputs (the kernel computes in float64 when an input is
-    float64, float32 otherwise). Rows with no possible candidate come back as zeros
-    (the checked :func:`powerfast.core.estimators.power_distribution` refuses them).
-    """
-    alpha = estimators.check_power_args(candidate_logprobs, rollout_logliks, alpha, jackknife)
-    if _use_triton(rollout_logliks):
-        from powerfast.kernels.jackknife import power_estimates as _triton_power_estimates
-
-        return PowerEstimate(*_triton_power_estimates(candidate_logprobs, rollout_logliks, alpha, jackknife))
-    return estimators.power_estimates(candidate_logprobs, rollout_logliks, alpha, jackknife)
+    eos = None if eos_token_id < 0 else eos_token_id
+    if temperature == 0:
+        chosen = greedy_tokens(logits)
+        if eos is not None:
+            chosen = torch.where(active, chosen, torch.full_like(chosen, eos))
+        out = score_tokens(logits, chosen, active=active, eos_token_id=eos, logliks=logliks)
+    else:
+        out = sample_tokens(logits, temperature, seed=0, offsets=offsets, active=active, eos_token_id=eos,
+                            logliks=logliks)
+    tempered = out.base_logprobs.clone() if out.tempered_logprobs is None else out.tempered_logprobs
+    log_power_sums = getattr(out, "log_power_sums", None)
+    if log_power_sums is None:
+        log_power_sums = torch.zeros_like(out.base_logprobs)
+    return out.tokens.clone(), out.base_logprobs, tempered, log_power_sums
 
 
-def power_distribution(
-    candidate_logprobs: torch.Tensor,
-    rollout_logliks: torch.Tensor,
-    alpha: float,
-    jackknife: bool = True,
-) -> torch.Tensor:
-    """:func:`powerfast.core.estimators.power_distribution` without host sync.
-
-    candidate_logprobs: (..., K); rollout_logliks: (..., K, M); returns probs (..., K).
-    Checks alpha, shapes, dtypes and M >= 2 (jackknife); checks that need the values (NaN,
-    +inf, rows where every candidate is impossible) are left to the estimator API. Such
-    rows come back as zeros here.
-    """
-    return power_estimates(candidate_logprobs, rollout_logliks, alpha, jackknife).probs
+_sample_tokens_op = torch.library.custom_op("powerfast::sample_tokens", mutates_args=("active", "logliks"))(
+    _sample_tokens
+)
 
 
-def _check_kv_args(key_cache, value_cache, key, value, slot_mapping) -> None:
-    for name, tensor in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
-            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{name} must have shape (num_blocks, block_size, kv_heads, head_dim), got {shape}")
-    if key_cache.shape != value_cache.shape:
-        raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
-    if key is None:
-        return
-    expected = (slot_mapping.shape[0], *key_cache.shape[2:]) if slot_mapping.dim() == 1 else None
-    for name, tensor in (("key", key), ("value", value)):
-        if tuple(tensor.shape) != expected:
-            raise ValueError(
-                f"{name} must have shape (num_tokens, kv_heads, head_dim) = {expected}, got {tuple(tensor.shape)}"
-            )
-    if slot_mapping.dim() != 1 or slot_mapping.dtype not in _INT_DTYPES:
-        raise ValueError(
-            f"slot_mapping must be a (num_tokens,) int64 / int32 tensor, got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
-        )
+@_sample_tokens_op.register_fake
+def _(logits, offsets, active, logliks, temperature, eos_token_id):
+    rows = logits.shape[0]
+    return (
+        logits.new_empty(rows, dtype=torch.int64),
+        logits.new_empty(rows, dtype=torch.float32),
+        logits.new_empty(rows, dtype=torch.float32),
+        logits.new_empty(rows, dtype=torch.float32),
+    )
 
 
-def write_kv(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    """Write new tokens' keys and values into their cache slots, in place.
-
-    key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim)
-    key, value:             (num_tokens, kv_heads, head_dim) (cast to the cache dtype)
-    slot_mapping:           (num_tokens,) int64 / int32, slot = block_id * block_size +
-                            offset_in_block; -1 skips the token
-    """
-    _check_kv_args(key_cache, value_cache, key, value, slot_mapping)
-    if _use_triton(key_cache):
-        from powerfast.kernels.kv_cache import write_kv as _triton_write_kv
-
-        _triton_write_kv(key_cache, value_cache, key, value, slot_mapping)
-        return
-    _torch_write_kv(key_cache, value_cache, key, value, slot_mapping)
-
-
-def upload_ints(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(len(values),) tensor of ``dtype`` on ``device`` from host ints, without a sync.
-
-    On CUDA the values go through pinned host memory with a non-blocking copy, ordered on
-    the current stream before any later kernel: the host never waits for the device. On
-    the CPU the host tensor itself is returned.
-    """
-    host = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
-
-
-def copy_blocks(
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    src_blocks: torch.Tensor,
-    dst_blocks: torch.Tensor,
-) -> None:
-    """Copy whole blocks ``src_blocks[i] -> dst_blocks[i]`` in both caches, in place.
-
-    key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim)
-    src_blocks, dst_blocks: (n,) int64 / int32 block ids; a dst must not also be a src
-    """
-    _check_kv_args(key_cache, value_cache, None, None, None)
-    for name, tensor in (("src_blocks", src_blocks), ("dst_blocks", dst_blocks)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1 or tensor.dtype not in _INT_DTYPES:
-            raise ValueError(f"{name} must be a (n,) int64 / int32 tensor, got {tensor!r}")
-    if src_blocks.shape != dst_blocks.shape:
-        raise ValueError(f"src_blocks {tuple(src_blocks.shape)} and dst_blocks {tuple(dst_blocks.shape)} differ")
-    if src_blocks.numel() == 0:
-        return
-    if _use_triton(key_cache):
-        from powerfast.kernels.kv_cache import copy_blocks as _triton_copy_blocks
-
-        _triton_copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
-        return
-    _torch_copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
+def sample_tokens_op(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.ops.powerfast.sample_tokens`` (see :func:`_sample_tokens` for the arguments):
+    the operator while ``torch.compile`` traces, its implementation directly otherwise (the
+    same result, without the dispatcher's per-call cost in an eager decode loop)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.powerfast.sample_tokens(*args)
+    return _sample_tokens(*args)
