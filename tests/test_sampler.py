@@ -152,8 +152,10 @@ def test_token_distribution_converges_to_the_exact_conditional(torch_ops):
     # measured over model seeds 0-3: plain 0.07-0.16 at M = 2, 0.007-0.05 at M = 16; jackknife 0.001-0.013 at 16
     assert jack_tv[16] < 0.03 and plain_tv[16] < 0.08, (plain_tv, jack_tv, SEED, model_seed)
     assert plain_tv[16] < plain_tv[2], (plain_tv, SEED)
-    # same rollouts for both estimators: the jackknife may not be further from the target
-    assert jack_tv[16] <= plain_tv[16] + 0.005, (plain_tv, jack_tv, SEED)
+    # same rollouts for both estimators: at M = 2 the plain estimate's bias dominates its error and
+    # the jackknife removes most of it (at M = 16 both are at the noise of 600 copies, ~0.01, where
+    # neither is reliably closer: seed 894078994 gave plain 0.0025, jackknife 0.0084)
+    assert jack_tv[2] < plain_tv[2], (plain_tv, jack_tv, SEED)
 
 
 def test_token_distribution_api(small_model):
