@@ -52,7 +52,7 @@ def test_toy_power_sampling_picks_plan_at_the_exact_rate(torch_ops):
     assert runner.live_sequences == 0
     for r in results:  # every completion is a whole toy sequence
         assert r.token_ids in ([0, 2, 3, 5], [0, 2, 4, 5], [1, 3, 5], [1, 4, 5])
-        assert r.stats.num_pages == len(r.token_ids)
+        assert r.stats.num_blocks == len(r.token_ids)
 
 
 def test_toy_low_temperature_picks_plan_at_0165(torch_ops):

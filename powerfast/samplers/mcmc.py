@@ -76,7 +76,7 @@ class MCMCSampler(RunnerSampler):
                     n = lengths[row]
                     chains[i].extend(tokens[row, :n].tolist(), logp[row, :n].tolist(), logq[row, :n].tolist())
                     stats[i].add("sample", n)
-                    stats[i].num_pages += 1
+                    stats[i].num_blocks += 1
                 block_end += block
                 for _ in range(self.config.mcmc_steps):
                     with phase("mcmc-step"):

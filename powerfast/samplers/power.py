@@ -128,7 +128,7 @@ class PowerSampler(RunnerSampler):
                         yield Final(i, list(chosen))
                     logliks[i] += record.candidate_logprobs[record.choice]
                     stats[i].blocks.append(record)
-                    stats[i].num_pages += 1
+                    stats[i].num_blocks += 1
                     heads[i] = (seq, last_logits)
                     if not (chosen and chosen[-1] in eos) and len(generated[i]) < max_new_tokens:
                         still_open.append(i)

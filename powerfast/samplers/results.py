@@ -60,7 +60,7 @@ class GenerationStats:
 
     method: str
     tokens_by_phase: dict[str, int] = field(default_factory=dict)
-    num_pages: int = 0
+    num_blocks: int = 0
     wall_seconds: float = 0.0
     blocks: list[BlockRecord] = field(default_factory=list)
     acceptance_rate: float | None = None
@@ -84,7 +84,7 @@ class GenerationStats:
             "method": self.method,
             "tokens_total": self.tokens_total,
             "tokens_by_phase": dict(self.tokens_by_phase),
-            "num_pages": self.num_pages,
+            "num_blocks": self.num_blocks,
             "wall_seconds": self.wall_seconds,
             "acceptance_rate": self.acceptance_rate,
             "num_forwards": self.num_forwards,
