@@ -17,7 +17,7 @@ from powerfast.samplers.results import GenerationResult, GenerationStats
 
 def pages_for(length: int, page_size: int) -> int:
     """KV pages holding ``length`` positions."""
-    return -(-length // block_size)
+    return -(-length // page_size)
 
 
 def appended_pages(length: int, count: int, page_size: int) -> int:
