@@ -34,14 +34,14 @@ _LOG2E = 1.4426950408889634
 # Triton compiles one variant per distinct "specialisation" of a launch's arguments: an
 # int equal to 1 or divisible by 16, a pointer aligned to 16 bytes. Arguments that change
 # from step to step would recompile the kernel inside a decode loop (seconds each on a
-# GPU), so they are not specialised: the page-table width (``stride_bt``), every stride
+# GPU), so they are not specialised: the page-table width (``stride_table``), every stride
 # that follows the split count, the split count itself, and the runner's metadata
 # pointers (slices cut at varying offsets from one host-to-device buffer). What still
 # selects a variant is the model's geometry, the dtypes, ``WRITE_LSE`` (one split or
 # several) and ``SLIDING`` (a windowed layer or not): at most two variants of the attention
 # kernel per kind of layer and one merge kernel per model. The window is a per-layer
 # constant, not specialised either (one variant for every window width).
-_ATTENTION_VARYING_INTS = ["window", "stride_bt", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]
+_ATTENTION_VARYING_INTS = ["window", "stride_table", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]
 _ATTENTION_VARYING_POINTERS = ["Page_tables", "Query_seq_index", "Query_positions"]
 _MERGE_VARYING_INTS = ["num_splits", "stride_pt", "stride_ph", "stride_lt", "stride_lh"]
 _MERGE_BLOCK_S = 32  # the default split count's ceiling: one merge variant for every count up to it
@@ -72,7 +72,7 @@ def _paged_attention_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
-    stride_bt,
+    stride_table,
     stride_ot,
     stride_oh,
     stride_os,
@@ -116,7 +116,7 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    page_row = Page_tables + seq * stride_bt
+    page_row = Page_tables + seq * stride_table
     for tile_start in range(start, end, BLOCK_N):
         offs_n = tile_start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end

@@ -91,7 +91,7 @@ class SMCSampler(RunnerSampler):
 
     def peak_kv_pages(self, prompt_lengths: list[int], max_new_tokens: int, page_size: int) -> int:
         """Most KV pages a ``generate`` holds: per prompt, N particles forked from the prompt,
-        each decoding the whole budget but its last token. Resampling only shares blocks
+        each decoding the whole budget but its last token. Resampling only shares pages
         (a copy is a fork), so it never raises the count past that."""
         return forked_peak_pages(prompt_lengths, self.config.num_particles, max_new_tokens - 1, page_size)
 
