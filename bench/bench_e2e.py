@@ -119,7 +119,7 @@ def test_e2e_tiny(benchmark, tiny, method):
     assert min(result.decoded_tokens) >= TINY_TOKENS
 
 
-def test_long_context_warm_up_decodes_at_the_longest_length_and_returns_every_block(tiny, monkeypatch):
+def test_long_context_warm_up_decodes_at_the_longest_length_and_returns_every_page(tiny, monkeypatch):
     runner, length = tiny.runner, 3 * TINY_TOKENS + 1
     decoded = []  # (batch, length before the step) of each decode
     original = runner.decode
@@ -129,10 +129,10 @@ def test_long_context_warm_up_decodes_at_the_longest_length_and_returns_every_bl
         return original(seqs, tokens)
 
     monkeypatch.setattr(runner, "decode", spy)
-    in_use = runner.cache.blocks_in_use
+    in_use = runner.cache.pages_in_use
     warm_up_long_context(runner, tiny.prompts[0], length, [1, 3])
     assert decoded == [(1, length - 1), (3, length - 1)]
-    assert runner.cache.blocks_in_use == in_use
+    assert runner.cache.pages_in_use == in_use
 
 
 def test_e2e_tiny_table(tiny):

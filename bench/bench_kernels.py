@@ -22,8 +22,8 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 VOCAB_SHAPES = [(64, 32000), (64, 151936), (512, 151936)]
 ESTIMATE_SHAPES = [(1, 8, 8), (64, 8, 8)]
-# one layer of Qwen2.5-7B (28 query heads, 4 KV heads of 128), blocks of 16; smaller on a CPU
-KV_HEADS, QUERY_HEADS, HEAD_DIM, BLOCK = 4, 28, 128, 16
+# one layer of Qwen2.5-7B (28 query heads, 4 KV heads of 128), pages of 16; smaller on a CPU
+KV_HEADS, QUERY_HEADS, HEAD_DIM, PAGE = 4, 28, 128, 16
 DECODE_SHAPES = [(1, 1024), (64, 1024)] if CUDA else [(1, 256), (8, 256)]  # (sequences, cached positions)
 BACKENDS = ["torch", "triton"]
 
@@ -118,9 +118,9 @@ def test_power_estimates(benchmark, backend, shape):
     _record_bandwidth(benchmark, (cand.numel() + rollouts.numel()) * 4)
 
 
-def _kv_caches(num_blocks):
+def _kv_caches(num_pages):
     dtype = torch.bfloat16 if CUDA else torch.float32
-    key_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device=DEVICE).to(dtype)
+    key_cache = torch.randn(num_pages, PAGE, KV_HEADS, HEAD_DIM, device=DEVICE).to(dtype)
     return key_cache, torch.randn_like(key_cache)
 
 
@@ -128,10 +128,10 @@ def _kv_caches(num_blocks):
 @pytest.mark.parametrize("num_tokens", [64, 512])
 def test_write_kv(benchmark, backend, num_tokens):
     _skip_interpreted(backend)
-    key_cache, value_cache = _kv_caches(4 * num_tokens // BLOCK)
+    key_cache, value_cache = _kv_caches(4 * num_tokens // PAGE)
     key = torch.randn(num_tokens, KV_HEADS, HEAD_DIM, device=DEVICE).to(key_cache.dtype)
     value = torch.randn_like(key)
-    slots = torch.randperm(key_cache.shape[0] * BLOCK, device=DEVICE)[:num_tokens]
+    slots = torch.randperm(key_cache.shape[0] * PAGE, device=DEVICE)[:num_tokens]
     if backend == "triton":
         fn = lambda: kv_cache.write_kv(key_cache, value_cache, key, value, slots)  # noqa: E731
     else:
@@ -147,13 +147,13 @@ def test_paged_attention_decode(benchmark, backend, shape):
     """One decode step of one layer: a query per sequence over its cached positions."""
     _skip_interpreted(backend)
     num_seqs, length = shape
-    blocks_per_seq = length // BLOCK
-    key_cache, value_cache = _kv_caches(num_seqs * blocks_per_seq)
+    pages_per_seq = length // PAGE
+    key_cache, value_cache = _kv_caches(num_seqs * pages_per_seq)
     rows = torch.arange(num_seqs, device=DEVICE)
     positions = torch.full((num_seqs,), length - 1, device=DEVICE)
     ctx = paged_attention.PagedAttentionContext(
         key_caches=[key_cache], value_caches=[value_cache], slot_mapping=positions,
-        block_tables=torch.randperm(num_seqs * blocks_per_seq, device=DEVICE).view(num_seqs, -1).int(),
+        page_tables=torch.randperm(num_seqs * pages_per_seq, device=DEVICE).view(num_seqs, -1).int(),
         seq_lens=torch.full((num_seqs,), length, dtype=torch.int32, device=DEVICE),
         cu_seqlens_k=torch.arange(num_seqs + 1, dtype=torch.int32, device=DEVICE) * length,
         query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32, device=DEVICE),

@@ -5,13 +5,13 @@ Two workloads, both sampling at temperature 1 with EOS ignored:
 - batch 1: one prompt, then ``new_tokens`` decode steps;
 - batch 64 over a shared prefix: one ``prefix_len``-token prompt and 64 continuations.
   HF gets ``num_return_sequences=64`` (it copies the prompt 64 times and prefills every
-  copy); the runner prefills once and forks 64 children sharing the prefix's blocks.
+  copy); the runner prefills once and forks 64 children sharing the prefix's pages.
 
 Decode throughput counts generated tokens per second of decode only: ``new_tokens``
 forward + sampling steps after the prefill (HF: ``generate(new_tokens + 1)`` timed by a
 logits processor from the first step on; runner: the decode steps after prefill + fork). KV memory is the cache's
 bytes at the end: HF's dense cache holds batch x (prompt + new) positions per layer; the
-runner's is ``blocks_in_use x bytes_per_block``.
+runner's is ``pages_in_use x bytes_per_page``.
 
 Run under pytest (quick, tiny random Llama; part of the suite with --benchmark-disable):
 
@@ -121,7 +121,7 @@ def run_runner(model, prompt: list[int], batch: int, new_tokens: int, **runner_k
         seconds = time.perf_counter() - start
         kv_bytes = runner.cache.bytes_in_use
         runner.free(seqs if batch == 1 else [root, *seqs])
-        assert runner.cache.blocks_in_use == 0
+        assert runner.cache.pages_in_use == 0
     finally:
         runner.restore_attention()
     return BenchResult("runner", batch, len(prompt), new_tokens, seconds, batch * new_tokens / seconds, kv_bytes)
@@ -230,7 +230,7 @@ if pytest is not None:
     def test_runner_decode(benchmark, tiny, batch):
         prompt = [1 + i % 500 for i in range(1000)]
         result = benchmark.pedantic(
-            run_runner, args=(tiny, prompt, batch, 8), kwargs=dict(num_blocks=256), rounds=1, iterations=1
+            run_runner, args=(tiny, prompt, batch, 8), kwargs=dict(num_pages=256), rounds=1, iterations=1
         )
         benchmark.extra_info.update(asdict(result))
 
@@ -242,7 +242,7 @@ if pytest is not None:
 
     def test_shared_prefix_kv_memory_is_at_most_an_eighth_of_hf(tiny):
         prompt = [1 + i % 500 for i in range(1000)]
-        runner = run_runner(tiny, prompt, 64, 4, num_blocks=256)
+        runner = run_runner(tiny, prompt, 64, 4, num_pages=256)
         assert runner.kv_bytes <= hf_kv_bytes(tiny, 64, len(prompt) + 4 + 1) / 8
 
     @pytest.mark.skipif(os.environ.get("POWERFAST_BENCH_SMOLLM2") != "1", reason="set POWERFAST_BENCH_SMOLLM2=1")

@@ -175,7 +175,7 @@ TINY_TOKENS = 16
 def tiny():
     with _threads():
         model = tiny_llama()
-        runner = ModelRunner(model, num_blocks=1024)
+        runner = ModelRunner(model, num_pages=1024)
         prompts = make_prompts(model, None, 8, 16)
         results: list[Measurement] = []
         run_sequential(runner, None, prompts[:1], "power", 4, TINY_SETTINGS)  # warm-up
@@ -198,7 +198,7 @@ def test_serve_tiny(benchmark, tiny, method, concurrency):
                                 tokens_per_second=result.tokens_per_second)
     assert result.generated_tokens == TINY_TOKENS * len(prompts)
     assert result.decoded_tokens >= result.generated_tokens
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 # ------------------------------------------------------------------------------ script

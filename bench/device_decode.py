@@ -4,8 +4,8 @@ For each mode and batch size: one shared prefix (``--prefix-len`` tokens, defaul
 is prefilled, forked into ``batch`` sequences, and ``--steps`` decode steps are timed
 after ``--warmup`` steps (which compile and capture). A step is the runner's whole
 ``decode`` call: host bookkeeping, metadata upload (if any), the forward. Also reported:
-metadata bytes uploaded per timed step (0 when no step crosses a block boundary) next to
-what the previous runner uploaded per step (block tables, lengths, slots and positions of
+metadata bytes uploaded per timed step (0 when no step crosses a page boundary) next to
+what the previous runner uploaded per step (page tables, lengths, slots and positions of
 every sequence, every step: computed from its layout), and tokens/s of plain decoding at
 batch 1 (:func:`powerfast.samplers.decoding.sample_continuations`) against ``model.generate``.
 
@@ -47,18 +47,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def previous_upload_bytes(batch: int, max_blocks: int) -> int:
+def previous_upload_bytes(batch: int, max_pages: int) -> int:
     """Bytes the runner before device-resident metadata uploaded per decode step (tokens on
     the device): int64 slots, positions, sequence index (3 per row); int32 lengths,
-    cumulative lengths, query starts (3 per row + 2) and the padded block tables."""
-    return 8 * 3 * batch + 4 * (3 * batch + 2 + batch * max_blocks)
+    cumulative lengths, query starts (3 per row + 2) and the padded page tables."""
+    return 8 * 3 * batch + 4 * (3 * batch + 2 + batch * max_pages)
 
 
 def time_mode(model, mode: str, batch: int, args, device: torch.device) -> dict:
     compile_setting: bool | str = False
     if mode.startswith("compiled"):
         compile_setting = True if device.type == "cuda" else args.cpu_compile_backend
-    runner = ModelRunner(model, block_size=args.block_size, max_memory=args.kv_memory_mib * 2**20,
+    runner = ModelRunner(model, page_size=args.page_size, max_memory=args.kv_memory_mib * 2**20,
                          compile=compile_setting, cuda_graphs=mode.endswith("graphs"))
     vocab = runner.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -79,7 +79,7 @@ def time_mode(model, mode: str, batch: int, args, device: torch.device) -> dict:
         _sync(device)
         seconds = time.perf_counter() - started
         uploaded = runner.upload_bytes - uploaded
-        max_blocks = -(-(args.prefix_len + args.warmup + args.steps) // args.block_size)
+        max_pages = -(-(args.prefix_len + args.warmup + args.steps) // args.page_size)
     finally:
         runner.free(children + seqs)
         runner.restore_attention()
@@ -89,13 +89,13 @@ def time_mode(model, mode: str, batch: int, args, device: torch.device) -> dict:
         "ms_per_step": 1e3 * seconds / args.steps,
         "warmup_s": warmup_s,
         "upload_bytes_per_step": uploaded / args.steps,
-        "previous_upload_bytes_per_step": previous_upload_bytes(batch, max_blocks),
+        "previous_upload_bytes_per_step": previous_upload_bytes(batch, max_pages),
     }
 
 
 def plain_vs_generate(model, args, device: torch.device) -> dict:
     """Tokens/s at batch 1: plain sampling on the runner (graphs where available) vs model.generate."""
-    runner = ModelRunner(model, block_size=args.block_size, max_memory=args.kv_memory_mib * 2**20)
+    runner = ModelRunner(model, page_size=args.page_size, max_memory=args.kv_memory_mib * 2**20)
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, runner.vocab_size, (args.prompt_len,), generator=generator).tolist()
     rates = {}
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--prefix-len", type=int, default=2000)
-    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--prompt-len", type=int, default=128)

@@ -31,13 +31,13 @@ from powerfast.ops import jackknife, kv_cache, sampling, topk
 
 VOCAB_SHAPES = [(64, 32000), (64, 151936), (512, 151936)]
 ESTIMATE_SHAPES = [(1, 8, 8), (64, 8, 8)]
-KV_SHAPE = dict(num_blocks=4096, kv_heads=4, head_dim=128, tokens=512, copies=256)  # a Qwen2.5-7B layer
+KV_SHAPE = dict(num_pages=4096, kv_heads=4, head_dim=128, tokens=512, copies=256)  # a Qwen2.5-7B layer
 SWEEP_SHAPE = (512, 151936)
 SWEEP = [(block_v, warps) for block_v in (1024, 2048, 4096, 8192) for warps in (4, 8, 16)]
 
 SMOKE_VOCAB_SHAPES = [(4, 1024)]
 SMOKE_ESTIMATE_SHAPES = [(2, 4, 4)]
-SMOKE_KV_SHAPE = dict(num_blocks=64, kv_heads=2, head_dim=16, tokens=8, copies=4)
+SMOKE_KV_SHAPE = dict(num_pages=64, kv_heads=2, head_dim=16, tokens=8, copies=4)
 SMOKE_SWEEP_SHAPE = (4, 1024)
 SMOKE_SWEEP = [(1024, 4)]
 
@@ -185,12 +185,12 @@ def rows(clock: Clock, copy_bw: float, smoke: bool, results: list) -> None:
     # KV write: decode tokens of one layer (Qwen2.5-7B: 4 kv heads x 128), bf16 (fp32 when smoke)
     kv = SMOKE_KV_SHAPE if smoke else KV_SHAPE
     kv_dtype = torch.float32 if smoke else torch.bfloat16
-    block_shape = (16, kv["kv_heads"], kv["head_dim"])
-    key_cache = torch.zeros(kv["num_blocks"], *block_shape, dtype=kv_dtype, device=device)
+    page_shape = (16, kv["kv_heads"], kv["head_dim"])
+    key_cache = torch.zeros(kv["num_pages"], *page_shape, dtype=kv_dtype, device=device)
     value_cache = torch.zeros_like(key_cache)
     key = torch.randn(kv["tokens"], kv["kv_heads"], kv["head_dim"], device=device).to(kv_dtype)
     value = torch.randn_like(key)
-    slots = torch.randperm(kv["num_blocks"] * 16, device=device)[: kv["tokens"]]
+    slots = torch.randperm(kv["num_pages"] * 16, device=device)[: kv["tokens"]]
     itemsize = key.element_size()
     record(
         "write_kv", tuple(key.shape), kv_dtype, 2 * key.numel() * itemsize,
@@ -201,9 +201,9 @@ def rows(clock: Clock, copy_bw: float, smoke: bool, results: list) -> None:
     src = torch.arange(0, copies, device=device)
     dst = torch.arange(copies, 2 * copies, device=device)
     record(
-        "copy_blocks", (copies, *block_shape), kv_dtype, 2 * copies * key_cache[0].numel() * itemsize,
-        lambda: kv_cache.copy_blocks(key_cache, value_cache, src, dst),
-        lambda: kv_cache._torch_copy_blocks(key_cache, value_cache, src, dst),
+        "copy_pages", (copies, *page_shape), kv_dtype, 2 * copies * key_cache[0].numel() * itemsize,
+        lambda: kv_cache.copy_pages(key_cache, value_cache, src, dst),
+        lambda: kv_cache._torch_copy_pages(key_cache, value_cache, src, dst),
     )
 
 

@@ -58,7 +58,7 @@ def correctness(model, backend: str) -> dict:
     generator = torch.Generator().manual_seed(1)
     vocab = model.config.vocab_size
     prompts = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (5, 37, 300)]
-    runner = ModelRunner(model, num_blocks=256, backend=backend)
+    runner = ModelRunner(model, num_pages=256, backend=backend)
     seqs, prefill_logits = runner.prefill(prompts)
     children = runner.fork(seqs[2], 2)
     batch = [seqs[0], seqs[1], *children]
@@ -70,7 +70,7 @@ def correctness(model, backend: str) -> dict:
             seq_tokens.append(token)
         steps.append(runner.decode(batch, next_tokens).float())
     runner.free([*seqs, *children])
-    leaked = runner.cache.blocks_in_use
+    leaked = runner.cache.pages_in_use
     runner.restore_attention()
     worst, agree, total, scale = 0.0, 0, 0, 0.0
     for i, seq_tokens in enumerate(tokens):
@@ -89,7 +89,7 @@ def correctness(model, backend: str) -> dict:
         "max_abs_logit_diff": worst,
         "max_abs_logit": scale,
         "argmax_agreement": agree / total,
-        "blocks_leaked": leaked,
+        "pages_leaked": leaked,
         "ok": leaked == 0 and worst <= 0.05 * max(scale, 1.0) and agree / total >= 0.75,
     }
 
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     check = correctness(model, args.backend)
     print(f"correctness ({check['backend']}): max |logit diff| {check['max_abs_logit_diff']:.4f} "
           f"(max |logit| {check['max_abs_logit']:.2f}), argmax agreement {check['argmax_agreement']:.2f}, "
-          f"leaked blocks {check['blocks_leaked']} -> {'ok' if check['ok'] else 'FAILED'}", flush=True)
+          f"leaked pages {check['pages_leaked']} -> {'ok' if check['ok'] else 'FAILED'}", flush=True)
 
     runner_kwargs = dict(max_memory=(8 * 2**30 if device == "cuda" else 64 * 2**20), backend=args.backend)
     vocab = model.config.get_text_config().vocab_size

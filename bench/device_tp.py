@@ -98,14 +98,14 @@ def main(argv=None) -> int:
             same = agree and ranks[0][name] == reference[name]
             bad += not same
             rows.append(dict(case=name, ranks_agree=agree, equals_one_process=same))
-        leaks = [r["engine_blocks_in_use"] for r in ranks]
+        leaks = [r["engine_pages_in_use"] for r in ranks]
         bad += any(leaks)
         backend = "gloo, CPU" if args.smoke else f"NCCL, {gpus} GPUs (2 used)"
         print(f"2-way tensor parallel ({backend}), tiny random Llama (4 heads, 2 KV heads), tests/tp_cases.py")
         print(f"{'case':<18} {'ranks agree':>12} {'= 1 process':>12}")
         for row in rows:
             print(f"{row['case']:<18} {str(row['ranks_agree']):>12} {str(row['equals_one_process']):>12}")
-        print(f"engine blocks left in use per rank: {leaks}; {time.perf_counter() - started:.1f} s")
+        print(f"engine pages left in use per rank: {leaks}; {time.perf_counter() - started:.1f} s")
         results.update(rows=rows, leaks=leaks, mismatches=bad)
         if bad:
             print(f"{bad} mismatch(es)")

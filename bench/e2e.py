@@ -438,11 +438,11 @@ def _call(method: str, model, runner: ModelRunner, settings: Settings, prompt: l
 
 def run_method(method: str, model, runner: ModelRunner, settings: Settings, prompts: list[list[int]],
                max_new_tokens: int, reps: int = 1) -> MethodResult:
-    """Time ``method`` on every prompt, ``reps`` times over; the runner's blocks must come back."""
+    """Time ``method`` on every prompt, ``reps`` times over; the runner's pages must come back."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     result = MethodResult(method, max_new_tokens, settings.describe(method))
-    in_use = runner.cache.blocks_in_use
+    in_use = runner.cache.pages_in_use
     for _ in range(reps):
         for prompt in prompts:
             seconds, generated, decoded, extra = _call(method, model, runner, settings, prompt, max_new_tokens)
@@ -454,8 +454,8 @@ def run_method(method: str, model, runner: ModelRunner, settings: Settings, prom
                 result.mean_batch.append(extra.pop("mean_batch"))
             for key, value in extra.items():
                 result.extra.setdefault(key, []).append(value)
-    if runner.cache.blocks_in_use != in_use:
-        raise RuntimeError(f"{method} leaked {runner.cache.blocks_in_use - in_use} KV blocks")
+    if runner.cache.pages_in_use != in_use:
+        raise RuntimeError(f"{method} leaked {runner.cache.pages_in_use - in_use} KV pages")
     return result
 
 

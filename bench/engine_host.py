@@ -593,9 +593,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     tokenizer = smollm2_tokenizer()
     model = tiny_model()
-    num_blocks = 4 * max(settings.plain_concurrencies) * (settings.warmup_steps + settings.plain_measured_steps + 64) // 16
-    num_blocks = max(num_blocks, 2 * settings.long_request_tokens // 16 + 64, 4096)
-    runner = ModelRunner(model, num_blocks=num_blocks)
+    num_pages = 4 * max(settings.plain_concurrencies) * (settings.warmup_steps + settings.plain_measured_steps + 64) // 16
+    num_pages = max(num_pages, 2 * settings.long_request_tokens // 16 + 64, 4096)
+    runner = ModelRunner(model, num_pages=num_pages)
 
     timings = measure_step_times(runner, tokenizer, settings, log)
     long_request = time_long_request(runner, tokenizer, settings)

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             check_times.clear()
             dist.barrier()
             if rank == 0:
-                engine = lockstep.LeaderEngine(model, tokenizer, num_blocks=512)
+                engine = lockstep.LeaderEngine(model, tokenizer, num_pages=512)
                 params = SamplingParams(method="plain", max_tokens=args.tokens, ignore_eos=True)
                 for i in range(args.requests):
                     engine.add_request([1 + i, 2, 3, 4, 5, 6, 7, 8], params)
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                     results["record"].append(statistics.median(record_times[1:]))
                     results["check"].append(statistics.median(check_times[2:]))
             else:
-                lockstep.follow(Engine(model, tokenizer, num_blocks=512))
+                lockstep.follow(Engine(model, tokenizer, num_pages=512))
     channel._digests, channel.record = product["digests"], product["record"]
     if rank == 0:
         ms = {k: statistics.median(v) * 1e3 for k, v in results.items()}

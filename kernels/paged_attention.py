@@ -4,7 +4,7 @@
 One program handles one query token, one KV head (so all of that head's GQA query
 heads at once: the keys and values are loaded once per group) and one split of the key
 range. It walks the keys in tiles of ``BLOCK_N`` positions, looking up each position's
-block in the sequence's block table (so one tile may span several 16-token blocks), and
+page in the sequence's page table (so one tile may span several 16-token pages), and
 keeps an online softmax in fp32. With several splits (flash-decoding, for few sequences
 over long contexts) each split writes its normalised partial output and log-sum-exp and
 a second kernel merges them.
@@ -34,15 +34,15 @@ _LOG2E = 1.4426950408889634
 # Triton compiles one variant per distinct "specialisation" of a launch's arguments: an
 # int equal to 1 or divisible by 16, a pointer aligned to 16 bytes. Arguments that change
 # from step to step would recompile the kernel inside a decode loop (seconds each on a
-# GPU), so they are not specialised: the block-table width (``stride_bt``), every stride
+# GPU), so they are not specialised: the page-table width (``stride_table``), every stride
 # that follows the split count, the split count itself, and the runner's metadata
 # pointers (slices cut at varying offsets from one host-to-device buffer). What still
 # selects a variant is the model's geometry, the dtypes, ``WRITE_LSE`` (one split or
 # several) and ``SLIDING`` (a windowed layer or not): at most two variants of the attention
 # kernel per kind of layer and one merge kernel per model. The window is a per-layer
 # constant, not specialised either (one variant for every window width).
-_ATTENTION_VARYING_INTS = ["window", "stride_bt", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]
-_ATTENTION_VARYING_POINTERS = ["Block_tables", "Query_seq_index", "Query_positions"]
+_ATTENTION_VARYING_INTS = ["window", "stride_table", "stride_ot", "stride_oh", "stride_lt", "stride_lh"]
+_ATTENTION_VARYING_POINTERS = ["Page_tables", "Query_seq_index", "Query_positions"]
 _MERGE_VARYING_INTS = ["num_splits", "stride_pt", "stride_ph", "stride_lt", "stride_lh"]
 _MERGE_BLOCK_S = 32  # the default split count's ceiling: one merge variant for every count up to it
 
@@ -51,9 +51,9 @@ _MERGE_BLOCK_S = 32  # the default split count's ceiling: one merge variant for 
 def _paged_attention_kernel(
     # data ptrs
     Q,  # (num_tokens, num_heads, head_dim)
-    K_cache,  # (num_blocks, page_size, kv_heads, head_dim)
-    V_cache,  # (num_blocks, page_size, kv_heads, head_dim)
-    Block_tables,  # (num_seqs, max_blocks) int32
+    K_cache,  # (num_pages, page_size, kv_heads, head_dim)
+    V_cache,  # (num_pages, page_size, kv_heads, head_dim)
+    Page_tables,  # (num_seqs, max_pages) int32
     Query_seq_index,  # (num_tokens,) which sequence each query token belongs to
     Query_positions,  # (num_tokens,) absolute position of each query token
     Out,  # (num_tokens, num_heads, num_splits, head_dim), or (num_tokens, num_heads, head_dim)
@@ -72,7 +72,7 @@ def _paged_attention_kernel(
     stride_vb,
     stride_vs,
     stride_vh,
-    stride_bt,
+    stride_table,
     stride_ot,
     stride_oh,
     stride_os,
@@ -116,11 +116,11 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    block_row = Block_tables + seq * stride_bt
+    page_row = Page_tables + seq * stride_table
     for tile_start in range(start, end, BLOCK_N):
         offs_n = tile_start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        pages = tl.load(block_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
+        pages = tl.load(page_row + offs_n // PAGE_SIZE, mask=mask_n, other=0).to(tl.int64)
         in_page = offs_n % PAGE_SIZE
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(
@@ -225,7 +225,7 @@ def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     query_seq_index: torch.Tensor,
     query_positions: torch.Tensor,
     scale: float,
@@ -239,10 +239,10 @@ def paged_attention(
     """Causal attention of new query tokens over a paged KV cache.
 
     query:            (num_tokens, num_heads, head_dim), after RoPE
-    key_cache:        (num_blocks, page_size, kv_heads, head_dim); the new tokens' keys
-    value_cache:      (num_blocks, page_size, kv_heads, head_dim)  must already be written
-    block_tables:     (num_seqs, max_blocks) int32 / int64 block ids per sequence
-    query_seq_index:  (num_tokens,) int, the sequence (row of block_tables) of each token
+    key_cache:        (num_pages, page_size, kv_heads, head_dim); the new tokens' keys
+    value_cache:      (num_pages, page_size, kv_heads, head_dim)  must already be written
+    page_tables:      (num_seqs, max_pages) int32 / int64 page ids per sequence
+    query_seq_index:  (num_tokens,) int, the sequence (row of page_tables) of each token
     query_positions:  (num_tokens,) int, absolute position p of each token: it sees 0..p
     scale:            softmax scale (usually head_dim ** -0.5)
     max_seq_len:      host bound on max(query_positions) + 1, used to pick the split count
@@ -258,7 +258,7 @@ def paged_attention(
     Returns (num_tokens, num_heads, head_dim) in the query's dtype.
     """
     num_tokens, num_heads, head_dim = query.shape
-    num_blocks, page_size, kv_heads, cache_head_dim = key_cache.shape
+    num_pages, page_size, kv_heads, cache_head_dim = key_cache.shape
     if value_cache.shape != key_cache.shape:
         raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
     if cache_head_dim != head_dim:
@@ -273,8 +273,8 @@ def paged_attention(
             f"query_seq_index {tuple(query_seq_index.shape)} and query_positions {tuple(query_positions.shape)} "
             f"must both be ({num_tokens},)"
         )
-    if block_tables.dim() != 2 or block_tables.stride(-1) != 1:
-        raise ValueError(f"block_tables must be a contiguous (num_seqs, max_blocks) tensor, got {tuple(block_tables.shape)}")
+    if page_tables.dim() != 2 or page_tables.stride(-1) != 1:
+        raise ValueError(f"page_tables must be a contiguous (num_seqs, max_pages) tensor, got {tuple(page_tables.shape)}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be > 0 or None, got {softcap!r}")
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
@@ -314,7 +314,7 @@ def paged_attention(
         query,
         key_cache,
         value_cache,
-        block_tables,
+        page_tables,
         query_seq_index,
         query_positions,
         target,
@@ -331,7 +331,7 @@ def paged_attention(
         value_cache.stride(0),
         value_cache.stride(1),
         value_cache.stride(2),
-        block_tables.stride(0),
+        page_tables.stride(0),
         stride_ot,
         stride_oh,
         stride_os,

@@ -35,7 +35,7 @@ _LAZY = {
     "LMRunner": "powerfast.runtime.lm_runner",
     "Runner": "powerfast.runtime.protocol",
     "CacheConfig": "powerfast.runtime.cache",
-    "OutOfBlocksError": "powerfast.runtime.cache",
+    "OutOfPagesError": "powerfast.runtime.cache",
     "KVCacheTooSmallError": "powerfast.runtime.cache",
     "Engine": "powerfast.serving.engine",
     "AsyncEngine": "powerfast.serving.async_engine",

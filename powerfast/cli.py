@@ -567,19 +567,19 @@ def _is_kv_too_small(error: BaseException) -> bool:
     return cache is not None and isinstance(error, cache.KVCacheTooSmallError)
 
 
-def _is_out_of_blocks(error: BaseException) -> bool:
+def _is_out_of_pages(error: BaseException) -> bool:
     cache = sys.modules.get("powerfast.runtime.cache")
-    return cache is not None and isinstance(error, cache.OutOfBlocksError)
+    return cache is not None and isinstance(error, cache.OutOfPagesError)
 
 
 def _kv_memory_hint(error, args: argparse.Namespace) -> str:
     """The KV error in the command line's terms: the --kv-memory that would do."""
-    pool_mib = (error.num_blocks * error.block_bytes) >> 20
+    pool_mib = (error.num_pages * error.page_bytes) >> 20
     given = f"--kv-memory {args.kv_memory}" if args.kv_memory is not None else f"the default KV cache of {pool_mib} MiB"
     least_mib = -(-error.least_bytes // 2**20)
     return (
-        f"{given} ({error.num_blocks} blocks, {error.free} free) is too small for these settings: they need up to "
-        f"{error.needed} blocks; use --kv-memory {least_mib} or more (or lower --max-new-tokens, --candidates, "
+        f"{given} ({error.num_pages} pages, {error.free} free) is too small for these settings: they need up to "
+        f"{error.needed} pages; use --kv-memory {least_mib} or more (or lower --max-new-tokens, --candidates, "
         f"--top-k, --rollouts, --horizon, --num-samples)"
     )
 
@@ -604,7 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except RuntimeError as error:
-        if not _is_out_of_blocks(error):
+        if not _is_out_of_pages(error):
             raise
         _say(f"powerfast {args.command}{_who(args)}: error: {error}")  # a need the check missed
         return 2

@@ -74,7 +74,7 @@ def run_generate(model, name: str, prompts, seed: int = SEED) -> list[list[int]]
     from powerfast.samplers.factory import make_sampler
 
     case = CASES[name]
-    sampler = make_sampler(case["method"], model, seed=seed, runner_options=dict(block_size=4, num_blocks=512),
+    sampler = make_sampler(case["method"], model, seed=seed, runner_options=dict(page_size=4, num_pages=512),
                            **case_kwargs(case))
     return [r.token_ids for r in sampler.generate(prompts, MAX_NEW_TOKENS)]
 

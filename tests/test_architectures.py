@@ -43,13 +43,13 @@ from powerfast.runtime.runner import ModelRunner
 def softcapped_reference(query, key_cache, value_cache, ctx, scale, softcap) -> torch.Tensor:
     """float64 causal paged attention with ``softcap * tanh(q.k * scale / softcap)`` scores."""
     num_tokens, num_heads, head_dim = query.shape
-    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    page_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // kv_heads
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float64)
     for t in range(num_tokens):
         seq = int(ctx.query_seq_index[t])
         visible = int(ctx.query_positions[t]) + 1
-        slots = [int(ctx.block_tables[seq, p // block_size]) * block_size + p % block_size for p in range(visible)]
+        slots = [int(ctx.page_tables[seq, p // page_size]) * page_size + p % page_size for p in range(visible)]
         keys = key_cache.reshape(-1, kv_heads, head_dim)[slots].double().repeat_interleave(group, dim=1)
         values = value_cache.reshape(-1, kv_heads, head_dim)[slots].double().repeat_interleave(group, dim=1)
         scores = torch.einsum("hd,khd->hk", query[t].double(), keys) * scale
@@ -60,33 +60,33 @@ def softcapped_reference(query, key_cache, value_cache, ctx, scale, softcap) -> 
 
 @pytest.mark.parametrize("softcap", [0.7, 5.0])
 def test_softcap_in_the_torch_backend_and_the_kernel(softcap):
-    # mixed decode and multi-token queries; 3 sequences, lengths not multiples of the block
+    # mixed decode and multi-token queries; 3 sequences, lengths not multiples of the page
     query, key_cache, value_cache, ctx = make_case([37, 5, 20], [1, 5, 3], num_heads=4, kv_heads=2, head_dim=16,
-                                                   block_size=8)
+                                                   page_size=8)
     scale = 16**-0.5 * 3  # large scores, where the cap bends them
     expected = softcapped_reference(query, key_cache, value_cache, ctx, scale, softcap)
     uncapped = softcapped_reference(query, key_cache, value_cache, ctx, scale, 1e9)
     assert (expected - uncapped).abs().max() > 1e-2  # the cap matters in this case
     got_torch = torch_paged_attention(query, key_cache, value_cache, ctx, scale, softcap)
     torch.testing.assert_close(got_torch.double(), expected, atol=2e-5, rtol=0)
-    got_kernel = paged_attention(query, key_cache, value_cache, ctx.block_tables, ctx.query_seq_index,
+    got_kernel = paged_attention(query, key_cache, value_cache, ctx.page_tables, ctx.query_seq_index,
                                  ctx.query_positions, scale, max_seq_len=ctx.max_seq_len, block_n=16, softcap=softcap)
     torch.testing.assert_close(got_kernel.double(), expected, atol=2e-5, rtol=0)
 
 
 def test_softcap_in_the_kernel_with_several_splits():
     query, key_cache, value_cache, ctx = make_case([70, 33], [1, 1], num_heads=2, kv_heads=1, head_dim=16,
-                                                   block_size=16)
+                                                   page_size=16)
     expected = softcapped_reference(query, key_cache, value_cache, ctx, 0.5, 1.5)
-    got = paged_attention(query, key_cache, value_cache, ctx.block_tables, ctx.query_seq_index, ctx.query_positions,
+    got = paged_attention(query, key_cache, value_cache, ctx.page_tables, ctx.query_seq_index, ctx.query_positions,
                           0.5, max_seq_len=ctx.max_seq_len, block_n=16, num_splits=3, softcap=1.5)
     torch.testing.assert_close(got.double(), expected, atol=2e-5, rtol=0)
 
 
 def test_softcap_must_be_positive():
-    query, key_cache, value_cache, ctx = make_case([4], [1], num_heads=2, kv_heads=1, head_dim=16, block_size=8)
+    query, key_cache, value_cache, ctx = make_case([4], [1], num_heads=2, kv_heads=1, head_dim=16, page_size=8)
     with pytest.raises(ValueError, match="softcap must be > 0 or None, got -1"):
-        paged_attention(query, key_cache, value_cache, ctx.block_tables, ctx.query_seq_index, ctx.query_positions,
+        paged_attention(query, key_cache, value_cache, ctx.page_tables, ctx.query_seq_index, ctx.query_positions,
                         0.25, softcap=-1.0)
 
 
@@ -126,7 +126,7 @@ def test_gemma_runner_matches_the_dense_forward(family, backend):
     model = tiny_gemma(family, seed)
     rng = random.Random(seed)
     prompt = [rng.randrange(256) for _ in range(70)]  # > 64 positions: the torch backend's shared-prefix cascade
-    runner = ModelRunner(model, block_size=16, num_blocks=64, backend=backend)
+    runner = ModelRunner(model, page_size=16, num_pages=64, backend=backend)
     [seq], logits = runner.prefill([prompt])
     reference = dense(model, prompt)
     torch.testing.assert_close(logits[0].float(), reference[-1], atol=1e-4, rtol=1e-4)
@@ -141,7 +141,7 @@ def test_gemma_runner_matches_the_dense_forward(family, backend):
     for row, token in enumerate(next_tokens):
         torch.testing.assert_close(step[row].float(), dense(model, prompt + [token])[-1], atol=1e-4, rtol=1e-4)
     runner.free(children + [seq])
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 # ------------------------------------------------------------------ sliding windows
@@ -187,10 +187,10 @@ def test_sliding_window_runner_matches_the_dense_forward_past_the_window(backend
     rng = random.Random(seed)
     tokens = lambda n: [rng.randrange(256) for _ in range(n)]  # noqa: E731
     # 70 positions: the torch backend's shared-prefix cascade after the fork (the interpreted
-    # kernel has no cascade: 24, past the window and a block); 11: past the window; 3: within
+    # kernel has no cascade: 24, past the window and a page); 11: past the window; 3: within
     # it until its decode steps cross it
     prompts = [tokens(70 if backend == "torch" else 24), tokens(11), tokens(3)]
-    runner = ModelRunner(model, block_size=16, num_blocks=96, backend=backend)
+    runner = ModelRunner(model, page_size=16, num_pages=96, backend=backend)
     seqs, logits = runner.prefill(prompts)
     for prompt, row in zip(prompts, logits):
         assert_logits_close(row, dense(model, prompt)[-1])
@@ -212,7 +212,7 @@ def test_sliding_window_runner_matches_the_dense_forward_past_the_window(backend
         for i, history in enumerate(batch_histories):
             assert_logits_close(torch.stack([step[i] for step in steps]), dense(model, history)[start[i]:])
     runner.free([*children, *seqs])
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -223,7 +223,7 @@ def test_sliding_window_runner_on_a_partial_fork_matches_the_dense_forward(backe
     model = tiny_windowed_gemma3(seed, window=4)
     rng = random.Random(seed)
     prompt = [rng.randrange(256) for _ in range(14)]
-    runner = ModelRunner(model, block_size=4, num_blocks=32, backend=backend)
+    runner = ModelRunner(model, page_size=4, num_pages=32, backend=backend)
     [seq], _ = runner.prefill([prompt])
     children = runner.fork(seq, 2, length=9)
     histories = [prompt[:9] for _ in children]
@@ -236,7 +236,7 @@ def test_sliding_window_runner_on_a_partial_fork_matches_the_dense_forward(backe
     for i, history in enumerate(histories):
         assert_logits_close(torch.stack([step[i] for step in steps]), dense(model, history)[9:])
     runner.free([*children, seq])
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 def test_mistral_sliding_window_beyond_its_width_matches_the_dense_forward():
@@ -245,7 +245,7 @@ def test_mistral_sliding_window_beyond_its_width_matches_the_dense_forward():
     config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
     model = MistralForCausalLM(config).eval()
-    runner = ModelRunner(model, num_blocks=8)
+    runner = ModelRunner(model, num_pages=8)
     tokens = [(7 * i) % 64 for i in range(20)]
     [seq], logits = runner.prefill([tokens[:12]])
     decoded = runner.decode([seq], [tokens[12]])
@@ -260,7 +260,7 @@ def test_stablelm_is_refused_at_construction_in_one_line():
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = StableLmForCausalLM(config).eval()
     with pytest.raises(ValueError) as info:
-        ModelRunner(model, num_blocks=8)
+        ModelRunner(model, num_pages=8)
     message = str(info.value)
     assert "\n" not in message
     assert "StableLmForCausalLM" in message and "'stablelm'" in message

@@ -70,22 +70,22 @@ def test_kv_memory_too_small_is_one_line_with_the_least_that_would_do(tiny_model
     assert cli.main(argv + ["--kv-memory", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith("powerfast sample: error: --kv-memory 1 (256 blocks, 256 free) is too small"), err
+    assert err.startswith("powerfast sample: error: --kv-memory 1 (256 pages, 256 free) is too small"), err
     least = int(re.search(r"use --kv-memory (\d+) or more", err).group(1))
-    assert least == 2  # 64 samples x 7 blocks of 16 positions + 1 prompt block = 449 blocks of 4 KiB
+    assert least == 2  # 64 samples x 7 pages of 16 positions + 1 prompt page = 449 pages of 4 KiB
     assert cli.main(argv + ["--kv-memory", str(least)]) == 0
 
 
-def test_out_of_blocks_during_a_run_is_still_one_line(tiny_model_dir, capsys, monkeypatch):  # noqa: F811
+def test_out_of_pages_during_a_run_is_still_one_line(tiny_model_dir, capsys, monkeypatch):   # noqa: F811
     from powerfast.samplers.ancestral import AncestralSampler
 
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
-    monkeypatch.setattr(AncestralSampler, "peak_kv_blocks", lambda self, *args: 0)  # a check that missed
+    monkeypatch.setattr(AncestralSampler, "peak_kv_pages", lambda self, *args: 0)  # a check that missed
     code = cli.main(["sample", "the answer is", "--model", str(tiny_model_dir), "--method", "best-of-n",
                      "--num-samples", "64", "--max-new-tokens", "100", "--ignore-eos", "--no-chat-template",
                      "--kv-memory", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "KV cache out of blocks" in err, err
+    assert code == 2 and err.count("\n") == 1 and "KV cache out of pages" in err, err
 
 
 def test_small_models_load_without_a_progress_bar(tiny_model_dir, capfd):  # noqa: F811

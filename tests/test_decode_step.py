@@ -37,8 +37,8 @@ def assert_rows_match_host(runner: ModelRunner, seqs) -> None:
     for seq in seqs:
         row = runner._rows[seq.seq_id]
         assert int(runner._seq_lens[row]) == seq.length, seq
-        width = len(seq.block_table)
-        assert runner._block_tables[row, :width].tolist() == seq.block_table, seq
+        width = len(seq.page_table)
+        assert runner._page_tables[row, :width].tolist() == seq.page_table, seq
 
 
 # --------------------------------------------------------------------- custom operators
@@ -50,9 +50,9 @@ def test_attention_and_kv_write_are_custom_operators():
         assert hasattr(torch.ops.powerfast, name), name
     # the fake (meta) implementations agree with the real ones (shapes, dtypes, mutations)
     torch.manual_seed(0)
-    num_blocks, block_size, kv_heads, heads, dim = 6, 4, 2, 4, 8
-    key_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
-    value_cache = torch.randn(num_blocks, block_size, kv_heads, dim)
+    num_pages, page_size, kv_heads, heads, dim = 6, 4, 2, 4, 8
+    key_cache = torch.randn(num_pages, page_size, kv_heads, dim)
+    value_cache = torch.randn(num_pages, page_size, kv_heads, dim)
     key, value = torch.randn(3, kv_heads, dim), torch.randn(3, kv_heads, dim)
     slots = torch.tensor([5, -1, 9])
     torch.library.opcheck(torch.ops.powerfast.write_kv, (key_cache, value_cache, key, value, slots, False))
@@ -101,7 +101,7 @@ def test_the_model_builds_no_mask(monkeypatch):
 
     from transformers import AttentionInterface
 
-    runner = ModelRunner(tiny_model("llama"), num_blocks=16, backend="torch")
+    runner = ModelRunner(tiny_model("llama"), num_pages=16, backend="torch")
     monkeypatch.setitem(AttentionInterface._global_mapping, attention.ATTENTION_NAME, spy)
     seqs, _ = runner.prefill([[1, 2, 3, 4], [5, 6]])
     runner.decode(seqs, [7, 8])
@@ -113,24 +113,24 @@ def test_the_model_builds_no_mask(monkeypatch):
 # ------------------------------------------------------------------ device-resident metadata
 
 
-def test_no_upload_in_a_decode_step_without_block_boundary():
-    runner = ModelRunner(tiny_model("llama"), block_size=8, num_blocks=64, backend="torch")
-    prompt = [random.randrange(1, 300) for _ in range(10)]  # 10 positions: block boundary at 16
+def test_no_upload_in_a_decode_step_without_page_boundary():
+    runner = ModelRunner(tiny_model("llama"), page_size=8, num_pages=64, backend="torch")
+    prompt = [random.randrange(1, 300) for _ in range(10)]  # 10 positions: page boundary at 16
     seqs, logits = runner.prefill([prompt])
     children = runner.fork(seqs[0], 3)
     tokens = torch.tensor([4, 5, 6])
-    runner.decode(children, tokens)  # first step: copy-on-write of the shared last block, batch rows
+    runner.decode(children, tokens)  # first step: copy-on-write of the shared last page, batch rows
     steps = []
-    for _ in range(8):  # positions 11..18: the step writing position 16 starts a new block
+    for _ in range(8):  # positions 11..18: the step writing position 16 starts a new page
         before = runner.upload_bytes
         runner.decode(children, tokens)
         steps.append(runner.upload_bytes - before)
     boundary = [i for i, n in enumerate(steps) if n]
-    assert boundary == [5], steps  # length 16 -> the token at position 16 needs a block
-    assert steps[5] == 3 * 3 * 8  # one (row, col, block id) int64 triple per sequence
+    assert boundary == [5], steps  # length 16 -> the token at position 16 needs a page
+    assert steps[5] == 3 * 3 * 8  # one (row, col, page id) int64 triple per sequence
     assert_rows_match_host(runner, seqs + children)
     runner.free(children + seqs)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 @pytest.mark.parametrize("bucketing", [False, True])
@@ -138,7 +138,7 @@ def test_device_rows_follow_the_host_tables(bucketing):
     """Random forks, decodes (a run of steps of one sequence, or one step of a batch) and frees:
     every live row equals its host table, and the decode logits equal the dense forward."""
     rng = random.Random(1234)
-    runner = ModelRunner(tiny_model("qwen2"), block_size=4, num_blocks=200, backend="torch", cuda_graphs=bucketing)
+    runner = ModelRunner(tiny_model("qwen2"), page_size=4, num_pages=200, backend="torch", cuda_graphs=bucketing)
     prompts = [[rng.randrange(1, 300) for _ in range(rng.randrange(1, 9))] for _ in range(3)]
     seqs, _ = runner.prefill(prompts)
     ids = {seq.seq_id: list(p) for seq, p in zip(seqs, prompts)}
@@ -173,7 +173,7 @@ def test_device_rows_follow_the_host_tables(bucketing):
             )
         assert_rows_match_host(runner, live)
     runner.free(live)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 # ------------------------------------------------------------------ padded batch buckets
@@ -191,7 +191,7 @@ def test_padded_buckets_give_the_unpadded_logits_and_tokens_and_write_no_real_kv
     model = tiny_model("llama")
     results = {}
     for bucketing in (False, True):
-        runner = ModelRunner(model, block_size=8, num_blocks=64, backend=backend, cuda_graphs=bucketing)
+        runner = ModelRunner(model, page_size=8, num_pages=64, backend=backend, cuda_graphs=bucketing)
         prompt = list(range(3, 23))
         seqs, logits = runner.prefill([prompt])
         children = runner.fork(seqs[0], 3)  # 3 rows: padded to 4
@@ -200,7 +200,7 @@ def test_padded_buckets_give_the_unpadded_logits_and_tokens_and_write_no_real_kv
         keys_before = [k.clone() for k in runner.cache.key_caches]
         values_before = [v.clone() for v in runner.cache.value_caches]
         last = runner.decode(children, out.tokens[:, -1])
-        slots = {seq.block_table[(seq.length - 1) // 8] * 8 + (seq.length - 1) % 8 for seq in children}
+        slots = {seq.page_table[(seq.length - 1) // 8] * 8 + (seq.length - 1) % 8 for seq in children}
         for before, after in zip(keys_before + values_before, runner.cache.key_caches + runner.cache.value_caches):
             changed = (before != after).flatten(2).any(-1).flatten().nonzero().flatten().tolist()
             assert set(changed) == slots, (changed, slots)
@@ -209,7 +209,7 @@ def test_padded_buckets_give_the_unpadded_logits_and_tokens_and_write_no_real_kv
             assert int(runner._seq_lens[PAD_ROW]) == 0
         results[bucketing] = (out, last)
         runner.free(children + seqs)
-        assert runner.cache.blocks_in_use == 0
+        assert runner.cache.pages_in_use == 0
     (plain, plain_last), (padded, padded_last) = results[False], results[True]
     assert torch.equal(plain.tokens, padded.tokens)
     torch.testing.assert_close(plain.base_logliks, padded.base_logliks, atol=ATOL, rtol=RTOL)
@@ -224,15 +224,15 @@ def test_padded_buckets_give_the_unpadded_logits_and_tokens_and_write_no_real_kv
 def test_compiled_decode_forward_equals_eager_and_dense(family):
     torch._dynamo.reset()
     model = tiny_model(family)
-    eager = ModelRunner(model, block_size=8, num_blocks=64, backend="torch")
-    compiled = ModelRunner(model, block_size=8, num_blocks=64, backend="torch", compile="aot_eager", cuda_graphs=True)
+    eager = ModelRunner(model, page_size=8, num_pages=64, backend="torch")
+    compiled = ModelRunner(model, page_size=8, num_pages=64, backend="torch", compile="aot_eager", cuda_graphs=True)
     prompt = list(range(5, 17))
     outputs = {}
     for name, runner in (("eager", eager), ("compiled", compiled)):
         seqs, _ = runner.prefill([prompt])
         kids = runner.fork(seqs[0], 3)
         steps = []
-        for step in range(5):  # crosses the block boundary at 16
+        for step in range(5):  # crosses the page boundary at 16
             steps.append(runner.decode(kids, [10 + step, 20 + step, 30 + step]))
         outputs[name] = steps
         runner.free(kids + seqs)
@@ -250,7 +250,7 @@ def test_compiled_decode_with_sliding_windows_equals_dense():
 
     torch._dynamo.reset()
     model = tiny_windowed_gemma3(0, window=4)
-    compiled = ModelRunner(model, block_size=8, num_blocks=64, backend="torch", compile="aot_eager", cuda_graphs=True)
+    compiled = ModelRunner(model, page_size=8, num_pages=64, backend="torch", compile="aot_eager", cuda_graphs=True)
     prompt = list(range(5, 17))
     seqs, _ = compiled.prefill([prompt])
     kids = compiled.fork(seqs[0], 3)
@@ -266,8 +266,8 @@ def test_a_whole_sampler_step_compiles_fullgraph():
     """sample (fused op) -> accumulate -> forward -> next logits, as one graph: no host sync inside."""
     torch._dynamo.reset()
     model = tiny_model("llama")
-    runner = ModelRunner(model, block_size=8, num_blocks=64, backend="torch")
-    eager_runner = ModelRunner(model, block_size=8, num_blocks=64, backend="torch")
+    runner = ModelRunner(model, page_size=8, num_pages=64, backend="torch")
+    eager_runner = ModelRunner(model, page_size=8, num_pages=64, backend="torch")
 
     def step(runner, logits, seed, counter, active, logliks, rows, max_seq_len: int):
         out = sample_step(logits, seed, counter, active, logliks, 0.8, 3)
@@ -304,7 +304,7 @@ def test_cuda_graph_decode_equals_eager_on_cuda():
     model = tiny_model("llama").cuda()
     results = {}
     for graphs in (False, True):
-        runner = ModelRunner(model, block_size=16, num_blocks=64, cuda_graphs=graphs)
+        runner = ModelRunner(model, page_size=16, num_pages=64, cuda_graphs=graphs)
         seqs, logits = runner.prefill([list(range(3, 40))])
         kids = runner.fork(seqs[0], 3)
         out = sample_continuations(runner, kids, logits.expand(3, -1), 20, SeedStream(3), want_last_logits=True)
@@ -312,7 +312,7 @@ def test_cuda_graph_decode_equals_eager_on_cuda():
             assert runner._graphs, "no graph was captured"
         results[graphs] = out
         runner.free(kids + seqs)
-        assert runner.cache.blocks_in_use == 0
+        assert runner.cache.pages_in_use == 0
     assert torch.equal(results[False].tokens, results[True].tokens)
     torch.testing.assert_close(results[False].last_logits, results[True].last_logits, atol=ATOL, rtol=RTOL)
 
@@ -320,7 +320,7 @@ def test_cuda_graph_decode_equals_eager_on_cuda():
 def test_forward_counts_in_stats():
     from powerfast.samplers.ancestral import AncestralSampler
 
-    sampler = AncestralSampler(tiny_model("llama"), seed=0, block_size=8, num_blocks=64, backend="torch")
+    sampler = AncestralSampler(tiny_model("llama"), seed=0, page_size=8, num_pages=64, backend="torch")
     [result] = sampler.generate([[1, 2, 3]], max_new_tokens=5, ignore_eos=True)
     # prefill + 4 decode steps (the 5th token needs no forward), one row each
     assert result.stats.num_forwards == 5
@@ -331,18 +331,18 @@ def test_forward_counts_in_stats():
 def test_metadata_rows_grow_past_their_initial_count():
     from powerfast.runtime.runner import _INITIAL_ROWS
 
-    runner = ModelRunner(tiny_model("llama"), block_size=8, num_blocks=2 * _INITIAL_ROWS + 64, backend="torch")
+    runner = ModelRunner(tiny_model("llama"), page_size=8, num_pages=2 * _INITIAL_ROWS + 64, backend="torch")
     prompt = list(range(1, 12))
     seqs, _ = runner.prefill([prompt])
     children = runner.fork(seqs[0], _INITIAL_ROWS + 5)  # past the rows allocated up front
-    assert runner._block_tables.shape[0] > _INITIAL_ROWS
+    assert runner._page_tables.shape[0] > _INITIAL_ROWS
     tokens = [(7 * i) % 300 + 1 for i in range(len(children))]
     logits = runner.decode(children, tokens)
     for row in (0, len(children) - 1):
         torch.testing.assert_close(logits[row], dense_next_logits(runner, prompt + [tokens[row]]), atol=ATOL, rtol=RTOL)
     assert_rows_match_host(runner, seqs + children)
     runner.free(children + seqs)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 def test_metadata_grown_in_a_forward_can_be_forked_outside_inference_mode():
@@ -350,9 +350,9 @@ def test_metadata_grown_in_a_forward_can_be_forked_outside_inference_mode():
     outside inference mode, updates them in place."""
     from powerfast.runtime.runner import _INITIAL_ROWS
 
-    runner = ModelRunner(tiny_model("llama"), block_size=8, num_blocks=_INITIAL_ROWS + 64, backend="torch")
+    runner = ModelRunner(tiny_model("llama"), page_size=8, num_pages=_INITIAL_ROWS + 64, backend="torch")
     seqs, _ = runner.prefill([[1 + i % 7] for i in range(_INITIAL_ROWS + 2)])  # grows the rows in a forward
-    assert not runner._block_tables.is_inference()
+    assert not runner._page_tables.is_inference()
     children = runner.fork(seqs[-1], 2, length=1)
     assert_rows_match_host(runner, seqs + children)
     runner.free(children + seqs)
@@ -364,8 +364,8 @@ def test_a_failed_capture_warns_once_and_decodes_eagerly():
     import warnings
 
     model = tiny_model("llama")
-    plain = ModelRunner(model, block_size=8, num_blocks=64, backend="torch", cuda_graphs=True)
-    forced = ModelRunner(model, block_size=8, num_blocks=64, backend="torch", cuda_graphs=True)
+    plain = ModelRunner(model, page_size=8, num_pages=64, backend="torch", cuda_graphs=True)
+    forced = ModelRunner(model, page_size=8, num_pages=64, backend="torch", cuda_graphs=True)
     forced._capture = True  # as on CUDA
     outputs = {}
     for name, runner in (("plain", plain), ("forced", forced)):
@@ -376,7 +376,7 @@ def test_a_failed_capture_warns_once_and_decodes_eagerly():
             steps = [runner.decode(kids, [5 + step, 6, 7]) for step in range(3)]
         outputs[name] = (steps, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
         runner.free(kids + seqs)
-        assert runner.cache.blocks_in_use == 0
+        assert runner.cache.pages_in_use == 0
     assert outputs["plain"][1] == []
     [message] = outputs["forced"][1]
     assert "capture" in message and "eagerly" in message
@@ -393,8 +393,8 @@ def test_a_failed_compilation_warns_once_and_decodes_eagerly():
 
     torch._dynamo.reset()
     model = tiny_model("llama")
-    plain = ModelRunner(model, block_size=8, num_blocks=64, backend="torch")
-    broken = ModelRunner(model, block_size=8, num_blocks=64, backend="torch", compile="aot_eager")
+    plain = ModelRunner(model, page_size=8, num_pages=64, backend="torch")
+    broken = ModelRunner(model, page_size=8, num_pages=64, backend="torch", compile="aot_eager")
     broken._decode_fn = torch.compile(broken._decode_core, fullgraph=True, backend=failing_backend)
     outputs = {}
     for name, runner in (("plain", plain), ("broken", broken)):

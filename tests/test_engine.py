@@ -55,8 +55,8 @@ def params_of(name: str, **overrides) -> SamplingParams:
 
 
 def new_engine(model, **kwargs) -> Engine:
-    kwargs.setdefault("block_size", 4)
-    kwargs.setdefault("num_blocks", 512)
+    kwargs.setdefault("page_size", 4)
+    kwargs.setdefault("num_pages", 512)
     return Engine(model, **kwargs)
 
 
@@ -98,12 +98,12 @@ def test_requests_alone_and_together_give_the_recorded_tokens(model):
         name, p = names[i // 2], i % 2
         assert out.token_ids == WANT[name]["alone"][p], (name, p, SEED)
     stats = engine.stats()
-    assert stats.kv_blocks_used == 0 and stats.kv_blocks_reserved == 0 and stats.num_running == 0
+    assert stats.kv_pages_used == 0 and stats.kv_pages_reserved == 0 and stats.num_running == 0
 
 
 def test_drive_closes_the_program_when_the_runner_fails(model):
     """A forward that raises closes the program, whose finally frees what it holds."""
-    sampler = make_sampler("plain", model, seed=1, runner_options=dict(block_size=4, num_blocks=64))
+    sampler = make_sampler("plain", model, seed=1, runner_options=dict(page_size=4, num_pages=64))
     runner = sampler.runner
     calls = {"n": 0}
     real_decode = runner.decode
@@ -117,7 +117,7 @@ def test_drive_closes_the_program_when_the_runner_fails(model):
     runner.decode = failing_decode
     with pytest.raises(RuntimeError, match="boom"):
         drive(sampler.program([[0, 3, 7]], 10, (5,)), runner)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 # ------------------------------------------------------------------ continuous batching
@@ -144,7 +144,7 @@ def test_a_request_joins_at_the_next_step_and_shares_the_decode_forward(model):
             shared += 1
             assert engine.last_step_forwards == 1
     assert shared >= 5
-    assert engine.stats().kv_blocks_used == 0
+    assert engine.stats().kv_pages_used == 0
 
 
 def test_streamed_tokens_add_up_to_the_final_tokens(model):
@@ -177,16 +177,16 @@ def test_streamed_tokens_add_up_to_the_final_tokens(model):
 
 
 @pytest.mark.parametrize("method", ["plain", "power", "mcmc", "smc", "best-of-n", "sir"])
-def test_abort_frees_every_block_at_once(model, method):
+def test_abort_frees_every_page_at_once(model, method):
     engine = new_engine(model)
     extra = dict(SMALL_POWER) if method == "power" else {"method": method}
     request = engine.add_request([0, 3, 7, 1], SamplingParams(max_tokens=30, ignore_eos=True, seed=SEED, **extra))
     for _ in range(1 + SEED % 5):
         engine.step()
-    assert engine.stats().kv_blocks_used > 0
+    assert engine.stats().kv_pages_used > 0
     assert engine.abort(request)
     stats = engine.stats()
-    assert stats.kv_blocks_used == 0 and stats.kv_blocks_reserved == 0 and stats.num_running == 0
+    assert stats.kv_pages_used == 0 and stats.kv_pages_reserved == 0 and stats.num_running == 0
     [out] = engine.step()
     assert out.finished and out.finish_reason == "abort" and out.request_id == request
     assert not engine.has_unfinished() and not engine.abort(request)
@@ -194,9 +194,9 @@ def test_abort_frees_every_block_at_once(model, method):
 
 def test_a_pool_too_small_for_two_power_requests_runs_them_one_after_the_other(model):
     params = SamplingParams(max_tokens=12, seed=4, ignore_eos=True, **SMALL_POWER)
-    sampler = make_sampler("power", model, runner_options=dict(block_size=4, num_blocks=512), config=params.config())
-    need = sampler.peak_kv_blocks([3], 12, 4)
-    engine = new_engine(model, num_blocks=need + need // 2)  # one fits, two do not
+    sampler = make_sampler("power", model, runner_options=dict(page_size=4, num_pages=512), config=params.config())
+    need = sampler.peak_kv_pages([3], 12, 4)
+    engine = new_engine(model, num_pages=need + need // 2)  # one fits, two do not
     a = engine.add_request([0, 3, 7], params)
     b = engine.add_request([0, 3, 8], params)
     engine.step()
@@ -206,16 +206,16 @@ def test_a_pool_too_small_for_two_power_requests_runs_them_one_after_the_other(m
         for out in engine.step():
             if out.finished:
                 finished.append((out.request_id, out.finish_reason))
-        peak = max(peak, engine.stats().kv_blocks_used)
+        peak = max(peak, engine.stats().kv_pages_used)
     assert finished == [(a, "length"), (b, "length")]
-    assert peak <= engine.cache.num_blocks
+    assert peak <= engine.cache.num_pages
 
 
-def test_mixed_requests_on_a_tight_pool_never_run_out_of_blocks(model):
+def test_mixed_requests_on_a_tight_pool_never_run_out_of_pages(model):
     """Random mixes of methods on a pool that admits only a few at a time: every request
-    ends by itself (no OutOfBlocksError, no error at all) and nothing leaks."""
+    ends by itself (no OutOfPagesError, no error at all) and nothing leaks."""
     rng = random.Random(SEED)
-    engine = new_engine(model, num_blocks=160)
+    engine = new_engine(model, num_pages=160)
     kinds = [dict(method="plain"), dict(method="greedy"), SMALL_POWER, dict(method="mcmc", block_size=4),
              dict(method="smc", num_particles=4, resample_every=2), dict(method="best-of-n", num_samples=3),
              dict(method="sir", num_samples=3, temperature=0.8)]
@@ -226,16 +226,16 @@ def test_mixed_requests_on_a_tight_pool_never_run_out_of_blocks(model):
     reasons = []
     while engine.has_unfinished():
         reasons += [out.finish_reason for out in engine.step() if out.finished]
-        assert engine.stats().kv_blocks_used <= engine.stats().kv_blocks_reserved
+        assert engine.stats().kv_pages_used <= engine.stats().kv_pages_reserved
     assert len(reasons) == 14 and set(reasons) <= {"stop", "length"}, (reasons, SEED)
-    assert engine.stats().kv_blocks_used == 0
+    assert engine.stats().kv_pages_used == 0
 
 
 def test_a_request_that_could_never_fit_is_refused_at_once(model):
-    engine = new_engine(model, num_blocks=20)
+    engine = new_engine(model, num_pages=20)
     with pytest.raises(RequestTooLargeError) as caught:
         engine.add_request([0, 3, 7], SamplingParams(max_tokens=40, **SMALL_POWER))
-    assert caught.value.field == "max_tokens" and "20" in str(caught.value) and "KV blocks" in str(caught.value)
+    assert caught.value.field == "max_tokens" and "20" in str(caught.value) and "KV pages" in str(caught.value)
     engine = new_engine(model, max_branches=16)
     with pytest.raises(RequestTooLargeError) as caught:
         engine.add_request([0, 3], SamplingParams(method="power", top_k=4, num_rollouts=8, num_candidates=8, max_tokens=8))
@@ -304,7 +304,7 @@ def test_stop_strings_cut_the_text_and_end_the_request(model):
             last = out
     assert last.request_id == request and last.finish_reason == "stop"
     assert last.text == text == full.text[:where]
-    assert engine.stats().kv_blocks_used == 0
+    assert engine.stats().kv_pages_used == 0
 
 
 def test_every_eos_id_of_the_model_ends_a_request(model):
@@ -345,7 +345,7 @@ def test_async_engine_streams_concurrent_requests_and_cancels_cleanly(model):
     async def main():
         results = await asyncio.gather(*[consume(n) for n in range(1, 7)], drop_after_first(9), drop_after_first(10))
         for _ in range(50):  # the aborts land within a step of the loop thread
-            if engine.stats().kv_blocks_used == 0 and not engine.has_unfinished():
+            if engine.stats().kv_pages_used == 0 and not engine.has_unfinished():
                 break
             await asyncio.sleep(0.02)
         stats = engine.stats()
@@ -361,10 +361,10 @@ def test_async_engine_streams_concurrent_requests_and_cancels_cleanly(model):
     results, stats = asyncio.run(main())
     for n, tokens in results[:6]:
         assert tokens == alone[n]
-    assert stats.kv_blocks_used == 0 and stats.requests_finished["abort"] == 2
+    assert stats.kv_pages_used == 0 and stats.requests_finished["abort"] == 2
 
 
-def test_out_of_blocks_never_reaches_a_request_through_admission(model):
+def test_out_of_pages_never_reaches_a_request_through_admission(model):
     """The reservations are upper bounds: with the pool exactly as large as one request's
     reservation, requests of every method run one at a time and never run out."""
     for extra in (SMALL_POWER, dict(method="smc", num_particles=4), dict(method="mcmc", block_size=4)):
@@ -372,13 +372,13 @@ def test_out_of_blocks_never_reaches_a_request_through_admission(model):
         probe = new_engine(model)
         probe.add_request([0, 3, 7], params)
         need = probe._waiting[0].need
-        engine = new_engine(model, num_blocks=need)
+        engine = new_engine(model, num_pages=need)
         outs = engine.run([[0, 3, 7], [0, 4, 7]], [params, params])
         assert [o.finish_reason for o in outs] == ["length", "length"], (extra, [o.error for o in outs])
 
 
 def test_a_program_yields_its_forwards_and_frees_everything_when_closed(model):
-    sampler = make_sampler("plain", model, seed=2, runner_options=dict(block_size=4, num_blocks=64))
+    sampler = make_sampler("plain", model, seed=2, runner_options=dict(page_size=4, num_pages=64))
     program = sampler.program([[0, 3]], 3, (5,), stream=True)
     first = next(program)
     assert isinstance(first, Prefill) and first.prompts == [[0, 3]]
@@ -388,9 +388,9 @@ def test_a_program_yields_its_forwards_and_frees_everything_when_closed(model):
     assert streamed.tokens.shape == (1,) and bool(streamed.was_active[0])
     decode = program.send(streamed)
     assert isinstance(decode, Decode) and len(decode.seqs) == 1 and int(decode.tokens[0]) == int(streamed.tokens[0])
-    assert sampler.runner.cache.blocks_in_use > 0
+    assert sampler.runner.cache.pages_in_use > 0
     program.close()
-    assert sampler.runner.cache.blocks_in_use == 0
+    assert sampler.runner.cache.pages_in_use == 0
 
 
 def test_seeds_past_63_bits_are_refused_not_folded():
@@ -472,7 +472,7 @@ def test_resampled_rollouts_run_through_the_engine_alone_and_together_and_free_e
     """Power with resampled tempered rollouts (R = 2, 2 groups), or with adaptive budgets
     (skipped decisions, rollouts in rounds), is a request like any other: it gets the tokens
     it gets alone when it shares the steps with plain requests, an abort of one of them frees
-    its blocks, and nothing is left held at the end."""
+    its pages, and nothing is left held at the end."""
     params = SamplingParams(method="power", max_tokens=9, seed=SEED + 5, ignore_eos=True, block_size=3,
                             num_candidates=4, top_k=2, horizon=5, **lookahead)
     [alone] = new_engine(model).run([[1, 2, 3]], params)
@@ -492,4 +492,4 @@ def test_resampled_rollouts_run_through_the_engine_alone_and_together_and_free_e
             if out.finished:
                 finals[out.request_id] = out
     assert finals[power_id].token_ids == alone.token_ids and finals[doomed].finish_reason == "abort"
-    assert engine.cache.blocks_in_use == 0 and engine.stats().kv_blocks_reserved == 0
+    assert engine.cache.pages_in_use == 0 and engine.stats().kv_pages_reserved == 0

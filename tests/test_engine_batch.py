@@ -114,7 +114,7 @@ def test_requests_together_stream_exactly_what_each_streams_alone(model):
     requests = random_requests(rng, 12)
 
     def engine() -> Engine:
-        return Engine(model, CharTokenizer(), block_size=4, num_blocks=1024)
+        return Engine(model, CharTokenizer(), page_size=4, num_pages=1024)
 
     alone = [stream_of(engine(), [request])[0] for request in requests]
     shared = engine()
@@ -122,7 +122,7 @@ def test_requests_together_stream_exactly_what_each_streams_alone(model):
     for index, (got, want) in enumerate(zip(together, alone)):
         assert got == want, (index, requests[index][1], seed)
         assert want[-1][4] and sum(1 for out in want if out[4]) == 1
-    assert shared.stats().kv_blocks_used == 0 and shared.stats().num_running == 0
+    assert shared.stats().kv_pages_used == 0 and shared.stats().num_running == 0
     finals = engine().run([prompt for prompt, _ in requests], [params for _, params in requests])
     for index, (final, want) in enumerate(zip(finals, alone)):
         assert (final.token_ids, final.text, final.finish_reason) == (want[-1][2], want[-1][3], want[-1][5]), \

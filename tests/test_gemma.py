@@ -82,7 +82,7 @@ def test_the_runner_matches_the_dense_forward_past_the_window(gemma):
     words = "the cat sat on a mat and then it ran far away to find some food in an old house".split()
     prompt = tokenizer(" ".join(rng.choice(words) for _ in range(540)))["input_ids"][:530]
     assert len(prompt) == 530  # > the window of 512
-    runner = ModelRunner(model, block_size=16, num_blocks=80, backend="torch")
+    runner = ModelRunner(model, page_size=16, num_pages=80, backend="torch")
     [seq], logits = runner.prefill([prompt])
     children = runner.fork(seq, 2)
     histories = [prompt + [int(logits[0].argmax())], prompt + [rng.randrange(262144)]]
@@ -91,7 +91,7 @@ def test_the_runner_matches_the_dense_forward_past_the_window(gemma):
         history.append(rng.randrange(262144))
     steps.append(runner.decode(children, [h[-1] for h in histories]))
     runner.free([*children, seq])
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
     runner.restore_attention()
     with torch.no_grad():

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero encountered in l
 
 @pytest.fixture(scope="module")
 def runner():
-    return ModelRunner(tiny_llama(vocab=8, seed=SEED), block_size=4, num_blocks=2048)
+    return ModelRunner(tiny_llama(vocab=8, seed=SEED), page_size=4, num_pages=2048)
 
 
 def test_cells_run_cheapest_first_with_fewer_replicates_at_the_largest_m():
@@ -39,7 +39,7 @@ def test_a_stopped_study_continues_where_it_was_and_draws_the_same_numbers(runne
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
     whole = horizon_study.run_study(tmp_path / "whole.jsonl", runner, **SMALL)
     cells = horizon_study.cells(horizon_study.ESTIMATORS, (2, 3), (2, 4), 2)
-    assert len(whole) == len(cells) * len(PROMPTS) * 2 and runner.cache.blocks_in_use == 0
+    assert len(whole) == len(cells) * len(PROMPTS) * 2 and runner.cache.pages_in_use == 0
 
     class Stop(Exception):
         pass

@@ -49,7 +49,7 @@ BUDGETS = {  # reads of the whole run, as a function of its engine steps
 
 @pytest.fixture(scope="module")
 def runner():
-    return ModelRunner(tiny_model(), block_size=16, num_blocks=1024)
+    return ModelRunner(tiny_model(), page_size=16, num_pages=1024)
 
 
 @pytest.mark.parametrize("method", list(BUDGETS))

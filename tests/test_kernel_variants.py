@@ -2,7 +2,7 @@
 
 Triton compiles a kernel once per *specialisation* of its launch arguments (each int
 equal to 1 or divisible by 16, each pointer aligned to 16 bytes, every constexpr's
-value). An argument that changes with the batch (the block-table width, the split
+value). An argument that changes with the batch (the page-table width, the split
 count, a metadata slice's offset) would recompile the kernel in the middle of a decode
 loop: seconds on a GPU, inside a timed run.
 
@@ -118,11 +118,11 @@ def run_once(runner: ModelRunner, prompt_lengths: list[int], decode_steps: int) 
     for _ in range(decode_steps):
         runner.decode(seqs, [rng.randrange(vocab) for _ in seqs])
     runner.free(seqs)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
-# Two runs that differ in everything that used to select a variant: the block-table width
-# (1 block, so a stride of 1, vs 3 blocks), and the batch size, which moves the offsets of
+# Two runs that differ in everything that used to select a variant: the page-table width
+# (1 page, so a stride of 1, vs 3 pages), and the batch size, which moves the offsets of
 # the metadata slices cut from one buffer (batch 2: 16-byte aligned, batch 3: not).
 SHORT_RUN = ([3, 9], 2)
 LONG_RUN = ([20, 40, 5], 2)
@@ -134,7 +134,7 @@ LONG_RUN_CUDA = ([20, 700, 5], 2)
 
 @cpu_twin
 def test_runner_runs_of_two_lengths_launch_one_attention_variant(recorded):
-    runner = ModelRunner(tiny_llama("cpu"), num_blocks=64, backend="triton")
+    runner = ModelRunner(tiny_llama("cpu"), num_pages=64, backend="triton")
     run_once(runner, *SHORT_RUN)
     run_once(runner, *LONG_RUN)
     keys = recorded["_paged_attention_kernel"].keys
@@ -150,11 +150,11 @@ def test_split_counts_and_offset_metadata_launch_one_variant_each(recorded):
     for splits, lengths, offset in ((2, [40, 9], 0), (3, [70], 1), (5, [150, 33, 2], 3)):
         query, key_cache, value_cache, ctx = make_case(lengths, [1] * len(lengths), 2, 1, 16, 16)
         # the metadata as slices at `offset` elements into larger buffers, as the runner cuts them
-        tables = torch.cat([torch.zeros(offset, dtype=torch.int32), ctx.block_tables.flatten()])[offset:]
+        tables = torch.cat([torch.zeros(offset, dtype=torch.int32), ctx.page_tables.flatten()])[offset:]
         positions = torch.cat([torch.zeros(offset, dtype=torch.long), ctx.query_positions])[offset:]
         seq_index = torch.cat([torch.zeros(offset, dtype=torch.long), ctx.query_seq_index])[offset:]
         out = paged_attention_module.paged_attention(
-            query, key_cache, value_cache, tables.view(ctx.block_tables.shape), seq_index, positions, 0.25,
+            query, key_cache, value_cache, tables.view(ctx.page_tables.shape), seq_index, positions, 0.25,
             max_seq_len=ctx.max_seq_len, num_splits=splits, block_n=16,
         )
         torch.testing.assert_close(out.double(), float64_reference(query, key_cache, value_cache, ctx, 0.25),
@@ -179,7 +179,7 @@ def test_a_specialised_stride_gives_a_new_key():
 def test_runner_runs_of_two_lengths_compile_nothing_new_on_cuda():
     from triton import knobs
 
-    runner = ModelRunner(tiny_llama("cuda"), num_blocks=256, backend="triton")
+    runner = ModelRunner(tiny_llama("cuda"), num_pages=256, backend="triton")
     run_once(runner, *SHORT_RUN_CUDA)
     torch.cuda.synchronize()
     compiled = []

@@ -46,12 +46,12 @@ SCRIPT = textwrap.dedent(
     compile_(kv_cache._write_kv_kernel,
              dict(key_cache_ptr="*bf16", value_cache_ptr="*bf16", key_ptr="*bf16", value_ptr="*bf16", slot_mapping_ptr="*i64"),
              dict(BLOCK_HD=256), 4)
-    compile_(kv_cache._copy_blocks_kernel,
-             dict(key_cache_ptr="*bf16", value_cache_ptr="*bf16", src_blocks_ptr="*i64", dst_blocks_ptr="*i64"),
+    compile_(kv_cache._copy_pages_kernel,
+             dict(key_cache_ptr="*bf16", value_cache_ptr="*bf16", src_pages_ptr="*i64", dst_pages_ptr="*i64"),
              dict(BLOCK=4096), 4)
     for lse in (True, False):
         compile_(paged_attention._paged_attention_kernel,
-                 dict(Q="*bf16", K_cache="*bf16", V_cache="*bf16", Block_tables="*i32", Query_seq_index="*i64",
+                 dict(Q="*bf16", K_cache="*bf16", V_cache="*bf16", Page_tables="*i32", Query_seq_index="*i64",
                       Query_positions="*i64", Out="*fp32" if lse else "*bf16", Lse="*fp32", scale_log2="fp32",
                       softcap_log2="fp32"),
                  dict(GROUP_SIZE=6, BLOCK_G=16, HEAD_DIM=128, BLOCK_D=128, PAGE_SIZE=16, BLOCK_N=64,

@@ -1,9 +1,9 @@
 """Every sampler checks its peak KV need before it starts.
 
-``peak_kv_blocks`` must be an upper bound of the blocks a ``generate`` really holds (the
+``peak_kv_pages`` must be an upper bound of the pages a ``generate`` really holds (the
 run is watched through the allocator), and not a loose one: with ``ignore_eos`` every
-row decodes its whole budget, so the observed peak comes within a few blocks of it. A
-pool one block short of the bound is refused before any work, with a ValueError that
+row decodes its whole budget, so the observed peak comes within a few pages of it. A
+pool one page short of the bound is refused before any work, with a ValueError that
 says what is needed; a pool of exactly the bound runs.
 """
 
@@ -47,13 +47,13 @@ SETTINGS = {
     "plain": dict(method="plain"),
     "best-of-n": dict(method="best-of-n", num_samples=5),
     "sir": dict(method="sir", num_samples=5, temperature=0.8),
-    # no resampling within the budget, so the particles' blocks stay distinct and the bound is reached
+    # no resampling within the budget, so the particles' pages stay distinct and the bound is reached
     "smc": dict(method="smc", config=SMCConfig(alpha=2.0, num_particles=5, resample_every=64)),
     "smc-resampling": dict(method="smc", config=SMCConfig(alpha=4.0, num_particles=6, resample_every=2,
                                                               ess_threshold=1.0)),
 }
 
-# settings whose branches share blocks after a while (resampled particles): the bound holds, not tightly
+# settings whose branches share pages after a while (resampled particles): the bound holds, not tightly
 SHARING = {"smc-resampling", "power-resampled"}
 # settings that hold fewer rollouts than the bound allows (rounds of M / 2, skipped decisions)
 SHARING |= {"power-adaptive", "power-resampled-rounds", "power-entropy"}
@@ -70,7 +70,7 @@ def tiny_model(seed: int):
 
 
 class PeakWatch:
-    """Records the most blocks in use after each allocation of the runner's cache."""
+    """Records the most pages in use after each allocation of the runner's cache."""
 
     def __init__(self, runner: ModelRunner) -> None:
         self.peak = 0
@@ -79,7 +79,7 @@ class PeakWatch:
 
         def watched(seqs, counts):
             slots = append_slots(seqs, counts)
-            self.peak = max(self.peak, cache.blocks_in_use)
+            self.peak = max(self.peak, cache.pages_in_use)
             return slots
 
         cache.append_slots = watched
@@ -91,37 +91,37 @@ def test_peak_bound_holds_is_tight_and_is_checked_first(name, monkeypatch):
     model = tiny_model(SEED % 1000)
     prompts = [[1, 2, 3, 4, 5, 6, 7], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3]]
     max_new = 21
-    probe = make_sampler(model=ModelRunner(model, block_size=4, num_blocks=1), seed=SEED, **SETTINGS[name])
-    bound = probe.peak_kv_blocks([len(p) for p in prompts], max_new, 4)
+    probe = make_sampler(model=ModelRunner(model, page_size=4, num_pages=1), seed=SEED, **SETTINGS[name])
+    bound = probe.peak_kv_pages([len(p) for p in prompts], max_new, 4)
 
-    short = ModelRunner(model, block_size=4, num_blocks=bound - 1)
+    short = ModelRunner(model, page_size=4, num_pages=bound - 1)
     calls = []
     short.model.register_forward_pre_hook(lambda *a: calls.append(1))
     with pytest.raises(KVCacheTooSmallError) as info:
         make_sampler(model=short, seed=SEED, **SETTINGS[name]).generate(prompts, max_new, ignore_eos=True)
-    assert info.value.needed == bound and info.value.num_blocks == bound - 1
-    assert f"needs up to {bound} blocks" in str(info.value) and "\n" not in str(info.value)
-    assert not calls and short.cache.blocks_in_use == 0  # refused before any forward
+    assert info.value.needed == bound and info.value.num_pages == bound - 1
+    assert f"needs up to {bound} pages" in str(info.value) and "\n" not in str(info.value)
+    assert not calls and short.cache.pages_in_use == 0  # refused before any forward
 
-    runner = ModelRunner(model, block_size=4, num_blocks=bound)
+    runner = ModelRunner(model, page_size=4, num_pages=bound)
     watch = PeakWatch(runner)
     results = make_sampler(model=runner, seed=SEED, **SETTINGS[name]).generate(prompts, max_new, ignore_eos=True)
     assert [len(r.token_ids) for r in results] == [max_new, max_new]
     assert watch.peak <= bound
     if name not in SHARING:
-        assert watch.peak >= bound - 2 * len(prompts) - 2, (watch.peak, bound)  # at most a few copy-on-write blocks off
-    assert runner.cache.blocks_in_use == 0
+        assert watch.peak >= bound - 2 * len(prompts) - 2, (watch.peak, bound)  # at most a few copy-on-write pages off
+    assert runner.cache.pages_in_use == 0
 
 
-def test_blocks_in_use_by_others_count_against_the_pool():
+def test_pages_in_use_by_others_count_against_the_pool():
     model = tiny_model(0)
-    runner = ModelRunner(model, block_size=4, num_blocks=40)
+    runner = ModelRunner(model, page_size=4, num_pages=40)
     sampler = make_sampler("plain", runner, seed=1)
-    need = sampler.peak_kv_blocks([8], 8, 4)  # 16 positions: 4 blocks
+    need = sampler.peak_kv_pages([8], 8, 4)  # 16 positions: 4 pages
     assert need == 4
-    held, _ = runner.prefill([list(range(1, 30)) * 5])  # 145 positions: 37 blocks held by someone else
+    held, _ = runner.prefill([list(range(1, 30)) * 5])  # 145 positions: 37 pages held by someone else
     with pytest.raises(KVCacheTooSmallError, match="3 free of 40") as info:
         sampler.generate([list(range(8))], 8)
-    assert info.value.least_bytes == (4 + 37) * runner.cache.bytes_per_block
+    assert info.value.least_bytes == (4 + 37) * runner.cache.bytes_per_page
     runner.free(held)
     assert len(sampler.generate([list(range(8))], 8)[0].token_ids) <= 8

@@ -47,7 +47,7 @@ def model():
 
 
 def engine_of(model, **kwargs) -> Engine:
-    return Engine(ModelRunner(model, block_size=4, num_blocks=kwargs.pop("num_blocks", 256)), **kwargs)
+    return Engine(ModelRunner(model, page_size=4, num_pages=kwargs.pop("num_pages", 256)), **kwargs)
 
 
 def finals(engine: Engine) -> dict:
@@ -88,7 +88,7 @@ def test_a_request_is_planned_once_and_an_unseeded_one_draws_from_the_os_not_tor
     again = engine_of(model)
     replay = again.add_request([3, 4, 5], SamplingParams(method="plain", max_tokens=6, ignore_eos=True, seed=seeds[0]))
     assert finals(again)[replay].token_ids == done[ids[0]].token_ids
-    assert engine.cache.blocks_in_use == 0
+    assert engine.cache.pages_in_use == 0
 
 
 def test_resolved_params_keep_a_given_seed_and_the_engine_refuses_to_plan_without_one(model):
@@ -123,7 +123,7 @@ def test_the_leader_plans_a_request_once_and_sends_it_resolved_with_its_admissio
         port = sock.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
-        engine = lockstep.LeaderEngine(ModelRunner(model, block_size=4, num_blocks=256))
+        engine = lockstep.LeaderEngine(ModelRunner(model, page_size=4, num_pages=256))
         monkeypatch.setattr(SamplingParams, "sampler", counted)
         monkeypatch.setattr(lockstep, "_broadcast", recorded)
         state = torch.get_rng_state()
@@ -139,7 +139,7 @@ def test_the_leader_plans_a_request_once_and_sends_it_resolved_with_its_admissio
         assert adds[first][3].seed == done[first].seed and adds[second][3].seed == 9
         assert adds[first][4] > 0  # the reservation rank 0 computed
         assert all(c == lockstep._STOP or c.requests == [] for c in sent[1:])
-        assert engine.cache.blocks_in_use == 0
+        assert engine.cache.pages_in_use == 0
     finally:
         dist.destroy_process_group()
 
@@ -177,7 +177,7 @@ def test_a_follower_admits_exactly_what_rank_0_decided_and_draws_no_seed(model, 
     assert torch.equal(torch.get_rng_state(), state)
     ended = {o.request_id: step for step, outs in channel.steps for o in outs}
     assert ended == {"r0": 1, "r1": 2, "r2": 2}  # r0 started a step before the others
-    assert follower.cache.blocks_in_use == 0
+    assert follower.cache.pages_in_use == 0
 
     wrong_head = FakeChannel([lockstep.StepCommand(0, add, ["r1"])])
     monkeypatch.setattr(lockstep, "_Channel", lambda: wrong_head)
@@ -257,7 +257,7 @@ def test_a_requests_stats_count_its_own_forward_rows(model):
     shared = finals(busy)[rid].result.stats
     assert (shared.num_forwards, shared.forward_rows) == (solo.num_forwards, solo.forward_rows)
     assert solo.forward_rows > solo.num_forwards > 0
-    offline = SamplingParams(**settings).sampler(ModelRunner(model, block_size=4, num_blocks=256))
+    offline = SamplingParams(**settings).sampler(ModelRunner(model, page_size=4, num_pages=256))
     [result] = offline.generate([[3, 4, 5]], 4, ignore_eos=True)
     assert (result.stats.num_forwards, result.stats.forward_rows) == (solo.num_forwards, solo.forward_rows)
 

@@ -187,12 +187,12 @@ def dense_logprobs(model, ids):
 @pytest.mark.parametrize("proposal", ["base", "tempered"])
 def test_reuse_bookkeeping(proposal):
     model = tiny_llama(seed=SEED % 1000, sharpen=3.0)
-    runner = ModelRunner(model, block_size=4)
+    runner = ModelRunner(model, page_size=4)
     config = PowerConfig(alpha=3.0, block_size=2, num_candidates=5, top_k=3, num_rollouts=3, horizon=3,
                          rollout_proposal=proposal, reuse_rollouts=True)
     prompts = [[0, 1, 2], [0, 3]]
     results = PowerSampler(runner, config=config, seed=SEED).generate(prompts, 7, ignore_eos=True)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
     for prompt, r in zip(prompts, results):
         assert len(r.token_ids) == 7
         blocks = r.stats.blocks
@@ -218,11 +218,11 @@ def test_reuse_bookkeeping(proposal):
 
 def test_reuse_stops_at_eos_and_leaks_nothing_on_error():
     model = tiny_llama(seed=3, sharpen=1.0)
-    runner = ModelRunner(model, block_size=4)
+    runner = ModelRunner(model, page_size=4)
     config = PowerConfig(alpha=2.0, block_size=2, num_candidates=4, top_k=2, num_rollouts=2, horizon=2,
                          reuse_rollouts=True)
     results = PowerSampler(runner, config=config, seed=7).generate([[0, 5, 5, 1]] * 6, max_new_tokens=16)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
     for r in results:
         assert 5 not in r.token_ids[:-1]
     real_decode, calls = runner.decode, {"n": 0}
@@ -237,7 +237,7 @@ def test_reuse_stops_at_eos_and_leaks_nothing_on_error():
     with pytest.raises(RuntimeError, match="decode failed"):
         PowerSampler(runner, config=config, seed=7).generate([[0, 1], [0, 2]], 12, ignore_eos=True)
     runner.decode = real_decode
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 def test_candidate_proposal_validation():

@@ -1,4 +1,4 @@
-"""The KV-cache ops (powerfast.ops.kv_cache): write_kv / copy_blocks against the torch reference: exact equality (a copy),
+"""The KV-cache ops (powerfast.ops.kv_cache): write_kv / copy_pages against the torch reference: exact equality (a copy),
 except an fp32 -> bf16 cast on write under the interpreter (within one bf16 ulp)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _caches(num_blocks, block_size, kv_heads, head_dim, dtype, device):
-    shape = (num_blocks, block_size, kv_heads, head_dim)
+def _caches(num_pages, page_size, kv_heads, head_dim, dtype, device):
+    shape = (num_pages, page_size, kv_heads, head_dim)
     return torch.randn(shape).to(dtype).to(device), torch.randn(shape).to(dtype).to(device)
 
 
@@ -22,9 +22,9 @@ def _caches(num_blocks, block_size, kv_heads, head_dim, dtype, device):
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32], ids=str)
 @pytest.mark.parametrize("geometry", [(6, 16, 2, 64), (5, 4, 3, 24), (3, 1, 1, 1)], ids=str)
 def test_write_kv_matches_reference(device, dtype, slot_dtype, geometry):
-    num_blocks, block_size, kv_heads, head_dim = geometry
+    num_pages, page_size, kv_heads, head_dim = geometry
     key_cache, value_cache = _caches(*geometry, dtype, device)
-    num_slots = num_blocks * block_size
+    num_slots = num_pages * page_size
     num_tokens = min(7, num_slots)
     slots = torch.randperm(num_slots)[:num_tokens]
     slots[::3] = -1  # skipped tokens
@@ -59,16 +59,16 @@ def test_write_kv_strided_inputs(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_copy_blocks_matches_reference(device, dtype):
+def test_copy_pages_matches_reference(device, dtype):
     key_cache, value_cache = _caches(8, 16, 2, 32, dtype, device)
     src = torch.tensor([0, 5, 2], device=device)
     dst = torch.tensor([7, 1, 3], device=device)
     expected_key, expected_value = key_cache.clone().cpu(), value_cache.clone().cpu()
-    kv_cache._torch_copy_blocks(expected_key, expected_value, src.cpu(), dst.cpu())
-    kv_cache.copy_blocks(key_cache, value_cache, src, dst)
+    kv_cache._torch_copy_pages(expected_key, expected_value, src.cpu(), dst.cpu())
+    kv_cache.copy_pages(key_cache, value_cache, src, dst)
     assert torch.equal(key_cache.cpu(), expected_key) and torch.equal(value_cache.cpu(), expected_value)
     assert torch.equal(key_cache[7].cpu(), key_cache[0].cpu())
-    kv_cache.copy_blocks(key_cache, value_cache, src[:0], dst[:0])  # nothing to copy
+    kv_cache.copy_pages(key_cache, value_cache, src[:0], dst[:0])  # nothing to copy
 
 
 def test_kv_rejects_bad_arguments():
@@ -78,4 +78,4 @@ def test_kv_rejects_bad_arguments():
     with pytest.raises(ValueError, match="slot_mapping"):
         kv_cache.write_kv(key_cache, value_cache, torch.zeros(3, 1, 8), torch.zeros(3, 1, 8), torch.zeros(3))
     with pytest.raises(ValueError, match="differ"):
-        kv_cache.copy_blocks(key_cache, value_cache, torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+        kv_cache.copy_pages(key_cache, value_cache, torch.zeros(2, dtype=torch.long), torch.zeros(3, dtype=torch.long))

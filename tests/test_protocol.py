@@ -140,10 +140,10 @@ def check_runner(runner, prompt: list[int]) -> None:
 
 def test_model_runner_implements_the_protocol():
     model = recorded.tiny_model()
-    runner = ModelRunner(model, block_size=4, num_blocks=64)
+    runner = ModelRunner(model, page_size=4, num_pages=64)
     check_runner(runner, [0, 3, 7, 2])
     assert (runner.eos_token_ids, runner.context_length) == ((5,), 64)  # the model's EOS and positions
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 def test_lm_runner_implements_the_protocol():

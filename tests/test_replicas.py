@@ -64,11 +64,11 @@ class Replicas:
         return self.handle.broadcast("replica_state").results()
 
     def wait_idle(self, timeout: float = 20.0) -> list[dict]:
-        """The replicas' states once none holds a KV block or a request."""
+        """The replicas' states once none holds a KV page or a request."""
         deadline = time.monotonic() + timeout
         while True:
             states = self.states()
-            if all(s["kv_blocks_used"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0 for s in states):
+            if all(s["kv_pages_used"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0 for s in states):
                 return states
             assert time.monotonic() < deadline, f"replicas not idle: {states}"
             time.sleep(0.1)
@@ -116,7 +116,7 @@ def replicas(tokenizer, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offline(tokenizer):
-    return ModelRunner(tiny_model(len(tokenizer), tokenizer.eos_token_id), num_blocks=256)
+    return ModelRunner(tiny_model(len(tokenizer), tokenizer.eos_token_id), num_pages=256)
 
 
 @pytest.fixture(autouse=True)
@@ -152,9 +152,9 @@ BAD = [({"prompt": "x", "max_tokens": -1}, "max_tokens"), ({"prompt": "x", "alph
        ({"prompt": "x", "method": "nope"}, "method")]
 
 
-def test_mixed_methods_streams_cancellations_and_bad_requests_leave_no_block_in_use(replicas):
+def test_mixed_methods_streams_cancellations_and_bad_requests_leave_no_page_in_use(replicas):
     """Sixteen clients on both replicas: every good request answers 200 (0 5xx), every bad one
-    400 naming the field; afterwards no replica holds a KV block or a request."""
+    400 naming the field; afterwards no replica holds a KV page or a request."""
     methods = [{"method": "plain"}, {"method": "greedy"}, POWER, MCMC, SMC, SIR]
     rng = random.Random(fresh_seed())
     plan = [[(rng.choice(methods), rng.random() < 0.5, rng.random() < 0.25, rng.random() < 0.15)
@@ -195,7 +195,7 @@ def test_mixed_methods_streams_cancellations_and_bad_requests_leave_no_block_in_
 def test_a_killed_replica_ends_its_requests_with_an_error_and_is_replaced(replicas):
     """SIGKILL one replica mid-load: its requests end at once with an error (a 5xx, or a stream
     cut before its [DONE]), never a hang; the other replica's all answer; Ray Serve starts a
-    new replica and both serve again with no block in use."""
+    new replica and both serve again with no page in use."""
     states = replicas.wait_idle()
     victim = states[0]["pid"]
     results: list[tuple] = []

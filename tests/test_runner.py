@@ -28,7 +28,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from powerfast.runtime.cache import OutOfBlocksError
+from powerfast.runtime.cache import OutOfPagesError
 from powerfast.runtime.runner import ModelRunner
 
 ATOL = RTOL = 1e-4
@@ -76,7 +76,7 @@ def random_tokens(rng: random.Random, n: int, vocab: int = VOCAB) -> list[int]:
 
 @pytest.fixture(params=["llama", "qwen2"])
 def runner(request):
-    return ModelRunner(tiny_model(request.param, seed=random.randrange(2**31)), block_size=16, num_blocks=256)
+    return ModelRunner(tiny_model(request.param, seed=random.randrange(2**31)), page_size=16, num_pages=256)
 
 
 # ------------------------------------------------------------------ prefill / decode
@@ -91,7 +91,7 @@ def test_prefill_of_ragged_prompts_matches_dense(runner):
     for prompt, row in zip(prompts, logits):
         assert_close(row, dense_logits(runner, prompt)[-1])
     runner.free(seqs)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 def test_fifty_decode_steps_match_dense(runner):
@@ -109,7 +109,7 @@ def test_fifty_decode_steps_match_dense(runner):
         reference = dense_logits(runner, seq_tokens)[len(prompt) - 1 :]
         assert_close(torch.stack([step[i] for step in steps]), reference)
     runner.free(seqs)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 def test_decode_takes_device_tensors_of_tokens(runner):
@@ -125,30 +125,30 @@ def test_decode_takes_device_tensors_of_tokens(runner):
 # ------------------------------------------------------------------ fork
 
 
-@pytest.mark.parametrize("prefix_length", [32, 37], ids=["block-boundary", "mid-block"])
+@pytest.mark.parametrize("prefix_length", [32, 37], ids=["page-boundary", "mid-page"])
 def test_forked_children_diverge_and_survive_their_parent(runner, prefix_length):
     rng = random.Random(fresh_seed())
     prefix = random_tokens(rng, prefix_length)
     (parent,), _ = runner.prefill([prefix])
     children = runner.fork(parent, 4)
-    parent_blocks = runner.cache.blocks_in_use
-    assert parent_blocks == -(-prefix_length // 16)  # the fork itself allocates nothing
+    parent_pages = runner.cache.pages_in_use
+    assert parent_pages == -(-prefix_length // 16)  # the fork itself allocates nothing
 
     tokens = [list(prefix) for _ in children]
     steps = []
-    for step in range(20):  # crosses a block boundary either way
+    for step in range(20):  # crosses a page boundary either way
         next_tokens = random_tokens(rng, len(children))
         for seq_tokens, token in zip(tokens, next_tokens):
             seq_tokens.append(token)
         steps.append(runner.decode(children, next_tokens))
         if step == 2:
-            runner.free(parent)  # children keep the shared blocks alive
+            runner.free(parent)  # children keep the shared pages alive
     assert len({tuple(t) for t in tokens}) == len(children)
     for i, seq_tokens in enumerate(tokens):
         reference = dense_logits(runner, seq_tokens)[prefix_length:]
         assert_close(torch.stack([step[i] for step in steps]), reference)
     runner.free(children)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 def test_parent_keeps_decoding_after_fork_and_prefix_fork(runner):
@@ -165,25 +165,25 @@ def test_parent_keeps_decoding_after_fork_and_prefix_fork(runner):
     assert_close(child_logits[0], dense_logits(runner, prefix + child_token)[-1])
     assert_close(resample_logits, dense_logits(runner, prefix[:13] + resample_tokens)[13:])
     runner.free([parent, child, resample])
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
-def test_fork_of_a_long_prefix_into_64_shares_its_blocks():
+def test_fork_of_a_long_prefix_into_64_shares_its_pages():
     model = tiny_model("llama")
-    runner = ModelRunner(model, block_size=16, num_blocks=63 + 64 + 8)
+    runner = ModelRunner(model, page_size=16, num_pages=63 + 64 + 8)
     rng = random.Random(fresh_seed())
     prefix = random_tokens(rng, 1000)
     (parent,), _ = runner.prefill([prefix])
-    assert runner.cache.blocks_in_use == 63
+    assert runner.cache.pages_in_use == 63
     children = runner.fork(parent, 64)
     next_tokens = random_tokens(rng, 64)
     logits = runner.decode(children, next_tokens)
-    new_blocks = runner.cache.blocks_in_use - 63
-    assert new_blocks <= 64, f"{new_blocks} new blocks for 64 children (copying would take {64 * 63})"
+    new_pages = runner.cache.pages_in_use - 63
+    assert new_pages <= 64, f"{new_pages} new pages for 64 children (copying would take {64 * 63})"
     for i in (0, 63):
         assert_close(logits[i], dense_logits(runner, prefix + [next_tokens[i]])[-1])
     runner.free([parent, *children])
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 # ------------------------------------------------------------------ families, errors
@@ -191,7 +191,7 @@ def test_fork_of_a_long_prefix_into_64_shares_its_blocks():
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
 def test_other_families_match_dense(family):
-    runner = ModelRunner(tiny_model(family, seed=random.randrange(2**31)), num_blocks=64)
+    runner = ModelRunner(tiny_model(family, seed=random.randrange(2**31)), num_pages=64)
     rng = random.Random(fresh_seed())
     prompts = [random_tokens(rng, n) for n in (4, 19)]
     seqs, logits = runner.prefill(prompts)
@@ -203,14 +203,14 @@ def test_other_families_match_dense(family):
         assert_close(decoded[i], reference[-1])
 
 
-def test_out_of_blocks_is_a_clear_error_and_changes_nothing():
-    runner = ModelRunner(tiny_model("llama"), block_size=16, num_blocks=4)
+def test_out_of_pages_is_a_clear_error_and_changes_nothing():
+    runner = ModelRunner(tiny_model("llama"), page_size=16, num_pages=4)
     rng = random.Random(fresh_seed())
     (seq,), _ = runner.prefill([random_tokens(rng, 40)])
-    children = runner.fork(seq, 2)  # each needs its own copy of the shared, partly filled last block
-    with pytest.raises(OutOfBlocksError, match="2 blocks needed, 1 free of 4"):
+    children = runner.fork(seq, 2)  # each needs its own copy of the shared, partly filled last page
+    with pytest.raises(OutOfPagesError, match="2 pages needed, 1 free of 4"):
         runner.decode(children, random_tokens(rng, 2))
-    assert runner.cache.blocks_in_use == 3 and [s.length for s in (seq, *children)] == [40, 40, 40]
+    assert runner.cache.pages_in_use == 3 and [s.length for s in (seq, *children)] == [40, 40, 40]
 
 
 def test_bad_inputs_are_refused(runner):
@@ -238,7 +238,7 @@ def test_model_outside_the_runner_uses_its_own_attention():
     with torch.no_grad():
         before = model(input_ids=tokens).logits
         generated_before = model.generate(tokens, max_new_tokens=4, do_sample=False)
-    runner = ModelRunner(model, num_blocks=8)
+    runner = ModelRunner(model, num_pages=8)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=tokens).logits, before, atol=0, rtol=0)
     assert model.config._attn_implementation == "sdpa"
@@ -264,13 +264,13 @@ def test_dense_fallback_keeps_an_eager_model_eager():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     with torch.no_grad():
         before = model(input_ids=tokens, attention_mask=mask).logits
-    runner = ModelRunner(model, num_blocks=8)
+    runner = ModelRunner(model, num_pages=8)
     runner.prefill([[1, 2, 3]])
     with torch.no_grad():
         after = model(input_ids=tokens, attention_mask=mask).logits
     assert model.config._attn_implementation == "eager"
     torch.testing.assert_close(after, before, atol=0, rtol=0)
-    second = ModelRunner(model, num_blocks=8)  # a second runner keeps the first's record of "eager"
+    second = ModelRunner(model, num_pages=8)  # a second runner keeps the first's record of "eager"
     second.prefill([[1]])
     second.restore_attention()
     assert model.config._attn_implementation == "eager"
@@ -282,7 +282,7 @@ def test_dense_fallback_keeps_an_eager_model_eager():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_fork_decode_free_never_leaks_and_matches_dense(seed):
     rng = random.Random(seed)
-    runner = ModelRunner(tiny_model("qwen2", seed=seed), block_size=8, num_blocks=40)
+    runner = ModelRunner(tiny_model("qwen2", seed=seed), page_size=8, num_pages=40)
     live: dict[int, tuple[object, list[int]]] = {}
     for step in range(30):
         action = rng.choice(["prefill", "fork", "decode steps", "decode steps", "decode", "free"])
@@ -302,7 +302,7 @@ def test_random_fork_decode_free_never_leaks_and_matches_dense(seed):
                 chosen = rng.sample(list(live), k=rng.randint(1, min(3, len(live))))
                 for _ in range(1 if action == "decode" else rng.randint(2, 9)):
                     new = random_tokens(rng, len(chosen))
-                    logits = runner.decode([live[c][0] for c in chosen], new)  # OutOfBlocksError changes nothing
+                    logits = runner.decode([live[c][0] for c in chosen], new)  # OutOfPagesError changes nothing
                     for c, token, row in zip(chosen, new, logits):
                         seq, tokens = live[c]
                         live[c] = (seq, tokens + [token])
@@ -310,17 +310,17 @@ def test_random_fork_decode_free_never_leaks_and_matches_dense(seed):
             else:
                 victim = rng.choice(list(live))
                 runner.free(live.pop(victim)[0])
-        except OutOfBlocksError:
-            in_use = runner.cache.blocks_in_use
+        except OutOfPagesError:
+            in_use = runner.cache.pages_in_use
             assert in_use > 0
-        holders = [0] * runner.cache.num_blocks
+        holders = [0] * runner.cache.num_pages
         for seq, tokens in live.values():
             assert seq.length == len(tokens)
-            for block in seq.block_table:
-                holders[block] += 1
+            for page in seq.page_table:
+                holders[page] += 1
         assert holders == runner.cache.allocator.refcounts
     runner.free([seq for seq, _ in live.values()])
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 # ------------------------------------------------------------------ the LanguageModel adapter
@@ -337,11 +337,11 @@ def test_hf_language_model_scores_through_the_runner():
     assert paged.use_runner and not dense.use_runner
     got = paged.next_token_logprobs(sequences)
     assert model.config._attn_implementation == "sdpa"  # left as it was
-    assert paged._runner.cache.blocks_in_use == 0
+    assert paged._runner.cache.pages_in_use == 0
     torch.testing.assert_close(got, dense.next_token_logprobs(sequences), atol=ATOL, rtol=RTOL)
-    longer = [random_tokens(rng, 16 * 70)]  # more blocks than the first pool: it grows
+    longer = [random_tokens(rng, 16 * 70)]  # more pages than the first pool: it grows
     torch.testing.assert_close(
         paged.next_token_logprobs(longer), dense.next_token_logprobs(longer), atol=ATOL, rtol=RTOL
     )
-    fixed = HFLanguageModel(model, batch_size=8, num_blocks=4)  # a fixed pool: chunks fit in it
+    fixed = HFLanguageModel(model, batch_size=8, num_pages=4)  # a fixed pool: chunks fit in it
     torch.testing.assert_close(fixed.next_token_logprobs(sequences[:4]), got[:4], atol=ATOL, rtol=RTOL)

@@ -148,7 +148,7 @@ def test_token_distribution_converges_to_the_exact_conditional(torch_ops):
             mean_plain[ids] += torch.tensor(record.p_hat, dtype=torch.float64) / copies
             mean_jack[ids] += torch.tensor(record.probs, dtype=torch.float64) / copies
         plain_tv[m], jack_tv[m] = total_variation(mean_plain, target), total_variation(mean_jack, target)
-        assert runner.cache.blocks_in_use == 0
+        assert runner.cache.pages_in_use == 0
     # measured over model seeds 0-3: plain 0.07-0.16 at M = 2, 0.007-0.05 at M = 16; jackknife 0.001-0.013 at 16
     assert jack_tv[16] < 0.03 and plain_tv[16] < 0.08, (plain_tv, jack_tv, SEED, model_seed)
     assert plain_tv[16] < plain_tv[2], (plain_tv, SEED)
@@ -201,7 +201,7 @@ def test_block_sampler_remainder_and_budget(small_model):
         assert r.stats.tokens_by_phase["rollouts"] == 3 * 2 * 3 + 3 * 2 * 1  # H capped by the budget
         chosen_logprob = sum(b.candidate_logprobs[b.choice] for b in r.stats.blocks)
         assert r.log_likelihood == pytest.approx(chosen_logprob)
-    assert sampler.runner.cache.blocks_in_use == 0
+    assert sampler.runner.cache.pages_in_use == 0
 
 
 def test_generation_stops_at_eos_and_is_reproducible():
@@ -227,7 +227,7 @@ def test_mcmc_on_a_tiny_model_approaches_the_power_distribution(torch_ops):
     for steps in (0, 32):
         sampler = MCMCSampler(runner, config=MCMCConfig(alpha=alpha, block_size=max_new, mcmc_steps=steps), seed=SEED)
         distances.append(empirical_tv(sampler.generate([prompt] * runs, max_new_tokens=max_new), target))
-        assert runner.cache.blocks_in_use == 0
+        assert runner.cache.pages_in_use == 0
     assert distances[1] < distances[0] - 0.05, distances
     assert distances[1] < 0.1, distances
 
@@ -251,7 +251,7 @@ def test_baselines_share_the_runner_and_result_type(small_model):
         assert r.stats.tokens_by_phase["sample"] == 16
     plain = make_sampler("plain", runner, seed=SEED).generate(prompts, 4, ignore_eos=True)
     assert all(len(r.token_ids) == 4 for r in plain)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 # ----------------------------------------------------------------------- bad inputs
@@ -278,7 +278,7 @@ def test_bad_inputs_raise_clear_errors_and_leak_nothing(small_model):
         PowerConfig(alpha=float("nan"))
     with pytest.raises(ValueError, match="unknown method 'beam'"):
         make_sampler("beam", runner)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 def test_nan_logits_raise_and_leak_nothing():
@@ -294,4 +294,4 @@ def test_nan_logits_raise_and_leak_nothing():
     ):
         with pytest.raises(FloatingPointError, match="NaN"):
             sampler.generate([[0, 1, 2]], 6)
-        assert runner.cache.blocks_in_use == 0
+        assert runner.cache.pages_in_use == 0

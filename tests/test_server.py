@@ -89,7 +89,7 @@ class LiveServer:
     """uvicorn serving ``build_app`` over a fresh Engine, in a background thread."""
 
     def __init__(self, tokenizer, api_key: str | None = KEY, **engine_kwargs) -> None:
-        engine_kwargs.setdefault("num_blocks", 512)
+        engine_kwargs.setdefault("num_pages", 512)
         self.engine = Engine(tiny_model(len(tokenizer), tokenizer.eos_token_id), tokenizer, **engine_kwargs)
         self.metrics = ServingMetrics()
         app = build_app(AsyncEngine(self.engine), MODEL_NAME, api_key=api_key, metrics=self.metrics)
@@ -111,11 +111,11 @@ class LiveServer:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
     def wait_idle(self, timeout: float = 10.0):
-        """The engine's stats once no request runs or waits and no KV block is used."""
+        """The engine's stats once no request runs or waits and no KV page is used."""
         deadline = time.monotonic() + timeout
         while True:
             stats = self.engine.stats()
-            if stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0:
+            if stats.kv_pages_used == 0 and stats.num_running == 0 and stats.num_waiting == 0:
                 return stats
             assert time.monotonic() < deadline, f"the engine is not idle: {stats}"
             time.sleep(0.02)
@@ -135,7 +135,7 @@ def server(tokenizer):
 @pytest.fixture(scope="module")
 def offline(tokenizer):
     """The same weights as every server's model, on a runner of their own."""
-    return ModelRunner(tiny_model(len(tokenizer), tokenizer.eos_token_id), num_blocks=256)
+    return ModelRunner(tiny_model(len(tokenizer), tokenizer.eos_token_id), num_pages=256)
 
 
 def offline_text(runner, tokenizer, method: str, prompt, max_tokens: int, seed: int, chat: bool) -> str:
@@ -279,7 +279,7 @@ def test_models_health_metrics_and_auth(server):
     assert after["powerfast_request_latency_seconds_sum"] > before["powerfast_request_latency_seconds_sum"]
 
 
-def test_a_dropped_stream_aborts_its_request_and_frees_its_blocks(server):
+def test_a_dropped_stream_aborts_its_request_and_frees_its_pages(server):
     aborted = server.engine.stats().requests_finished.get("abort", 0)
     client = server.client()
     stream = client.completions.create(model=MODEL_NAME, prompt="Tell me", max_tokens=240, seed=0, stream=True,
@@ -289,7 +289,7 @@ def test_a_dropped_stream_aborts_its_request_and_frees_its_blocks(server):
         received += 1
         if received == 2:
             break
-    assert server.engine.stats().kv_blocks_used > 0  # still running
+    assert server.engine.stats().kv_pages_used > 0  # still running
     stream.close()
     stats = server.wait_idle(timeout=5)
     assert stats.requests_finished.get("abort", 0) == aborted + 1
@@ -389,10 +389,10 @@ def test_a_pool_for_one_power_request_runs_two_in_turn_and_a_full_queue_answers_
     power = {**POWER, "ignore_eos": True}
     params = SamplingParams(**power, max_tokens=160)
     prompt_len = len(tokenizer(prompt)["input_ids"])
-    sampler = make_sampler("power", ModelRunner(tiny_model(len(tokenizer), 2), num_blocks=8), tokenizer,
+    sampler = make_sampler("power", ModelRunner(tiny_model(len(tokenizer), 2), num_pages=8), tokenizer,
                            config=PowerConfig(**{k: v for k, v in POWER.items() if k != "method"}))
-    peak = sampler.peak_kv_blocks([prompt_len], params.max_tokens, 16)
-    live = LiveServer(tokenizer, api_key=None, num_blocks=peak + peak // 2, block_size=16, max_queue=1)
+    peak = sampler.peak_kv_pages([prompt_len], params.max_tokens, 16)
+    live = LiveServer(tokenizer, api_key=None, num_pages=peak + peak // 2, page_size=16, max_queue=1)
     try:
         results, errors = {}, {}
 
@@ -499,7 +499,7 @@ def test_sixteen_clients_with_mixed_methods_and_cancellations(server):
     samples = check_exposition(text)
     assert sum(v for k, v in samples.items() if k.startswith("powerfast_requests_finished_total")) == \
         sum(stats.requests_finished.values())
-    assert samples['powerfast_kv_blocks{state="used"}'] == 0
+    assert samples['powerfast_kv_pages{state="used"}'] == 0
     assert samples["powerfast_requests_running"] == 0
     ok = 'powerfast_http_responses_total{code="200"}'
     assert samples[ok] - samples_before.get(ok, 0) >= outcome["done"]
@@ -511,8 +511,8 @@ def test_sixteen_clients_with_mixed_methods_and_cancellations(server):
 #: Every family of the exposition, as its TYPE line names it: the names of the hand-written
 #: exposition that prometheus_client replaced, unchanged.
 FAMILIES = {"requests_waiting": "gauge", "requests_running": "gauge", "requests_finished_total": "counter",
-            "requests_rejected_total": "counter", "tokens_total": "counter", "kv_blocks": "gauge",
-            "kv_blocks_total": "gauge", "queue_depth": "gauge", "queue_capacity": "gauge",
+            "requests_rejected_total": "counter", "tokens_total": "counter", "kv_pages": "gauge",
+            "kv_pages_total": "gauge", "queue_depth": "gauge", "queue_capacity": "gauge",
             "engine_steps_total": "counter", "forwards_total": "counter", "forward_rows_total": "counter",
             "http_responses_total": "counter", "time_to_first_token_seconds": "histogram",
             "request_latency_seconds": "histogram"}
@@ -551,8 +551,8 @@ def test_render_writes_every_family_in_the_exposition_format():
 
     from prometheus_client import REGISTRY
 
-    stats = SimpleNamespace(num_waiting=2, num_running=3, kv_blocks_total=100, kv_blocks_used=40, kv_blocks_free=60,
-                            kv_blocks_reserved=55, num_steps=7, num_forwards=9, forward_rows=30, last_step_forwards=1,
+    stats = SimpleNamespace(num_waiting=2, num_running=3, kv_pages_total=100, kv_pages_used=40, kv_pages_free=60,
+                            kv_pages_reserved=55, num_steps=7, num_forwards=9, forward_rows=30, last_step_forwards=1,
                             requests_finished={"stop": 4, "length": 1, "abort": 0, "error": 0},
                             requests_rejected={"queue_full": 1, "invalid": 2, "too_large": 0},
                             tokens_by_phase={"prefill": 50, "rollouts": 200}, max_queue=256)
@@ -568,8 +568,8 @@ def test_render_writes_every_family_in_the_exposition_format():
     assert samples['powerfast_requests_finished_total{reason="stop"}'] == 4
     assert samples['powerfast_requests_rejected_total{reason="invalid"}'] == 2
     assert samples['powerfast_tokens_total{phase="rollouts"}'] == 200
-    assert samples['powerfast_kv_blocks{state="reserved"}'] == 55
-    assert samples["powerfast_kv_blocks_total"] == 100
+    assert samples['powerfast_kv_pages{state="reserved"}'] == 55
+    assert samples["powerfast_kv_pages_total"] == 100
     assert samples["powerfast_queue_depth"] == 2 and samples["powerfast_queue_capacity"] == 256
     assert samples["powerfast_forward_rows_total"] == 30
     assert samples["powerfast_time_to_first_token_seconds_count"] == 2
@@ -678,7 +678,7 @@ def test_one_prompt_rule_for_generate_the_engine_the_server_and_eval(server, off
     [raw] = sampler.encode([text], 6, chat_template=False)
     assert templated != raw and len(templated) > len(raw)  # the rule matters for this tokenizer
     [alone] = sampler.generate([text], 6)
-    engine = Engine(offline.model, tokenizer, num_blocks=64)
+    engine = Engine(offline.model, tokenizer, num_pages=64)
     [out] = engine.run([text], SamplingParams(method="greedy", max_tokens=6))
     assert out.prompt_tokens == len(templated) and out.token_ids == alone.token_ids
     [out_raw] = engine.run([text], SamplingParams(method="greedy", max_tokens=6), chat_template=False)

@@ -204,13 +204,13 @@ def test_alpha_to_infinity_is_best_of_n_by_likelihood(torch_ops):
 
 def test_seeded_runs_repeat_and_leak_nothing_on_the_paged_runner():
     model = tiny_llama(vocab=6, seed=SEED % 1000, sharpen=3.0, eos=5)
-    runner = ModelRunner(model, block_size=4)
+    runner = ModelRunner(model, page_size=4)
     prompts = [[0, 1, 2], [0, 3], [0, 1, 2, 3, 4, 1]]
     config = SIRConfig(alpha=4.0, temperature=0.8, num_samples=5)
     a = SIRSampler(runner, config=config, seed=11).generate(prompts, 7)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
     b = make_sampler("sir", runner, config=config, seed=11).generate(prompts, 7)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert [r.stats.extra["chosen_sample"] for r in a] == [r.stats.extra["chosen_sample"] for r in b]
     others = [make_sampler("sir", runner, config=config, seed=12 + i).generate(prompts, 7) for i in range(3)]
@@ -220,7 +220,7 @@ def test_seeded_runs_repeat_and_leak_nothing_on_the_paged_runner():
         assert len(r.stats.extra["log_weights"]) == 5 and 0 <= r.stats.extra["chosen_sample"] < 5
     full = make_sampler("sir", runner, config=config, seed=11).generate(prompts, 7, ignore_eos=True)
     assert all(r.stats.tokens_by_phase["sample"] == 5 * 7 and r.stats.tokens_total == 35 for r in full)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 def test_bad_settings_name_the_field():

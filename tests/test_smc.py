@@ -235,13 +235,13 @@ def test_stats_and_resampling_on_the_toy(torch_ops):
 
 @pytest.mark.parametrize("resampler", ["systematic", "chopthin"])
 def test_no_leaks_batched_prompts_and_reproducible(resampler):
-    runner = ModelRunner(tiny_llama(seed=SEED % 1000, sharpen=3.0), block_size=4)
+    runner = ModelRunner(tiny_llama(seed=SEED % 1000, sharpen=3.0), page_size=4)
     config = SMCConfig(num_particles=6, resample_every=2, ess_threshold=1.0, resampler=resampler, ramp_tokens=3)
     prompts = [[0, 1, 2], [0, 3], [0, 1, 2, 3, 4, 1]]
     a = SMCSampler(runner, config=config, seed=7).generate(prompts, 9)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
     b = make_sampler("smc", runner, config=config, seed=7).generate(prompts, 9)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     for r in a:
         assert 1 <= len(r.token_ids) <= 9 and 5 not in r.token_ids[:-1]
@@ -250,7 +250,7 @@ def test_no_leaks_batched_prompts_and_reproducible(resampler):
 
 def test_errors_leak_nothing():
     model = tiny_llama(seed=5, sharpen=3.0)
-    runner = ModelRunner(model, block_size=4)
+    runner = ModelRunner(model, page_size=4)
     sampler = SMCSampler(runner, config=SMCConfig(num_particles=4, resample_every=2))
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         sampler.generate([[0, 1], []], 4)
@@ -270,12 +270,12 @@ def test_errors_leak_nothing():
     with pytest.raises(RuntimeError, match="decode failed"):
         sampler.generate([[0, 1], [0, 2, 3]], 8, ignore_eos=True)
     runner.decode = real_decode
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
     with torch.no_grad():
         model.lm_head.weight[2, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
         sampler.generate([[0, 1, 2]], 6)
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 # ------------------------------------------------ fidelity to the exact law

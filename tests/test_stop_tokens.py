@@ -113,7 +113,7 @@ def tiny_llama_two_eos(seed: int):
 def test_hf_model_declares_both_ids_and_the_decode_loop_stops_on_each():
     model = tiny_llama_two_eos(SEED % 1000)
     assert HFLanguageModel(model).eos_token_ids == (4, 5) and HFLanguageModel(model).eos_token_id == 4
-    runner = ModelRunner(model, block_size=16, num_blocks=128)
+    runner = ModelRunner(model, page_size=16, num_pages=128)
     sampler = make_sampler("plain", runner, seed=SEED)
     assert runner.eos_token_ids == (4, 5) and sampler.runner is runner  # every id the model declares
     # the fused sampling kernel (under the interpreter) handles the first id, the loop the second
@@ -123,7 +123,7 @@ def test_hf_model_declares_both_ids_and_the_decode_loop_stops_on_each():
         assert not set(r.token_ids[:-1]) & {4, 5}, r.token_ids
         assert r.token_ids[-1] in (4, 5) or len(r.token_ids) == 12
     assert 5 in last, (last, SEED)  # the second id did end some rows
-    assert runner.cache.blocks_in_use == 0
+    assert runner.cache.pages_in_use == 0
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

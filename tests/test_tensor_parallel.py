@@ -112,17 +112,17 @@ def test_every_method_draws_the_single_process_tokens_on_every_rank(sharded):
 
 def test_admission_and_the_peak_kv_check_agree_across_ranks(sharded):
     ranks, reference = sharded
-    assert [r["agreed_blocks"] for r in ranks] == [100, 100]  # rank r offered 100 + r
+    assert [r["agreed_pages"] for r in ranks] == [100, 100]  # rank r offered 100 + r
     assert ranks[0]["kv_check"] == ranks[1]["kv_check"] == reference["kv_check"]
-    needed, num_blocks, in_use = reference["kv_check"]
-    assert needed > num_blocks == 6 and in_use == 0
+    needed, num_pages, in_use = reference["kv_check"]
+    assert needed > num_pages == 6 and in_use == 0
 
 
-def test_the_engine_with_mixed_requests_and_an_abort_leaks_no_block_on_either_rank(sharded):
+def test_the_engine_with_mixed_requests_and_an_abort_leaks_no_page_on_either_rank(sharded):
     ranks, reference = sharded
     for rank in ranks:
         assert rank["engine"] == reference["engine"]
-        assert rank["engine_blocks_in_use"] == 0
+        assert rank["engine_pages_in_use"] == 0
     assert reference["engine"]["doomed"][0] == "abort" and reference["engine"]["power"][0] == "length"
 
 
@@ -280,7 +280,7 @@ def test_the_leader_applies_adds_and_aborts_at_its_next_step(tiny_model_dir, mon
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         model, tokenizer = load_model(tiny_model_dir)
-        engine = LeaderEngine(model, tokenizer, num_blocks=256, max_queue=2)
+        engine = LeaderEngine(model, tokenizer, num_pages=256, max_queue=2)
         params = SamplingParams(method="plain", max_tokens=4, seed=1, ignore_eos=True)
         kept = engine.add_request([3, 4, 5], params)
         doomed = engine.add_request([3, 4, 5], params)
@@ -305,7 +305,7 @@ def test_the_leader_applies_adds_and_aborts_at_its_next_step(tiny_model_dir, mon
                 if out.finished:
                     finals[out.request_id] = out
         assert finals[doomed].finish_reason == "abort" and finals[kept].finish_reason == "length"
-        assert len(finals[kept].token_ids) == 4 and engine.cache.blocks_in_use == 0
+        assert len(finals[kept].token_ids) == 4 and engine.cache.pages_in_use == 0
         assert engine.request_ids() == []
         engine.stop()
     finally:
@@ -455,7 +455,7 @@ def single_process_texts(model_dir, cases) -> dict:
     model, tokenizer = load_model(model_dir)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("POWERFAST_INTERPRET_OPS", "0")
-        engine = Engine(model, tokenizer, num_blocks=512)
+        engine = Engine(model, tokenizer, num_pages=512)
         params = [SamplingParams(method=method, max_tokens=8, seed=seed) for method, seed in cases]
         outs = engine.run([MESSAGES] * len(cases), params, chat_template=False)
     return {case: out.text for case, out in zip(cases, outs)}
@@ -465,7 +465,7 @@ def single_process_texts(model_dir, cases) -> dict:
 def served_every_method(request, tp3_model_dir, tmp_path_factory):
     """One 3-rank launch (global generators seeded apart per rank) answering every method,
     unseeded (all at once, with a bad request among them) and seeded (one at a time), streamed
-    and not; then its health, KV blocks and SIGINT. What the tests below check."""
+    and not; then its health, KV pages and SIGINT. What the tests below check."""
     from concurrent.futures import ThreadPoolExecutor
 
     if request.param == "tiny":
@@ -487,7 +487,7 @@ def served_every_method(request, tp3_model_dir, tmp_path_factory):
         result["seeded"] = {(m, 3, stream): launch.chat(m, 3, stream) for m in METHODS for stream in (False, True)}
         result["health"] = launch.http.get("/health").status_code
         metrics = launch.http.get("/metrics").text
-        result["kv_blocks_used"] = float(re.search(r"^powerfast_kv_blocks{state=\"used\"} (\S+)$", metrics, re.M).group(1))
+        result["kv_pages_used"] = float(re.search(r"^powerfast_kv_pages{state=\"used\"} (\S+)$", metrics, re.M).group(1))
         result["recorded"] = launch.recorded()
         os.killpg(launch.proc.pid, signal.SIGINT)  # what Ctrl-C sends to the launch
         result["returncode"] = launch.wait(60)
@@ -503,7 +503,7 @@ def test_serve_on_three_ranks_answers_every_method_seeded_or_not_streamed_or_not
     """Before: an unseeded power request killed the launch (a collective mismatch), an unseeded
     MCMC request hung every rank. Now every request is answered, a seeded one with the text of
     a single process, a bad one with a 400 naming the field, and the server stays up with no
-    KV block in use."""
+    KV page in use."""
     result = served_every_method
     for key, (status, text) in result["unseeded"].items():
         assert status == 200, (key, text)
@@ -512,7 +512,7 @@ def test_serve_on_three_ranks_answers_every_method_seeded_or_not_streamed_or_not
     for (method, seed, stream), (status, text) in result["seeded"].items():
         assert status == 200, (method, stream, text)
         assert text == result["reference"][(method, seed)], (method, stream)
-    assert result["health"] == 200 and result["kv_blocks_used"] == 0
+    assert result["health"] == 200 and result["kv_pages_used"] == 0
 
 
 def test_every_rank_draws_the_same_tokens_although_their_global_generators_differ(served_every_method):

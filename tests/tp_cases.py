@@ -30,22 +30,22 @@ CASES = {
 
 def run_cases(model) -> dict:
     """{case: token ids per prompt}, every case on one runner; then the engine with mixed
-    requests and an abort: its tokens and the blocks left in use."""
+    requests and an abort: its tokens and the pages left in use."""
     from powerfast.runtime.runner import ModelRunner
     from powerfast.samplers.factory import make_sampler
     from powerfast.serving.engine import Engine
     from powerfast.serving.params import SamplingParams
 
-    runner = ModelRunner(model, block_size=4, num_blocks=512)
+    runner = ModelRunner(model, page_size=4, num_pages=512)
     out = {}
     for seed, (name, settings) in enumerate(CASES.items()):
         settings = dict(settings)
         method = settings.pop("method")
         results = make_sampler(method, runner, seed=100 + seed, **settings).generate(PROMPTS, MAX_NEW, ignore_eos=True)
         out[name] = [r.token_ids for r in results]
-        assert runner.cache.blocks_in_use == 0, name
+        assert runner.cache.pages_in_use == 0, name
 
-    engine = Engine(ModelRunner(model, block_size=4, num_blocks=512))
+    engine = Engine(ModelRunner(model, page_size=4, num_pages=512))
     requests = {
         "power": engine.add_request(PROMPTS[0], SamplingParams(method="power", max_tokens=6, seed=5, ignore_eos=True,
                                                                block_size=2, num_candidates=3, top_k=2, num_rollouts=2,
@@ -63,18 +63,18 @@ def run_cases(model) -> dict:
             if item.finished:
                 finals[item.request_id] = item
     out["engine"] = {name: [finals[rid].finish_reason, finals[rid].token_ids] for name, rid in requests.items()}
-    out["engine_blocks_in_use"] = engine.cache.blocks_in_use
+    out["engine_pages_in_use"] = engine.cache.pages_in_use
 
     # the peak-KV check refuses the same request on every rank, before any forward
     from powerfast.runtime.cache import KVCacheTooSmallError
 
-    small = ModelRunner(model, block_size=4, num_blocks=6)
+    small = ModelRunner(model, page_size=4, num_pages=6)
     try:
         make_sampler("power", small, seed=1, block_size=3, num_candidates=4, top_k=2, num_rollouts=2,
                      horizon=4).generate(PROMPTS, MAX_NEW, ignore_eos=True)
         out["kv_check"] = "admitted"
     except KVCacheTooSmallError as error:
-        out["kv_check"] = [error.needed, error.num_blocks, small.cache.blocks_in_use]
+        out["kv_check"] = [error.needed, error.num_pages, small.cache.pages_in_use]
     return out
 
 
@@ -87,7 +87,7 @@ def main(model_dir: str, out_dir: str) -> int:
     from powerfast.runtime import parallel
 
     # pools sized from different free memory agree on the smallest
-    result["agreed_blocks"] = parallel.agree_on_blocks(100 + int(os.environ["RANK"]), model.device)
+    result["agreed_pages"] = parallel.agree_on_pages(100 + int(os.environ["RANK"]), model.device)
     with open(os.path.join(out_dir, f"rank{os.environ['RANK']}.json"), "w") as f:
         json.dump(result, f)
     import torch.distributed as dist

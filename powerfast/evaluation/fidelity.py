@@ -310,9 +310,9 @@ def measure(spec: ModelSpec, alpha: float, methods: Sequence[MethodSpec], draws:
             tokens += sum(r.stats.tokens_total for r in results)
         # sequential forwards of one sequence alone (a batch's forwards are its slowest member's)
         alone = [sampler.generate([list(PROMPT)], spec.num_tokens)[0] for _ in range(min(draws, forward_draws))]
-        leaked = runner.live_sequences if runtime == "tabulated" else runner.cache.blocks_in_use
+        leaked = runner.live_sequences if runtime == "tabulated" else runner.cache.pages_in_use
         if leaked:
-            raise RuntimeError(f"{method.method} {method.setting} left {leaked} sequences / blocks in use")
+            raise RuntimeError(f"{method.method} {method.setting} left {leaked} sequences / pages in use")
         row = FidelityRow(spec.name, alpha, method.method, method.setting, draws,
                           total_variation(samples, support, probs), floor, tokens / draws,
                           time.perf_counter() - started,

@@ -4,7 +4,7 @@
 - :mod:`~powerfast.ops.sampling`: sample / score one token per row (``powerfast::sample_tokens``);
 - :mod:`~powerfast.ops.topk`: the top-k tokens of each row and their log-probs;
 - :mod:`~powerfast.ops.jackknife`: the power-distribution estimate, plain and jackknife;
-- :mod:`~powerfast.ops.kv_cache`: KV writes into slots (``powerfast::write_kv``), block copies;
+- :mod:`~powerfast.ops.kv_cache`: KV writes into slots (``powerfast::write_kv``), page copies;
 - :mod:`~powerfast.ops.paged_attention`: the paged attention backends (``powerfast::paged_attention``);
 - :mod:`~powerfast.ops.device`: what they share (the dispatch rule, argument checks, uploads).
 

@@ -1,5 +1,5 @@
 """The KV-cache ops: write new tokens' keys and values into their slots, and copy whole
-blocks (copy-on-write), in place.
+pages (copy-on-write), in place.
 
 The Triton kernels of ``powerfast.kernels.kv_cache`` for CUDA tensors and under
 ``TRITON_INTERPRET=1``; the torch references (``_torch_*``) otherwise
@@ -18,7 +18,7 @@ import torch
 from powerfast.ops import device
 from powerfast.ops.device import INT_DTYPES
 
-__all__ = ["copy_blocks", "write_kv", "write_kv_op"]
+__all__ = ["copy_pages", "write_kv", "write_kv_op"]
 
 
 # ------------------------------------------------------------------------------ checks
@@ -28,7 +28,7 @@ def _check_kv_args(key_cache, value_cache, key, value, slot_mapping) -> None:
     for name, tensor in (("key_cache", key_cache), ("value_cache", value_cache)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"{name} must have shape (num_blocks, block_size, kv_heads, head_dim), got {shape}")
+            raise ValueError(f"{name} must have shape (num_pages, page_size, kv_heads, head_dim), got {shape}")
     if key_cache.shape != value_cache.shape:
         raise ValueError(f"key_cache {tuple(key_cache.shape)} and value_cache {tuple(value_cache.shape)} differ")
     if key is None:
@@ -49,16 +49,16 @@ def _check_kv_args(key_cache, value_cache, key, value, slot_mapping) -> None:
 
 
 def _torch_write_kv(key_cache, value_cache, key, value, slot_mapping) -> None:
-    num_blocks, block_size = key_cache.shape[:2]
+    num_pages, page_size = key_cache.shape[:2]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    key_cache.view(num_blocks * block_size, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
-    value_cache.view(num_blocks * block_size, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
+    key_cache.view(num_pages * page_size, *key_cache.shape[2:])[slots] = key[keep].to(key_cache.dtype)
+    value_cache.view(num_pages * page_size, *value_cache.shape[2:])[slots] = value[keep].to(value_cache.dtype)
 
 
-def _torch_copy_blocks(key_cache, value_cache, src_blocks, dst_blocks) -> None:
-    src = src_blocks.long()
-    dst = dst_blocks.long()
+def _torch_copy_pages(key_cache, value_cache, src_pages, dst_pages) -> None:
+    src = src_pages.long()
+    dst = dst_pages.long()
     key_cache[dst] = key_cache[src]
     value_cache[dst] = value_cache[src]
 
@@ -75,10 +75,10 @@ def write_kv(
 ) -> None:
     """Write new tokens' keys and values into their cache slots, in place.
 
-    key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim)
+    key_cache, value_cache: (num_pages, page_size, kv_heads, head_dim)
     key, value:             (num_tokens, kv_heads, head_dim) (cast to the cache dtype)
-    slot_mapping:           (num_tokens,) int64 / int32, slot = block_id * block_size +
-                            offset_in_block; -1 skips the token
+    slot_mapping:           (num_tokens,) int64 / int32, slot = page_id * page_size +
+                            offset_in_page; -1 skips the token
     """
     _check_kv_args(key_cache, value_cache, key, value, slot_mapping)
     if device.use_triton(key_cache):
@@ -89,31 +89,31 @@ def write_kv(
     _torch_write_kv(key_cache, value_cache, key, value, slot_mapping)
 
 
-def copy_blocks(
+def copy_pages(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    src_blocks: torch.Tensor,
-    dst_blocks: torch.Tensor,
+    src_pages: torch.Tensor,
+    dst_pages: torch.Tensor,
 ) -> None:
-    """Copy whole blocks ``src_blocks[i] -> dst_blocks[i]`` in both caches, in place.
+    """Copy whole pages ``src_pages[i] -> dst_pages[i]`` in both caches, in place.
 
-    key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim)
-    src_blocks, dst_blocks: (n,) int64 / int32 block ids; a dst must not also be a src
+    key_cache, value_cache: (num_pages, page_size, kv_heads, head_dim)
+    src_pages, dst_pages: (n,) int64 / int32 page ids; a dst must not also be a src
     """
     _check_kv_args(key_cache, value_cache, None, None, None)
-    for name, tensor in (("src_blocks", src_blocks), ("dst_blocks", dst_blocks)):
+    for name, tensor in (("src_pages", src_pages), ("dst_pages", dst_pages)):
         if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1 or tensor.dtype not in INT_DTYPES:
             raise ValueError(f"{name} must be a (n,) int64 / int32 tensor, got {tensor!r}")
-    if src_blocks.shape != dst_blocks.shape:
-        raise ValueError(f"src_blocks {tuple(src_blocks.shape)} and dst_blocks {tuple(dst_blocks.shape)} differ")
-    if src_blocks.numel() == 0:
+    if src_pages.shape != dst_pages.shape:
+        raise ValueError(f"src_pages {tuple(src_pages.shape)} and dst_pages {tuple(dst_pages.shape)} differ")
+    if src_pages.numel() == 0:
         return
     if device.use_triton(key_cache):
-        from powerfast.kernels.kv_cache import copy_blocks as _triton_copy_blocks
+        from powerfast.kernels.kv_cache import copy_pages as _triton_copy_pages
 
-        _triton_copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
+        _triton_copy_pages(key_cache, value_cache, src_pages, dst_pages)
         return
-    _torch_copy_blocks(key_cache, value_cache, src_blocks, dst_blocks)
+    _torch_copy_pages(key_cache, value_cache, src_pages, dst_pages)
 
 
 # ------------------------------------------------------------------- the custom operator
@@ -127,7 +127,7 @@ def _write_kv(
     slot_mapping: torch.Tensor,
     use_triton: bool,
 ) -> None:
-    """key_cache, value_cache: (num_blocks, block_size, kv_heads, head_dim), written in place;
+    """key_cache, value_cache: (num_pages, page_size, kv_heads, head_dim), written in place;
     key, value: (num_tokens, kv_heads, head_dim); slot_mapping: (num_tokens,) int64, -1 = skip.
     ``use_triton`` False on a CPU tensor: plain torch (no interpreted kernel in every layer)."""
     if use_triton or key_cache.is_cuda:

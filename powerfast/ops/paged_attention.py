@@ -4,11 +4,12 @@ Each takes the new tokens' queries, the layer's paged key/value pools and the fo
 metadata (:class:`PagedAttentionContext`) and attends causally over each sequence's cached
 positions:
 
-- ``"torch"``: gather the blocks, then ``scaled_dot_product_attention``; any device;
+- ``"torch"``: gather the pages, then ``scaled_dot_product_attention``; any device;
 - ``"triton"``: the paged kernel of ``powerfast.kernels.paged_attention``; CUDA (or the
   interpreter);
 - ``"flash"``: ``flash_attn_with_kvcache`` / ``flash_attn_varlen_func`` with
-  ``block_table``; CUDA, fp16/bf16, block size a multiple of 256, flash-attn importable.
+  ``block_table`` (flash-attn's name for the page table); CUDA, fp16/bf16, page size a
+  multiple of 256, flash-attn importable.
 
 ``"auto"`` picks flash, then triton on CUDA, and torch elsewhere (:func:`resolve_backend`).
 All three apply attention-logit soft-capping (``softcap``: Gemma 2) as ``cap * tanh(s / cap)``
@@ -20,7 +21,7 @@ position: only what a query sees changes.
 
 The model calls them through the ``torch.library`` operator ``powerfast::paged_attention(query,
 key_cache, value_cache, <paged metadata>, scale, max_query_len, max_seq_len,
-shared_prefix_blocks, backend, softcap, sliding_window) -> out`` (:func:`paged_attention_op`),
+shared_prefix_pages, backend, softcap, sliding_window) -> out`` (:func:`paged_attention_op`),
 never directly: ``torch.compile`` and CUDA-graph capture see one opaque operator with a fake
 implementation.
 """
@@ -37,7 +38,7 @@ __all__ = ["BACKENDS", "BACKEND_FUNCTIONS", "PagedAttentionContext", "flash_attn
            "resolve_backend", "torch_paged_attention"]
 
 BACKENDS = ("auto", "torch", "triton", "flash")
-FLASH_BLOCK_MULTIPLE = 256
+FLASH_PAGE_MULTIPLE = 256
 
 
 @dataclass(slots=True)
@@ -48,9 +49,9 @@ class PagedAttentionContext:
     them): the model is called with ``input_ids`` of shape ``(num_seqs, 1)`` for decode or
     ``(1, num_tokens)`` for a packed prefill; both flatten to that order.
 
-    key_caches, value_caches: per layer, (num_blocks, block_size, kv_heads, head_dim)
+    key_caches, value_caches: per layer, (num_pages, page_size, kv_heads, head_dim)
     slot_mapping:     (num_tokens,) int64, the slot each new token's k/v is written to
-    block_tables:     (num_seqs, max_blocks) int32, padded with 0
+    page_tables:      (num_seqs, max_pages) int32, padded with 0
     seq_lens:         (num_seqs,) int32, lengths including the new tokens
     cu_seqlens_k:     (num_seqs + 1,) int32, cumulative seq_lens
     query_start_loc:  (num_seqs + 1,) int32, cumulative new-token counts
@@ -58,15 +59,15 @@ class PagedAttentionContext:
     query_positions:  (num_tokens,) int64, absolute position of each new token
     max_query_len, max_seq_len: host ints
     backend:          "torch", "triton" or "flash" (resolved, not "auto")
-    shared_prefix_blocks: host int S: the first S entries of every block table are the same
-                      blocks, visible to every query (a forked prefix). The torch backend
+    shared_prefix_pages: host int S: the first S entries of every page table are the same
+                      pages, visible to every query (a forked prefix). The torch backend
                       attends over them once for the whole batch (cascade); 0 disables.
     """
 
     key_caches: list[torch.Tensor]
     value_caches: list[torch.Tensor]
     slot_mapping: torch.Tensor
-    block_tables: torch.Tensor
+    page_tables: torch.Tensor
     seq_lens: torch.Tensor
     cu_seqlens_k: torch.Tensor
     query_start_loc: torch.Tensor
@@ -75,7 +76,7 @@ class PagedAttentionContext:
     max_query_len: int
     max_seq_len: int
     backend: str
-    shared_prefix_blocks: int = 0
+    shared_prefix_pages: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS[1:]:
@@ -94,10 +95,10 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, block_size: int) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, page_size: int) -> str:
     """The concrete backend for a setting: "auto" -> flash, triton (CUDA) or torch (CPU).
 
-    An explicit choice that cannot run on this device / dtype / block size raises.
+    An explicit choice that cannot run on this device / dtype / page size raises.
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
@@ -105,7 +106,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, bloc
     flash_ok = (
         device.type == "cuda"
         and dtype in (torch.float16, torch.bfloat16)
-        and block_size % FLASH_BLOCK_MULTIPLE == 0
+        and page_size % FLASH_PAGE_MULTIPLE == 0
         and flash_attn_available()
     )
     if backend == "auto":
@@ -114,8 +115,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, bloc
         return "triton" if device.type == "cuda" else "torch"
     if backend == "flash" and not flash_ok:
         raise ValueError(
-            f"the flash backend needs CUDA, fp16/bf16, a block size multiple of {FLASH_BLOCK_MULTIPLE} and flash-attn "
-            f"installed; got device {device}, dtype {dtype}, block_size {block_size}, "
+            f"the flash backend needs CUDA, fp16/bf16, a page size multiple of {FLASH_PAGE_MULTIPLE} and flash-attn "
+            f"installed; got device {device}, dtype {dtype}, page_size {page_size}, "
             f"flash-attn {'found' if flash_attn_available() else 'not found'}"
         )
     if backend == "triton" and device.type != "cuda":
@@ -138,28 +139,28 @@ def torch_paged_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Reference backend: gather each sequence's blocks, then masked SDPA.
+    """Reference backend: gather each sequence's pages, then masked SDPA.
 
-    query: (num_tokens, num_heads, head_dim); caches: (num_blocks, block_size, kv_heads, head_dim)
+    query: (num_tokens, num_heads, head_dim); caches: (num_pages, page_size, kv_heads, head_dim)
     softcap: scores become ``softcap * tanh(scores / softcap)`` (after scaling); None: off
     sliding_window: W >= 1: a query at position p sees keys ``p - W + 1 .. p`` only; None / 0: off
     Returns (num_tokens, num_heads, head_dim).
     """
     num_tokens, num_heads, head_dim = query.shape
-    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
-    num_seqs = ctx.block_tables.shape[0]
-    used_blocks = -(-ctx.max_seq_len // block_size)
+    page_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    num_seqs = ctx.page_tables.shape[0]
+    used_pages = -(-ctx.max_seq_len // page_size)
     if not sliding_window or sliding_window >= ctx.max_seq_len:
         sliding_window = None  # as wide as every sequence: plain causal attention
-    if ctx.max_query_len == 1 and num_seqs > 1 and ctx.shared_prefix_blocks > 0:
-        return _cascade_decode_attention(query, key_cache, value_cache, ctx, scale, used_blocks, softcap,
+    if ctx.max_query_len == 1 and num_seqs > 1 and ctx.shared_prefix_pages > 0:
+        return _cascade_decode_attention(query, key_cache, value_cache, ctx, scale, used_pages, softcap,
                                          sliding_window)
-    block_ids = ctx.block_tables[:, :used_blocks].reshape(-1)
-    kv_len = used_blocks * block_size
+    page_ids = ctx.page_tables[:, :used_pages].reshape(-1)
+    kv_len = used_pages * page_size
     # (num_seqs, kv_heads, kv_len, head_dim); index_select is a plain copy, much faster
     # than advanced indexing on CPU
-    keys = key_cache.index_select(0, block_ids).view(num_seqs, kv_len, kv_heads, head_dim).transpose(1, 2)
-    values = value_cache.index_select(0, block_ids).view(num_seqs, kv_len, kv_heads, head_dim).transpose(1, 2)
+    keys = key_cache.index_select(0, page_ids).view(num_seqs, kv_len, kv_heads, head_dim).transpose(1, 2)
+    values = value_cache.index_select(0, page_ids).view(num_seqs, kv_len, kv_heads, head_dim).transpose(1, 2)
     key_positions = torch.arange(kv_len, device=query.device)
     if ctx.max_query_len == 1:  # decode: token i is sequence i
         queries = query.unsqueeze(2)  # (num_seqs, num_heads, 1, head_dim)
@@ -238,29 +239,29 @@ def _cascade_decode_attention(
     value_cache: torch.Tensor,
     ctx: PagedAttentionContext,
     scale: float,
-    used_blocks: int,
+    used_pages: int,
     softcap: float | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Decode over a shared prefix: the prefix blocks are read once for all sequences.
+    """Decode over a shared prefix: the prefix pages are read once for all sequences.
 
-    query: (num_seqs, num_heads, head_dim), one token per sequence. The shared blocks'
+    query: (num_seqs, num_heads, head_dim), one token per sequence. The shared pages'
     keys are visible to every query, so all queries (grouped by KV head) attend to them in
-    one matrix product; each sequence's own remaining blocks are gathered and masked as
+    one matrix product; each sequence's own remaining pages are gathered and masked as
     usual; the two partial softmaxes are merged by their log-sum-exps. With a sliding
     window the prefix product is masked per query too (a query whose window starts past
     the prefix gets log-sum-exp -inf there, weight 0); every query sees its own position,
     so the merged log-sum-exp is finite.
     """
     num_seqs, num_heads, head_dim = query.shape
-    block_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
+    page_size, kv_heads = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // kv_heads
-    shared = min(ctx.shared_prefix_blocks, used_blocks)
-    shared_len = shared * block_size
+    shared = min(ctx.shared_prefix_pages, used_pages)
+    shared_len = shared * page_size
 
     # prefix: (kv_heads, num_seqs * group, D) queries against (kv_heads, shared_len, D) keys
     grouped = query.view(num_seqs, kv_heads, group, head_dim).transpose(0, 1).reshape(kv_heads, -1, head_dim)
-    prefix_ids = ctx.block_tables[0, :shared]
+    prefix_ids = ctx.page_tables[0, :shared]
     prefix_keys = key_cache.index_select(0, prefix_ids).view(shared_len, kv_heads, head_dim).transpose(0, 1)
     prefix_values = value_cache.index_select(0, prefix_ids).view(shared_len, kv_heads, head_dim).transpose(0, 1)
     prefix_mask = None
@@ -271,13 +272,13 @@ def _cascade_decode_attention(
     prefix_out, prefix_lse = _attention_with_lse(grouped, prefix_keys, prefix_values, scale, prefix_mask, softcap)
     prefix_out = prefix_out.view(kv_heads, num_seqs, group, head_dim).transpose(0, 1)  # (N, kvh, g, D)
     prefix_lse = prefix_lse.view(kv_heads, num_seqs, group).transpose(0, 1)  # (N, kvh, g)
-    if shared == used_blocks:
+    if shared == used_pages:
         return prefix_out.reshape(num_seqs, num_heads, head_dim).to(query.dtype)
 
-    # own blocks: (num_seqs * kv_heads, group, D) queries against their gathered suffixes
-    own = used_blocks - shared
-    own_ids = ctx.block_tables[:, shared:used_blocks].reshape(-1)
-    own_len = own * block_size
+    # own pages: (num_seqs * kv_heads, group, D) queries against their gathered suffixes
+    own = used_pages - shared
+    own_ids = ctx.page_tables[:, shared:used_pages].reshape(-1)
+    own_len = own * page_size
     own_keys = key_cache.index_select(0, own_ids).view(num_seqs, own_len, kv_heads, head_dim)
     own_values = value_cache.index_select(0, own_ids).view(num_seqs, own_len, kv_heads, head_dim)
     own_keys = own_keys.transpose(1, 2).reshape(num_seqs * kv_heads, own_len, head_dim)
@@ -304,7 +305,7 @@ def _triton_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionCo
         query,
         key_cache,
         value_cache,
-        ctx.block_tables,
+        ctx.page_tables,
         ctx.query_seq_index,
         ctx.query_positions,
         scale,
@@ -328,7 +329,7 @@ def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionCon
             key_cache,
             value_cache,
             cache_seqlens=ctx.seq_lens,
-            block_table=ctx.block_tables,
+            block_table=ctx.page_tables,
             softmax_scale=scale,
             causal=True,
             window_size=window_size,
@@ -347,7 +348,7 @@ def _flash_paged_attention(query, key_cache, value_cache, ctx: PagedAttentionCon
         causal=True,
         window_size=window_size,
         softcap=softcap,
-        block_table=ctx.block_tables,
+        block_table=ctx.page_tables,
     )
 
 
@@ -361,7 +362,7 @@ def _paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
+    page_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_seqlens_k: torch.Tensor,
     query_start_loc: torch.Tensor,
@@ -370,7 +371,7 @@ def _paged_attention(
     scale: float,
     max_query_len: int,
     max_seq_len: int,
-    shared_prefix_blocks: int,
+    shared_prefix_pages: int,
     backend: str,
     softcap: float,
     sliding_window: int = 0,
@@ -385,7 +386,7 @@ def _paged_attention(
         key_caches=[key_cache],
         value_caches=[value_cache],
         slot_mapping=query_positions,  # unused by the backends
-        block_tables=block_tables,
+        page_tables=page_tables,
         seq_lens=seq_lens,
         cu_seqlens_k=cu_seqlens_k,
         query_start_loc=query_start_loc,
@@ -394,7 +395,7 @@ def _paged_attention(
         max_query_len=max_query_len,
         max_seq_len=max_seq_len,
         backend=backend,
-        shared_prefix_blocks=shared_prefix_blocks,
+        shared_prefix_pages=shared_prefix_pages,
     )
     out = BACKEND_FUNCTIONS[backend](query, key_cache, value_cache, ctx, scale, softcap or None, sliding_window or None)
     return out.to(query.dtype).contiguous()
@@ -404,8 +405,8 @@ _paged_attention_op = torch.library.custom_op("powerfast::paged_attention", muta
 
 
 @_paged_attention_op.register_fake
-def _(query, key_cache, value_cache, block_tables, seq_lens, cu_seqlens_k, query_start_loc, query_seq_index,
-      query_positions, scale, max_query_len, max_seq_len, shared_prefix_blocks, backend, softcap, sliding_window=0):
+def _(query, key_cache, value_cache, page_tables, seq_lens, cu_seqlens_k, query_start_loc, query_seq_index,
+      query_positions, scale, max_query_len, max_seq_len, shared_prefix_pages, backend, softcap, sliding_window=0):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 

@@ -112,9 +112,9 @@ def paged_attention_forward(
     if queries.dtype != key_cache.dtype:
         queries = queries.to(key_cache.dtype)
     out = paged_attention_op(
-        queries, key_cache, value_cache, ctx.block_tables, ctx.seq_lens, ctx.cu_seqlens_k, ctx.query_start_loc,
+        queries, key_cache, value_cache, ctx.page_tables, ctx.seq_lens, ctx.cu_seqlens_k, ctx.query_start_loc,
         ctx.query_seq_index, ctx.query_positions, float(scaling), ctx.max_query_len, ctx.max_seq_len,
-        ctx.shared_prefix_blocks, ctx.backend, 0.0 if softcap is None else float(softcap),
+        ctx.shared_prefix_pages, ctx.backend, 0.0 if softcap is None else float(softcap),
         # 0 while every sequence fits in the window: plain causal attention, the same result
         0 if sliding_window is None or ctx.max_seq_len <= sliding_window else int(sliding_window),
     )

@@ -113,7 +113,7 @@ class HFLanguageModel:
                    prefill of up to ``batch_size`` sequences per forward, then free);
                    None (default) uses it when the model's attention goes through
                    transformers' AttentionInterface, False always uses dense forwards
-    runner_kwargs: passed to the ModelRunner (block_size, backend, num_blocks, ...). Without a
+    runner_kwargs: passed to the ModelRunner (page_size, backend, num_pages, ...). Without a
                    size the KV pool is sized to the sequences scored, growing when needed.
 
     Log-probabilities come back as float32 on the CPU, computed in the model's dtype. The
@@ -174,29 +174,29 @@ class HFLanguageModel:
         """Ragged prefills of up to ``batch_size`` sequences through the paged runner, then free."""
         from powerfast.runtime.runner import ModelRunner
 
-        block_size = self.runner_kwargs.get("block_size", 16)
-        blocks = [-(-len(seq) // block_size) for seq in sequences]
-        sized = any(self.runner_kwargs.get(k) is not None for k in ("num_blocks", "max_memory", "gpu_memory_fraction"))
+        page_size = self.runner_kwargs.get("page_size", 16)
+        pages = [-(-len(seq) // page_size) for seq in sequences]
+        sized = any(self.runner_kwargs.get(k) is not None for k in ("num_pages", "max_memory", "gpu_memory_fraction"))
         if sized and self._runner is None:
             self._runner = ModelRunner(self.model, **self.runner_kwargs)
-        # chunks of at most batch_size sequences and, for a pool of fixed size, at most its blocks
-        capacity = self._runner.cache.num_blocks if sized else None
+        # chunks of at most batch_size sequences and, for a pool of fixed size, at most its pages
+        capacity = self._runner.cache.num_pages if sized else None
         chunks: list[list[int]] = [[]]
-        chunk_blocks = 0
-        for index, need in enumerate(blocks):
-            if chunks[-1] and (len(chunks[-1]) == self.batch_size or (capacity and chunk_blocks + need > capacity)):
+        chunk_pages = 0
+        for index, need in enumerate(pages):
+            if chunks[-1] and (len(chunks[-1]) == self.batch_size or (capacity and chunk_pages + need > capacity)):
                 chunks.append([])
-                chunk_blocks = 0
+                chunk_pages = 0
             chunks[-1].append(index)
-            chunk_blocks += need
-        needed = max(sum(blocks[i] for i in chunk) for chunk in chunks)
-        if not sized and (self._runner is None or self._runner.cache.num_blocks < needed):
+            chunk_pages += need
+        needed = max(sum(pages[i] for i in chunk) for chunk in chunks)
+        if not sized and (self._runner is None or self._runner.cache.num_pages < needed):
             old = 0
             if self._runner is not None:
-                old = self._runner.cache.num_blocks
+                old = self._runner.cache.num_pages
                 self._runner.restore_attention()
                 self._runner = None  # drop the old pool before allocating the new one
-            self._runner = ModelRunner(self.model, **self.runner_kwargs, num_blocks=max(needed, 2 * old, 64))
+            self._runner = ModelRunner(self.model, **self.runner_kwargs, num_pages=max(needed, 2 * old, 64))
         runner = self._runner
         out = torch.empty(len(sequences), self.vocab_size, dtype=torch.float32)
         try:

@@ -6,7 +6,7 @@ attention and KV heads and of the MLP, and every rank gets the whole logits. The
 runtime needs nothing else: the attention function receives the rank's heads, so each rank's
 KV pool holds its own KV heads. Every rank runs the same step programs on the same logits
 with the same seeds, so every rank draws the same tokens and makes the same forks, frees and
-admissions; the pools agree in size (:func:`agree_on_blocks`) so that admission agrees too.
+admissions; the pools agree in size (:func:`agree_on_pages`) so that admission agrees too.
 
 Launch: ``torchrun --nproc-per-node N -m powerfast.cli sample|eval ... --tensor-parallel N``.
 Rank 0 prints and writes; the others compute the same and keep quiet.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["MIN_TRANSFORMERS", "agree_on_blocks", "check_heads", "check_launch", "distributed_config",
+__all__ = ["MIN_TRANSFORMERS", "agree_on_pages", "check_heads", "check_launch", "distributed_config",
            "is_leader", "rank", "tensor_parallel_size", "world_size"]
 
 MIN_TRANSFORMERS = "5.17"
@@ -78,15 +78,15 @@ def distributed_config(tp: int):
     return DistributedConfig(tp_size=tp)
 
 
-def agree_on_blocks(num_blocks: int, device) -> int:
+def agree_on_pages(num_pages: int, device) -> int:
     """The smallest pool size of all ranks (each rank may see different free memory): every
-    rank then admits the same requests. ``num_blocks`` itself without a process group."""
+    rank then admits the same requests. ``num_pages`` itself without a process group."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return num_blocks
-    value = torch.tensor([num_blocks], dtype=torch.int64,
+        return num_pages
+    value = torch.tensor([num_pages], dtype=torch.int64,
                          device=device if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return int(value.item())

@@ -49,7 +49,7 @@ class Runner(Protocol):
     eos_token_ids:  every id that ends a completion (a tuple; () for none)
     device:         where logits come back and where token tensors passed to ``decode`` live
     cache:          the paged KV pool, read for admission and budget checks (its
-                    ``block_size``, ``num_blocks``, ``blocks_free``, ``bytes_per_block``), or
+                    ``page_size``, ``num_pages``, ``pages_free``, ``bytes_per_page``), or
                     None for a runner without one (nothing to reserve, nothing checked)
     num_forwards, forward_rows: forwards run and the sequences over them (cumulative host ints)
     """

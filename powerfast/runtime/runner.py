@@ -11,16 +11,16 @@ keyword arguments.
   padding), ``logits_to_keep`` = each prompt's last position.
 
 Sequences are handles (:class:`powerfast.runtime.cache.KVSequence`); ``fork`` shares the KV
-blocks of a prefix, ``free`` releases them. The runner implements the runner interface
+pages of a prefix, ``free`` releases them. The runner implements the runner interface
 (:class:`powerfast.runtime.protocol.Runner`) that the samplers and the engine use.
 
 **Device-resident metadata.** Each live sequence owns a row of two persistent device
-tensors, ``block_tables (rows, width) int32`` and ``seq_lens (rows,) int32``, kept in
+tensors, ``page_tables (rows, width) int32`` and ``seq_lens (rows,) int32``, kept in
 step with the host allocator incrementally: a fork copies the parent's row on the
-device, a decode step uploads only the table entries that changed (a block boundary or a
+device, a decode step uploads only the table entries that changed (a page boundary or a
 copy-on-write: one entry per sequence), a free returns the row for reuse. A decode step
 computes positions, slots and the new lengths on the device from these rows, so a step
-that crosses no block boundary uploads nothing (``upload_bytes`` counts what is
+that crosses no page boundary uploads nothing (``upload_bytes`` counts what is
 uploaded). Prefill builds its packed metadata on the host.
 
 **Compile and CUDA graphs.** The decode forward is one function of tensors
@@ -79,21 +79,21 @@ class DecodeBatch:
     num_seqs:     the real entries (the first ``num_seqs`` of ``rows``)
     max_seq_len:  host int >= every sequence's length after the step (bucketed when
                   compiled or captured, so that it changes rarely)
-    shared_prefix_blocks: host int, see :class:`powerfast.runtime.attention.PagedAttentionContext`
+    shared_prefix_pages: host int, see :class:`powerfast.runtime.attention.PagedAttentionContext`
     """
 
     rows: torch.Tensor
     num_seqs: int
     max_seq_len: int
-    shared_prefix_blocks: int = 0
+    shared_prefix_pages: int = 0
 
 
 @dataclass(slots=True)
 class RunnerConfig:
     """Settings of a :class:`ModelRunner`.
 
-    block_size:          positions per KV block (a multiple of 256 for the flash backend)
-    num_blocks:          KV pool size in blocks; or
+    page_size:           positions per KV page (a multiple of 256 for the flash backend)
+    num_pages:           KV pool size in pages; or
     max_memory:          a KV budget in bytes (all layers, keys and values); or
     gpu_memory_fraction: a fraction of the free CUDA memory. Default: see CacheConfig.
     backend:             "auto", "torch", "triton" or "flash"
@@ -103,8 +103,8 @@ class RunnerConfig:
                          them as CUDA graphs; None: on for CUDA, off elsewhere
     """
 
-    block_size: int = 16
-    num_blocks: int | None = None
+    page_size: int = 16
+    num_pages: int | None = None
     max_memory: int | None = None
     gpu_memory_fraction: float | None = None
     backend: str = "auto"
@@ -112,8 +112,8 @@ class RunnerConfig:
     cuda_graphs: bool | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+        if not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ValueError(f"page_size must be a positive int, got {self.page_size!r}")
         if self.backend not in attention.BACKENDS:
             raise ValueError(f"backend must be one of {attention.BACKENDS}, got {self.backend!r}")
         if not isinstance(self.compile, (bool, str)) or self.compile == "":
@@ -165,7 +165,7 @@ class ModelRunner:
                  switches it to the paged attention implementation; calling the model
                  directly (or ``model.generate``) without the runner switches it back to its
                  own attention first, and so does ``restore_attention()``.
-    block_size, num_blocks, max_memory, gpu_memory_fraction, backend, compile, cuda_graphs:
+    page_size, num_pages, max_memory, gpu_memory_fraction, backend, compile, cuda_graphs:
                  see :class:`RunnerConfig`.
 
     Logits come back on the model's device in the model's dtype. ``eos_token_ids`` are the
@@ -173,7 +173,7 @@ class ModelRunner:
     ``max_position_embeddings`` (None if it declares none).
 
     Counters (host ints, cumulative; reset them freely):
-    ``upload_bytes``: sequence metadata copied host -> device (block tables, lengths,
+    ``upload_bytes``: sequence metadata copied host -> device (page tables, lengths,
     slots, positions, token lists, row indices); ``num_forwards``: model forwards;
     ``forward_rows``: sequences over those forwards (padding excluded).
     """
@@ -181,8 +181,8 @@ class ModelRunner:
     def __init__(
         self,
         model,
-        block_size: int = 16,
-        num_blocks: int | None = None,
+        page_size: int = 16,
+        num_pages: int | None = None,
         max_memory: int | None = None,
         gpu_memory_fraction: float | None = None,
         backend: str = "auto",
@@ -190,7 +190,7 @@ class ModelRunner:
         cuda_graphs: bool | None = None,
     ) -> None:
         self.config = RunnerConfig(
-            block_size, num_blocks, max_memory, gpu_memory_fraction, backend, compile, cuda_graphs
+            page_size, num_pages, max_memory, gpu_memory_fraction, backend, compile, cuda_graphs
         )
         if not hasattr(model, "set_attn_implementation"):
             raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
@@ -204,22 +204,22 @@ class ModelRunner:
         self.vocab_size = int(text_config.vocab_size)
         self.context_length: int | None = getattr(text_config, "max_position_embeddings", None)
         self.eos_token_ids = eos_token_ids(hf_model=model)
-        self.backend = attention.resolve_backend(backend, self.device, self.dtype, block_size)
+        self.backend = attention.resolve_backend(backend, self.device, self.dtype, page_size)
         cache_config = CacheConfig(
             num_layers=num_layers,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             dtype=self.dtype,
             device=self.device,
-            block_size=block_size,
-            num_blocks=num_blocks,
+            page_size=page_size,
+            num_pages=num_pages,
             max_memory=max_memory,
             gpu_memory_fraction=gpu_memory_fraction,
         )
         self.tensor_parallel = parallel.tensor_parallel_size(model)
         if self.tensor_parallel > 1:  # every rank the same pool size, so that admission agrees
-            agreed = parallel.agree_on_blocks(cache_config.resolve_num_blocks(), self.device)
-            cache_config = dataclasses.replace(cache_config, num_blocks=agreed, max_memory=None,
+            agreed = parallel.agree_on_pages(cache_config.resolve_num_pages(), self.device)
+            cache_config = dataclasses.replace(cache_config, num_pages=agreed, max_memory=None,
                                                gpu_memory_fraction=None)
         self.cache = PagedKVCache(cache_config)
         attention.register()
@@ -231,12 +231,12 @@ class ModelRunner:
         self.forward_rows = 0
         # device-resident metadata: one row per live sequence (row PAD_ROW is padding)
         max_positions = self.context_length or 0
-        width = -(-max_positions // block_size) if max_positions else self.cache.num_blocks
-        self._table_width = max(1, min(width, self.cache.num_blocks))
-        self._block_tables = torch.zeros(_INITIAL_ROWS, self._table_width, dtype=torch.int32, device=self.device)
+        width = -(-max_positions // page_size) if max_positions else self.cache.num_pages
+        self._table_width = max(1, min(width, self.cache.num_pages))
+        self._page_tables = torch.zeros(_INITIAL_ROWS, self._table_width, dtype=torch.int32, device=self.device)
         self._seq_lens = torch.zeros(_INITIAL_ROWS, dtype=torch.int32, device=self.device)
         self._rows: dict[int, int] = {}  # seq_id -> row
-        self._mirrors: dict[int, list[int]] = {}  # row -> the block ids its device row holds
+        self._mirrors: dict[int, list[int]] = {}  # row -> the page ids its device row holds
         self._free_rows = list(range(_INITIAL_ROWS - 1, 0, -1))
         self._batches: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         # compile / graphs
@@ -277,14 +277,14 @@ class ModelRunner:
             parent_row = self._rows[seq.seq_id]
             rows = self._take_rows(children)
             for child, row in zip(children, rows):
-                self._mirrors[row] = self._mirrors[parent_row][: len(child.block_table)]
+                self._mirrors[row] = self._mirrors[parent_row][: len(child.page_table)]
             child_rows = self._upload(rows, torch.int64)
-            self._block_tables.index_copy_(0, child_rows, self._block_tables[parent_row].expand(len(rows), -1).clone())
+            self._page_tables.index_copy_(0, child_rows, self._page_tables[parent_row].expand(len(rows), -1).clone())
             self._seq_lens.index_fill_(0, child_rows, children[0].length)
         return children
 
     def free(self, seqs: KVSequence | Iterable[KVSequence]) -> None:
-        """Release sequences' blocks and metadata rows; parents and children can be freed in any order."""
+        """Release sequences' pages and metadata rows; parents and children can be freed in any order."""
         seqs = [seqs] if isinstance(seqs, KVSequence) else list(seqs)
         self.cache.free(seqs)
         for seq in seqs:
@@ -337,11 +337,11 @@ class ModelRunner:
     # ------------------------------------------------------------------ the decode step
 
     def prepare_decode(self, seqs: Sequence[KVSequence]) -> DecodeBatch:
-        """Host part of a decode step: room for one more token in each sequence (blocks
-        allocated, copy-on-write done), the changed block-table entries uploaded, and the
+        """Host part of a decode step: room for one more token in each sequence (pages
+        allocated, copy-on-write done), the changed page-table entries uploaded, and the
         batch's row indices (uploaded once per distinct batch, then reused).
 
-        Raises OutOfBlocksError (changing nothing) if the pool is short.
+        Raises OutOfPagesError (changing nothing) if the pool is short.
         """
         num_seqs = len(seqs)
         if num_seqs == 0:
@@ -359,11 +359,11 @@ class ModelRunner:
         max_seq_len = max(start_lengths) + 1
         fixed_shapes = self._capture or self._decode_fn != self._decode_core
         if fixed_shapes:  # compiled / captured: a bucket, so that it rarely changes
-            capacity = self._table_width * self.cache.block_size
+            capacity = self._table_width * self.cache.page_size
             max_seq_len = min(capacity, max(_MIN_ATTN_LEN, 1 << (max_seq_len - 1).bit_length()))
             shared = 0
         else:
-            shared = self._shared_prefix_blocks(seqs, start_lengths)
+            shared = self._shared_prefix_pages(seqs, start_lengths)
         return DecodeBatch(rows, num_seqs, max_seq_len, shared)
 
     @torch.inference_mode()
@@ -386,7 +386,7 @@ class ModelRunner:
             if step is not None:
                 return step.replay(input_ids, batch.rows, batch.num_seqs)
         try:
-            logits = self._decode_fn(input_ids, batch.rows, batch.max_seq_len, batch.shared_prefix_blocks)
+            logits = self._decode_fn(input_ids, batch.rows, batch.max_seq_len, batch.shared_prefix_pages)
         except torch._dynamo.exc.TorchDynamoException as error:
             if self._decode_fn == self._decode_core:
                 raise
@@ -399,25 +399,25 @@ class ModelRunner:
             )
             self._decode_fn = self._decode_core
             self._graphs.clear()
-            logits = self._decode_fn(input_ids, batch.rows, batch.max_seq_len, batch.shared_prefix_blocks)
+            logits = self._decode_fn(input_ids, batch.rows, batch.max_seq_len, batch.shared_prefix_pages)
         return logits[: batch.num_seqs]
 
     def _decode_core(self, input_ids: torch.Tensor, rows: torch.Tensor, max_seq_len: int,
-                     shared_prefix_blocks: int = 0) -> torch.Tensor:
+                     shared_prefix_pages: int = 0) -> torch.Tensor:
         """The decode step as a function of tensors (no host value read, no host sync).
 
         input_ids, rows: (B,) int64 on the device; rows index the persistent metadata
-        (PAD_ROW for padding). Reads each row's length and block table, computes positions
+        (PAD_ROW for padding). Reads each row's length and page table, computes positions
         and slots, advances the lengths in place, runs the model. Returns logits (B, V).
         """
-        block_size = self.cache.block_size
+        page_size = self.cache.page_size
         batch = rows.shape[0]
         is_pad = rows == PAD_ROW
         positions = self._seq_lens.index_select(0, rows).long()  # the new token's position
-        used_blocks = min(self._table_width, -(-max_seq_len // block_size))
-        tables = self._block_tables.index_select(0, rows)[:, :used_blocks]
-        blocks = tables.gather(1, torch.div(positions, block_size, rounding_mode="floor")[:, None]).squeeze(1)
-        slots = torch.where(is_pad, -1, blocks.long() * block_size + positions % block_size)
+        used_pages = min(self._table_width, -(-max_seq_len // page_size))
+        tables = self._page_tables.index_select(0, rows)[:, :used_pages]
+        pages = tables.gather(1, torch.div(positions, page_size, rounding_mode="floor")[:, None]).squeeze(1)
+        slots = torch.where(is_pad, -1, pages.long() * page_size + positions % page_size)
         seq_lens = (positions + 1).to(torch.int32)
         self._seq_lens.index_copy_(0, rows, torch.where(is_pad, 0, seq_lens))
         arange = torch.arange(batch + 1, device=rows.device, dtype=torch.int32)
@@ -425,7 +425,7 @@ class ModelRunner:
             key_caches=self.cache.key_caches,
             value_caches=self.cache.value_caches,
             slot_mapping=slots,
-            block_tables=tables,
+            page_tables=tables,
             seq_lens=seq_lens,
             cu_seqlens_k=torch.cat([arange[:1], torch.cumsum(seq_lens, 0, dtype=torch.int32)]),
             query_start_loc=arange,
@@ -434,7 +434,7 @@ class ModelRunner:
             max_query_len=1,
             max_seq_len=max_seq_len,
             backend=self.backend,
-            shared_prefix_blocks=shared_prefix_blocks,
+            shared_prefix_pages=shared_prefix_pages,
         )
         output = self.model(
             input_ids=input_ids.view(batch, 1),
@@ -479,23 +479,23 @@ class ModelRunner:
         return rows
 
     def _grow_rows(self, extra: int) -> None:
-        old = self._block_tables.shape[0]
+        old = self._page_tables.shape[0]
         new = max(2 * old, old + extra)
         with torch.inference_mode(False):  # normal tensors, updatable in and out of inference mode
             tables = torch.zeros(new, self._table_width, dtype=torch.int32, device=self.device)
             lens = torch.zeros(new, dtype=torch.int32, device=self.device)
-            tables[:old] = self._block_tables
+            tables[:old] = self._page_tables
             lens[:old] = self._seq_lens
-        self._block_tables, self._seq_lens = tables, lens
+        self._page_tables, self._seq_lens = tables, lens
         self._free_rows.extend(range(new - 1, old - 1, -1))
         self._graphs.clear()  # they point at the old tensors
 
     def _grow_width(self, width: int) -> None:
-        rows = self._block_tables.shape[0]
+        rows = self._page_tables.shape[0]
         with torch.inference_mode(False):
             tables = torch.zeros(rows, width, dtype=torch.int32, device=self.device)
-            tables[:, : self._table_width] = self._block_tables
-        self._block_tables, self._table_width = tables, width
+            tables[:, : self._table_width] = self._page_tables
+        self._page_tables, self._table_width = tables, width
         self._graphs.clear()
 
     def _sync_rows(self, seqs: Sequence[KVSequence], force: bool = False) -> None:
@@ -506,28 +506,28 @@ class ModelRunner:
         new = [seq for seq in todo if seq.seq_id not in self._rows]
         if new:
             self._take_rows(new)
-        width = max(len(seq.block_table) for seq in todo)
+        width = max(len(seq.page_table) for seq in todo)
         if width > self._table_width:
             self._grow_width(max(width, 2 * self._table_width))
         rows = [self._rows[seq.seq_id] for seq in todo]
-        flat = [b for seq in todo for b in seq.block_table + [0] * (width - len(seq.block_table))]
+        flat = [b for seq in todo for b in seq.page_table + [0] * (width - len(seq.page_table))]
         values = self._upload(rows + [seq.length for seq in todo] + flat, torch.int64)
         n = len(todo)
         row_index = values[:n]
         self._seq_lens.index_copy_(0, row_index, values[n : 2 * n].to(torch.int32))
         if width:
-            self._block_tables[row_index, :width] = values[2 * n :].view(n, width).to(torch.int32)
+            self._page_tables[row_index, :width] = values[2 * n :].view(n, width).to(torch.int32)
         for seq, row in zip(todo, rows):
-            self._mirrors[row] = list(seq.block_table)
+            self._mirrors[row] = list(seq.page_table)
 
     def _patch_rows(self, seqs: Sequence[KVSequence]) -> None:
-        """Upload the block-table entries that changed since the rows were last synced
-        (a decode step: a new block at a boundary, or a copy-on-write of the last one)."""
+        """Upload the page-table entries that changed since the rows were last synced
+        (a decode step: a new page at a boundary, or a copy-on-write of the last one)."""
         patches: list[int] = []
         for seq in seqs:
             row = self._rows[seq.seq_id]
             mirror = self._mirrors[row]
-            table = seq.block_table
+            table = seq.page_table
             if len(table) == len(mirror) and (not table or table[-1] == mirror[-1]):
                 continue  # the common case: nothing changed
             start = max(0, min(len(mirror), len(table)) - 1)
@@ -540,7 +540,7 @@ class ModelRunner:
         if max(patches[1::3]) >= self._table_width:
             self._grow_width(max(max(patches[1::3]) + 1, 2 * self._table_width))
         values = self._upload(patches, torch.int64).view(-1, 3)
-        self._block_tables[values[:, 0], values[:, 1]] = values[:, 2].to(torch.int32)
+        self._page_tables[values[:, 0], values[:, 1]] = values[:, 2].to(torch.int32)
 
     def _batch_rows(self, seqs: Sequence[KVSequence], padded: int) -> torch.Tensor:
         """(padded,) int64 device row indices of a batch, PAD_ROW past the real ones; one
@@ -583,7 +583,7 @@ class ModelRunner:
         decode_layout = all(count == 1 for count in counts)
 
         start_lengths = [seq.length for seq in seqs]
-        slots = self.cache.append_slots(seqs, counts)  # may raise OutOfBlocksError, changing nothing
+        slots = self.cache.append_slots(seqs, counts)  # may raise OutOfPagesError, changing nothing
         num_tokens = len(slots)
         seq_lens = [seq.length for seq in seqs]
         if decode_layout:
@@ -597,8 +597,8 @@ class ModelRunner:
         for i in range(num_seqs):
             query_start_loc[i + 1] = query_start_loc[i] + counts[i]
             cu_seqlens_k[i + 1] = cu_seqlens_k[i] + seq_lens[i]
-        max_blocks = max(len(seq.block_table) for seq in seqs)
-        flat_tables = [b for seq in seqs for b in seq.block_table + [0] * (max_blocks - len(seq.block_table))]
+        max_pages = max(len(seq.page_table) for seq in seqs)
+        flat_tables = [b for seq in seqs for b in seq.page_table + [0] * (max_pages - len(seq.page_table))]
 
         # two host -> device copies: int64 and int32 metadata
         meta64 = self._to_device(slots + positions + seq_index + flat_tokens, torch.int64)
@@ -611,7 +611,7 @@ class ModelRunner:
             key_caches=self.cache.key_caches,
             value_caches=self.cache.value_caches,
             slot_mapping=slot_mapping,
-            block_tables=meta32[3 * n + 2 :].view(n, max_blocks),
+            page_tables=meta32[3 * n + 2 :].view(n, max_pages),
             seq_lens=meta32[:n],
             cu_seqlens_k=meta32[n : 2 * n + 1],
             query_start_loc=meta32[2 * n + 1 : 3 * n + 2],
@@ -620,7 +620,7 @@ class ModelRunner:
             max_query_len=max(counts),
             max_seq_len=max(seq_lens),
             backend=self.backend,
-            shared_prefix_blocks=self._shared_prefix_blocks(seqs, start_lengths) if decode_layout else 0,
+            shared_prefix_pages=self._shared_prefix_pages(seqs, start_lengths) if decode_layout else 0,
         )
         if decode_layout:
             input_ids = meta64[3 * num_tokens :].view(num_seqs, 1)
@@ -647,24 +647,24 @@ class ModelRunner:
             return logits[:, -1, :]
         return logits[0]
 
-    def _shared_prefix_blocks(self, seqs, start_lengths: list[int]) -> int:
-        """Leading blocks common to every block table and visible to every new token.
+    def _shared_prefix_pages(self, seqs, start_lengths: list[int]) -> int:
+        """Leading pages common to every page table and visible to every new token.
 
         Only the torch backend uses it (a cascade over the shared prefix); on GPUs the
-        shared blocks stay in L2 and the kernels need no hint.
+        shared pages stay in L2 and the kernels need no hint.
         """
         if self.backend != "torch" or len(seqs) < 2:
             return 0
-        first = seqs[0].block_table
-        # a query at position p sees keys 0..p: the shared blocks must be complete below it
-        shared = min(len(first), (min(start_lengths) + 1) // self.cache.block_size)
+        first = seqs[0].page_table
+        # a query at position p sees keys 0..p: the shared pages must be complete below it
+        shared = min(len(first), (min(start_lengths) + 1) // self.cache.page_size)
         for seq in seqs[1:]:
-            table = seq.block_table
+            table = seq.page_table
             if table[:shared] != first[:shared]:
                 shared = next(k for k in range(shared) if table[k] != first[k])
             if shared == 0:
                 return 0
-        return shared if shared * self.cache.block_size >= _MIN_SHARED_PREFIX else 0
+        return shared if shared * self.cache.page_size >= _MIN_SHARED_PREFIX else 0
 
     def _to_device(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         return self._upload(values, dtype)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 
 from powerfast.core.config import SamplingConfig
-from powerfast.samplers.base import RunnerSampler, blocks_for, forked_peak_blocks
+from powerfast.samplers.base import RunnerSampler, pages_for, forked_peak_pages
 from powerfast.samplers.decoding import continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Prefill
 from powerfast.samplers.results import GenerationResult, GenerationStats
@@ -132,10 +132,10 @@ class AncestralSampler(RunnerSampler):
             stats.extra["sample_logliks"] = logliks[rows.start : rows.stop].tolist()
         return self.result(pool.token_ids(best), stats, float(logliks[best]))
 
-    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
-        """Most KV blocks a ``generate`` holds: per prompt, N samples of the whole budget
+    def peak_kv_pages(self, prompt_lengths: list[int], max_new_tokens: int, page_size: int) -> int:
+        """Most KV pages a ``generate`` holds: per prompt, N samples of the whole budget
         forked from the prompt (one sequence when N = 1); the last token is never decoded."""
         n = self.config.num_samples
         if n == 1:
-            return sum(blocks_for(length + max_new_tokens - 1, block_size) for length in prompt_lengths)
-        return forked_peak_blocks(prompt_lengths, n, max_new_tokens - 1, block_size)
+            return sum(pages_for(length + max_new_tokens - 1, page_size) for length in prompt_lengths)
+        return forked_peak_pages(prompt_lengths, n, max_new_tokens - 1, page_size)

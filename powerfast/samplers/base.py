@@ -15,22 +15,22 @@ from powerfast.samplers.results import GenerationResult, GenerationStats
 # ------------------------------------------------------------------ KV budget
 
 
-def blocks_for(length: int, block_size: int) -> int:
-    """KV blocks holding ``length`` positions."""
-    return -(-length // block_size)
+def pages_for(length: int, page_size: int) -> int:
+    """KV pages holding ``length`` positions."""
+    return -(-length // page_size)
 
 
-def appended_blocks(length: int, count: int, block_size: int) -> int:
-    """Blocks a sequence forked at ``length`` positions allocates to append ``count`` more:
-    its own copy of a shared, partly filled last block and the new blocks (an upper bound)."""
-    return blocks_for(length + count, block_size) - length // block_size if count > 0 else 0
+def appended_pages(length: int, count: int, page_size: int) -> int:
+    """Pages a sequence forked at ``length`` positions allocates to append ``count`` more:
+    its own copy of a shared, partly filled last page and the new pages (an upper bound)."""
+    return pages_for(length + count, page_size) - length // page_size if count > 0 else 0
 
 
-def forked_peak_blocks(prompt_lengths: list[int], num_branches: int, count: int, block_size: int) -> int:
-    """Most blocks held when each prompt is forked into ``num_branches`` sequences that each
-    append ``count`` positions: the prompt's blocks once, and every branch's own blocks
+def forked_peak_pages(prompt_lengths: list[int], num_branches: int, count: int, page_size: int) -> int:
+    """Most pages held when each prompt is forked into ``num_branches`` sequences that each
+    append ``count`` positions: the prompt's pages once, and every branch's own pages
     (an upper bound whatever the branches share later, e.g. after resampling)."""
-    return sum(blocks_for(length, block_size) + num_branches * appended_blocks(length, count, block_size)
+    return sum(pages_for(length, page_size) + num_branches * appended_pages(length, count, page_size)
                for length in prompt_lengths)
 
 
@@ -105,25 +105,25 @@ class RunnerSampler:
         ``stream``, output that became final is yielded on the way (``Tokens`` / ``Final``)."""
         raise NotImplementedError
 
-    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int | None:
-        """Most KV blocks of ``block_size`` positions a ``generate`` of prompts of these
+    def peak_kv_pages(self, prompt_lengths: list[int], max_new_tokens: int, page_size: int) -> int | None:
+        """Most KV pages of ``page_size`` positions a ``generate`` of prompts of these
         lengths can hold at once with this sampler's settings (an upper bound: every row
         decodes its whole budget). Each sampler overrides it; None (here): not known, no check."""
         return None
 
     def check_kv_capacity(self, prompt_lengths: list[int], max_new_tokens: int) -> None:
-        """KVCacheTooSmallError (a ValueError) before any work when the pool's free blocks
-        cannot hold :meth:`peak_kv_blocks`; nothing for runners without a paged pool."""
+        """KVCacheTooSmallError (a ValueError) before any work when the pool's free pages
+        cannot hold :meth:`peak_kv_pages`; nothing for runners without a paged pool."""
         from powerfast.runtime.cache import KVCacheTooSmallError
 
         cache = self.runner.cache
         if cache is None:
             return
-        needed = self.peak_kv_blocks(prompt_lengths, max_new_tokens, cache.block_size)
-        if needed is not None and needed > cache.blocks_free:
+        needed = self.peak_kv_pages(prompt_lengths, max_new_tokens, cache.page_size)
+        if needed is not None and needed > cache.pages_free:
             what = f"{self.method} sampling of {len(prompt_lengths)} prompt(s) with max_new_tokens={max_new_tokens}"
-            raise KVCacheTooSmallError(what, needed, cache.blocks_free, cache.num_blocks, cache.block_size,
-                                       cache.bytes_per_block)
+            raise KVCacheTooSmallError(what, needed, cache.pages_free, cache.num_pages, cache.page_size,
+                                       cache.bytes_per_page)
 
     def result(self, token_ids: list[int], stats: GenerationStats, loglik: float) -> GenerationResult:
         """A :class:`GenerationResult` for ``token_ids``, decoded to text when there is a tokenizer."""

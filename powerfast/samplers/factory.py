@@ -23,7 +23,7 @@ def make_sampler(method: str, model, tokenizer=None, *, seed: int | None = None,
     settings: by name (``alpha=2.0, num_rollouts=16``; the names of
              :data:`powerfast.core.config.SETTINGS`), the rest taking ``preset``'s defaults
     runner_options: keywords of the :class:`~powerfast.runtime.runner.ModelRunner` made when
-             ``model`` is not a runner yet (``max_memory``, ``num_blocks``, ``block_size``: the
+             ``model`` is not a runner yet (``max_memory``, ``num_pages``, ``page_size``: the
              KV page size, not the sampler's block)
     Raises SettingError (a ValueError naming the field) for an unknown method or bad settings.
     """

@@ -7,7 +7,7 @@ import math
 import time
 
 from powerfast.core.config import MCMCConfig
-from powerfast.samplers.base import RunnerSampler, appended_blocks, blocks_for
+from powerfast.samplers.base import RunnerSampler, appended_pages, pages_for
 from powerfast.samplers.decoding import continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Decode, Prefill
 from powerfast.samplers.results import GenerationStats
@@ -97,11 +97,11 @@ class MCMCSampler(RunnerSampler):
             results.append(self.result(chain.tokens, stat, float(sum(chain.logp))))
         return results
 
-    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
-        """Most KV blocks a ``generate`` holds: per prompt, the chain of the whole budget and
+    def peak_kv_pages(self, prompt_lengths: list[int], max_new_tokens: int, page_size: int) -> int:
+        """Most KV pages a ``generate`` holds: per prompt, the chain of the whole budget and
         one proposal forked from as early as the prompt's last position."""
-        return sum(blocks_for(length + max_new_tokens, block_size)
-                   + appended_blocks(length - 1, max_new_tokens + 1, block_size) for length in prompt_lengths)
+        return sum(pages_for(length + max_new_tokens, page_size)
+                   + appended_pages(length - 1, max_new_tokens + 1, page_size) for length in prompt_lengths)
 
     def _next_token_logits(self, chains: list[_Chain], live: list):
         """(Step program returning) the (N, V) next-token logits of each chain's sequence: fork it one token short and

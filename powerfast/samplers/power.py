@@ -38,7 +38,7 @@ from powerfast.core.config import PowerConfig
 from powerfast.ops.device import upload_ints
 from powerfast.ops.jackknife import _power_estimates_nosync, choice_standard_error
 from powerfast.ops.topk import topk_logprobs
-from powerfast.samplers.base import RunnerSampler, appended_blocks, blocks_for
+from powerfast.samplers.base import RunnerSampler, appended_pages, pages_for
 from powerfast.samplers.decoding import check_no_nan, continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Decode, Final, Prefill, drive
 from powerfast.samplers.resampling import systematic_resample
@@ -65,7 +65,7 @@ class PowerSampler(RunnerSampler):
     tokenizer: optional; needed for string prompts and for ``text`` in the results
     config:    :class:`PowerConfig`
     seed:      makes ``generate`` reproducible (None: fresh randomness)
-    runner_kwargs: passed to the ModelRunner built around ``model`` (block_size, num_blocks, ...)
+    runner_kwargs: passed to the ModelRunner built around ``model`` (page_size, num_pages, ...)
     """
 
     method = "power"
@@ -182,8 +182,8 @@ class PowerSampler(RunnerSampler):
         finally:
             self.runner.free(live)
 
-    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
-        """Most KV blocks a ``generate`` holds at once: at each decision, per prompt, the
+    def peak_kv_pages(self, prompt_lengths: list[int], max_new_tokens: int, page_size: int) -> int:
+        """Most KV pages a ``generate`` holds at once: at each decision, per prompt, the
         sequence so far, L candidate blocks (K next tokens at token level) and K x M rollouts
         (a rollout of H tokens decodes H - 1: its last token's KV is never needed)."""
         cfg = self.config
@@ -199,9 +199,9 @@ class PowerSampler(RunnerSampler):
                 # a cut block may be 1 token long, its rollouts as long as the budget after it
                 horizon = min(cfg.horizon, max_new_tokens - done - (1 if cfg.entropy_cut else block))
                 here = length + done
-                need = (blocks_for(here, block_size)
-                        + num_candidates * appended_blocks(here, block, block_size)
-                        + num_rollouts * appended_blocks(here + block, horizon - 1, block_size))
+                need = (pages_for(here, page_size)
+                        + num_candidates * appended_pages(here, block, page_size)
+                        + num_rollouts * appended_pages(here + block, horizon - 1, page_size))
                 peak = max(peak, need)
             peak_of_prompt[length] = peak
         return sum(peak_of_prompt[length] for length in prompt_lengths)

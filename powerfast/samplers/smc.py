@@ -28,7 +28,7 @@ import torch
 from powerfast.core.config import SMCConfig
 from powerfast.ops.device import upload_ints
 from powerfast.samplers import resampling
-from powerfast.samplers.base import RunnerSampler, forked_peak_blocks
+from powerfast.samplers.base import RunnerSampler, forked_peak_pages
 from powerfast.samplers.decoding import check_no_nan, continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Prefill, drive
 from powerfast.samplers.results import GenerationStats
@@ -89,11 +89,11 @@ class SMCSampler(RunnerSampler):
             raise ValueError(f"config must be an SMCConfig, got {type(self.config).__name__}")
         super().__init__(model, tokenizer, seed, **runner_kwargs)
 
-    def peak_kv_blocks(self, prompt_lengths: list[int], max_new_tokens: int, block_size: int) -> int:
-        """Most KV blocks a ``generate`` holds: per prompt, N particles forked from the prompt,
-        each decoding the whole budget but its last token. Resampling only shares blocks
+    def peak_kv_pages(self, prompt_lengths: list[int], max_new_tokens: int, page_size: int) -> int:
+        """Most KV pages a ``generate`` holds: per prompt, N particles forked from the prompt,
+        each decoding the whole budget but its last token. Resampling only shares pages
         (a copy is a fork), so it never raises the count past that."""
-        return forked_peak_blocks(prompt_lengths, self.config.num_particles, max_new_tokens - 1, block_size)
+        return forked_peak_pages(prompt_lengths, self.config.num_particles, max_new_tokens - 1, page_size)
 
     def program(self, prompt_ids: list[list[int]], max_new_tokens: int, eos: tuple[int, ...], progress=None,
                 stream: bool = False):

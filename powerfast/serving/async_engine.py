@@ -26,7 +26,7 @@ class AsyncEngine:
     asyncio tasks may do so at once. The thread starts on the first request (or
     :meth:`start`) and steps while there is work; :meth:`shutdown` aborts everything
     and stops it. A consumer that stops iterating (``aclose``, a cancelled task, a
-    client that disconnected) aborts its request, which frees its blocks within a step.
+    client that disconnected) aborts its request, which frees its pages within a step.
 
     A step that raises stops the engine for good: every request in flight ends with an
     :class:`EngineClosedError` naming the cause, new ones are refused with it, :attr:`failure`

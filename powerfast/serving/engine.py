@@ -23,12 +23,12 @@ kernels, reduction orders), which can flip a draw that sits on a boundary: same
 distribution, rarely the same tokens. A request alone gives the tokens of
 ``make_sampler(...).generate([prompt])`` with the same seed.
 
-Admission: a request is admitted only when the KV blocks its method can hold at its
-peak (``sampler.peak_kv_blocks``) fit next to the reservations of the running requests;
+Admission: a request is admitted only when the KV pages its method can hold at its
+peak (``sampler.peak_kv_pages``) fit next to the reservations of the running requests;
 otherwise it waits in a bounded queue (:class:`QueueFullError` when full). A request that
 could never fit (its peak exceeds the whole pool, or settings past the engine's limits)
 is refused at once (:class:`RequestTooLargeError`). Reservations are upper bounds, so
-``OutOfBlocksError`` cannot happen. ``abort`` closes the program: its blocks are freed
+``OutOfPagesError`` cannot happen. ``abort`` closes the program: its pages are freed
 before ``abort`` returns (or at the start of the next step when called from another thread
 while a step runs).
 
@@ -75,10 +75,10 @@ class EngineStats:
 
     num_waiting: int
     num_running: int
-    kv_blocks_total: int
-    kv_blocks_used: int
-    kv_blocks_free: int
-    kv_blocks_reserved: int
+    kv_pages_total: int
+    kv_pages_used: int
+    kv_pages_free: int
+    kv_pages_reserved: int
     num_steps: int
     num_forwards: int
     forward_rows: int
@@ -102,8 +102,8 @@ class Engine:
     max_queue:    requests waiting for admission at most (:class:`QueueFullError` past it)
     max_branches: sequences one request may decode at once at most (power K x M, SMC's N,
                   best-of-N's and sir's N): a guard against one request taking the whole batch
-    runner_kwargs: passed to the ModelRunner built around ``model`` (block_size,
-                  num_blocks, max_memory, backend, ...)
+    runner_kwargs: passed to the ModelRunner built around ``model`` (page_size,
+                  num_pages, max_memory, backend, ...)
     """
 
     def __init__(self, model, tokenizer=None, *, max_queue: int = 256, max_branches: int = 4096,
@@ -182,7 +182,7 @@ class Engine:
     def _check_request(self, prompt, params, chat_template: bool):
         """``(prompt_ids, params, sampler, need)`` of a new request: its prompt encoded, its
         params resolved (the seed drawn, if none was given) and its plan (its sampler and the
-        KV blocks it needs at its peak): the one plan the request gets. Counts a rejection and
+        KV pages it needs at its peak): the one plan the request gets. Counts a rejection and
         raises as :meth:`add_request` says (InvalidRequestError, RequestTooLargeError)."""
         try:
             if not isinstance(params, SamplingParams):
@@ -227,7 +227,7 @@ class Engine:
         self._ids[request_id] = request
 
     def abort(self, request_id: str) -> bool:
-        """End a request now (finish reason "abort") and free its blocks; False if unknown or
+        """End a request now (finish reason "abort") and free its pages; False if unknown or
         already finished. Thread-safe: called while another thread runs a step, the abort
         takes effect when that step ends."""
         with self._lock:
@@ -287,11 +287,11 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            total = self.cache.num_blocks if self.cache is not None else 0
-            free = self.cache.blocks_free if self.cache is not None else 0
+            total = self.cache.num_pages if self.cache is not None else 0
+            free = self.cache.pages_free if self.cache is not None else 0
             return EngineStats(
-                num_waiting=len(self._waiting), num_running=len(self._running), kv_blocks_total=total,
-                kv_blocks_used=total - free, kv_blocks_free=free, kv_blocks_reserved=self._reserved,
+                num_waiting=len(self._waiting), num_running=len(self._running), kv_pages_total=total,
+                kv_pages_used=total - free, kv_pages_free=free, kv_pages_reserved=self._reserved,
                 num_steps=self.num_steps, num_forwards=self.runner.num_forwards,
                 forward_rows=self.runner.forward_rows, last_step_forwards=self.last_step_forwards,
                 sample_launches=self.sample_launches, last_step_sample_launches=self.last_step_sample_launches,
@@ -376,7 +376,7 @@ class Engine:
 
     def _fitting(self) -> list[str]:
         """:meth:`admissions` with ``_lock`` held."""
-        total = self.cache.num_blocks if self.cache is not None else 0
+        total = self.cache.num_pages if self.cache is not None else 0
         admitted, reserved = [], self._reserved
         for request in self._waiting:
             if self.cache is not None and reserved + request.need > total:
@@ -711,7 +711,7 @@ class Engine:
 
     def _plan(self, prompt_ids: list[int], params: SamplingParams):
         """The request's own sampler (its own seed stream; ``params`` resolved) and its peak
-        KV need in blocks."""
+        KV need in pages."""
         branches, which = params.branches()
         if branches > self.max_branches:
             raise RequestTooLargeError(which, f"the request decodes up to {branches} sequences at once ({which}); "
@@ -719,12 +719,12 @@ class Engine:
         sampler = self._sampler(params)
         if self.cache is None:
             return sampler, 0
-        need = sampler.peak_kv_blocks([len(prompt_ids)], params.max_tokens, self.cache.block_size) or 0
-        if need > self.cache.num_blocks:
+        need = sampler.peak_kv_pages([len(prompt_ids)], params.max_tokens, self.cache.page_size) or 0
+        if need > self.cache.num_pages:
             raise RequestTooLargeError(
                 "max_tokens", f"{params.method} with a {len(prompt_ids)}-token prompt and max_tokens={params.max_tokens} "
-                              f"can hold {need} KV blocks at its peak; the whole pool has {self.cache.num_blocks} "
-                              f"({self.cache.block_size} positions each): lower max_tokens or the method's branches")
+                              f"can hold {need} KV pages at its peak; the whole pool has {self.cache.num_pages} "
+                              f"({self.cache.page_size} positions each): lower max_tokens or the method's branches")
         return sampler, need
 
     def _count_rejected(self, why: str) -> None:

@@ -20,7 +20,7 @@ step, beside its streamed tokens), its
 rows in the step's decode forward and their positions (the sequences' lengths), its prompt
 and output lengths, its last output token, its forwards and rows so far; per step: the step
 counter, every output the step reported (finished or not, why, its length and last token),
-the engine's KV blocks in use, its reservations and its queue's length.
+the engine's KV pages in use, its reservations and its queue's length.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def fingerprint(engine, step: int, outputs: list) -> tuple[int, list[tuple[str, 
         of(out.request_id).update(repr((out.finished, out.finish_reason, len(out.token_ids),
                                         out.token_ids[-1] if out.token_ids else -1)).encode())
     stats = engine.stats()
-    total = hashlib.blake2b(repr((step, stats.kv_blocks_used, stats.kv_blocks_reserved,
+    total = hashlib.blake2b(repr((step, stats.kv_pages_used, stats.kv_pages_reserved,
                                   stats.num_waiting, stats.num_running)).encode(), digest_size=8)
     per_request = [(request_id, _int64(digest)) for request_id, digest in digests.items()]
     total.update(repr(per_request).encode())

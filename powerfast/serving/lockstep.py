@@ -9,7 +9,7 @@ every rank in that step's :class:`StepCommand`:
 
 - the requests added since the last step, fully resolved: the prompt's token ids, the
   :class:`SamplingParams` with their seed filled in (a request without one gets it from the
-  operating system's randomness when rank 0 adds it), and the KV blocks it reserves;
+  operating system's randomness when rank 0 adds it), and the KV pages it reserves;
 - the aborts, in their order among the adds;
 - the admissions: the ids of the waiting requests this step starts, in order.
 
@@ -57,7 +57,7 @@ class StepCommand(NamedTuple):
 
     step:     the step's number (rank 0's ``num_steps``; a follower checks it is its own)
     requests: ``("add", request_id, prompt_ids, params, need)`` with resolved params (a seed)
-              and the KV blocks the request reserves, or ``("abort", request_id)``, in the
+              and the KV pages the request reserves, or ``("abort", request_id)``, in the
               order they were made
     admit:    the ids of the waiting requests the step starts, in order
     """

@@ -3,7 +3,7 @@
 :class:`ServingMetrics` holds a private :class:`prometheus_client.CollectorRegistry` (never
 the library's global one: several servers and engines may live in one process) with
 
-- the engine's gauges and counters (requests by state, tokens by phase, KV blocks, queue
+- the engine's gauges and counters (requests by state, tokens by phase, KV pages, queue
   depth, steps, forwards): an :class:`EngineCollector` builds them at every scrape from one
   :class:`powerfast.serving.engine.EngineStats` snapshot, so no engine state is copied;
 - what the server observes itself: the time to first token and the latency of each request
@@ -73,10 +73,10 @@ class EngineCollector:
         yield _labelled(CounterMetricFamily(PREFIX + "tokens_total",
                                             "Tokens by phase of the requests that ended (prefill: prompt tokens).",
                                             labels=["phase"]), sorted(stats.tokens_by_phase.items()))
-        yield _labelled(GaugeMetricFamily(PREFIX + "kv_blocks", "KV cache blocks by state.", labels=["state"]),
-                        [("used", stats.kv_blocks_used), ("free", stats.kv_blocks_free),
-                         ("reserved", stats.kv_blocks_reserved)])
-        yield GaugeMetricFamily(PREFIX + "kv_blocks_total", "KV cache blocks in the pool.", value=stats.kv_blocks_total)
+        yield _labelled(GaugeMetricFamily(PREFIX + "kv_pages", "KV cache pages by state.", labels=["state"]),
+                        [("used", stats.kv_pages_used), ("free", stats.kv_pages_free),
+                         ("reserved", stats.kv_pages_reserved)])
+        yield GaugeMetricFamily(PREFIX + "kv_pages_total", "KV cache pages in the pool.", value=stats.kv_pages_total)
         yield GaugeMetricFamily(PREFIX + "queue_depth", "Requests waiting for admission.", value=stats.num_waiting)
         yield GaugeMetricFamily(PREFIX + "queue_capacity", "Most requests the waiting queue holds.",
                                 value=stats.max_queue)

@@ -151,10 +151,10 @@ def _replica_class(config: ReplicaConfig, threads: int | None):
                 raise RuntimeError("the replica's engine has stopped")
 
         def replica_state(self) -> dict[str, Any]:
-            """This replica's process and engine: pid, KV blocks in use, requests running and
+            """This replica's process and engine: pid, KV pages in use, requests running and
             waiting, requests finished by reason (for operators and tests)."""
             stats = self.app.state.engine.stats()
-            return {"pid": os.getpid(), "kv_blocks_used": stats.kv_blocks_used, "num_running": stats.num_running,
+            return {"pid": os.getpid(), "kv_pages_used": stats.kv_pages_used, "num_running": stats.num_running,
                     "num_waiting": stats.num_waiting, "requests_finished": dict(stats.requests_finished)}
 
     return serve.ingress(build)(PowerfastReplica)

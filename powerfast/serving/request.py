@@ -55,7 +55,7 @@ class Request:
         self.prompt_ids = prompt_ids
         self.params = params
         self.sampler = sampler
-        self.need = need  # KV blocks reserved while it runs
+        self.need = need  # KV pages reserved while it runs
         self.program = None
         self.pending = None  # the Prefill / Decode / Sample the program waits on
         self.token_ids: list[int] = []

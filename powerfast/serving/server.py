@@ -17,7 +17,7 @@ The power-sampling settings are extra body fields with the names of
 shape ``{"error": {"message", "type", "param", "code"}}``: 400 names the bad field, 401 a
 missing or wrong API key, 404 an unknown model, 429 a full queue, 503 an engine shutting
 down, 500 anything unexpected (logged). A client that goes away aborts its requests: the
-engine frees their KV blocks.
+engine frees their KV pages.
 """
 
 from __future__ import annotations
