@@ -8,6 +8,7 @@ fixed and were checked to have none, and the comparison is exact (not loosened).
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -75,10 +76,34 @@ def ours(log: str) -> str:
     return "\n".join(line for line in log.splitlines() if line.strip() and not line.startswith((" ", "INFO:")))
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below the kernel's ephemeral range, never handed out twice by this process.
+
+    A port the kernel picks (bind to 0) lies in the ephemeral range, where the connections the
+    ranks open while they load (gloo's, the store's clients) get their ports: one of them took the
+    server's port before the server bound it once in CI ("address already in use"), and a second
+    pick may return the first one again once its socket is closed. Below that range only a bind
+    takes a port."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(10000, max(low, 10001))
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port in 10000..{low}")
 
 
 def torchrun(args, nproc=2, timeout=LIMIT_S):
