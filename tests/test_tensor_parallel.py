@@ -439,14 +439,23 @@ class ServeLaunch:
                     text.append(event["choices"][0]["delta"].get("content") or "")
             return (200, "".join(text)) if not errors else (503, errors[0])
 
-    def recorded(self) -> list[dict]:
-        """What each rank recorded: {request id: (seed, finish reason, token ids)} per rank."""
-        ranks = []
-        for rank in range(self.nproc):
-            path = self.out / f"rank{rank}.jsonl"
-            rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-            ranks.append({row["id"]: (row["seed"], row["reason"], row["token_ids"]) for row in rows})
-        return ranks
+    def recorded(self, settle: float = 30.0) -> list[dict]:
+        """What each rank recorded: {request id: (seed, finish reason, token ids)} per rank.
+
+        Rank 0 answers a request as soon as its own step returns; the other ranks finished the
+        same step (its collectives) but may not yet have appended their line. So this waits, up
+        to ``settle`` seconds, until every rank holds as many complete lines as rank 0."""
+        deadline = time.monotonic() + settle
+        while True:
+            ranks = []
+            for rank in range(self.nproc):
+                path = self.out / f"rank{rank}.jsonl"
+                lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+                rows = [json.loads(line) for line in lines if line.endswith("\n")]
+                ranks.append({row["id"]: (row["seed"], row["reason"], row["token_ids"]) for row in rows})
+            if len({len(r) for r in ranks}) == 1 or time.monotonic() > deadline:
+                return ranks
+            time.sleep(0.1)
 
     def wait(self, timeout: float) -> int:
         """The launch's exit status, once it and every rank ended and its output is read."""
