@@ -8,7 +8,10 @@ tokenizer decodes the ids; ids 0..255 are real text pieces of its vocabulary). E
 request ignores EOS, so all run to their budget, and prompts are token-id lists (no chat
 template). Sections:
 
-1. Step time at 1 / 16 / 64 / 256 concurrent plain requests and at 16 power requests
+1. Step time at 1 / 16 / 64 / 256 concurrent plain requests, streamed (an output per request
+   per step, its text decoded incrementally: what a server's streamed request costs) and not
+   streamed (``add_request(..., stream=False)``: only the final output; what ``Engine.run``,
+   ``powerfast eval`` and a server's non-streamed request use), and at 16 power requests
    (block_size 4, num_candidates 4, top_k 2, num_rollouts 2, horizon 4): the wall time
    of each ``engine.step()`` (time.perf_counter) in steady state, i.e. after the first
    warm-up steps (the prefill) and before the first request finishes. Each case runs 3
@@ -45,6 +48,7 @@ template). Sections:
     python -m bench.engine_host                 # about 3-5 minutes on a 2-core CPU
     python -m bench.engine_host --quick         # fewer steps, under a minute (CI)
     python -m bench.engine_host --json out.json # also write every number as JSON
+    python -m bench.engine_host --steps-only    # section 1 alone (about a minute): for repeated runs
 """
 
 from __future__ import annotations
@@ -148,17 +152,18 @@ class StepTiming:
     median_ms: float
     mean_ms: float
     rows_per_step: float
+    streamed: bool = True
 
     @property
     def us_per_request(self) -> float:
         return self.median_ms * 1000 / self.requests
 
 
-def run_and_time_steps(engine, runner, prompts, params) -> tuple[list[float], list[int], list[bool], list]:
+def run_and_time_steps(engine, runner, prompts, params, stream: bool = True) -> tuple[list[float], list[int], list[bool], list]:
     """Add every prompt, step until all have finished; per step: seconds, decode-forward
     rows, whether a request finished in it, and the outputs."""
     for index, prompt in enumerate(prompts):
-        engine.add_request(prompt, params[index])
+        engine.add_request(prompt, params[index], stream=stream)
     seconds, rows, finished, outputs_per_step = [], [], [], []
     while engine.has_unfinished():
         rows_before = runner.forward_rows
@@ -178,7 +183,7 @@ def steady_steps(seconds, rows, finished, warmup_steps: int) -> tuple[list[float
 
 
 def time_concurrent(runner, tokenizer, label: str, concurrency: int, params: SamplingParams,
-                    warmup_steps: int, repeats: int = 1) -> StepTiming:
+                    warmup_steps: int, repeats: int = 1, stream: bool = True) -> StepTiming:
     """``concurrency`` requests of ``params`` (seeds 0, 1, ...) added at once, run to the
     end ``repeats`` times on a fresh engine each; the repeat with the lowest median step
     time is reported (the least disturbed by other processes)."""
@@ -187,12 +192,12 @@ def time_concurrent(runner, tokenizer, label: str, concurrency: int, params: Sam
         engine = new_engine(runner, tokenizer)
         prompts = [make_prompt(i) for i in range(concurrency)]
         all_params = [SamplingParams(**{**asdict_params(params), "seed": i}) for i in range(concurrency)]
-        seconds, rows, finished, _ = run_and_time_steps(engine, runner, prompts, all_params)
+        seconds, rows, finished, _ = run_and_time_steps(engine, runner, prompts, all_params, stream)
         steady, steady_rows = steady_steps(seconds, rows, finished, warmup_steps)
         if not steady:
             raise RuntimeError(f"{label}: no steady-state steps ({len(seconds)} steps in all)")
         timing = StepTiming(label, concurrency, len(steady), statistics.median(steady) * 1e3,
-                            statistics.fmean(steady) * 1e3, statistics.fmean(steady_rows))
+                            statistics.fmean(steady) * 1e3, statistics.fmean(steady_rows), stream)
         if best is None or timing.median_ms < best.median_ms:
             best = timing
     return best
@@ -210,11 +215,12 @@ def measure_step_times(runner, tokenizer, settings: Settings, log) -> list[StepT
     time_concurrent(runner, tokenizer, "warm-up", 4, SamplingParams(method="plain", ignore_eos=True, max_tokens=8), 1)
     time_concurrent(runner, tokenizer, "warm-up", 2, SamplingParams(**{**asdict_params(power), "max_tokens": 8}), 1)
     timings = []
-    for concurrency in settings.plain_concurrencies:
-        timing = time_concurrent(runner, tokenizer, "plain", concurrency, plain, settings.warmup_steps,
-                                 settings.repeats)
-        log(f"plain x{concurrency}: {timing.median_ms:.3f} ms/step")
-        timings.append(timing)
+    for stream in (True, False):
+        for concurrency in settings.plain_concurrencies:
+            timing = time_concurrent(runner, tokenizer, "plain", concurrency, plain, settings.warmup_steps,
+                                     settings.repeats, stream)
+            log(f"plain x{concurrency}{'' if stream else ', not streamed'}: {timing.median_ms:.3f} ms/step")
+            timings.append(timing)
     timing = time_concurrent(runner, tokenizer, "power", settings.power_concurrency, power,
                              settings.power_warmup_steps, settings.repeats)
     log(f"power x{settings.power_concurrency}: {timing.median_ms:.3f} ms/step")
@@ -223,17 +229,18 @@ def measure_step_times(runner, tokenizer, settings: Settings, log) -> list[StepT
 
 
 def step_time_table(timings: list[StepTiming]) -> str:
-    lines = ["| method | requests | steps measured | decode rows / step | median ms / step | mean ms / step "
-             "| us / request / step |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | streamed | requests | steps measured | decode rows / step | median ms / step "
+             "| mean ms / step | us / request / step |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for t in timings:
-        lines.append(f"| {t.label} | {t.requests} | {t.steps_measured} | {t.rows_per_step:.1f} | {t.median_ms:.3f} "
-                     f"| {t.mean_ms:.3f} | {t.us_per_request:.1f} |")
-    by_count = {t.requests: t for t in timings if t.label == "plain"}
-    if 1 in by_count and 256 in by_count:
-        ratio = by_count[256].median_ms / by_count[1].median_ms
-        lines.append("")
-        lines.append(f"step(256) / step(1), plain, medians: {ratio:.1f}x")
+        lines.append(f"| {t.label} | {'yes' if t.streamed else 'no'} | {t.requests} | {t.steps_measured} "
+                     f"| {t.rows_per_step:.1f} | {t.median_ms:.3f} | {t.mean_ms:.3f} | {t.us_per_request:.1f} |")
+    for stream in (True, False):
+        by_count = {t.requests: t for t in timings if t.label == "plain" and t.streamed == stream}
+        if 1 in by_count and 256 in by_count:
+            ratio = by_count[256].median_ms / by_count[1].median_ms
+            lines.append("")
+            lines.append(f"step(256) / step(1), plain{'' if stream else ' not streamed'}, medians: {ratio:.1f}x")
     return "\n".join(lines)
 
 
@@ -342,7 +349,7 @@ def measure_sampling_op(settings: Settings, log) -> dict[int, dict[int, float]]:
 
 
 def sampling_table(results: dict[int, dict[int, float]], timings: list[StepTiming]) -> str:
-    plain_step = {t.requests: t.median_ms for t in timings if t.label == "plain"}
+    plain_step = {t.requests: t.median_ms for t in timings if t.label == "plain" and t.streamed}
     lines = [f"| rows N | ms / call, V = {TINY_VOCAB} | share of the tiny model's plain step | "
              f"ms / call, V = {REAL_VOCAB} | us / row, V = {REAL_VOCAB} |",
              "|---:|---:|---:|---:|---:|"]
@@ -577,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps: the whole run in under a minute")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the numbers as JSON")
+    parser.add_argument("--steps-only", action="store_true",
+                        help="section 1 only (the step times): what a repeated comparison needs")
     return parser
 
 
@@ -598,15 +607,22 @@ def main(argv=None) -> int:
     runner = ModelRunner(model, num_pages=num_pages)
 
     timings = measure_step_times(runner, tokenizer, settings, log)
+    header = (f"tiny random Llama (1 layer, hidden 16, vocab {TINY_VOCAB}), SmolLM2 tokenizer, "
+              f"{torch.get_num_threads()} torch thread, {runner.device}, torch {torch.__version__}, "
+              f"{platform.processor() or platform.machine()}; {'--quick' if args.quick else 'default settings'}")
+    if args.steps_only:
+        print(f"# Engine host overhead per step (section 1 only)\n\n{header}\n\n{step_time_table(timings)}\n")
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"header": header, "settings": asdict(settings), "step_times": [
+                {**asdict(t), "us_per_request": t.us_per_request} for t in timings]}, indent=2) + "\n")
+        return 0
     long_request = time_long_request(runner, tokenizer, settings)
     log(f"long request: {long_request.first_eighth_ms:.3f} -> {long_request.last_eighth_ms:.3f} ms/step")
     long_untexted = time_long_request(runner, None, settings)
     sampling = measure_sampling_op(settings, log)
     reads = measure_reads(runner, tokenizer, settings, log)
 
-    header = (f"tiny random Llama (1 layer, hidden 16, vocab {TINY_VOCAB}), SmolLM2 tokenizer, "
-              f"{torch.get_num_threads()} torch thread, {runner.device}, torch {torch.__version__}, "
-              f"{platform.processor() or platform.machine()}; {'--quick' if args.quick else 'default settings'}")
     print(f"# Engine host overhead per step\n\n{header}\n")
     print(f"## Step time, plain x {'/'.join(map(str, settings.plain_concurrencies))} and power x "
           f"{settings.power_concurrency} ({', '.join(f'{k} {v}' for k, v in POWER_SETTINGS.items())}), "

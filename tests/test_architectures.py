@@ -121,6 +121,7 @@ def dense(model, tokens: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+@pytest.mark.slow
 def test_gemma_runner_matches_the_dense_forward(family, backend):
     seed = random.randrange(2**31)
     model = tiny_gemma(family, seed)
@@ -181,6 +182,7 @@ def test_the_window_changes_the_dense_reference():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.slow
 def test_sliding_window_runner_matches_the_dense_forward_past_the_window(backend):
     seed = random.randrange(2**31)
     model = tiny_windowed_gemma3(seed)
@@ -216,6 +218,7 @@ def test_sliding_window_runner_matches_the_dense_forward_past_the_window(backend
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.slow
 def test_sliding_window_runner_on_a_partial_fork_matches_the_dense_forward(backend):
     """A fork at an earlier length (a rollback), then decode steps: the window of each child
     ends at its own position, not the parent's."""

@@ -38,6 +38,7 @@ SMALL = ["--block-size", "2", "--candidates", "3", "--top-k", "2", "--rollouts",
 
 
 @pytest.mark.parametrize("method", ["power", "mcmc", "smc", "plain", "low-temp", "greedy", "best-of-n", "sir"])
+@pytest.mark.slow
 def test_sample_every_method_json(tiny_model_dir, method, capsys):
     code = cli.main(["sample", "the answer is", "--model", str(tiny_model_dir), "--method", method,
                      "--seed", "3", "--json", "--ignore-eos", *SMALL])
@@ -83,6 +84,7 @@ def test_sample_smc_and_power_options(tiny_model_dir, capsys):
     assert "reuse_rollouts needs horizon >= block_size" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sample_text_and_summary_line(tiny_model_dir):
     env = dict(os.environ, POWERFAST_INTERPRET_OPS="0")
     proc = subprocess.run(
@@ -122,6 +124,7 @@ def test_errors_are_reported_with_the_value(tiny_model_dir, capsys):
         cli.main(["sample", "x", "--method", "beam"])
 
 
+@pytest.mark.slow
 def test_eval_on_a_fixture_and_resume(tiny_model_dir, tmp_path, capsys):
     fixture = Path(__file__).parent / "fixtures" / "math3.jsonl"
     args = ["eval", "--task", str(fixture), "--methods", "greedy,plain,smc,sir", "--seeds", "0", "--out", str(tmp_path),
@@ -142,6 +145,7 @@ def test_eval_on_a_fixture_and_resume(tiny_model_dir, tmp_path, capsys):
     assert (tmp_path / "math3" / "greedy-seed0.jsonl").read_text().splitlines() == lines
 
 
+@pytest.mark.slow
 def test_eval_concurrency_gives_the_samples_of_one_unit_at_a_time(tiny_model_dir, tmp_path, capsys):
     """Units submitted to the engine together decode together, yet each record is the one a
     unit run alone gives (per-request seeds), and the plain sample is ``generate`` of that

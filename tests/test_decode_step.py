@@ -44,6 +44,7 @@ def assert_rows_match_host(runner: ModelRunner, seqs) -> None:
 # --------------------------------------------------------------------- custom operators
 
 
+@pytest.mark.slow
 def test_attention_and_kv_write_are_custom_operators():
     attention.register()
     for name in ("write_kv", "paged_attention", "sample_tokens"):
@@ -186,6 +187,7 @@ def test_batch_buckets():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])  # triton: the kernels under the interpreter
+@pytest.mark.slow
 def test_padded_buckets_give_the_unpadded_logits_and_tokens_and_write_no_real_kv(backend):
     torch.manual_seed(0)
     model = tiny_model("llama")
@@ -243,6 +245,7 @@ def test_compiled_decode_forward_equals_eager_and_dense(family):
         torch.testing.assert_close(outputs["compiled"][4][row], dense_next_logits(eager, ids), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_compiled_decode_with_sliding_windows_equals_dense():
     """Windowed layers (a per-layer constant passed to the custom op) compile in one graph,
     and the padded, bucketed step sees the window past its width."""
@@ -262,6 +265,7 @@ def test_compiled_decode_with_sliding_windows_equals_dense():
         torch.testing.assert_close(steps[-1][row], dense_next_logits(compiled, ids), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_a_whole_sampler_step_compiles_fullgraph():
     """sample (fused op) -> accumulate -> forward -> next logits, as one graph: no host sync inside."""
     torch._dynamo.reset()

@@ -97,6 +97,7 @@ def single_process_records(tiny_model_dir, tmp_path_factory, local_ray):
     return found
 
 
+@pytest.mark.slow
 def test_ray_run_writes_the_records_of_a_single_process_run(tiny_model_dir, tmp_path, single_process_records,
                                                             capsys):
     # the command line, on the Ray instance this process already started

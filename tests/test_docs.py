@@ -263,6 +263,7 @@ def test_every_command_parses(where, command):
 
 
 @pytest.mark.parametrize("where, code, expected", ALL_SNIPPETS, ids=[w for w, _, _ in ALL_SNIPPETS])
+@pytest.mark.slow
 def test_every_python_snippet_runs(where, code, expected, tmp_path):
     ok, output = run_snippet(code, tmp_path)
     assert ok, f"{where} failed:\n{output[-3000:]}"

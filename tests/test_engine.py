@@ -70,6 +70,7 @@ RECORDED_ON_CPU = pytest.mark.skipif(
 
 @RECORDED_ON_CPU
 @pytest.mark.parametrize("name", sorted(recorded.CASES))
+@pytest.mark.slow
 def test_generate_gives_the_tokens_recorded_before_the_step_programs(model, name):
     """Every sampler's generate, alone and batched, reproduces the recorded tokens."""
     alone = [recorded.run_generate(model, name, [p])[0] for p in recorded.PROMPTS]
@@ -78,6 +79,7 @@ def test_generate_gives_the_tokens_recorded_before_the_step_programs(model, name
 
 
 @RECORDED_ON_CPU
+@pytest.mark.slow
 def test_requests_alone_and_together_give_the_recorded_tokens(model):
     """A request gives the tokens of generate([prompt]) with its seed, alone or sharing every
     batch with requests of all the other methods (per-request random streams)."""
@@ -173,6 +175,47 @@ def test_streamed_tokens_add_up_to_the_final_tokens(model):
     assert by_name["mcmc"][0] == 1  # nothing is final before its end
 
 
+@pytest.mark.parametrize("stops", [(), ("zz",)])
+def test_a_request_that_does_not_stream_gets_only_its_final_output_with_the_same_tokens(model, stops):
+    """stream=False: one output (the final one) per request, the tokens and text a streamed
+    request with the same seed ends with, a first-token time between arrival and finish; a
+    stop string is still found at the step that completes it (the text is decoded every
+    step only then)."""
+    tokenizer = CharTokenizer()
+    seed = fresh_seed()
+    methods = {"plain": SamplingParams(max_tokens=12, seed=seed, stop=stops),
+               "low-temp": SamplingParams(method="low-temp", max_tokens=12, seed=seed, stop=stops),
+               "power": SamplingParams(max_tokens=12, seed=seed, stop=stops, **SMALL_POWER)}
+    finals = {}
+    for stream in (True, False):
+        engine = new_engine(model, tokenizer=tokenizer)
+        ids = {engine.add_request([0, 3, 7], p, stream=stream): name for name, p in methods.items()}
+        outputs = {name: [] for name in methods}
+        while engine.has_unfinished():
+            for out in engine.step():
+                outputs[ids[out.request_id]].append(out)
+        for name, outs in outputs.items():
+            assert outs[-1].finished and all(not o.finished for o in outs[:-1]), (name, stream)
+            if not stream:
+                [final] = outs
+                assert final.new_token_ids == final.token_ids and final.new_text == final.text
+                assert final.arrival_time <= final.first_token_time <= final.finish_time
+        finals[stream] = {name: outs[-1] for name, outs in outputs.items()}
+        assert engine.stats().kv_pages_used == 0
+    for name in methods:
+        on, off = finals[True][name], finals[False][name]
+        assert (off.token_ids, off.text, off.finish_reason) == (on.token_ids, on.text, on.finish_reason), name
+        assert off.text == tokenizer.decode(off.token_ids)[: len(off.text)]
+    # a stop string the streamed plain request met cuts the unstreamed one at the same place
+    plain = finals[True]["plain"]
+    if len(plain.text) >= 4 and not stops:
+        stop = plain.text[2:4]
+        engine = new_engine(model, tokenizer=tokenizer)
+        engine.add_request([0, 3, 7], dataclasses.replace(methods["plain"], stop=(stop,)), stream=False)
+        [out] = [o for _ in range(40) for o in engine.step()][:1] or [None]
+        assert out is not None and out.finish_reason == "stop" and out.text == plain.text[: plain.text.find(stop)]
+
+
 # ------------------------------------------------------------------ abort and admission
 
 
@@ -192,6 +235,7 @@ def test_abort_frees_every_page_at_once(model, method):
     assert not engine.has_unfinished() and not engine.abort(request)
 
 
+@pytest.mark.slow
 def test_a_pool_too_small_for_two_power_requests_runs_them_one_after_the_other(model):
     params = SamplingParams(max_tokens=12, seed=4, ignore_eos=True, **SMALL_POWER)
     sampler = make_sampler("power", model, runner_options=dict(page_size=4, num_pages=512), config=params.config())
@@ -211,6 +255,7 @@ def test_a_pool_too_small_for_two_power_requests_runs_them_one_after_the_other(m
     assert peak <= engine.cache.num_pages
 
 
+@pytest.mark.slow
 def test_mixed_requests_on_a_tight_pool_never_run_out_of_pages(model):
     """Random mixes of methods on a pool that admits only a few at a time: every request
     ends by itself (no OutOfPagesError, no error at all) and nothing leaks."""
@@ -364,6 +409,7 @@ def test_async_engine_streams_concurrent_requests_and_cancels_cleanly(model):
     assert stats.kv_pages_used == 0 and stats.requests_finished["abort"] == 2
 
 
+@pytest.mark.slow
 def test_out_of_pages_never_reaches_a_request_through_admission(model):
     """The reservations are upper bounds: with the pool exactly as large as one request's
     reservation, requests of every method run one at a time and never run out."""
@@ -401,6 +447,7 @@ def test_seeds_past_63_bits_are_refused_not_folded():
     assert SamplingParams(seed=2**63 - 1).seed == 2**63 - 1
 
 
+@pytest.mark.slow
 def test_requests_the_engine_ends_still_count_their_tokens(model):
     """decoded_tokens covers every sampled token, and tokens_by_phase every ended request,
     whoever ended it (its EOS or a stop string streamed, a stop string in a block, an abort)."""
@@ -468,6 +515,7 @@ def test_one_sampling_launch_per_forward_for_every_request(model, monkeypatch):
     dict(num_rollouts=4, skip_share=0.95, rollouts_per_round=2, round_tolerance=0.05),
     dict(num_rollouts=2, entropy_cut=2.72),  # the tiny model's median next-token entropy: some blocks cut
 ], ids=["resampled", "adaptive", "entropy-cut"])
+@pytest.mark.slow
 def test_resampled_rollouts_run_through_the_engine_alone_and_together_and_free_everything(model, lookahead):
     """Power with resampled tempered rollouts (R = 2, 2 groups), or with adaptive budgets
     (skipped decisions, rollouts in rounds), is a request like any other: it gets the tokens

@@ -104,6 +104,7 @@ def stream_of(engine: Engine, requests, ids=None) -> dict[str, list[tuple]]:
     return [streams[request_id] for request_id in ids]
 
 
+@pytest.mark.slow
 def test_requests_together_stream_exactly_what_each_streams_alone(model):
     """Random requests of several methods, with EOS, stop strings and budgets, added at once
     to one engine, report the same outputs, one for one (new tokens and text, everything so

@@ -146,6 +146,7 @@ def humaneval():
     return load_task("humaneval", code_timeout=10.0)
 
 
+@pytest.mark.slow
 def test_humaneval_canonical_solutions_all_pass(humaneval):
     assert len(humaneval.problems) == 164
     with ThreadPoolExecutor(max_workers=4) as pool:

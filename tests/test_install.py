@@ -39,6 +39,7 @@ def test_hugging_face_kernels_is_installed_here():
     assert version, "Hugging Face's 'kernels' package must be installed where the tests run"
 
 
+@pytest.mark.slow
 def test_import_kernels_in_repository_root_gives_hugging_face_package():
     result = run_in_root("import transformers.activations, kernels; print(kernels.__file__)")
     assert result.returncode == 0, result.stderr
@@ -89,6 +90,7 @@ def test_powerfast_kernels_is_the_folder_through_a_relative_link():
     assert link.resolve() == (ROOT / "kernels").resolve()
 
 
+@pytest.mark.slow
 def test_cli_module_runs_in_repository_root():
     # `python -m powerfast.cli` puts the root first on sys.path; `fidelity` loads transformers models
     result = run_in_root("", "-m", "powerfast.cli", "fidelity", "--help")
@@ -101,6 +103,7 @@ def test_cli_module_runs_in_repository_root():
 
 
 @pytest.mark.parametrize("entry", ["tests", "."])
+@pytest.mark.slow
 def test_pytest_rootdir_entries_do_not_shadow(entry):
     # pytest inserts the test folder (rootdir-relative) and `python -m pytest` the cwd
     code = f"import sys; sys.path.insert(0, {entry!r}); import transformers.activations, kernels; print(kernels.__file__)"

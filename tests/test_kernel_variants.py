@@ -133,6 +133,7 @@ LONG_RUN_CUDA = ([20, 700, 5], 2)
 
 
 @cpu_twin
+@pytest.mark.slow
 def test_runner_runs_of_two_lengths_launch_one_attention_variant(recorded):
     runner = ModelRunner(tiny_llama("cpu"), num_pages=64, backend="triton")
     run_once(runner, *SHORT_RUN)

@@ -63,6 +63,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_sm90():
     import triton
 

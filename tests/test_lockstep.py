@@ -165,7 +165,7 @@ def test_a_follower_admits_exactly_what_rank_0_decided_and_draws_no_seed(model, 
     """Admissions travel in the command: a follower starts the ids it is given, in order, even
     where its own rule would start more, and refuses any but its queue's head."""
     params = SamplingParams(method="plain", max_tokens=3, seed=5, ignore_eos=True)
-    add = [("add", f"r{i}", [3, 4, 5], params, 1) for i in range(3)]
+    add = [("add", f"r{i}", [3, 4, 5], params, 1, True) for i in range(3)]
     commands = [lockstep.StepCommand(0, add, ["r0"]),  # r1 and r2 would fit: the follower waits anyway
                 lockstep.StepCommand(1, [], ["r1", "r2"])]
     commands += [lockstep.StepCommand(step, [], []) for step in range(2, 6)]
@@ -185,7 +185,7 @@ def test_a_follower_admits_exactly_what_rank_0_decided_and_draws_no_seed(model, 
         lockstep.follow(engine_of(model))
 
     unseeded = SamplingParams(method="plain", max_tokens=3)
-    no_seed = FakeChannel([lockstep.StepCommand(0, [("add", "x", [3, 4], unseeded, 1)], [])])
+    no_seed = FakeChannel([lockstep.StepCommand(0, [("add", "x", [3, 4], unseeded, 1, True)], [])])
     monkeypatch.setattr(lockstep, "_Channel", lambda: no_seed)
     with pytest.raises(RuntimeError, match="without a resolved seed: a follower draws none"):
         lockstep.follow(engine_of(model))

@@ -35,6 +35,7 @@ def test_config_validation():
 
 
 @pytest.mark.parametrize("num_rollouts", [1, 2])
+@pytest.mark.slow
 def test_tempered_is_exact_on_the_toy(num_rollouts):
     """The toy's futures branch at one step per path: every tempered estimate is exact."""
     config = PowerConfig(alpha=4.0, block_size=1, top_k=6, num_rollouts=num_rollouts, horizon=3,
@@ -51,6 +52,7 @@ def test_tempered_is_exact_on_the_toy(num_rollouts):
         assert record.probs[record.candidates.index([toy.PLAN])] == pytest.approx(0.548, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_base_is_not_exact_on_the_toy_at_one_rollout():
     config = PowerConfig(alpha=4.0, block_size=1, top_k=6, num_rollouts=1, horizon=3, jackknife=False)
     records = PowerSampler(LMRunner(toy.toy_model()), config=config, seed=SEED).decisions([PROMPT] * 40, 4)
@@ -106,6 +108,7 @@ def exact_weight_moments(model, prefix, alpha, horizon, proposal):
 
 
 @pytest.mark.parametrize("horizon", [1, 3])
+@pytest.mark.slow
 def test_zeta_hat_is_unbiased_for_both_proposals(horizon, torch_ops):
     """Mean of zeta_hat vs exact zeta within 5 standard errors, for both proposals. The
     standard error is the exact one (from the enumerated law of a rollout's weight): a
@@ -134,6 +137,7 @@ def test_zeta_hat_is_unbiased_for_both_proposals(horizon, torch_ops):
 
 
 @pytest.mark.parametrize("horizon, every", [(4, 2), (5, 2)])
+@pytest.mark.slow
 def test_resampled_rollouts_are_unbiased_for_zeta(horizon, every, torch_ops):
     """Tempered rollouts resampled every 2 tokens in 2 independent groups: the mean of
     zeta_hat (the groups' mean of their product of stage means) against the exact zeta of
@@ -185,6 +189,7 @@ def dense_logprobs(model, ids):
 
 
 @pytest.mark.parametrize("proposal", ["base", "tempered"])
+@pytest.mark.slow
 def test_reuse_bookkeeping(proposal):
     model = tiny_llama(seed=SEED % 1000, sharpen=3.0)
     runner = ModelRunner(model, page_size=4)
@@ -216,6 +221,7 @@ def test_reuse_bookkeeping(proposal):
         assert r.log_likelihood == pytest.approx(want, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_reuse_stops_at_eos_and_leaks_nothing_on_error():
     model = tiny_llama(seed=3, sharpen=1.0)
     runner = ModelRunner(model, page_size=4)

@@ -161,6 +161,7 @@ def runner_on_triton_matches_dense(device: str, prompt_lengths: tuple[int, int])
         assert_close(row.cpu(), dense_logits(runner, prompt).cpu()[-1])
 
 
+@pytest.mark.slow
 def test_runner_with_the_triton_backend_matches_dense():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the CPU twin of the cuda test below: needs TRITON_INTERPRET=1")

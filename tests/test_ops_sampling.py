@@ -25,7 +25,12 @@ from powerfast.ops.device import use_triton
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (N, V): 5003 is not a multiple of the 4096-wide chunk
-SHAPES = [(1, 1), (3, 7), (64, 1000), (64, 5003), (3, 32000), (1, 151936), (3, 151936)]
+def _slow(*shapes):
+    """Shapes whose interpreter runs take seconds: in the whole suite, not the inner loop."""
+    return [pytest.param(shape, marks=pytest.mark.slow) for shape in shapes]
+
+
+SHAPES = [(1, 1), (3, 7), (64, 1000), *_slow((64, 5003), (3, 32000), (1, 151936), (3, 151936))]
 SIGNIFICANCE = 1e-4  # false rejections 1 in 10^4; the power checks below still reject wrong laws
 
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
@@ -135,6 +140,7 @@ def _chi_square_pvalue(counts, probs, min_expected=5.0):
 
 @pytest.mark.parametrize("backend", ["kernel", "torch"])
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_token_frequencies_match_tempered_softmax(device, backend, monkeypatch):
     """Chi-square goodness of fit at SIGNIFICANCE. The draw count is checked to be large
     enough: the same counts must reject a wrong temperature (1.0) and a vocabulary shifted
@@ -162,6 +168,7 @@ def test_token_frequencies_match_tempered_softmax(device, backend, monkeypatch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_frequencies_large_vocab_chunk_boundary(device):
     """Mass concentrated on a few tokens straddling chunk boundaries of a 5003-token vocab."""
     vocab = 5003
@@ -267,7 +274,7 @@ def _ref_log_power_sums(logits, temperature):
     return torch.logsumexp(torch.log_softmax(logits.double().cpu(), dim=-1) / temperature, dim=-1)
 
 
-LOG_POWER_SHAPES = [(1, 1), (3, 7), (64, 1000), (5, 5003), (3, 32000), (3, 151936)]
+LOG_POWER_SHAPES = [(1, 1), (3, 7), *_slow((64, 1000), (5, 5003), (3, 32000), (3, 151936))]
 
 
 @pytest.mark.parametrize("device", DEVICES)

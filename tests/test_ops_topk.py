@@ -39,6 +39,7 @@ def _reference(logits, k):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-V{s[1]}-k{s[2]}")
+@pytest.mark.slow
 def test_topk_matches_reference(device, dtype, shape, poisoned_empty):
     num_rows, vocab, k = shape
     logits = (torch.randn(num_rows, vocab, dtype=torch.float64) * 3).to(dtype).to(device)

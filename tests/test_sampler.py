@@ -41,6 +41,7 @@ def total_variation(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------ toy
 
 
+@pytest.mark.slow
 def test_toy_power_sampling_picks_plan_at_the_exact_rate(torch_ops):
     runner = LMRunner(toy.toy_model())
     config = PowerConfig(alpha=4.0, block_size=1, top_k=6, num_rollouts=32, horizon=4)
@@ -77,6 +78,7 @@ def empirical_tv(results, target: dict) -> float:
     return 0.5 * sum(abs(counts.get(k, 0) / len(results) - target.get(k, 0.0)) for k in keys)
 
 
+@pytest.mark.slow
 def test_mcmc_on_the_toy_approaches_the_power_distribution(torch_ops):
     target = toy_sequence_target(4.0)
     runs = 1500  # at 600 a correct chain crossed the 0.12 bound about once in 25 runs
@@ -122,6 +124,7 @@ def small_model():
     return tiny_llama(vocab=6, seed=SEED % 1000)
 
 
+@pytest.mark.slow
 def test_token_distribution_converges_to_the_exact_conditional(torch_ops):
     """Average of many independent estimates vs exact.power_conditional, by M.
 
@@ -204,6 +207,7 @@ def test_block_sampler_remainder_and_budget(small_model):
     assert sampler.runner.cache.pages_in_use == 0
 
 
+@pytest.mark.slow
 def test_generation_stops_at_eos_and_is_reproducible():
     model = tiny_llama(vocab=6, seed=3, sharpen=1.0, eos=5)
     config = PowerConfig(alpha=2.0, block_size=2, num_candidates=4, top_k=2, num_rollouts=2, horizon=2)

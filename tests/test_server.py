@@ -384,6 +384,7 @@ def test_an_unexpected_error_is_a_500_in_openai_shape_and_the_server_stays_up(se
 # ------------------------------------------------------------------------------ scheduling
 
 
+@pytest.mark.slow
 def test_a_pool_for_one_power_request_runs_two_in_turn_and_a_full_queue_answers_429(tokenizer):
     prompt = "Count with me"
     power = {**POWER, "ignore_eos": True}
@@ -594,6 +595,7 @@ def test_render_writes_every_family_in_the_exposition_format():
 # ------------------------------------------------------------------------------ the command
 
 
+@pytest.mark.slow
 def test_powerfast_serve_answers_the_openai_client_on_the_embedded_model(tmp_path):
     import importlib.util
 

@@ -146,6 +146,7 @@ def test_binomial_two_sided_against_known_values():
     assert binomial_two_sided(round(400 + 4.0 * sd), 2000, 0.2) > 1e-5 > binomial_two_sided(round(400 + 5.0 * sd), 2000, 0.2)
 
 
+@pytest.mark.slow
 def test_toy_sir_with_many_samples_gives_the_exact_power_law(torch_ops):
     """On the paper's toy, 2,000 draws of sir with N = 64 plain samples each: every
     completion's count passes an exact two-sided binomial test against its exact p^4 / Z at
@@ -164,6 +165,7 @@ def test_toy_sir_with_many_samples_gives_the_exact_power_law(torch_ops):
     assert runner.live_sequences == 0
 
 
+@pytest.mark.slow
 def test_sir_tv_falls_to_the_noise_floor_as_n_grows(torch_ops):
     """TV of 1,500 draws to the exact p^4 sequence law of a random Llama (V4 T4, no EOS), by
     N. sir is consistent only as N grows: N = 1 is plain sampling (far above the floor),
@@ -202,6 +204,7 @@ def test_alpha_to_infinity_is_best_of_n_by_likelihood(torch_ops):
     assert flat.stats.extra["log_weights"] == [0.0] * 6 and flat.stats.extra["weights_ess"] == pytest.approx(6.0)
 
 
+@pytest.mark.slow
 def test_seeded_runs_repeat_and_leak_nothing_on_the_paged_runner():
     model = tiny_llama(vocab=6, seed=SEED % 1000, sharpen=3.0, eos=5)
     runner = ModelRunner(model, page_size=4)

@@ -62,6 +62,7 @@ def test_effective_sample_size_against_float64():
 
 
 @pytest.mark.parametrize("n,num", [(5, 5), (9, 32), (40, 16)])
+@pytest.mark.slow
 def test_systematic_counts_have_mean_num_times_weight(n, num):
     generator = torch.Generator().manual_seed(SEED + n)
     log_w = random_log_weights(n, generator)
@@ -96,6 +97,7 @@ def chopthin_expected_by_definition(w, num, eta):
 
 
 @pytest.mark.parametrize("n,num", [(6, 6), (12, 32), (50, 16)])
+@pytest.mark.slow
 def test_chopthin_against_its_definition(n, num):
     generator = torch.Generator().manual_seed(SEED + 7 * n)
     log_w = random_log_weights(n, generator, spread=2.5)
@@ -131,6 +133,7 @@ def test_chopthin_keeps_more_lineages_than_systematic():
 
 
 @pytest.mark.parametrize("resampler", ["systematic", "chopthin"])
+@pytest.mark.slow
 def test_resampling_preserves_the_weighted_distribution(resampler):
     """A fixed particle set carrying values: the weighted law of the values after
     resampling equals the one before, in expectation over the uniform."""
@@ -282,6 +285,7 @@ def test_errors_leak_nothing():
 
 
 @pytest.mark.parametrize("spec", [(4, 4, 7), (5, 4, 8)], ids=["V4-T4-seed7", "V5-T4-seed8"])
+@pytest.mark.slow
 def test_smc_tv_shrinks_with_n_to_the_noise_floor(spec, torch_ops):
     """TV of 1500 SMC draws to the exact p^alpha sequence law of a random Llama (no EOS),
     by N. Measured at sampler seeds 0-3: N = 1 0.20-0.22 / 0.27-0.29, N = 8 0.10-0.13 /

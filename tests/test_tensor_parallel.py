@@ -27,6 +27,9 @@ from powerfast import cli
 from powerfast.runtime import parallel
 from powerfast.runtime.models import load_model
 
+# every test here launches ranks (torchrun) or loads a model per rank: seconds each
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).resolve().parent
 LIMIT_S = 600
 

@@ -51,6 +51,7 @@ def bias_rows():
 
 
 @pytest.mark.parametrize("case", ["toy", "dominant+tail", "rare-heavy"])
+@pytest.mark.slow
 def test_plain_bias_shrinks_like_one_over_m(bias_rows, case):
     r8, r16, r32 = (bias_rows[(case, m)] for m in (8, 16, 32))
     noise = 5 * max(r.plain_stderr for r in (r8, r16, r32))
@@ -62,12 +63,14 @@ def test_plain_bias_shrinks_like_one_over_m(bias_rows, case):
 
 @pytest.mark.parametrize("case", ["dominant+tail", "rare-heavy"])
 @pytest.mark.parametrize("m", [16, 32])
+@pytest.mark.slow
 def test_jackknife_bias_clearly_below_plain(bias_rows, case, m):
     row = bias_rows[(case, m)]
     noise = 4 * max(row.plain_stderr, row.jackknife_stderr)
     assert abs(row.jackknife_bias) + noise < abs(row.plain_bias), row
 
 
+@pytest.mark.slow
 def test_both_estimators_nearly_unbiased_on_the_toy(bias_rows):
     # the toy's futures are two-valued and mild: both biases are below 1e-3 from M = 8 on
     for m in (8, 16, 32):

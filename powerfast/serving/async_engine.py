@@ -103,8 +103,9 @@ class AsyncEngine:
         self._wake.set()
 
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None, *,
-                       chat_template: bool = True) -> AsyncIterator[RequestOutput]:
-        """The request's outputs as they come, the last with ``finished=True``. Raises
+                       chat_template: bool = True, stream: bool = True) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come, the last with ``finished=True`` (with ``stream``
+        False only that one: :meth:`Engine.add_request`). Raises
         InvalidRequestError / RequestTooLargeError / QueueFullError / EngineClosedError
         before yielding anything."""
         if self._error is not None:
@@ -117,7 +118,7 @@ class AsyncEngine:
         self._queues[request_id] = queue
         finished = False
         try:
-            self.engine.add_request(prompt, params, request_id, chat_template=chat_template)
+            self.engine.add_request(prompt, params, request_id, chat_template=chat_template, stream=stream)
             self._wake.set()
             while True:
                 out = await queue.get()

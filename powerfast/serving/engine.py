@@ -160,7 +160,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None, *,
-                    chat_template: bool = True) -> str:
+                    chat_template: bool = True, stream: bool = True) -> str:
         """Queue a request; it is admitted at a step when its KV need fits. Thread-safe.
 
         prompt: a string, chat messages ``[{"role": "user", "content": "..."}, ...]`` or a
@@ -168,6 +168,10 @@ class Engine:
                 (:func:`powerfast.samplers.prompts.encode_prompt`): a string becomes a one-turn
                 user conversation through the tokenizer's chat template when it has one and
                 ``chat_template`` is True, and is tokenised as it is otherwise
+        stream: whether :meth:`step` reports the request's tokens as they become final (an
+                output per step with new tokens); False: only its final output, and no
+                per-step work for its text (it is decoded once at the end, or every step
+                only when stop strings must be looked for). The tokens are the same.
         A request without a seed gets a fresh one here (:meth:`SamplingParams.resolved`;
         its outputs report it as ``seed``).
         Returns the request id. Raises InvalidRequestError (a bad prompt or params),
@@ -176,7 +180,7 @@ class Engine:
         prompt_ids, params, sampler, need = self._check_request(prompt, params, chat_template)
         with self._lock:
             request_id = self._claim_id(request_id)
-            self._enqueue(request_id, prompt_ids, params, sampler, need)
+            self._enqueue(request_id, prompt_ids, params, sampler, need, stream)
         return request_id
 
     def _check_request(self, prompt, params, chat_template: bool):
@@ -219,10 +223,11 @@ class Engine:
             raise QueueFullError(f"the queue is full ({self.max_queue} requests waiting); try again later")
         return request_id
 
-    def _enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sampler, need: int) -> None:
+    def _enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sampler, need: int,
+                 stream: bool = True) -> None:
         """Queue a checked request under a claimed id (lock held)."""
         detokenizer = IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None
-        request = Request(request_id, prompt_ids, params, sampler, need, detokenizer)
+        request = Request(request_id, prompt_ids, params, sampler, need, detokenizer, stream)
         self._waiting.append(request)
         self._ids[request_id] = request
 
@@ -269,7 +274,8 @@ class Engine:
     def run(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams], *,
             chat_template: bool = True) -> list[RequestOutput]:
         """Add every prompt (one params for all, or one each), step until all have finished;
-        the final output of each, in order. What ``generate`` is for a fixed set of prompts,
+        the final output of each, in order (the requests do not stream: only their final
+        outputs are made). What ``generate`` is for a fixed set of prompts,
         with the engine's per-request random streams (request i of a shared params gets
         seed ``params.seed + i`` when a seed is set)."""
         if isinstance(params, SamplingParams):
@@ -277,7 +283,7 @@ class Engine:
                       for i in range(len(prompts))]
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} params for {len(prompts)} prompts")
-        ids = [self.add_request(p, sp, chat_template=chat_template) for p, sp in zip(prompts, params)]
+        ids = [self.add_request(p, sp, chat_template=chat_template, stream=False) for p, sp in zip(prompts, params)]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
             for out in self.step():
@@ -489,11 +495,13 @@ class Engine:
         """The decode forward's (rows,) int64 input: every request's Decode tokens, in order.
         The sampled tokens a decode loop feeds back are 1-D int64 tensors on the device,
         joined in one ``cat``; anything else is converted first."""
-        device = self.device
-        if all(type(t) is torch.Tensor and t.dim() == 1 and t.dtype == torch.long and t.device == device
-               for t in tokens):
-            return torch.cat(tokens)
-        return torch.cat([self._token_tensor(t) for t in tokens])
+        try:  # the common case in one call: checking each tensor first costs more than the cat
+            joined = torch.cat(tokens)
+        except (TypeError, RuntimeError):  # host lists or ints, 0-d tensors, another device
+            joined = None
+        if joined is None or joined.dim() != 1 or joined.dtype != torch.long or joined.device != self.device:
+            joined = torch.cat([self._token_tensor(t) for t in tokens])
+        return joined
 
     def _token_tensor(self, tokens) -> torch.Tensor:
         if isinstance(tokens, torch.Tensor):
@@ -513,6 +521,8 @@ class Engine:
                 if isinstance(message, Tokens):  # read after the step, all requests' at once
                     request.streamed.append(message)
                 elif message.index == 0 and message.token_ids:
+                    if request.first_token is None:
+                        request.first_token = time.monotonic()
                     request.token_ids.extend(message.token_ids)
                     streamed = True
                 if streamed and self._hit_stop_string(request):
@@ -544,7 +554,7 @@ class Engine:
             outputs.append(self._fail(request, TypeError(f"a step program yielded {type(message).__name__}")))
             return
         request.pending = message
-        if streamed:
+        if streamed and request.stream:
             outputs.append(self._output(request, finished=False))
 
     def _count_phases(self, counts: dict[str, int]) -> None:
@@ -581,6 +591,7 @@ class Engine:
         if guarded:
             self.sampled_host = host[2 * count :]
         touched: dict[str, Request] = {}
+        now = time.monotonic()
         position = launched  # the next yielded row
         for request, streamed in flat:
             request.streamed = []
@@ -589,6 +600,8 @@ class Engine:
             else:
                 row, position = position, position + 1
             if host[count + row] and not (request.token_ids and request.token_ids[-1] in request.eos):
+                if request.first_token is None:
+                    request.first_token = now
                 request.token_ids.append(host[row])
                 touched[request.id] = request
         for request in touched.values():
@@ -598,7 +611,7 @@ class Engine:
                 request.decoded = max(request.decoded, len(request.token_ids))  # each token was sampled
                 self._count_phases({"prefill": len(request.prompt_ids), "sample": len(request.token_ids)})
                 outputs.append(self._end(request, "stop"))
-            else:
+            elif request.stream:
                 outputs.append(self._output(request, finished=False))
 
     # ------------------------------------------------------------------ endings and text
@@ -606,13 +619,12 @@ class Engine:
     def _hit_stop_string(self, request: Request) -> bool:
         """Refresh the request's text; True (and the text cut) when a stop string appeared.
         Only the new text (and the few characters before it a stop string may start in) is
-        searched."""
-        if self.tokenizer is None:
+        searched. Without stop strings nothing is looked for and the text is left to the next
+        output (a request that does not stream decodes its text once, at its end)."""
+        stops = request.params.stop
+        if self.tokenizer is None or not stops:
             return False
         self._refresh_text(request)
-        stops = request.params.stop
-        if not stops:
-            return False
         start = max(0, request.stop_scan - max(len(s) for s in stops) + 1)
         request.stop_scan = len(request.text)
         cuts = [request.text.find(s, start) for s in stops]

@@ -56,7 +56,7 @@ class StepCommand(NamedTuple):
     """What rank 0 sends every rank before a step: all the step depends on that rank 0 decided.
 
     step:     the step's number (rank 0's ``num_steps``; a follower checks it is its own)
-    requests: ``("add", request_id, prompt_ids, params, need)`` with resolved params (a seed)
+    requests: ``("add", request_id, prompt_ids, params, need, stream)`` with resolved params (a seed)
               and the KV pages the request reserves, or ``("abort", request_id)``, in the
               order they were made
     admit:    the ids of the waiting requests the step starts, in order
@@ -146,10 +146,10 @@ def _apply(engine: Engine, requests: list, sampler_of) -> None:
     ``sampler_of(request_id, params)`` gives and the reservation rank 0 computed."""
     for command in requests:
         if command[0] == "add":
-            _, request_id, prompt_ids, params, need = command
+            _, request_id, prompt_ids, params, need, stream = command
             sampler = sampler_of(request_id, params)
             with engine._lock:
-                engine._enqueue(request_id, prompt_ids, params, sampler, need)
+                engine._enqueue(request_id, prompt_ids, params, sampler, need, stream)
         else:
             Engine.abort(engine, command[1])
 
@@ -177,12 +177,12 @@ class LeaderEngine(Engine):
         self._broadcasting = threading.Lock()  # one exchange on the wire at a time
 
     def add_request(self, prompt, params: SamplingParams, request_id: str | None = None, *,
-                    chat_template: bool = True) -> str:
+                    chat_template: bool = True, stream: bool = True) -> str:
         prompt_ids, params, sampler, need = self._check_request(prompt, params, chat_template)
         with self._lock:
             request_id = self._claim_id(request_id)
             self._pending[request_id] = sampler
-            self._commands.append(("add", request_id, list(prompt_ids), params, need))
+            self._commands.append(("add", request_id, list(prompt_ids), params, need, stream))
         return request_id
 
     def _id_in_use(self, request_id: str) -> bool:
@@ -191,8 +191,8 @@ class LeaderEngine(Engine):
     def _queued(self) -> int:
         return super()._queued() + len(self._pending)
 
-    def _enqueue(self, request_id, prompt_ids, params, sampler, need) -> None:
-        super()._enqueue(request_id, prompt_ids, params, sampler, need)
+    def _enqueue(self, request_id, prompt_ids, params, sampler, need, stream=True) -> None:
+        super()._enqueue(request_id, prompt_ids, params, sampler, need, stream)
         self._pending.pop(request_id, None)  # in the same hold of the lock: the id is never free
 
     def abort(self, request_id: str) -> bool:

@@ -50,12 +50,13 @@ class Request:
     """A request's state inside the engine."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sampler, need: int,
-                 detokenizer: IncrementalDetokenizer | None = None) -> None:
+                 detokenizer: IncrementalDetokenizer | None = None, stream: bool = True) -> None:
         self.id = request_id
         self.prompt_ids = prompt_ids
         self.params = params
         self.sampler = sampler
         self.need = need  # KV pages reserved while it runs
+        self.stream = stream  # False: no outputs before the final one
         self.program = None
         self.pending = None  # the Prefill / Decode / Sample the program waits on
         self.token_ids: list[int] = []

@@ -452,7 +452,8 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None,
                                param="n")
             response_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             # completions take the prompt as raw text (OpenAI's meaning); chat bodies are messages
-            streams = [engine.generate(prompt, p, f"{response_id}-{len(params) * i + j}", chat_template=False)
+            streams = [engine.generate(prompt, p, f"{response_id}-{len(params) * i + j}", chat_template=False,
+                                       stream=stream)
                        for i, prompt in enumerate(prompts) for j, p in enumerate(params)]
             firsts = await _unless_disconnected(request, _first_outputs(streams))
         except _ClientGone:
