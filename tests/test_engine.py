@@ -14,7 +14,7 @@ import recorded
 import torch
 
 from powerfast.samplers.factory import make_sampler
-from powerfast.samplers.program import Decode, Prefill, Sample, drive
+from powerfast.samplers.program import Decode, Loop, Prefill, Sample, drive
 from powerfast.samplers.sampling import sample_all
 from powerfast.serving.async_engine import AsyncEngine
 from powerfast.serving.engine import Engine
@@ -428,13 +428,20 @@ def test_a_program_yields_its_forwards_and_frees_everything_when_closed(model):
     program = sampler.program([[0, 3]], 3, (5,), stream=True)
     first = next(program)
     assert isinstance(first, Prefill) and first.prompts == [[0, 3]]
-    sample = program.send(sampler.runner.prefill(first.prompts))
+    loop = program.send(sampler.runner.prefill(first.prompts))
+    # a one-row streaming loop yields itself whole (the engine batches it); run() gives its steps
+    assert isinstance(loop, Loop) and loop.first_logits.shape[0] == 1 and loop.num_steps == 3
+    assert loop.temperature == 1.0 and loop.eos_token_ids == (5,)
+    steps = loop.run()
+    sample = next(steps)
     assert isinstance(sample, Sample) and sample.logits.shape[0] == 1 and sample.counter == 0 and sample.stream
+    assert sample.seed == loop.seed
     streamed = sample_all([sample])[0]
     assert streamed.tokens.shape == (1,) and bool(streamed.was_active[0])
-    decode = program.send(streamed)
+    decode = steps.send(streamed)
     assert isinstance(decode, Decode) and len(decode.seqs) == 1 and int(decode.tokens[0]) == int(streamed.tokens[0])
     assert sampler.runner.cache.pages_in_use > 0
+    steps.close()
     program.close()
     assert sampler.runner.cache.pages_in_use == 0
 

@@ -128,3 +128,97 @@ def test_requests_together_stream_exactly_what_each_streams_alone(model):
     for index, (final, want) in enumerate(zip(finals, alone)):
         assert (final.token_ids, final.text, final.finish_reason) == (want[-1][2], want[-1][3], want[-1][5]), \
             (index, seed)
+
+
+# ------------------------------------------------------------------ the loops the engine steps itself
+
+
+def alone(model, params: SamplingParams, prompt: list[int]):
+    """The request's result run alone outside the engine (``generate`` of its own sampler)."""
+    sampler = params.sampler(new_runner(model))
+    [result] = sampler.generate([prompt], params.max_tokens, ignore_eos=params.ignore_eos)
+    return result
+
+
+def new_runner(model):
+    from powerfast.samplers.base import as_runner
+
+    return as_runner(model, page_size=4, num_pages=512)
+
+
+def test_batched_loops_give_each_request_what_it_gets_alone(model):
+    """Plain, low-temperature and greedy requests (one-row streaming loops, which the engine
+    steps as rows of one batch) added at different steps, with different budgets, some ending
+    at their EOS, one aborted, beside power and best-of-2 requests (programs stepped as
+    generators): each gets the tokens it gets alone, and when its program ran to its end, the
+    same result (tokens, phases, the log-likelihood to the last bits a batch's logits may
+    differ in); every page is free at the end."""
+    seed = fresh_seed()
+    rng = random.Random(seed)
+    engine = Engine(model, page_size=4, num_pages=512)
+    cases, finals, aborted = {}, {}, None
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+
+    for wave in range(3):
+        for _ in range(rng.randint(3, 6)):
+            method = rng.choice(["plain", "plain", "low-temp", "greedy", "power", "best-of-n"])
+            extra = dict(block_size=3, num_candidates=4, top_k=2, num_rollouts=2, horizon=3) if method == "power" else {}
+            if method == "best-of-n":
+                extra = dict(num_samples=2)
+            params = SamplingParams(method=method, max_tokens=rng.randint(1, 24), seed=rng.randrange(2**40),
+                                    ignore_eos=rng.random() < 0.5, **extra)
+            prompt = [rng.randrange(16) for _ in range(rng.randint(1, 5))]
+            request_id = engine.add_request(prompt, params, stream=rng.random() < 0.5)
+            cases[request_id] = (params, prompt)
+        for _ in range(rng.randint(0, 4)):
+            step()
+        if wave == 1 and aborted is None:
+            running = [r.id for r in engine.running_requests() if r.loop_row is not None]
+            if running:
+                aborted = running[0]
+                engine.abort(aborted)
+    while engine.has_unfinished():
+        step()
+    assert engine.stats().kv_pages_used == 0
+    assert all(row.dead for row in engine._loops.rows)
+    for request_id, (params, prompt) in cases.items():
+        out = finals[request_id]
+        if request_id == aborted:
+            assert out.finish_reason == "abort"
+            continue
+        want = alone(model, params, prompt)
+        assert out.token_ids == want.token_ids, (request_id, params.method, seed)
+        if out.result is not None:
+            assert out.result.token_ids == want.token_ids
+            # the batch's logits may differ from a lone forward's in the last bits (other kernels)
+            assert out.result.log_likelihood == pytest.approx(want.log_likelihood, rel=1e-5, abs=1e-4), seed
+            assert out.result.stats.tokens_by_phase == want.stats.tokens_by_phase
+
+
+def test_a_loop_whose_eos_falls_on_its_check_step_returns_its_result_as_alone(model):
+    """A decode loop looks at its EOS every 32 steps and returns there; stepped by the engine it
+    must do the same: a request whose EOS is its 32nd token ends with the loop's result (not
+    cut by the engine), the tokens and log-likelihood of the loop run alone."""
+    saved = model.generation_config.eos_token_id
+    try:
+        for seed in range(400):
+            params = SamplingParams(method="plain", max_tokens=40, seed=seed, ignore_eos=True)
+            tokens = alone(model, params, [0, 3, 7]).token_ids
+            if tokens[31] not in tokens[:31]:
+                break
+        else:
+            pytest.fail("no seed whose 32nd token is new among 400")
+        model.generation_config.eos_token_id = [tokens[31]]
+        params = SamplingParams(method="plain", max_tokens=40, seed=seed)
+        want = alone(model, params, [0, 3, 7])
+        assert want.token_ids == tokens[:32]
+        engine = Engine(model, page_size=4, num_pages=512)
+        [out] = engine.run([[0, 3, 7]], params)
+        assert out.finish_reason == "stop" and out.token_ids == want.token_ids
+        assert out.result is not None and out.result.log_likelihood == want.log_likelihood
+    finally:
+        model.generation_config.eos_token_id = saved

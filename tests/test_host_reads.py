@@ -71,12 +71,13 @@ def test_device_to_host_reads_stay_within_the_methods_budget(runner, method, mon
 def test_the_counter_sees_reads_of_cpu_tensors(runner, monkeypatch):
     """The counter is not blind on the CPU: a ``.tolist()`` of the active rows per token,
     planted in the decode loop (code compiled under decoding.py's file name), shows up
-    as one more read per step."""
+    as one more read per step. (Best-of-2: a decode loop of two rows yields a Sample per
+    step; a one-row plain loop is stepped by the engine itself.)"""
     import powerfast.samplers.decoding as decoding
     from bench import engine_host
 
     monkeypatch.setenv("POWERFAST_INTERPRET_OPS", "0")
-    params = SamplingParams(method="plain", ignore_eos=True, max_tokens=8, seed=1)
+    params = SamplingParams(method="best-of-n", num_samples=2, ignore_eos=True, max_tokens=8, seed=1)
     with HostReadCounter() as counter:
         Engine(runner, None).run([make_prompt(0)], params)
     clean = sum(counter.gpu_reads.values())

@@ -6,6 +6,7 @@ Every sampler decodes through :func:`continuations_program` (or, one token at a 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
@@ -14,7 +15,7 @@ import torch
 
 from powerfast.ops.sampling import SampleOutput, check_temperature, sample_tokens_op
 from powerfast.runtime.protocol import eos_token_ids
-from powerfast.samplers.program import Decode, drive
+from powerfast.samplers.program import Decode, Loop, drive
 from powerfast.samplers.sampling import SEED_MIX, Sample
 
 
@@ -226,6 +227,12 @@ def continuations_program(
                   fed tokens like an ended row: cut it to its length). 0: never
     stop_after:   the first step at which ``stop_entropy`` may stop a row (>= 1: a row keeps
                   at least this many tokens, unless it ends earlier)
+
+    A streaming loop of one row that keeps nothing but its tokens and log-likelihoods (no
+    per-token values, power sums, weights, given state, entropy stop or last logits: a plain,
+    low-temperature or greedy request) yields one :class:`~powerfast.samplers.program.Loop`
+    instead of its steps, after drawing its seed: the engine batches such loops itself;
+    ``drive`` runs the same steps as below.
     """
     eos_ids = eos_token_ids(eos_token_id)
     eos_token_id = eos_ids[0] if eos_ids else None  # the sampling ops handle the first id
@@ -238,12 +245,35 @@ def continuations_program(
     base = torch.zeros(num_rows, dtype=torch.float32, device=device) if logliks is None else logliks
     tempered = (torch.zeros(num_rows, dtype=torch.float32, device=device)
                 if any(t not in (0, 1.0) for t in schedule) else None)
+    given_active = active
     active = torch.ones(num_rows, dtype=torch.bool, device=device) if active is None else active.clone()
     log_power_sums = torch.zeros(num_rows, dtype=torch.float32, device=device) if want_log_power_sums else None
     for value in set(schedule):
         if value != 0:
             check_temperature(value)
     seed = seeds.next()
+    loop = functools.partial(
+        _loop, seqs, first_logits, num_steps, seed, schedule, eos_ids, base, tempered, active, log_power_sums,
+        want_last_logits=want_last_logits, per_token=per_token, stop_check_every=stop_check_every, stream=stream,
+        log_weights=log_weights, stop_entropy=stop_entropy, stop_after=stop_after)
+    if (stream and num_rows == 1 and num_steps > 0 and len(set(schedule)) == 1 and logliks is None
+            and log_weights is None and log_power_sums is None and not per_token and not want_last_logits
+            and not stop_entropy and stop_check_every == LOOP_EOS_CHECK and given_active is None):
+        return (yield Loop(seqs[0], first_logits, num_steps, seed, float(schedule[0]), tuple(eos_ids), loop))
+    return (yield from loop())
+
+
+LOOP_EOS_CHECK = 32
+"""Steps between a decode loop's looks at whether every row has ended (the default of
+``stop_check_every``; a :class:`~powerfast.samplers.program.Loop` ends on this rule)."""
+
+
+def _loop(seqs, first_logits, num_steps, seed, schedule, eos_ids, base, tempered, active, log_power_sums, *,
+          want_last_logits, per_token, stop_check_every, stream, log_weights, stop_entropy, stop_after):
+    """The steps of :func:`continuations_program` after its seed is drawn."""
+    num_rows = first_logits.shape[0]
+    device = first_logits.device
+    eos_token_id = eos_ids[0] if eos_ids else None
     eos = -1 if eos_token_id is None else int(eos_token_id)
     logits = first_logits
     other_eos = torch.tensor(eos_ids[1:], dtype=torch.long, device=device) if len(eos_ids) > 1 else None

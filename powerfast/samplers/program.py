@@ -18,8 +18,15 @@ final, for streaming:
     yield Final(index, token_ids)   # host token ids of prompt ``index`` that can no longer change
 
 A decode loop whose rows are its outputs marks its Samples ``stream=True`` instead of
-yielding Tokens: a streaming driver reports the reply's tokens, one resume fewer per token.
-(the driver sends None back for those). :func:`drive` runs one program alone on a runner,
+yielding Tokens: a streaming driver reports the reply's tokens, one resume fewer per token
+(the driver sends None back for Tokens and Final). A streaming decode loop of one row with
+nothing but its tokens to keep (a plain, low-temperature or greedy request) yields the whole
+loop instead of its steps:
+
+    continuations = yield Loop(seq, first_logits, num_steps, seed, temperature, eos_token_ids)
+
+and a driver runs it: ``drive`` as the loop itself would, step by step; the engine as one row of
+a batch it steps itself, with the same offsets, so the same tokens and log-likelihoods. :func:`drive` runs one program alone on a runner,
 which is what every ``generate`` does; :class:`powerfast.serving.engine.Engine` runs many at once
 and merges their decodes into one forward per step. A program holds sequences only inside
 ``try/finally``: closing it (``program.close()``, what an abort does) frees them.
@@ -27,14 +34,14 @@ and merges their decodes into one forward per step. A program holds sequences on
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, NamedTuple
 
 import torch
 
 from powerfast.samplers.sampling import Sample, sample_all
 
-__all__ = ["Prefill", "Decode", "Sample", "Tokens", "Final", "Program", "drive"]
+__all__ = ["Prefill", "Decode", "Sample", "Tokens", "Final", "Loop", "Program", "drive"]
 
 
 class Prefill(NamedTuple):
@@ -69,6 +76,25 @@ class Final(NamedTuple):
     token_ids: list[int]
 
 
+class Loop(NamedTuple):
+    """A whole streaming decode loop of one row: ``num_steps`` tokens sampled after the
+    sequence ``seq`` whose next-token logits are ``first_logits`` (1, V), at ``temperature``
+    (0: argmax) with the loop's ``seed`` (step ``t`` draws at offset ``seed * SEED_MIX + t``),
+    each token streamed, EOS ids ``eos_token_ids`` (the first one ends the row in the sampling
+    op); the row stops at one of them, or after ``num_steps``. The program receives the
+    loop's :class:`~powerfast.samplers.decoding.Continuations` (its EOS checked every 32 steps,
+    as :func:`~powerfast.samplers.decoding.continuations_program` does). ``run()`` is the
+    loop as a program of Samples and Decodes, for a driver that runs it step by step."""
+
+    seq: Any
+    first_logits: torch.Tensor
+    num_steps: int
+    seed: int
+    temperature: float
+    eos_token_ids: tuple[int, ...]
+    run: Callable[[], Any]
+
+
 Program = Generator[Any, Any, Any]
 
 
@@ -90,8 +116,11 @@ def drive(program: Program, runner) -> Any:
                 reply = runner.prefill(request.prompts)
             elif isinstance(request, (Tokens, Final)):
                 reply = None
+            elif isinstance(request, Loop):  # the loop itself, step by step
+                reply = drive(request.run(), runner)
             else:
-                raise TypeError(f"a step program yielded {type(request).__name__}, not a Prefill, Decode, Sample, Tokens or Final")
+                raise TypeError(f"a step program yielded {type(request).__name__}, not a Prefill, Decode, Sample, "
+                                f"Tokens, Final or Loop")
             request = program.send(reply)
     except StopIteration as done:
         return done.value

@@ -23,7 +23,8 @@ import torch
 
 from powerfast.ops.sampling import sample_rows, sample_tokens_op
 
-__all__ = ["SEED_MIX", "Launch", "Sample", "Sampled", "sample_all", "sample_launch", "row_offsets"]
+__all__ = ["SEED_MIX", "Launch", "Rows", "RowsSampled", "Sample", "Sampled", "sample_all", "sample_launch",
+           "row_offsets", "same_rows", "wrap64"]
 
 SEED_MIX = -7046029254386353131
 """0x9E3779B97F4A7C15 as a signed int64 (wrapping multiply): spreads seeds over offsets."""
@@ -67,30 +68,31 @@ class Sampled(NamedTuple):
     logliks: torch.Tensor
 
 
-def _wrap64(value: int) -> int:
+def wrap64(value: int) -> int:
+    """``value`` wrapped to a signed int64, as int64 arithmetic on a device wraps."""
     return (value + 2**63) % 2**64 - 2**63
 
 
 def row_offsets(sample: Sample) -> list[int]:
     """The counter-based offsets of the Sample's rows (host ints)."""
     rows = sample.logits.shape[0]
-    first = _wrap64(sample.seed * SEED_MIX + sample.counter * rows)
-    return [_wrap64(first + i) for i in range(rows)]
+    first = wrap64(sample.seed * SEED_MIX + sample.counter * rows)
+    return [wrap64(first + i) for i in range(rows)]
 
 
 def _sample_one(sample: Sample) -> Sampled:
     """One Sample: one call of the sampling operator (what a decode loop alone launches)."""
     rows = sample.logits.shape[0]
     device = sample.logits.device
-    # arange plus a host scalar: no upload (int64 addition wraps as _wrap64 does)
-    offsets = torch.arange(rows, dtype=torch.int64, device=device) + _wrap64(sample.seed * SEED_MIX + sample.counter * rows)
+    # arange plus a host scalar: no upload (int64 addition wraps as wrap64 does)
+    offsets = torch.arange(rows, dtype=torch.int64, device=device) + wrap64(sample.seed * SEED_MIX + sample.counter * rows)
     was_active = sample.active.clone()
     tokens, base, tempered, log_power_sums = sample_tokens_op(
         sample.logits, offsets, sample.active, sample.logliks, float(sample.temperature), int(sample.eos_token_id))
     return Sampled(tokens, base, tempered, log_power_sums, was_active, sample.active, sample.logliks)
 
 
-def _same_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+def same_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """The rows of ``tensors`` as one view when they are consecutive row ranges of one
     tensor (the decode forward's logits, split per request, in order); else None."""
     first = tensors[0]
@@ -108,14 +110,43 @@ def _same_rows(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     return first.as_strided((rows, vocab), (row_stride, 1), first.storage_offset())
 
 
+class Rows(NamedTuple):
+    """Rows a driver samples for decode loops it steps itself (the engine's batched loops),
+    each with its own state as (n,) device tensors: what n one-row Samples would carry.
+
+    offsets: int64 counter-based offsets (a one-row loop's step t: ``seed * SEED_MIX + t``)
+    active, logliks: read, not updated (the launch's :class:`RowsSampled` has the new values)
+    """
+
+    logits: torch.Tensor
+    offsets: torch.Tensor
+    temperatures: torch.Tensor
+    eos_token_ids: torch.Tensor
+    active: torch.Tensor
+    logliks: torch.Tensor
+
+
+class RowsSampled(NamedTuple):
+    """What a launch answered for its :class:`Rows`: (n,) tensors; ``tempered_logprobs`` is
+    the base log-prob at temperature 0 or 1."""
+
+    tokens: torch.Tensor
+    was_active: torch.Tensor
+    active: torch.Tensor
+    logliks: torch.Tensor
+    tempered_logprobs: torch.Tensor
+
+
 class Launch(NamedTuple):
     """What one launch answered: ``replies``, one per Sample in order, and the launch's own
-    (rows,) ``tokens`` and ``was_active`` over all their rows (Sample ``i``'s rows follow
-    those of the Samples before it): what a driver reads to the host once for everyone."""
+    (rows,) ``tokens`` and ``was_active`` over all their rows (the :class:`Rows` first, then
+    Sample ``i``'s rows after those of the Samples before it): what a driver reads to the
+    host once for everyone; ``rows``: the answer for the Rows, if any."""
 
     replies: list
     tokens: torch.Tensor
     was_active: torch.Tensor
+    rows: RowsSampled | None = None
 
 
 class _LogProbs:
@@ -165,18 +196,9 @@ def sample_all(samples: list[Sample]) -> list[Sampled]:
     return sample_launch(samples).replies
 
 
-def sample_launch(samples: list[Sample]) -> Launch:
-    """:func:`sample_all`, with the launch's tokens and live rows as whole tensors besides
-    the replies (the engine reads the streamed rows from them, one copy for all)."""
-    if len(samples) == 1:
-        reply = _sample_one(samples[0])
-        return Launch([reply], reply.tokens, reply.was_active)
-    device = samples[0].logits.device
-    logits = _same_rows([s.logits for s in samples])
-    if logits is None:
-        logits = torch.cat([s.logits for s in samples])
-    sizes = [s.logits.shape[0] for s in samples]
-    firsts = torch.tensor([_wrap64(s.seed * SEED_MIX + s.counter * n) for s, n in zip(samples, sizes)],
+def _sample_params(samples: list[Sample], sizes: list[int], device) -> tuple[torch.Tensor, ...]:
+    """(offsets, temperatures, EOS ids) of every row of ``samples``, on ``device`` in one upload."""
+    firsts = torch.tensor([wrap64(s.seed * SEED_MIX + s.counter * n) for s, n in zip(samples, sizes)],
                           dtype=torch.int64)
     temperatures = torch.tensor([float(s.temperature) for s in samples], dtype=torch.float64)
     eos_ids = torch.tensor([int(s.eos_token_id) for s in samples], dtype=torch.int64)
@@ -184,17 +206,48 @@ def sample_launch(samples: list[Sample]) -> Launch:
         counts = torch.tensor(sizes, dtype=torch.int64)
         starts = torch.cumsum(counts, 0) - counts
         local = torch.arange(sum(sizes), dtype=torch.int64) - torch.repeat_interleave(starts, counts)
-        firsts = torch.repeat_interleave(firsts, counts) + local  # int64 addition wraps, as _wrap64
+        firsts = torch.repeat_interleave(firsts, counts) + local  # int64 addition wraps, as wrap64
         temperatures, eos_ids = torch.repeat_interleave(temperatures, counts), torch.repeat_interleave(eos_ids, counts)
     # one upload: offsets, EOS ids and the temperatures' float64 bits as three int64 rows
     host = torch.stack([firsts, eos_ids, temperatures.view(torch.int64)])
     params = host if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
-    was_active = torch.cat([s.active for s in samples])
+    return params[0], params[2].view(torch.float64), params[1]
+
+
+def sample_launch(samples: list[Sample], rows: Rows | None = None) -> Launch:
+    """:func:`sample_all`, with the launch's tokens and live rows as whole tensors besides
+    the replies (the engine reads the streamed rows from them, one copy for all), and
+    ``rows``, rows with their own per-row state, sampled in the same launch before the
+    Samples' rows (each row draws at its own offset: the same tokens as alone)."""
+    if rows is None and len(samples) == 1:
+        reply = _sample_one(samples[0])
+        return Launch([reply], reply.tokens, reply.was_active)
+    parts = ([rows] if rows is not None else [])
+    sizes = [s.logits.shape[0] for s in samples]
+    device = (rows.logits if rows is not None else samples[0].logits).device
+    logits = same_rows([part.logits for part in parts] + [s.logits for s in samples])
+    if logits is None:
+        logits = torch.cat([part.logits for part in parts] + [s.logits for s in samples])
+    columns = [(part.offsets, part.temperatures, part.eos_token_ids) for part in parts]
+    if samples:
+        columns.append(_sample_params(samples, sizes, device))
+    offsets, temperatures, eos_ids = (torch.cat(c) if len(c) > 1 else c[0] for c in zip(*columns))
+    was_active = torch.cat([part.active for part in parts] + [s.active for s in samples])
     active = was_active.clone()
-    logliks = torch.cat([s.logliks for s in samples])
-    out = sample_rows(logits, offsets=params[0], temperatures=params[2].view(torch.float64),
-                          eos_token_ids=params[1], active=active, logliks=logliks)
+    logliks = torch.cat([part.logliks for part in parts] + [s.logliks for s in samples])
+    out = sample_rows(logits, offsets=offsets, temperatures=temperatures, eos_token_ids=eos_ids,
+                      active=active, logliks=logliks)
     tokens, base, tempered, log_power_sums = out
+    answered = None
+    if rows is not None:
+        n = rows.logits.shape[0]
+        answered = RowsSampled(tokens[:n], was_active[:n], active[:n], logliks[:n], tempered[:n])
+        if not samples:
+            return Launch([], tokens, was_active, answered)
+        tokens_s, was_s, active_s, logliks_s = (t[n:] for t in (tokens, was_active, active, logliks))
+        base, tempered, log_power_sums = base[n:], tempered[n:], log_power_sums[n:]
+    else:
+        tokens_s, was_s, active_s, logliks_s = tokens, was_active, active, logliks
     logprobs = _LogProbs(sizes, base, tempered, log_power_sums)
-    state = zip(*(torch.split(t, sizes) for t in (tokens, was_active, active, logliks)))
-    return Launch([_SplitReply(logprobs, index, *rows) for index, rows in enumerate(state)], tokens, was_active)
+    state = zip(*(torch.split(t, sizes) for t in (tokens_s, was_s, active_s, logliks_s)))
+    return Launch([_SplitReply(logprobs, index, *r) for index, r in enumerate(state)], tokens, was_active, answered)

@@ -51,12 +51,13 @@ from dataclasses import dataclass
 import torch
 
 from powerfast.runtime.protocol import Runner
-from powerfast.samplers.program import Decode, Final, Prefill, Tokens
+from powerfast.samplers.program import Decode, Final, Loop, Prefill, Tokens
 from powerfast.samplers.prompts import PromptError, check_fits, encode_prompt
 from powerfast.samplers.sampling import Launch, Sample, sample_launch
 from powerfast.serving import faults
 from powerfast.serving.detokenizer import IncrementalDetokenizer
 from powerfast.serving.errors import InvalidRequestError, QueueFullError, RequestTooLargeError
+from powerfast.serving.loops import LoopBatch
 from powerfast.serving.params import SamplingParams
 from powerfast.serving.request import FINISH_REASONS, Request, RequestOutput
 
@@ -153,6 +154,7 @@ class Engine:
         self.last_step_positions: dict[str, int] = {}
         """With ``sampled`` on: the positions each request's rows held in the last step's
         decode forward, summed (its sequences' lengths before the new token)."""
+        self._loops = LoopBatch(self.device)  # the one-row streaming decode loops the engine steps itself
         self._launches: list[Launch] = []  # the sampling launches of the running step
         self._launched_rows = 0  # their rows so far: a streamed Sample's first row is read at its place
         self._fault = faults.from_env()  # test-only (powerfast/serving/faults.py); None normally
@@ -338,9 +340,10 @@ class Engine:
                 self._run_prefill(prefills, outputs)
                 self._run_samples(outputs)
             decodes = [r for r in self._running if isinstance(r.pending, Decode)]
-            if decodes:
+            loop_seqs, loop_tokens = self._loops.decode_inputs()
+            if decodes or loop_seqs:
                 forwards += 1
-                self._run_decode(decodes, outputs)
+                self._run_decode(decodes, outputs, loop_seqs, loop_tokens)
                 self._run_samples(outputs)
             self._collect_streamed(outputs)
             self.last_step_forwards = forwards
@@ -432,13 +435,22 @@ class Engine:
             self._advance(request, (seqs[start : start + n], logits[start : start + n]), outputs)
             start += n
 
-    def _run_decode(self, requests: list[Request], outputs: list[RequestOutput]) -> None:
-        if len(requests) == 1:  # alone: exactly the program's own call (what ``drive`` makes)
+    def _run_decode(self, requests: list[Request], outputs: list[RequestOutput], loop_seqs: list = (),
+                    loop_tokens: torch.Tensor | None = None) -> None:
+        """One decode forward: the batched loops' rows first (``loop_seqs``, their last tokens
+        ``loop_tokens``), then every Decode of ``requests``, in order."""
+        looped = len(loop_seqs)
+        if len(requests) == 1 and not looped:  # alone: exactly the program's own call (what ``drive`` makes)
             seqs, tokens = requests[0].pending
+        elif not requests:
+            seqs, tokens = loop_seqs, loop_tokens
         else:
-            seqs = [s for r in requests for s in r.pending.seqs]
-            tokens = self._joined_tokens([r.pending.tokens for r in requests])
+            seqs = [*loop_seqs, *(s for r in requests for s in r.pending.seqs)]
+            tokens = self._joined_tokens(([loop_tokens] if looped else []) + [r.pending.tokens for r in requests])
+        loop_rows = self._loops.rows if looped else []
         if self.sampled is not None:  # the step guard's positions (host ints, no sync)
+            for row in loop_rows:
+                self.last_step_positions[row.request.id] = row.seq.length
             for request in requests:
                 self.last_step_positions[request.id] = sum(seq.length for seq in request.pending.seqs)
         try:
@@ -446,9 +458,21 @@ class Engine:
         except Exception as error:  # noqa: BLE001
             if self.forward_errors_are_fatal:
                 raise
-            for request in requests:
+            for request in [row.request for row in loop_rows] + requests:
                 outputs.append(self._fail(request, error))
             return
+        if looped:
+            self._loops.decoded(logits[:looped])
+            step_rows = self.last_step_rows
+            for row in loop_rows:
+                request = row.request
+                step_rows[request.id] = 1
+                request.decoded += 1
+                request.forwards += 1
+                request.forward_rows += 1
+            if not requests:
+                return
+            logits = logits[looped:]
         sizes = [len(request.pending.seqs) for request in requests]
         for request, n, rows in zip(requests, sizes, torch.split(logits, sizes)):
             self.last_step_rows[request.id] = n
@@ -463,26 +487,47 @@ class Engine:
         on logits it already had), so that every program waits on a forward after it."""
         while True:
             waiting = [r for r in self._running if isinstance(r.pending, Sample)]
-            if not waiting:
+            due = self._loops.due()
+            if not waiting and due is None:
                 return
             try:
-                launch = sample_launch([r.pending for r in waiting])
+                launch = sample_launch([r.pending for r in waiting], due)
             except Exception as error:  # noqa: BLE001 - the requests end, the engine goes on
                 if self.forward_errors_are_fatal:
                     raise
-                for request in waiting:
+                for request in [row.request for row in self._loops.abandon_due()] + waiting:
                     outputs.append(self._fail(request, error))
                 return
-            replies = launch.replies
             if self._fault is not None:
-                replies = self._fault.after_sampling(self.num_steps, replies, self.vocab_size)
-                launch = launch._replace(tokens=torch.cat([reply.tokens for reply in replies]))
-            if self.sampled is not None:
-                self.sampled.extend((request.id, reply.tokens) for request, reply in zip(waiting, replies))
+                launch = self._fault.after_sampling(self.num_steps, launch, self.vocab_size)
+            replies = launch.replies
             self.sample_launches += 1
             self.last_step_sample_launches += 1
             row = self._launched_rows
             self._launches.append(launch)
+            ended = []
+            if due is not None:
+                answer = launch.rows
+                looped = self._loops.sampled(answer)
+                if self.sampled is not None:
+                    self.sampled.extend((r.request.id, answer.tokens[i : i + 1]) for i, r in enumerate(looped))
+                for index, loop_row in enumerate(looped):
+                    if loop_row.dead:
+                        continue
+                    loop_row.request.streamed.append(row + index)
+                    if loop_row.last_step:
+                        ended.append((index, loop_row))
+                row += len(looped)
+            if self.sampled is not None:
+                self.sampled.extend((request.id, reply.tokens) for request, reply in zip(waiting, replies))
+            if ended:  # the budget's last token: the loop's result goes to its program
+                launched = torch.cat([done.tokens for done in self._launches])  # this step's sampled tokens
+                for index, loop_row in ended:
+                    request = loop_row.request
+                    unread = launched[torch.tensor(request.streamed, dtype=torch.long, device=launched.device)]
+                    request.pending = request.loop_row = None
+                    request.streamed = []
+                    self._advance(request, self._loops.finish(loop_row, index, unread), outputs)
             for request, reply in zip(waiting, replies):
                 pending = request.pending
                 if pending.stream:  # read after the step, all requests' at once: its first row's place
@@ -549,11 +594,13 @@ class Engine:
         except Exception as error:  # noqa: BLE001 - one request's failure ends only that request
             outputs.append(self._fail(request, error))
             return
-        if not isinstance(message, (Prefill, Decode, Sample)):
+        if not isinstance(message, (Prefill, Decode, Sample, Loop)):
             program.close()
             outputs.append(self._fail(request, TypeError(f"a step program yielded {type(message).__name__}")))
             return
         request.pending = message
+        if type(message) is Loop:  # the engine steps the loop itself, as a row of its batch
+            request.loop_row = self._loops.join(request, message)
         if streamed and request.stream:
             outputs.append(self._output(request, finished=False))
 
@@ -603,10 +650,16 @@ class Engine:
                 if request.first_token is None:
                     request.first_token = now
                 request.token_ids.append(host[row])
+                if request.loop_row is not None:
+                    request.loop_row.history.append(host[row])
                 touched[request.id] = request
         for request in touched.values():
             ended = request.token_ids[-1] in request.eos
-            if self._hit_stop_string(request) or ended:
+            if ended and request.loop_row is not None and request.loop_row.eos_check:
+                # the loop itself looks at its EOS at this step and returns: its result, as when run alone
+                loop_row, request.pending, request.loop_row = request.loop_row, None, None
+                self._advance(request, self._loops.finish(loop_row), outputs)
+            elif self._hit_stop_string(request) or ended:
                 request.program.close()  # frees its sequences; the tokens so far are the output
                 request.decoded = max(request.decoded, len(request.token_ids))  # each token was sampled
                 self._count_phases({"prefill": len(request.prompt_ids), "sample": len(request.token_ids)})
@@ -654,6 +707,8 @@ class Engine:
         """Record the end (call with ``_lock`` held) and make the last output."""
         self._finished[reason] += 1
         self._ids.pop(request.id, None)
+        if request.loop_row is not None:
+            self._loops.drop(request.loop_row)
         if reason in ("abort", "error"):  # the program reported no phases: count what the engine saw
             counts = {"aborted" if reason == "abort" else "failed": request.decoded}
             if request.program is not None:

@@ -40,14 +40,20 @@ class Fault:
         if self.kind == "raise" and step == self.step:
             raise FaultInjected(f"test fault ({ENV}): rank {self.rank} raises at step {step}")
 
-    def after_sampling(self, step: int, replies: list, vocab_size: int) -> list:
-        if self.kind != "diverge" or step != self.step or self._done or not replies:
-            return replies
+    def after_sampling(self, step: int, launch, vocab_size: int):
+        """The sampling launch (a :class:`~powerfast.samplers.sampling.Launch`) as the engine
+        goes on with it: its first token changed when this is the diverging rank and step."""
+        if self.kind != "diverge" or step != self.step or self._done or launch.tokens.numel() == 0:
+            return launch
         self._done = True
-        first = replies[0]
-        tokens = first.tokens.clone()
+        tokens = launch.tokens.clone()
         tokens.view(-1)[0] = (tokens.view(-1)[0] + 1) % vocab_size
-        return [first._replace(tokens=tokens), *replies[1:]]
+        if launch.rows is not None:  # the first rows are the engine's batched loops'
+            rows = launch.rows._replace(tokens=tokens[: launch.rows.tokens.shape[0]])
+            return launch._replace(tokens=tokens, rows=rows)
+        first = launch.replies[0]
+        replies = [first._replace(tokens=tokens[: first.tokens.shape[0]]), *launch.replies[1:]]
+        return launch._replace(tokens=tokens, replies=replies)
 
 
 def from_env(rank: int | None = None) -> Fault | None:

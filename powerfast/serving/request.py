@@ -72,4 +72,5 @@ class Request:
         self.first_token: float | None = None
         self.stopped_by_string = False
         self.eos: tuple[int, ...] = ()
+        self.loop_row = None  # its decode loop's row when the engine steps the loop itself (serving/loops.py)
         self.streamed: list[Tokens | int] = []  # this step's sampled tokens: yielded, or a launched row's place
