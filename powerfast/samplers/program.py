@@ -26,7 +26,7 @@ loop instead of its steps:
     continuations = yield Loop(seq, first_logits, num_steps, seed, temperature, eos_token_ids)
 
 and a driver runs it: ``drive`` as the loop itself would, step by step; the engine as one row of
-a batch it steps itself, with the same offsets, so the same tokens and log-likelihoods. :func:`drive` runs one program alone on a runner,
+a batch it steps itself, with the same offsets, so the same draws from the same logits. :func:`drive` runs one program alone on a runner,
 which is what every ``generate`` does; :class:`powerfast.serving.engine.Engine` runs many at once
 and merges their decodes into one forward per step. A program holds sequences only inside
 ``try/finally``: closing it (``program.close()``, what an abort does) frees them.

@@ -8,8 +8,9 @@ one row of a few device tensors (the last token, active, log-likelihood, tempere
 log-likelihood, offset base, step counter, temperature, EOS id), so that a step of the engine
 decodes all of them as one block of rows and samples them as one block of a launch
 (:class:`~powerfast.samplers.sampling.Rows`). Row ``r`` of loop step ``t`` draws at offset
-``seed * SEED_MIX + t``: what the loop's own one-row Sample would use, so the same tokens and
-the same float32 log-likelihoods as the loop run alone.
+``seed * SEED_MIX + t``: what the loop's own one-row Sample would use, so the same draws from the
+same logits as the loop run alone (a batched forward's logits may differ from a lone one's in the
+last bits, as for every request of the engine).
 
 Rows keep the order they joined in; a row that joined since the last decode waits for its first
 sample (on its own first logits) before its first decode, which makes the rows due for a sample
