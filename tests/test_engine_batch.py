@@ -195,8 +195,36 @@ def test_batched_loops_give_each_request_what_it_gets_alone(model):
         if out.result is not None:
             assert out.result.token_ids == want.token_ids
             # the batch's logits may differ from a lone forward's in the last bits (other kernels)
-            assert out.result.log_likelihood == pytest.approx(want.log_likelihood, rel=1e-5, abs=1e-4), seed
+            assert out.result.log_likelihood == pytest.approx(want.log_likelihood, rel=1e-5, abs=1e-4), (
+                seed, params.method, params.max_tokens, params.ignore_eos, prompt, out.result.token_ids)
             assert out.result.stats.tokens_by_phase == want.stats.tokens_by_phase
+
+
+def test_a_loop_that_joins_behind_running_loops_and_ends_at_once_keeps_its_own_result(model):
+    """Loops that join while others run are sampled as the last rows of a launch; one whose
+    budget ends at its first token returns the log-likelihood of its own row (a regression:
+    the row was looked up by its place among the due rows, not among all the rows, and took a
+    running neighbour's log-likelihood)."""
+    engine = Engine(model, page_size=4, num_pages=512)
+    finals = {}
+    running = [engine.add_request([3, 4, 5], SamplingParams(method="plain", max_tokens=20, seed=s, ignore_eos=True))
+               for s in (1, 2)]
+    for _ in range(3):
+        engine.step()
+    cases = {}
+    for budget, prompt in ((1, [10, 11, 12, 15, 5]), (1, [7, 2]), (3, [9])):
+        params = SamplingParams(method="greedy", max_tokens=budget, seed=5, ignore_eos=True)
+        cases[engine.add_request(prompt, params)] = (params, prompt)
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert set(running) <= set(finals)
+    for request_id, (params, prompt) in cases.items():
+        want = alone(model, params, prompt)
+        got = finals[request_id].result
+        assert got.token_ids == want.token_ids
+        assert got.log_likelihood == pytest.approx(want.log_likelihood, rel=1e-5, abs=1e-4), (prompt, got.token_ids)
 
 
 def test_a_loop_whose_eos_falls_on_its_check_step_returns_its_result_as_alone(model):

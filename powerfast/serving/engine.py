@@ -509,6 +509,7 @@ class Engine:
             if due is not None:
                 answer = launch.rows
                 looped = self._loops.sampled(answer)
+                first = len(self._loops.rows) - len(looped)  # the due rows are the last ones
                 if self.sampled is not None:
                     self.sampled.extend((r.request.id, answer.tokens[i : i + 1]) for i, r in enumerate(looped))
                 for index, loop_row in enumerate(looped):
@@ -516,7 +517,7 @@ class Engine:
                         continue
                     loop_row.request.streamed.append(row + index)
                     if loop_row.last_step:
-                        ended.append((index, loop_row))
+                        ended.append((first + index, loop_row))  # its place among all the rows
                 row += len(looped)
             if self.sampled is not None:
                 self.sampled.extend((request.id, reply.tokens) for request, reply in zip(waiting, replies))
