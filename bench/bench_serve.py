@@ -139,7 +139,7 @@ def measure(runner, tokenizer, prompts, methods, concurrencies, max_tokens, sett
 
 def math500_prompts(tokenizer, count: int) -> list[list[int]]:
     from powerfast.evaluation import load_task
-    from powerfast.samplers.prompts import encode_prompts
+    from powerfast.core.prompts import encode_prompts
 
     problems = load_task("math500").problems
     texts = [problems[i % len(problems)].prompt for i in range(count)]

@@ -56,11 +56,11 @@ if [[ "$SMOKE" == 1 ]]; then
     # generous limits: a smoke run takes 1-2 minutes, more on a busy machine
     SCRIPT_BUDGET_S="${SCRIPT_BUDGET_S:-600}"
     STAGES=("tests:${TESTS_S:-180}" "kernels:${KERNELS_S:-120}" "runtime:${RUNTIME_S:-120}" "decode:${DECODE_S:-120}"
-            "engine:${ENGINE_S:-120}" "e2e:${E2E_S:-120}" "tp:${TP_S:-120}")
+            "engine:${ENGINE_S:-120}" "vllm:${VLLM_S:-60}" "e2e:${E2E_S:-120}" "tp:${TP_S:-120}")
 else
     SCRIPT_BUDGET_S="${SCRIPT_BUDGET_S:-480}"
     STAGES=("tests:${TESTS_S:-150}" "kernels:${KERNELS_S:-90}" "runtime:${RUNTIME_S:-90}" "decode:${DECODE_S:-75}"
-            "tp:${TP_S:-90}" "engine:${ENGINE_S:-60}" "e2e:${E2E_S:-0}")
+            "tp:${TP_S:-90}" "engine:${ENGINE_S:-60}" "vllm:${VLLM_S:-120}" "e2e:${E2E_S:-0}")
 fi
 MIN_STAGE_S=20   # a stage with less time left is skipped
 
@@ -161,6 +161,18 @@ stage_tp() {
     local smoke=()
     [[ "$SMOKE" == 1 ]] && smoke=(--smoke)
     run_limited "$PYTHON" -u -m bench.device_tp "${smoke[@]}" --json "$STAGE_JSON" --budget-s "$(inner_budget 20)"
+}
+
+# Our runtime beside vLLM, every method, same model and settings (bench/vllm_side_by_side.py),
+# where vLLM is installed for $PYTHON; one line and no failure elsewhere. SMOKE: budgets / 16.
+stage_vllm() {
+    if ! "$PYTHON" -c "import vllm" > /dev/null 2>&1; then
+        echo "skipped: vLLM is not installed for $PYTHON (docs/vllm.md installs it)"
+        return 0
+    fi
+    local args=()
+    [[ "$SMOKE" == 1 ]] && args=(--scale 0.0625)
+    run_limited "$PYTHON" -u -m bench.vllm_side_by_side "${args[@]}" --out "$STAGE_JSON"
 }
 
 # ------------------------------------------------------------------------------ driver

@@ -68,7 +68,7 @@ from powerfast.core.config import (
 )
 from powerfast.runtime.runner import ModelRunner
 from powerfast.samplers.factory import make_sampler
-from powerfast.samplers.prompts import encode_prompts
+from powerfast.core.prompts import encode_prompts
 
 __all__ = [
     "METHODS",

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 __all__ = ["main", "build_parser", "build_runner", "build_sampler", "eval_methods", "method_settings",
-           "sampling_params"]
+           "sampling_params", "vllm_eval_methods"]
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                        help="shard the model over the N processes of torchrun --nproc-per-node N -m powerfast.cli "
                             "(sample and eval; rank 0 prints and writes) (default 1)")
+
+
+def _add_engine_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", default="powerfast", choices=("powerfast", "vllm"),
+                        help="our paged runtime, or an installed vLLM answering the method's requests "
+                             "(docs: 'The vLLM engine') (default powerfast)")
 
 
 def _add_method_arguments(parser: argparse.ArgumentParser, preset: str) -> None:
@@ -85,6 +91,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sample.add_argument("--method", default="power", choices=METHODS, help="sampling method (default power)")
     sample.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
     sample.add_argument("--json", action="store_true", help="print the result as JSON (tokens, text, stats)")
+    _add_engine_argument(sample)
     _add_model_arguments(sample)
     _add_method_arguments(sample, preset)
     sample.set_defaults(handler=_run_sample)
@@ -96,6 +103,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="first N problems only")
     evaluate.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     evaluate.add_argument("--out", default="powerfast-eval", help="output folder (default ./powerfast-eval); rerun to resume")
+    _add_engine_argument(evaluate)
     evaluate.add_argument("--concurrency", type=int, default=64, metavar="N",
                           help="units submitted to the engine at a time (default 64); as many as the KV pool "
                                "admits decode together, the rest wait; samples do not depend on it")
@@ -240,8 +248,99 @@ class _Progress:
             self.bar.close()
 
 
+def _vllm_model(args) -> str:
+    """The folder or name vLLM loads for --model: the embedded default and packaged models as
+    their converted safetensors folders, anything else as given."""
+    from powerfast.runtime.models import NAMED_MODELS, default_model_dir, packaged_model_dir
+
+    if args.model is None:
+        return str(default_model_dir())
+    if args.model in NAMED_MODELS:
+        return str(packaged_model_dir(args.model))
+    return args.model
+
+
+def _check_vllm(args, methods: Sequence[str]) -> None:
+    """--engine vllm: every method's settings the engine cannot honour refused by name, and
+    options that are our runtime's refused, before vLLM is imported; vLLM must be installed."""
+    from powerfast.engines.vllm.programs import unsupported_settings
+
+    for method in methods:
+        unsupported_settings(method, method_settings(method, args))
+    if args.tensor_parallel != 1:
+        raise ValueError(f"--tensor-parallel {args.tensor_parallel} is our runtime's; with --engine vllm pass vLLM's "
+                         "tensor_parallel_size through the Python API (VLLMEngine(..., tensor_parallel_size=N))")
+    if getattr(args, "ray", None) is not None:
+        raise ValueError("--ray runs our engine on Ray workers; with --engine vllm, vLLM places its own workers")
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError("--engine vllm needs vLLM in this environment (the docs' 'The vLLM engine' installs it "
+                          "beside ours); it is not installed here")
+
+
+def _vllm_engine(args):
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the command's own lines, not vLLM's start-up log
+    from powerfast.engines.vllm.engine import VLLMEngine
+
+    return VLLMEngine(_vllm_model(args), dtype=args.dtype, kv_memory=args.kv_memory or 512,
+                      seed=getattr(args, "seed", None) or 0)
+
+
+def vllm_eval_methods(args: argparse.Namespace, names: Sequence[str], chat_template: bool,
+                      stop: Sequence[str] = ()) -> dict:
+    """:func:`eval_methods` on the vLLM engine: ``{name: generate(prompts, sample_seeds)}``, each
+    call one ``VLLMEngine.generate`` over the prompts with their unit seeds. The engine's
+    programs do not watch for the task's stop strings: the text is cut at the first one
+    (``decoded_tokens`` still counts every token decoded; scored tokens are prompt work, not
+    counted)."""
+    from powerfast.evaluation import Generation
+
+    engine = _vllm_engine(args)
+
+    def method_fn(name):
+        config = method_settings(name, args)
+
+        def generate(prompts: list[str], sample_seeds: list[int]) -> list:
+            results = engine.generate(prompts, name, config, max_new_tokens=args.max_new_tokens, seeds=sample_seeds,
+                                      ignore_eos=args.ignore_eos, chat_template=chat_template)
+            out = []
+            for result in results:
+                text = result.text or ""
+                cuts = [text.index(s) for s in stop if s in text]
+                decoded = sum(v for k, v in result.stats["tokens_by_phase"].items() if k != "scored")
+                out.append(Generation(text[: min(cuts)] if cuts else text, result.num_tokens,
+                                      result.stats["wall_seconds"], decoded))
+            return out
+
+        return generate
+
+    return {name: method_fn(name) for name in names}
+
+
+def _run_sample_vllm(args) -> int:
+    """sample --engine vllm: the method's request program answered by vLLM. Every setting is
+    checked (and one the engine cannot honour refused by name) before vLLM is imported."""
+    _check_vllm(args, [args.method])
+    engine = _vllm_engine(args)
+    [result] = engine.generate([args.prompt], args.method, method_settings(args.method, args),
+                               max_new_tokens=args.max_new_tokens, seed=args.seed if args.seed is not None else 0,
+                               ignore_eos=args.ignore_eos, chat_template=not args.no_chat_template)
+    stats = result.stats
+    if args.json:
+        print(json.dumps({"token_ids": result.token_ids, "text": result.text, "log_likelihood": result.log_likelihood,
+                          "stats": stats}, indent=1))
+        return 0
+    print(result.text)
+    print(f"[{args.method} on vLLM] {result.num_tokens} tokens in {stats['wall_seconds']:.1f} s; tokens decoded "
+          f"{stats['tokens_by_phase']}, prompt tokens computed {stats['prefill_tokens_all_prompts']}", file=sys.stderr)
+    return 0
+
+
 def _run_sample(args) -> int:
     _check_settings(args, [args.method])
+    if args.engine == "vllm":
+        return _run_sample_vllm(args)
     _check_tensor_parallel(args)
     if args.tensor_parallel > 1 and args.seed is None:
         raise ValueError(f"--tensor-parallel {args.tensor_parallel} needs --seed: every rank must draw the same tokens")
@@ -345,11 +444,14 @@ def _run_eval(args) -> int:
         sampling_params(method, args)  # the engine's checks too, before the model loads
     task = load_task(args.task)
     chat = not args.no_chat_template and task.kind != "code" and task.chat_template
+    if args.engine == "vllm":
+        _check_vllm(args, methods)
     _check_tensor_parallel(args)
     if args.ray is None:
         if args.workers is not None:
             raise ValueError(f"--workers {args.workers} needs --ray")
-        generators = eval_methods(args, methods, chat, task.stop)  # loads the model (and joins the ranks)
+        build = vllm_eval_methods if args.engine == "vllm" else eval_methods
+        generators = build(args, methods, chat, task.stop)  # loads the model (and joins the ranks)
         out, leader = args.out, True
         if args.tensor_parallel > 1:
             out, leader = _follower_folder(args.out)

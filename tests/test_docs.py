@@ -106,7 +106,7 @@ def _logical_lines(text: str) -> list[str]:
     return joined
 
 
-_STARTS = re.compile(r"^(\.venv/bin/)?(powerfast|python3?|torchrun)\s")
+_STARTS = re.compile(r"^(\.venv(-vllm)?/bin/)?(powerfast|python3?|torchrun)\s")
 _PLACEHOLDER = re.compile(r"\.\.\.|\||\[|<|\b[A-Z]{2,}[A-Z_]*\b")
 
 

@@ -12,7 +12,7 @@ from powerfast.evaluation import toy
 from powerfast.runtime.lm import TableLM
 from powerfast.runtime.lm_runner import LMRunner
 from powerfast.runtime.runner import ModelRunner
-from powerfast.samplers import resampling
+from powerfast.decisions import resampling
 from powerfast.samplers.factory import make_sampler
 from powerfast.samplers.smc import SMCSampler
 

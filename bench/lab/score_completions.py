@@ -56,7 +56,7 @@ def load_records(arm_dir: Path) -> list[dict]:
 
 def _split(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
     """The prompt's ids by eval's one rule for a plain-text prompt, the completion's after them."""
-    from powerfast.samplers.prompts import encode_prompt
+    from powerfast.core.prompts import encode_prompt
 
     prompt_ids = encode_prompt(prompt, tokenizer, chat_template=False)
     full = encode_prompt(prompt + completion, tokenizer, chat_template=False)

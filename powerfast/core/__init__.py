@@ -1,4 +1,5 @@
-"""The bottom layer: the settings, declared once and validated (``powerfast.core.config``).
+"""The bottom layer: the settings, declared once and validated (``powerfast.core.config``), and
+the one rule for prompts and budgets (``powerfast.core.prompts``).
 
 No model, no cache, no state. Everything above imports from here; nothing here imports from
 above (``powerfast/DESIGN.md`` section 3).

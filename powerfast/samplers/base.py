@@ -9,7 +9,7 @@ import torch
 from powerfast.runtime.protocol import Runner
 from powerfast.samplers.decoding import SeedStream
 from powerfast.samplers.program import drive
-from powerfast.samplers.prompts import check_max_new_tokens, encode_prompts
+from powerfast.core.prompts import check_max_new_tokens, encode_prompts
 from powerfast.samplers.results import GenerationResult, GenerationStats
 
 # ------------------------------------------------------------------ KV budget

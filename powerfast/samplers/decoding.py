@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from powerfast.decisions.seeds import SeedStream
 from powerfast.ops.sampling import SampleOutput, check_temperature, sample_tokens_op
 from powerfast.runtime.protocol import eos_token_ids
 from powerfast.samplers.program import Decode, Loop, drive
@@ -57,29 +58,6 @@ def raise_on_nan(flag: torch.Tensor, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------- seeds
-
-
-class SeedStream:
-    """A reproducible stream of 63-bit seeds for the counter-based sampling kernels."""
-
-    def __init__(self, seed: int | None) -> None:
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-        self._generator = torch.Generator().manual_seed(int(seed) % (2**63))
-
-    def next(self) -> int:
-        return int(torch.randint(0, 2**62, (1,), generator=self._generator).item())
-
-    def uniform(self) -> float:
-        return float(torch.rand((), generator=self._generator, dtype=torch.float64))
-
-    def integers(self, high: int) -> int:
-        return int(torch.randint(0, high, (1,), generator=self._generator).item())
-
-    def categorical(self, probs: torch.Tensor) -> int:
-        """Index drawn from a (K,) probability vector (on any device; one host copy)."""
-        probs = probs.detach().double().cpu()
-        return int(torch.multinomial(probs / probs.sum(), 1, generator=self._generator).item())
 
 
 # ------------------------------------------------------------------------ profiling

@@ -3,10 +3,10 @@ current sequence at the resampling position: the shared prefix is never recomput
 
 from __future__ import annotations
 
-import math
 import time
 
 from powerfast.core.config import MCMCConfig
+from powerfast.decisions.mcmc import accept, log_acceptance
 from powerfast.samplers.base import RunnerSampler, appended_pages, pages_for
 from powerfast.samplers.decoding import continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Decode, Prefill
@@ -144,9 +144,9 @@ class MCMCSampler(RunnerSampler):
             n = min(lengths[row], wanted[row])  # the resampled suffix: to the block's end, or to EOS
             stat.add("proposals", n + 1)
             new_logp, new_logq = logp[row, :n].tolist(), logq[row, :n].tolist()
-            log_accept = alpha * (sum(new_logp) - sum(chain.logp[m:])) + sum(chain.logq[m:]) - sum(new_logq)
+            log_accept = log_acceptance(alpha, new_logp, new_logq, chain.logp[m:], chain.logq[m:])
             chain.proposed += 1
-            if math.log(max(self.seeds.uniform(), 1e-300)) < log_accept:
+            if accept(log_accept, self.seeds.uniform()):
                 chain.accepted += 1
                 chain.truncate(m)
                 chain.extend(tokens[row, :n].tolist(), new_logp, new_logq)

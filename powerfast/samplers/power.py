@@ -35,13 +35,15 @@ from dataclasses import dataclass
 import torch
 
 from powerfast.core.config import PowerConfig
+from powerfast.decisions.lookahead import distinct_top_k, round_rule, skip_rule
+from powerfast.decisions.lookahead import rollout_ess as rollout_ess_of
+from powerfast.decisions.resampling import systematic_resample
 from powerfast.ops.device import upload_ints
-from powerfast.ops.jackknife import _power_estimates_nosync, choice_standard_error
+from powerfast.ops.jackknife import _power_estimates_nosync
 from powerfast.ops.topk import topk_logprobs
 from powerfast.samplers.base import RunnerSampler, appended_pages, pages_for
 from powerfast.samplers.decoding import check_no_nan, continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Decode, Final, Prefill, drive
-from powerfast.samplers.resampling import systematic_resample
 from powerfast.samplers.results import BlockRecord, GenerationStats
 
 __all__ = ["PowerSampler", "Decision"]
@@ -276,9 +278,7 @@ class PowerSampler(RunnerSampler):
             if resampled:  # the last round's last stage
                 rollout_ess[i][k] = float(parts[-1])
             else:
-                log_weights = torch.cat(parts)
-                rollout_ess[i][k] = float(torch.exp(2 * torch.logsumexp(log_weights, -1)
-                                                    - torch.logsumexp(2 * log_weights, -1)))
+                rollout_ess[i][k] = rollout_ess_of(torch.cat(parts))
 
         with phase("score"):
             # prompts with the same number of columns share one estimate (all of them with a
@@ -332,38 +332,19 @@ class PowerSampler(RunnerSampler):
         return out
 
     def _skip_rule(self, decision: Decision) -> str | None:
-        """skip_share: "one candidate" when the candidates merged into one (the choice is
-        forced), "decided" when the top one holds >= skip_share of the candidates' p^alpha
-        mass; None: the decision gets its rollouts.
-
-        Never "decided" while the top candidate has a future and another one has ended: an
-        ended candidate's zeta is exactly 1 (nothing left to sample) and every other zeta is
-        at most 1 (E[p^(alpha-1)] with p <= 1) and can be far below it, so nothing bounds the
-        ratio the skip assumes (on the embedded model such a pair differed by e^47). An ended
-        top candidate is safe: its zeta is the largest."""
-        if len(decision.candidates) == 1:
-            return "one candidate"
-        shares = torch.softmax(self.config.alpha * decision.candidate_logprobs.double(), -1)
-        top = int(shares.argmax())
-        if float(shares[top]) < self.config.skip_share:
-            return None
-        if not decision.ends_with_eos[top] and any(decision.ends_with_eos):
-            return None
-        return "decided"
+        """skip_share's rule (:func:`powerfast.decisions.lookahead.skip_rule`) for one decision."""
+        return skip_rule(decision.candidate_logprobs, decision.ends_with_eos, self.config.alpha,
+                         self.config.skip_share)
 
     def _another_round(self, decision: Decision, columns: list[torch.Tensor], rounds: int, rule: dict,
                        i: int) -> bool:
-        """After round ``rounds`` of a prompt's rollouts: another one while the largest
-        jackknife standard error of the choice probabilities is above round_tolerance and
-        fewer than M rollouts per candidate were drawn; else records why it stopped."""
+        """After round ``rounds`` of a prompt's rollouts: another one while the rounds rule
+        (:func:`powerfast.decisions.lookahead.round_rule`) says so; else records why it stopped."""
         cfg = self.config
-        if rounds * cfg.rollouts_per_round >= cfg.num_rollouts:
-            rule[i] = "all rounds"
-            return False
-        error = choice_standard_error(decision.candidate_logprobs.double(),
-                                      torch.cat(columns, -1).double(), cfg.alpha)
-        if float(error.max()) <= cfg.round_tolerance:
-            rule[i] = "converged"
+        stop = round_rule(decision.candidate_logprobs, torch.cat(columns, -1), cfg.alpha,
+                          rounds * cfg.rollouts_per_round, cfg.num_rollouts, cfg.round_tolerance)
+        if stop is not None:
+            rule[i] = stop
             return False
         return True
 
@@ -590,12 +571,10 @@ class PowerSampler(RunnerSampler):
         lengths = lengths.tolist()
         decisions = {}
         for row, i in enumerate(prompts):
-            seen: dict[tuple[int, ...], int] = {}
-            for j in range(row * num, (row + 1) * num):
-                key = tuple(tokens[j, : lengths[j]].tolist())
-                if key not in seen:
-                    seen[key] = j
-            unique = sorted(seen.values(), key=lambda j: -float(logliks[j]))[: self.config.top_k]
+            drawn = range(row * num, (row + 1) * num)
+            blocks = [tokens[j, : lengths[j]].tolist() for j in drawn]
+            unique = [drawn[j] for j in distinct_top_k(blocks, logliks[row * num : (row + 1) * num].tolist(),
+                                                       self.config.top_k)]
             candidates = [tokens[j, : lengths[j]].tolist() for j in unique]
             kept = [seqs[j] for j in unique]
             if self.config.entropy_cut:  # a block cut short: its sequence was fed on; cut it back

@@ -12,7 +12,7 @@ to alpha over ``ramp_tokens``), a change of alpha_t adds the catch-up
 
 Every ``resample_every`` tokens (a host sync) the effective sample size of each prompt's
 normalised weights is checked; below ``ess_threshold * N`` the prompt's particles are
-resampled (:mod:`powerfast.samplers.resampling`): a particle with k > 0 offspring keeps its
+resampled (:mod:`powerfast.decisions.resampling`): a particle with k > 0 offspring keeps its
 sequence and is forked k - 1 times, one with none is freed: KV is shared, never copied.
 A particle that samples EOS is frozen with its weight (its KV freed at the next check;
 resampling may duplicate it). At the end one particle per prompt is drawn by weight.
@@ -27,7 +27,7 @@ import torch
 
 from powerfast.core.config import SMCConfig
 from powerfast.ops.device import upload_ints
-from powerfast.samplers import resampling
+from powerfast.decisions import resampling
 from powerfast.samplers.base import RunnerSampler, forked_peak_pages
 from powerfast.samplers.decoding import check_no_nan, continuations_program, nan_flag, phase, raise_on_nan, to_host
 from powerfast.samplers.program import Prefill, drive
@@ -240,10 +240,7 @@ class SMCSampler(RunnerSampler):
         """The group's N offspring: survivors keep their sequence, copies are forks of it."""
         cfg = self.config
         uniform = self.seeds.uniform()
-        if cfg.resampler == "chopthin":
-            ancestors, new_log_w = resampling.chopthin_resample(log_w, cfg.num_particles, cfg.eta, uniform)
-        else:
-            ancestors, new_log_w = resampling.systematic_resample(log_w, cfg.num_particles, uniform)
+        ancestors, new_log_w = resampling.resample(log_w, cfg.num_particles, cfg.resampler, uniform, cfg.eta)
         counts = torch.bincount(ancestors, minlength=len(group)).tolist()
         offspring: list[_Particle] = []
         new_log_w = new_log_w.tolist()

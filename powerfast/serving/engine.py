@@ -52,7 +52,7 @@ import torch
 
 from powerfast.runtime.protocol import Runner
 from powerfast.samplers.program import Decode, Final, Loop, Prefill, Tokens
-from powerfast.samplers.prompts import PromptError, check_fits, encode_prompt
+from powerfast.core.prompts import PromptError, check_fits, encode_prompt
 from powerfast.samplers.sampling import Launch, Sample, sample_launch
 from powerfast.serving import faults
 from powerfast.serving.detokenizer import IncrementalDetokenizer
@@ -167,7 +167,7 @@ class Engine:
 
         prompt: a string, chat messages ``[{"role": "user", "content": "..."}, ...]`` or a
                 list of token ids, read by the rule ``generate`` uses
-                (:func:`powerfast.samplers.prompts.encode_prompt`): a string becomes a one-turn
+                (:func:`powerfast.core.prompts.encode_prompt`): a string becomes a one-turn
                 user conversation through the tokenizer's chat template when it has one and
                 ``chat_template`` is True, and is tokenised as it is otherwise
         stream: whether :meth:`step` reports the request's tokens as they become final (an
@@ -761,7 +761,7 @@ class Engine:
     # ------------------------------------------------------------------ admission
 
     def _encode(self, prompt, max_tokens: int, chat_template: bool) -> list[int]:
-        """The prompt's token ids by the one rule of :func:`powerfast.samplers.prompts.encode_prompt`."""
+        """The prompt's token ids by the one rule of :func:`powerfast.core.prompts.encode_prompt`."""
         try:
             ids = encode_prompt(prompt, self.tokenizer, chat_template=chat_template, vocab_size=self.vocab_size)
             check_fits(ids, self.context_length, max_tokens, budget_name="max_tokens")

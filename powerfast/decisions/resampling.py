@@ -1,4 +1,5 @@
-"""Particle weights and resampling for Power-SMC (powerfast/DESIGN.md section 6), in float64 on the host.
+"""Particle weights and resampling for Power-SMC and resampled rollouts (powerfast/DESIGN.md
+section 6), in float64 on the host.
 
 Every function takes unnormalised log-weights ``(n,)`` (any real numbers; -inf is a
 particle of weight 0) and works on their normalised weights ``w = softmax(log_weights)``.
@@ -31,6 +32,7 @@ __all__ = [
     "systematic_resample",
     "chopthin_expected_counts",
     "chopthin_resample",
+    "resample",
 ]
 
 
@@ -153,3 +155,14 @@ def chopthin_resample(log_weights: torch.Tensor, num: int, eta: float, uniform: 
                                    weights / counts.clamp_min(1).double())
     ancestors = _ancestors(counts)
     return ancestors, torch.log(offspring_weight[ancestors])
+
+
+def resample(log_weights: torch.Tensor, num: int, resampler: str, uniform: float,
+             eta: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``num`` offspring by ``resampler`` (``"systematic"`` or ``"chopthin"``, the
+    ``SMCConfig.resampler`` values): (ancestors (num,) int64, their log-weights (num,) float64)."""
+    if resampler == "chopthin":
+        return chopthin_resample(log_weights, num, eta, uniform)
+    if resampler == "systematic":
+        return systematic_resample(log_weights, num, uniform)
+    raise ValueError(f"resampler must be 'systematic' or 'chopthin', got {resampler!r}")
