@@ -132,9 +132,8 @@ def ancestral(prompt: tuple[int, ...], config: SamplingConfig, method: str, max_
     t = config.temperature
     [completions] = yield [Draw(prompt, config.num_samples, t, max_new_tokens, seeds.next(), stop)]
     _add(stats, "sample", sum(len(c.tokens) for c in completions))
-    logp = yield from _base_logprobs([prompt] * len(completions), completions, 1.0 if t == 0 else t, stats)
-    if t == 0:  # greedy: the draw's log-probs are the base model's (no temperature applied)
-        logp = [c.logprobs for c in completions]
+    # greedy (t = 0) reports the base model's log-probs, as a draw at T = 1 does: no Score
+    logp = yield from _base_logprobs([prompt] * len(completions), completions, t or 1.0, stats)
     logliks = [math.fsum(lp) for lp in logp]
     best = max(range(len(completions)), key=lambda i: logliks[i])
     if len(completions) > 1:
